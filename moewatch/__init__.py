@@ -1,0 +1,19 @@
+"""moewatch: watch the router of a Mixture-of-Experts model while it serves or trains."""
+from .adapters.base import AdapterError
+from .adapters.registry import supported_families
+from .health import GateHealth, Health
+from .monitor import Monitor, attach
+from .routing import GateInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "GateHealth",
+    "GateInfo",
+    "Health",
+    "Monitor",
+    "__version__",
+    "attach",
+    "supported_families",
+]

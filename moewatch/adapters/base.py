@@ -1,0 +1,43 @@
+"""What an adapter hands the monitor: one :class:`GateSpec` per gate module it found."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..routing import GateInfo, Routing
+
+# extract(module, args, kwargs, output) -> Routing; runs inside the forward hook.
+Extractor = Callable[[nn.Module, tuple, dict, Any], Routing]
+
+
+@dataclass
+class GateSpec:
+    """A gate found in a model, and how to read its decisions."""
+
+    info: GateInfo
+    module: nn.Module
+    extract: Extractor
+    # Which root-call keyword holds this gate's padding mask (decoders of encoder-decoder
+    # models read ``decoder_attention_mask``).
+    mask_key: str = "attention_mask"
+
+
+class AdapterError(ValueError):
+    """A model or gate option that moewatch cannot monitor, with what to do about it."""
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The first tensor of a module output (a tensor, or a tuple/list starting with one)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"gate returned {type(output).__name__}, expected a tensor or a tuple of tensors")
+
+
+def flat_tokens(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., width] -> [T, width] (a view when possible)."""
+    return t.reshape(-1, width)

@@ -1,0 +1,87 @@
+"""Turn a model and the ``gates=`` option into the list of gates to hook."""
+from __future__ import annotations
+
+import fnmatch
+from typing import List, Optional, Sequence, Union
+
+from torch import nn
+
+from .adapters.base import AdapterError, GateSpec
+from .adapters.hf_discovery import config_for, configs_by_prefix, find_router_modules
+from .adapters.pattern import pattern_gate
+from .adapters.registry import builder_for, supported_families
+
+GatesOption = Union[None, str, Sequence[str]]
+
+_CANDIDATE_WORDS = ("gate", "router", "routing", "moe", "expert", "switch")
+
+
+def candidate_modules(model: nn.Module, limit: int = 25) -> List[str]:
+    """Modules that look like they might be gates, for error messages."""
+    seen = []
+    for name, module in model.named_modules():
+        lowered = (name + " " + type(module).__name__).lower()
+        if any(w in lowered for w in _CANDIDATE_WORDS):
+            seen.append(f"{name} ({type(module).__name__})")
+    if not seen:  # fall back to small linear layers: a gate maps hidden -> E, E small
+        seen = [f"{n} ({type(m).__name__}, out={m.out_features})" for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and m.out_features <= 512]
+    more = f" ... and {len(seen) - limit} more" if len(seen) > limit else ""
+    return seen[:limit] + ([more] if more else [])
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def resolve_gates(
+    model: nn.Module,
+    gates: GatesOption = None,
+    top_k: Optional[int] = None,
+    scoring: str = "softmax",
+    num_experts: Optional[int] = None,
+) -> List[GateSpec]:
+    """The gates of ``model``: known router classes, or the modules ``gates`` names."""
+    supported_families()  # import every adapter module
+    configs = configs_by_prefix(model)
+    routers = {name: (module, family) for name, module, family in find_router_modules(model)}
+    specs: List[GateSpec] = []
+
+    if gates is None:
+        for name, (module, family) in routers.items():
+            specs.append(_build_known(name, module, family, configs))
+        if not specs:
+            raise AdapterError(
+                f"found no MoE gate in {type(model).__name__}: it declares no router classes that "
+                "moewatch knows. Name your gate modules with gates= (a pattern such as "
+                "'model.layers.*.mlp.gate') and pass top_k= and scoring=. Modules that look like "
+                "candidates:\n  " + "\n  ".join(candidate_modules(model) or ["(none)"])
+            )
+        return specs
+
+    patterns = [gates] if isinstance(gates, str) else list(gates)
+    for name, module in model.named_modules():
+        if not name or not _matches(name, patterns):
+            continue
+        if name in routers:
+            specs.append(_build_known(name, module, routers[name][1], configs))
+        else:
+            specs.append(pattern_gate(name, module, top_k, scoring, num_experts))
+    if not specs:
+        raise AdapterError(
+            f"gates={gates!r} matched no module of {type(model).__name__}. Patterns are matched "
+            "against names from model.named_modules() (fnmatch, e.g. 'model.layers.*.mlp.gate'). "
+            "Modules that look like candidates:\n  " + "\n  ".join(candidate_modules(model) or ["(none)"])
+        )
+    return specs
+
+
+def _build_known(name: str, module: nn.Module, family: str, configs) -> GateSpec:
+    builder = builder_for(family)
+    if builder is None:
+        raise AdapterError(
+            f"gate {name!r} is a {type(module).__name__} from the transformers family {family!r}, "
+            "which moewatch has no adapter for yet; name the gate's logits module with gates= "
+            "and pass top_k= and scoring=, or open an issue"
+        )
+    return builder(name, module, config_for(name, configs))

@@ -1,0 +1,249 @@
+"""``moewatch.attach`` and the :class:`Monitor` it returns."""
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .accumulators import AccumulatorBank, Snapshot
+from .context import MaskTracker
+from .discovery import resolve_gates
+from .errors import ErrorLog
+from .health import Health
+from .hooks import GateHook
+from .options import Options
+from .routing import GateInfo
+from .windows import Window, close_window, windows_frame
+
+# model -> its monitor; weak, so a monitor never keeps a model alive.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
+_ATTACH_LOCK = threading.Lock()
+
+# listener(window, health) is called after every closed window, off the model's thread.
+Listener = Callable[[Window, Health], None]
+
+
+def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
+    for tensor in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)):
+        return tensor.device
+    return fallback
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    for attr in ("name_or_path", "_name_or_path", "model_type"):
+        value = getattr(config, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(model).__name__
+
+
+class Monitor:
+    """Watches the gates of one model. Create it with :func:`moewatch.attach`."""
+
+    def __init__(self, model: nn.Module, baseline=None, **options):
+        self.options = Options.from_kwargs(options)
+        specs = resolve_gates(model, self.options.gates, self.options.top_k, self.options.scoring,
+                              self.options.num_experts)
+        self.model_name = self.options.model_name or _model_name(model)
+        self._model = weakref.ref(model)
+        self._gates: List[GateInfo] = [s.info for s in specs]
+        self.errors = ErrorLog()
+        self._masks = MaskTracker(model)
+        self._lock = threading.RLock()  # snapshot + window close
+        self._listeners: List[Listener] = []
+        self._ring: deque = deque(maxlen=self.options.ring_windows)
+        self._next_window = 0
+        self._health = Health(note="no window closed yet")
+        self.baseline_profile = baseline
+        self._detector = None
+        self._banks = self._make_banks(model, specs)
+        self._last = self._snapshot()
+        self._hooks = self._install(model, specs)
+        self._stop = threading.Event()
+        self._reader = None
+        if self.options.background:
+            self._reader = threading.Thread(target=_reader_loop, args=(weakref.ref(self), self._stop,
+                                            self._poll_seconds()), name="moewatch-reader", daemon=True)
+            self._reader.start()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _make_banks(self, model: nn.Module, specs) -> Dict[torch.device, tuple]:
+        default = _device_of(model, torch.device("cpu"))
+        by_device: Dict[torch.device, list] = {}
+        self._rows: List[tuple] = []  # gate index -> (device, row in that device's bank)
+        for spec in specs:
+            device = _device_of(spec.module, default)
+            rows = by_device.setdefault(device, [])
+            self._rows.append((device, len(rows)))
+            rows.append(spec)
+        max_experts = max(s.info.num_experts for s in specs)
+        return {d: AccumulatorBank(len(rows), max_experts, d) for d, rows in by_device.items()}
+
+    def _install(self, model: nn.Module, specs) -> list:
+        handles = [
+            model.register_forward_pre_hook(self._masks.pre_hook, with_kwargs=True),
+            model.register_forward_hook(self._masks.post_hook, with_kwargs=True, always_call=True),
+        ]
+        for spec, (device, row) in zip(specs, self._rows):
+            hook = GateHook(spec, self._banks[device], row, self._masks, self.errors,
+                            self.options.capacity_factor)
+            handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
+        return handles
+
+    def _poll_seconds(self) -> float:
+        return min(0.25, self.options.window_seconds / 4)
+
+    # -- reading the accumulators ----------------------------------------------------------
+    def _snapshot(self, close_epoch: bool = False) -> Snapshot:
+        """One host copy of every gate's accumulators, rows in gate order."""
+        now = time.time()
+        parts = {d: bank.snapshot(close_epoch) for d, bank in self._banks.items()}
+        order = [(parts[d], r) for d, r in self._rows]
+        sums = np.stack([p[0][r] for p, r in order])
+        counts = np.stack([p[1][r] for p, r in order])
+        absmax = np.array([p[2][r] for p, r in order], dtype=np.float64)
+        return Snapshot(time=now, sums=sums, counts=counts, absmax=absmax)
+
+    def _poll(self) -> None:
+        """Reader thread: close the window once it holds enough tokens or time."""
+        with self._lock:
+            current = self._snapshot()
+            tokens = float((current.sums[:, 0] - self._last.sums[:, 0]).max())
+            age = current.time - self._last.time
+            if tokens >= self.options.window_tokens or (tokens > 0 and age >= self.options.window_seconds):
+                self._close(self._snapshot(close_epoch=True))
+
+    def _close(self, current: Snapshot) -> Optional[Window]:
+        window = close_window(self._next_window, self._last, current)
+        self._last = current
+        if not (window.tokens > 0).any():
+            return None
+        self._next_window += 1
+        self._ring.append(window)
+        self._health = self._judge(window)
+        for listener in list(self._listeners):
+            try:
+                listener(window, self._health)
+            except Exception as error:
+                self.errors.record("listener", error, where=getattr(listener, "__name__", repr(listener)))
+        return window
+
+    def _judge(self, window: Window) -> Health:
+        if self._detector is None:
+            return Health(window=window.index, note="no detector yet")
+        return self._detector.update(window, self._gates)
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    def gates(self) -> List[GateInfo]:
+        """The monitored gates: name, num_experts, top_k, family, scoring."""
+        return list(self._gates)
+
+    def flush(self) -> Health:
+        """Close the current window now (if it saw traffic) and return the verdict.
+
+        A sync point: use it in tests, at shutdown, or wherever you need the latest numbers.
+        """
+        with self._lock:
+            self._close(self._snapshot(close_epoch=True))
+            return self._health
+
+    def counts(self) -> Dict[str, np.ndarray]:
+        """{gate name: int64 [num_experts]} token->expert assignments since attach."""
+        snap = self._snapshot()
+        return {g.name: snap.counts[i, 0, :g.num_experts].copy() for i, g in enumerate(self._gates)}
+
+    def dropped(self) -> Dict[str, int]:
+        """{gate name: dropped assignments since attach} (would-be drops with capacity_factor=)."""
+        snap = self._snapshot()
+        return {g.name: int(snap.counts[i, 1, :g.num_experts].sum()) for i, g in enumerate(self._gates)}
+
+    def windows(self) -> pd.DataFrame:
+        """The ring buffer: one row per (window, gate); see ``docs/api.md`` for the columns."""
+        with self._lock:
+            ring = list(self._ring)
+        return windows_frame(ring, self._gates)
+
+    def health(self) -> Health:
+        """The verdict after the last closed window."""
+        return self._health
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(window, health)`` after every closed window (errors are counted)."""
+        self._listeners.append(listener)
+
+    def error_counts(self) -> Dict[str, int]:
+        """Internal failures by component (hook, listener, exporters...), never raised."""
+        return self.errors.counts()
+
+    def detach(self) -> None:
+        """Close the last window and remove every hook; the model is as before. Idempotent."""
+        if not self._hooks:
+            return
+        self._stop.set()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.flush()
+        model = self._model()
+        with _ATTACH_LOCK:
+            if model is not None and _ATTACHED.get(model) is self:
+                del _ATTACHED[model]
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return f"<moewatch.Monitor {self.model_name!r}: {len(self._gates)} gates, {len(self._ring)} windows>"
+
+
+def _reader_loop(monitor_ref, stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        monitor = monitor_ref()
+        if monitor is None:
+            return
+        try:
+            monitor._poll()
+        except Exception as error:  # keep reading; a bad poll must not end monitoring
+            monitor.errors.record("reader", error)
+        del monitor
+
+
+def attach(model: nn.Module, baseline=None, **options) -> Monitor:
+    """Hook every gate of ``model`` and start watching its routing.
+
+    ``baseline``: a :class:`moewatch.Baseline` or a path to one. Options (all optional):
+    ``gates=`` (pattern or names, with ``top_k=``/``scoring=`` for your own gate modules),
+    ``capacity_factor=``, ``window_tokens=``, ``window_seconds=``, ``ring_windows=``,
+    ``sample_decisions=``, ``alertmanager_url=``, ``meter_provider=``, ``dump_dir=``,
+    ``model_name=``. The model's outputs are unchanged; ``detach()`` removes every hook.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moewatch.attach needs a torch.nn.Module, got {type(model).__name__}")
+    with _ATTACH_LOCK:
+        existing = _ATTACHED.get(model)
+        if existing is not None and existing.attached:
+            raise RuntimeError(
+                f"a moewatch monitor is already attached to this {type(model).__name__}; "
+                "use that monitor, or call its detach() before attaching again"
+            )
+        monitor = Monitor(model, baseline, **options)
+        _ATTACHED[model] = monitor
+    return monitor

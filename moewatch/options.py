@@ -1,0 +1,54 @@
+"""``attach`` options: defaults and validation with messages that say what to do."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Sequence, Union
+
+from .routing import SCORINGS
+
+
+@dataclass
+class Options:
+    gates: Union[None, str, Sequence[str]] = None  # pattern(s) over model.named_modules() names
+    top_k: Optional[int] = None  # for gates= modules that are not known router classes
+    scoring: str = "softmax"  # "softmax" or "sigmoid", for gates= modules
+    num_experts: Optional[int] = None  # for gates= modules whose width cannot be read
+    capacity_factor: Optional[float] = None  # report would-be drops of dropless gates
+    window_tokens: int = 8192  # a window closes after this many tokens ...
+    window_seconds: float = 10.0  # ... or this many seconds, whichever comes first
+    ring_windows: int = 1024  # windows kept on the host (memory stays bounded)
+    sample_decisions: float = 0.0  # fraction of tokens whose decisions are kept for dumps
+    alertmanager_url: Optional[str] = None
+    meter_provider: Any = None  # an OpenTelemetry MeterProvider
+    dump_dir: Optional[str] = None
+    model_name: Optional[str] = None  # the `model` label
+    background: bool = True  # a reader thread closes windows; False: only flush() does
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "Options":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"moewatch.attach got unknown option(s) {unknown}; known options: {sorted(known)}")
+        opts = cls(**kwargs)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def positive(name: str, value, kind=(int, float)):
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
+
+        positive("window_tokens", self.window_tokens, int)
+        positive("window_seconds", self.window_seconds)
+        positive("ring_windows", self.ring_windows, int)
+        if self.top_k is not None:
+            positive("top_k", self.top_k, int)
+        if self.num_experts is not None:
+            positive("num_experts", self.num_experts, int)
+        if self.capacity_factor is not None:
+            positive("capacity_factor", self.capacity_factor)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring={self.scoring!r} must be one of {SCORINGS}")
+        if not 0.0 <= self.sample_decisions <= 1.0:
+            raise ValueError(f"sample_decisions={self.sample_decisions!r} must be a fraction in [0, 1]")
