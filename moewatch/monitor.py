@@ -62,10 +62,10 @@ class Monitor:
         self._ring: deque = deque(maxlen=self.options.ring_windows)
         self._next_window = 0
         self._health = Health(note="no window closed yet")
-        self.baseline_profile = baseline
-        self._detector = None
         self._banks = self._make_banks(model, specs)
         self._last = self._snapshot()
+        self._detector = self._make_detector(baseline)
+        self._exporters = self._start_exporters()
         self._hooks = self._install(model, specs)
         self._stop = threading.Event()
         self._reader = None
@@ -97,6 +97,25 @@ class Monitor:
                             self.options.capacity_factor)
             handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
         return handles
+
+    # -- seams to the parts that read windows (each lives in a module of its own) ----------
+    def _make_detector(self, baseline):
+        """The detector for this monitor (moewatch.detector), with or without a baseline."""
+        try:
+            from .detector import make_detector
+        except ImportError:
+            if baseline is not None:
+                raise NotImplementedError("baselines need moewatch.detector, which is not built yet")
+            return None
+        return make_detector(self, baseline)
+
+    def _start_exporters(self) -> list:
+        """Exporters asked for in the options (moewatch.export); each is a window listener."""
+        try:
+            from .export import start_exporters
+        except ImportError:
+            return []
+        return start_exporters(self)
 
     def _poll_seconds(self) -> float:
         return min(0.25, self.options.window_seconds / 4)
