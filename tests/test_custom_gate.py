@@ -1,0 +1,48 @@
+"""A user's own gate, named by pattern."""
+import numpy as np
+import pytest
+import torch
+
+import moewatch
+from tests.moe_from_scratch import TinyMoELM
+
+
+def test_pattern_gate_counts_exact_with_padding():
+    torch.manual_seed(0)
+    model = TinyMoELM().eval()
+    ids = torch.randint(0, 64, (4, 10))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[3, 6:] = 0
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask)
+    mon = moewatch.attach(model, gates="*.router", top_k=2, scoring="softmax", background=False)
+    assert [g.name for g in mon.gates] == ["blocks.0.router", "blocks.1.router"]
+    assert all(g.family == "custom" and g.num_experts == 8 for g in mon.gates)
+    with torch.no_grad():
+        watched = model(ids, attention_mask=mask)
+    assert torch.equal(plain, watched)
+    valid = mask.bool()
+    counts = mon.counts()
+    for i, block in enumerate(model.blocks):
+        expected = np.bincount(block.last_indices[valid].reshape(-1).numpy(), minlength=8)
+        np.testing.assert_array_equal(counts[f"blocks.{i}.router"], expected)
+    mon.detach()
+
+
+def test_pattern_gate_needs_top_k():
+    model = TinyMoELM()
+    with pytest.raises(moewatch.AdapterError, match="top_k="):
+        moewatch.attach(model, gates="*.router")
+
+
+def test_top_k_larger_than_experts_is_rejected():
+    model = TinyMoELM()
+    with pytest.raises(moewatch.AdapterError, match="top_k=9 must be between 1 and"):
+        moewatch.attach(model, gates="*.router", top_k=9)
+
+
+def test_list_of_exact_names():
+    model = TinyMoELM()
+    with moewatch.attach(model, gates=["blocks.1.router"], top_k=2, background=False) as mon:
+        assert [g.name for g in mon.gates] == ["blocks.1.router"]

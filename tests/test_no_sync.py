@@ -1,0 +1,96 @@
+"""The hook path never reads a value back to the host.
+
+Host-sync calls are intercepted during a monitored forward and attributed to moewatch when a
+moewatch source file is on the Python stack (the model itself may sync as it likes).
+"""
+import contextlib
+import os
+import sys
+
+import torch
+
+import moewatch
+from tests.conftest import padded_batch, tiny_mixtral
+
+PACKAGE_DIR = os.path.dirname(moewatch.__file__)
+SYNCING = [(torch.Tensor, n) for n in ("item", "cpu", "tolist", "numpy", "nonzero", "bincount",
+                                         "__bool__", "__int__", "__float__")]
+SYNCING += [(torch, "nonzero"), (torch, "bincount"), (torch, "argwhere")]
+
+
+def _moewatch_on_stack() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def sync_tracer():
+    """Yields a list that collects the names of syncing calls made from moewatch code."""
+    calls = []
+    originals = []
+
+    def wrap(owner, name, fn):
+        def traced(*args, **kwargs):
+            if _moewatch_on_stack():
+                calls.append(name)
+            return fn(*args, **kwargs)
+        return traced
+
+    def traced_getitem(self, index):
+        items = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items) and _moewatch_on_stack():
+            calls.append("boolean-mask indexing")
+        return original_getitem(self, index)
+
+    for owner, name in SYNCING:
+        fn = getattr(owner, name)
+        originals.append((owner, name, owner.__dict__.get(name, None), fn))
+        setattr(owner, name, wrap(owner, name, fn))
+    original_getitem = torch.Tensor.__getitem__
+    torch.Tensor.__getitem__ = traced_getitem
+    try:
+        yield calls
+    finally:
+        torch.Tensor.__getitem__ = original_getitem
+        for owner, name, own, fn in originals:
+            if own is None and owner is torch.Tensor:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, fn)
+
+
+def test_monitored_forward_makes_no_host_sync():
+    model = tiny_mixtral()
+    ids, mask = padded_batch()
+    mon = moewatch.attach(model, background=False, capacity_factor=1.0)
+    with sync_tracer() as calls, torch.no_grad():
+        model(ids, attention_mask=mask)
+        model(ids[:, :1], attention_mask=mask)  # decode-shaped call
+    assert calls == []
+    assert mon.error_counts() == {}
+    assert sum(int(c.sum()) for c in mon.counts().values()) > 0
+    mon.detach()
+
+
+def test_tracer_catches_a_sync_in_the_hook_path(monkeypatch):
+    """The tracer itself can fail: a hook path that calls .item() is reported."""
+    import moewatch.stats as stats
+
+    original = stats.routing_probs
+
+    def syncing(logits, scoring):
+        logits.sum().item()
+        return original(logits, scoring)
+
+    monkeypatch.setattr(stats, "routing_probs", syncing)
+    model = tiny_mixtral(layers=1)
+    ids, mask = padded_batch()
+    mon = moewatch.attach(model, background=False)
+    with sync_tracer() as calls, torch.no_grad():
+        model(ids, attention_mask=mask)
+    mon.detach()
+    assert "item" in calls
