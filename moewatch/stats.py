@@ -46,58 +46,69 @@ def gate_sums(
     logits [T, E], indices [T, k] int64 or None, valid [T] float (1 = traffic) or None,
     probs [T, E] or None, dropped [T, k] bool or None.
 
-    Returns (scalars [NUM_SCALARS], prob_sum [E], counts [E], drops [E], absmax []):
+    Returns (scalars [NUM_SCALARS], prob_sum [E], counts [E], drops [E] or None, absmax []):
     float32 tensors on the logits' device; counts and drops hold exact integers.
+
+    The work is done in an expert-major [E, T] layout: reductions over the few experts then
+    run as element-wise ops across E rows, vectorised over tokens, which on CPU is several
+    times faster than reducing a narrow last dimension.
     """
     num_tokens, num_experts = logits.shape
-    x = logits.detach().float()  # [T, E]
-    finite = torch.isfinite(x)  # [T, E]
-    x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))  # [T, E]
-    if probs is None:
-        p = routing_probs(x, scoring)  # [T, E]
+    x = logits.detach().float().t().contiguous()  # [E, T]
+    finite = torch.isfinite(x)  # [E, T]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    x = torch.where(finite, x, zero)  # [E, T]
+    peak = x.amax(dim=0) if num_tokens else x.new_zeros(0)  # [T]
+    shifted = x - peak  # [E, T], <= 0
+    exp_shifted = torch.exp(shifted)  # [E, T]
+    log_norm = torch.log(exp_shifted.sum(dim=0))  # [T]
+    lse = peak + log_norm  # [T] logsumexp of the logits
+    if probs is None and scoring == "softmax":
+        p = exp_shifted / exp_shifted.sum(dim=0)  # [E, T]
+        entropy = log_norm - (p * shifted).sum(dim=0)  # [T]: -sum p log p, with log p = shifted - log_norm
     else:
-        p = torch.nan_to_num(probs.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+        if probs is None:
+            p = routing_probs(x.t(), scoring).t()  # [E, T]
+        else:
+            p = torch.nan_to_num(probs.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).t()  # [E, T]
+        entropy = torch.special.entr(p).sum(dim=0)  # [T]
+    top1 = p.amax(dim=0) if num_tokens else p.new_zeros(0)  # [T]
+    at_top = p == top1  # [E, T]
+    # second largest probability without topk: the max of the others, or top1 itself on a tie
+    second = torch.where(at_top, zero, p).amax(dim=0) if num_tokens else top1
+    second = torch.where(at_top.sum(dim=0) >= 2, top1, second)  # [T]
     if indices is None:
-        indices = torch.topk(p, top_k, dim=-1).indices  # [T, k]
-    indices = indices.long()
-    assigned = torch.zeros_like(p).scatter_add_(  # [T, E] assignments per token and expert
-        1, indices, torch.ones(indices.shape, dtype=p.dtype, device=p.device))
-    finite_count = finite.sum(dim=-1, dtype=x.dtype)  # [T]
-    if num_experts >= 2:
-        top2 = torch.topk(p, 2, dim=-1).values  # [T, 2]
-        top1, margin = top2[:, 0], top2[:, 0] - top2[:, 1]
-    else:
-        top1, margin = p[:, 0], p[:, 0]
-    lse = torch.logsumexp(x, dim=-1)  # [T]
+        indices = torch.topk(p.t(), top_k, dim=-1).indices  # [T, k]
+    slots = indices.long().t()  # [k, T]
+    assigned = torch.zeros_like(p).scatter_add_(  # [E, T] assignments per expert and token
+        0, slots, torch.ones(slots.shape, dtype=p.dtype, device=p.device))
+    finite_count = finite.sum(dim=0, dtype=x.dtype)  # [T]
     per_token = [
-        torch.ones_like(top1),
-        torch.special.entr(p).sum(dim=-1),
-        x.sum(dim=-1),
-        (x * x).sum(dim=-1),
+        torch.ones_like(lse),
+        entropy,
+        x.sum(dim=0),
+        (x * x).sum(dim=0),
         finite_count,
         top1,
-        margin,
+        top1 - second,
         lse * lse,
         num_experts - finite_count,
     ]
-    columns = [torch.stack(per_token, dim=1), p, assigned]  # [T, NUM_SCALARS], [T, E], [T, E]
+    rows = [torch.stack(per_token), p, assigned]  # [NUM_SCALARS, T], [E, T], [E, T]
     if dropped is not None:
-        columns.append(torch.zeros_like(p).scatter_add_(1, indices, dropped.to(p.dtype)))
-    table = torch.cat(columns, dim=1)  # [T, C]
+        rows.append(torch.zeros_like(p).scatter_add_(0, slots, dropped.t().to(p.dtype)))
+    table = torch.cat(rows, dim=0)  # [C, T]
     if valid is None:
-        total = table.sum(dim=0)  # [C]
-        absmax = x.abs().amax() if num_tokens else x.new_zeros(())
+        total = table.sum(dim=1)  # [C]
+        absmax = x.abs().amax() if num_tokens else zero
     else:
         w = valid.to(device=x.device, dtype=x.dtype)  # [T]
-        total = w @ table  # [C]
-        absmax = (x.abs() * w[:, None]).amax() if num_tokens else x.new_zeros(())
+        total = table @ w  # [C]
+        absmax = (x.abs() * w).amax() if num_tokens else zero
     scalars = total[:NUM_SCALARS]
     prob_sum = total[NUM_SCALARS:NUM_SCALARS + num_experts]
     counts = total[NUM_SCALARS + num_experts:NUM_SCALARS + 2 * num_experts]
-    if dropped is not None:
-        drops = total[NUM_SCALARS + 2 * num_experts:]
-    else:
-        drops = None
+    drops = total[NUM_SCALARS + 2 * num_experts:] if dropped is not None else None
     return scalars, prob_sum, counts, drops, absmax
 
 

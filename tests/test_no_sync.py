@@ -78,15 +78,15 @@ def test_monitored_forward_makes_no_host_sync():
 
 def test_tracer_catches_a_sync_in_the_hook_path(monkeypatch):
     """The tracer itself can fail: a hook path that calls .item() is reported."""
-    import moewatch.stats as stats
+    import moewatch.hooks as hooks
 
-    original = stats.routing_probs
+    original = hooks.gate_sums
 
-    def syncing(logits, scoring):
+    def syncing(logits, *args, **kwargs):
         logits.sum().item()
-        return original(logits, scoring)
+        return original(logits, *args, **kwargs)
 
-    monkeypatch.setattr(stats, "routing_probs", syncing)
+    monkeypatch.setattr(hooks, "gate_sums", syncing)
     model = tiny_mixtral(layers=1)
     ids, mask = padded_batch()
     mon = moewatch.attach(model, background=False)
