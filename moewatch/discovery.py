@@ -49,7 +49,9 @@ def resolve_gates(
 
     if gates is None:
         for name, (module, family) in routers.items():
-            specs.append(_build_known(name, module, family, configs))
+            spec = _build_known(name, module, family, configs)
+            if spec is not None:  # None: a recorded class that is not itself a gate
+                specs.append(spec)
         if not specs:
             raise AdapterError(
                 f"found no MoE gate in {type(model).__name__}: it declares no router classes that "
@@ -64,7 +66,9 @@ def resolve_gates(
         if not name or not _matches(name, patterns):
             continue
         if name in routers:
-            specs.append(_build_known(name, module, routers[name][1], configs))
+            spec = _build_known(name, module, routers[name][1], configs)
+            if spec is not None:
+                specs.append(spec)
         else:
             specs.append(pattern_gate(name, module, top_k, scoring, num_experts))
     if not specs:
@@ -76,7 +80,9 @@ def resolve_gates(
     return specs
 
 
-def _build_known(name: str, module: nn.Module, family: str, configs) -> GateSpec:
+def _build_known(name: str, module: nn.Module, family: str, configs) -> Optional[GateSpec]:
+    """The family's GateSpec for ``module``, or None where the family's builder skips it
+    (e.g. JetMoE records its attention block, whose own router is hooked instead)."""
     builder = builder_for(family)
     if builder is None:
         raise AdapterError(

@@ -46,8 +46,11 @@ class GateHook:
         routing = self.extract(module, args, kwargs, output)
         logits = routing.logits  # [T, E]
         valid = routing.valid
-        if valid is None:
+        if valid is None and routing.positions is None:
             valid = self.masks.valid(self.mask_key, logits.shape[0])  # [T] or None
+        elif valid is None:  # a gathered subset of the call's tokens: read the mask at their places
+            grid = self.masks.valid(self.mask_key, routing.grid)  # [B*S] or None
+            valid = None if grid is None else grid.index_select(0, routing.positions)  # [T]
         scalars, prob_sum, counts, drops, absmax = gate_sums(
             logits, routing.indices, valid, self.scoring, self.top_k, routing.probs, routing.dropped)
         if drops is None and self.capacity_factor and not self.native_capacity:
@@ -56,3 +59,21 @@ class GateHook:
             move = lambda t: None if t is None else t.to(self.bank.device, non_blocking=True)  # noqa: E731
             scalars, prob_sum, counts, drops, absmax = map(move, (scalars, prob_sum, counts, drops, absmax))
         self.bank.add(self.row, scalars, prob_sum, counts, drops, absmax)
+
+
+class CompanionHook:
+    """An adapter's helper hook (see ``adapters.base.Companion``), guarded like the gate hook."""
+
+    def __init__(self, hook, gate: GateHook):
+        self.hook = hook
+        self.gate = gate
+
+    def __call__(self, *args):
+        if not self.gate.enabled:
+            return None
+        try:
+            with torch.no_grad():
+                self.hook(*args)
+        except Exception as error:  # never raise into the model's forward
+            self.gate.errors.record("hook", error, where=self.gate.name)
+        return None

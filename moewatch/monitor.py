@@ -17,7 +17,7 @@ from .context import MaskTracker
 from .discovery import resolve_gates
 from .errors import ErrorLog
 from .health import Health
-from .hooks import GateHook
+from .hooks import CompanionHook, GateHook
 from .options import Options
 from .routing import GateInfo
 from .windows import Window, close_window, windows_frame
@@ -95,6 +95,10 @@ class Monitor:
         for spec, (device, row) in zip(specs, self._rows):
             hook = GateHook(spec, self._banks[device], row, self._masks, self.errors,
                             self.options.capacity_factor)
+            for companion in spec.companions:  # before the gate hook: they feed its extract
+                register = (companion.module.register_forward_pre_hook if companion.pre
+                            else companion.module.register_forward_hook)
+                handles.append(register(CompanionHook(companion.hook, hook), with_kwargs=True))
             handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
         return handles
 

@@ -23,6 +23,10 @@ class Routing:
     probs:   [T, E] routing distribution when the family's gate already computed it
              (rows sum to 1), or None to derive it from the logits with ``scoring``.
     valid:   [T] bool override of which tokens are traffic (the padding mask is used otherwise).
+    positions: [T] int64 place of each routed token in the call's flattened [B*S] token grid,
+             for gates that see a gathered subset of the tokens (modality-isolated experts);
+             the padding mask is then read at these places. None: the gate saw every token.
+    grid:    B*S, the size of that token grid (set together with ``positions``).
     """
 
     logits: torch.Tensor
@@ -30,6 +34,8 @@ class Routing:
     dropped: Optional[torch.Tensor] = None
     probs: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    grid: Optional[int] = None
 
 
 @dataclass(frozen=True)

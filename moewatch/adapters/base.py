@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import nn
@@ -11,6 +11,22 @@ from ..routing import GateInfo, Routing
 
 # extract(module, args, kwargs, output) -> Routing; runs inside the forward hook.
 Extractor = Callable[[nn.Module, tuple, dict, Any], Routing]
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A helper hook on another module, for gates whose decision is spread over several modules.
+
+    ``hook`` has the signature of a forward hook (``pre=False``: module, args, kwargs, output)
+    or a forward pre-hook (``pre=True``: module, args, kwargs); it must only read, and return
+    None. It typically stashes a tensor (true logits, token types) that the gate's ``extract``
+    reads later in the same forward. The monitor installs and removes it with the gate hook,
+    and counts its failures like the gate hook's.
+    """
+
+    module: nn.Module
+    hook: Callable[..., None]
+    pre: bool = False
 
 
 @dataclass
@@ -23,6 +39,8 @@ class GateSpec:
     # Which root-call keyword holds this gate's padding mask (decoders of encoder-decoder
     # models read ``decoder_attention_mask``).
     mask_key: str = "attention_mask"
+    # Extra hooks the gate needs (run before the gate hook in the same forward).
+    companions: Tuple[Companion, ...] = ()
 
 
 class AdapterError(ValueError):
