@@ -22,6 +22,15 @@ class Options:
     meter_provider: Any = None  # an OpenTelemetry MeterProvider
     dump_dir: Optional[str] = None
     model_name: Optional[str] = None  # the `model` label
+    # Exporters (moewatch.export).
+    rank: Optional[int] = None  # the `rank` label; default: torch.distributed, else RANK / LOCAL_RANK
+    expert_series_budget: int = 10_000  # per-expert series allowed, all per-expert families together
+    otlp_endpoint: Optional[str] = None  # e.g. http://127.0.0.1:4318: export over OTLP/HTTP
+    otlp_interval_seconds: float = 10.0
+    export_timeout_seconds: float = 5.0  # per request to Alertmanager / the OTLP endpoint
+    alert_resend_seconds: float = 30.0  # active alerts are re-sent this often (at most 60)
+    alert_resolve_windows: int = 2  # healthy windows before an alert resolves
+    runbook_url: str = "docs/runbook.md"  # alerts link to <runbook_url>#<alertname>
     background: bool = True  # a reader thread closes windows; False: only flush() does
 
     @classmethod
@@ -48,6 +57,13 @@ class Options:
             positive("num_experts", self.num_experts, int)
         if self.capacity_factor is not None:
             positive("capacity_factor", self.capacity_factor)
+        positive("expert_series_budget", self.expert_series_budget, int)
+        positive("otlp_interval_seconds", self.otlp_interval_seconds)
+        positive("export_timeout_seconds", self.export_timeout_seconds)
+        positive("alert_resend_seconds", self.alert_resend_seconds)
+        positive("alert_resolve_windows", self.alert_resolve_windows, int)
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
+            raise ValueError(f"rank={self.rank!r} must be a non-negative integer")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring={self.scoring!r} must be one of {SCORINGS}")
         if not 0.0 <= self.sample_decisions <= 1.0:
