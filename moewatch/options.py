@@ -20,7 +20,9 @@ class Options:
     sample_decisions: float = 0.0  # fraction of tokens whose decisions are kept for dumps
     alertmanager_url: Optional[str] = None
     meter_provider: Any = None  # an OpenTelemetry MeterProvider
-    dump_dir: Optional[str] = None
+    dump_dir: Optional[str] = None  # automatic dumps: first collapse of a gate, and shutdown
+    dump_max_bytes: int = 256 * 2**20  # dump_dir is kept under this total (oldest removed first)
+    decision_slots: int = 65536  # sampled decisions kept in the device ring (oldest overwritten)
     model_name: Optional[str] = None  # the `model` label
     # Exporters (moewatch.export).
     rank: Optional[int] = None  # the `rank` label; default: torch.distributed, else RANK / LOCAL_RANK
@@ -66,5 +68,7 @@ class Options:
             raise ValueError(f"rank={self.rank!r} must be a non-negative integer")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring={self.scoring!r} must be one of {SCORINGS}")
+        positive("dump_max_bytes", self.dump_max_bytes, int)
+        positive("decision_slots", self.decision_slots, int)
         if not 0.0 <= self.sample_decisions <= 1.0:
             raise ValueError(f"sample_decisions={self.sample_decisions!r} must be a fraction in [0, 1]")
