@@ -1,0 +1,108 @@
+"""Prometheus: a custom collector that builds fresh metric families at every scrape.
+
+Nothing is kept in prometheus-client metric objects between scrapes: each ``collect()`` reads the
+monitor's latest state (:mod:`moewatch.export.state`) and turns it into families named by
+:mod:`moewatch.schema`. Scrapes run on the HTTP server's thread, never on the model's.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator, List, Optional
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric as PromMetric
+
+from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, METRICS, Metric
+from .rank import process_rank
+from .samples import admitted_expert_families, samples
+from .state import StateReader
+
+
+def _family(metric: Metric) -> PromMetric:
+    # prometheus-client appends `_total` to counters itself.
+    if metric.type == "counter":
+        return CounterMetricFamily(metric.base_name, metric.help, labels=list(metric.labels))
+    return GaugeMetricFamily(metric.name, metric.help, labels=list(metric.labels))
+
+
+class MonitorCollector:
+    """A prometheus-client collector for one monitor.
+
+    ``registry.register(MonitorCollector(mon))`` exposes the monitor on any registry you already
+    serve; :meth:`moewatch.Monitor.serve_prometheus` does that and starts an HTTP endpoint.
+    Per-expert families are exported only while they fit in ``expert_series_budget`` series.
+    """
+
+    def __init__(self, monitor, expert_series_budget: Optional[int] = None):
+        budget = expert_series_budget
+        if budget is None:
+            budget = getattr(monitor.options, "expert_series_budget", DEFAULT_EXPERT_SERIES_BUDGET)
+        self._reader = StateReader(monitor)
+        self._errors = monitor.errors
+        self.expert_families = admitted_expert_families([g.num_experts for g in monitor.gates], budget)
+        self._metrics = [m for m in METRICS if m.level != "expert" or m.name in self.expert_families]
+
+    def describe(self) -> Iterator[PromMetric]:
+        """Empty families, so a registry rejects a second collector with the same names."""
+        for metric in self._metrics:
+            yield _family(metric)
+
+    def collect(self) -> Iterator[PromMetric]:
+        try:
+            state = self._reader.read()
+        except Exception as error:  # a failed scrape is counted; the next one tries again
+            self._errors.record("prometheus", error)
+            return
+        if state is None:  # the monitor is gone
+            return
+        values = samples(state, self.expert_families)
+        for metric in self._metrics:
+            family = _family(metric)
+            for labels, value in values[metric.name]:
+                family.add_metric(list(labels), value)
+            yield family
+
+
+class PrometheusEndpoint:
+    """An HTTP /metrics endpoint serving one registry; stopped by :meth:`close` (on detach)."""
+
+    def __init__(self, registry: CollectorRegistry, collector: MonitorCollector, port: int, addr: str):
+        self.registry = registry
+        self.collector = collector
+        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        self.port: int = self._server.server_port
+        self.addr = addr
+
+    def close(self) -> None:
+        # shutdown() waits for the serve loop; run it off the caller's thread so detach never waits.
+        server = self._server
+        threading.Thread(target=_stop_server, args=(server,), name="moewatch-prometheus-stop",
+                         daemon=True).start()
+
+
+def _stop_server(server) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+def serve(monitor, port: int = 9400, addr: str = "127.0.0.1",
+          registry: Optional[CollectorRegistry] = None) -> PrometheusEndpoint:
+    """Register a :class:`MonitorCollector` (in ``registry`` or a new one) and serve it over HTTP.
+
+    ``port`` is the base port: the process listens on ``port + LOCAL_RANK`` so that every rank
+    on a host has its own endpoint; ``port=0`` takes any free port.
+    """
+    if port:
+        port += process_rank(monitor.options).local_rank
+    registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+    collector = MonitorCollector(monitor)
+    registry.register(collector)
+    try:
+        return PrometheusEndpoint(registry, collector, port, addr)
+    except Exception:
+        registry.unregister(collector)
+        raise
+
+
+def endpoints(monitor) -> List[PrometheusEndpoint]:
+    return [e for e in getattr(monitor, "_exporters", ()) if isinstance(e, PrometheusEndpoint)]

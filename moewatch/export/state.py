@@ -1,0 +1,175 @@
+"""One consistent read of a monitor for the exporters: totals, latest window, health.
+
+The Prometheus collector and the OpenTelemetry callbacks both turn an :class:`ExportState` into
+samples, so the two always agree. This module is the only place that reads the monitor's
+internals (the last cumulative snapshot and the ring), under the monitor's lock, so a scrape
+never sees half of a window close.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..health import Health
+from ..schema import SEVERITY_VALUE
+from ..stats import NONFINITE, TOKENS
+from ..windows import gate_row
+from .rank import process_rank
+
+
+@dataclass
+class GateState:
+    """What the exporters need about one gate."""
+
+    name: str
+    num_experts: int
+    top_k: int
+    tokens_total: float
+    assignments_total: np.ndarray  # int64 [E] since attach
+    dropped_total: int
+    nonfinite_total: float
+    latest: Optional[dict]  # gate_row() of the latest window, None before the first one
+    severity: str = "ok"
+    checks: Dict[str, str] = field(default_factory=dict)
+    baseline_logit_std: Optional[float] = None
+
+    def window_value(self, column: str) -> Optional[float]:
+        """A finite scalar of the latest window, or None (no window yet, or undefined)."""
+        if self.latest is None:
+            return None
+        value = float(self.latest[column])
+        return value if math.isfinite(value) else None
+
+
+@dataclass
+class ExportState:
+    """Everything exported at one instant."""
+
+    model: str
+    rank: str
+    up: bool
+    windows_total: int
+    last_window_time: float
+    errors: Dict[str, int]
+    alerts_sent: int
+    baseline_loaded: bool
+    gates: List[GateState]
+
+    @property
+    def process_labels(self) -> Tuple[str, str]:
+        return (self.model, self.rank)
+
+
+def _baseline_of(monitor) -> object:
+    """The baseline the monitor's detector compares against, if any (read defensively)."""
+    detector = getattr(monitor, "_detector", None)
+    for holder in (detector, monitor):
+        for attr in ("baseline", "_baseline"):
+            value = getattr(holder, attr, None)
+            if value is not None and not callable(value):
+                return value
+    return None
+
+
+def baseline_logit_std(baseline, gate: str) -> Optional[float]:
+    """The baseline's typical logit std for ``gate``, whatever shape the baseline profile has."""
+    if baseline is None:
+        return None
+    for lookup in ("logit_std", "typical"):
+        fn = getattr(baseline, lookup, None)
+        if callable(fn):
+            try:
+                value = fn(gate) if lookup == "logit_std" else fn(gate, "logit_std")
+                return _as_positive(value)
+            except Exception:
+                pass
+    gates = getattr(baseline, "gates", None)
+    profile = gates.get(gate) if isinstance(gates, dict) else None
+    if profile is None:
+        return None
+    stat = profile.get("logit_std") if isinstance(profile, dict) else getattr(profile, "logit_std", None)
+    if isinstance(stat, dict):
+        stat = stat.get("median", stat.get("mean"))
+    elif stat is not None and not np.isscalar(stat):
+        stat = getattr(stat, "median", getattr(stat, "mean", None))
+        if stat is None:
+            return None
+    return _as_positive(stat)
+
+
+def _as_positive(value) -> Optional[float]:
+    try:
+        value = float(np.median(value)) if np.ndim(value) else float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+class StateReader:
+    """Builds :class:`ExportState` from a monitor; the per-gate part is cached per window.
+
+    Holds the monitor weakly: exporters must never keep a model's monitor alive.
+    """
+
+    def __init__(self, monitor):
+        self._monitor = weakref.ref(monitor)
+        self.model = str(monitor.model_name)
+        self.rank = str(process_rank(monitor.options).rank)
+        self._key: Optional[tuple] = None
+        self._frozen: Optional[tuple] = None  # (gates, windows_total, last_window_time, has_baseline)
+
+    @property
+    def monitor(self):
+        return self._monitor()
+
+    def read(self) -> Optional[ExportState]:
+        """The current state, or None once the monitor is gone."""
+        monitor = self._monitor()
+        if monitor is None:
+            return None
+        with monitor._lock:  # the lock a window close holds: never half a window
+            last, health = monitor._last, monitor._health
+            key = (id(last), last.time, monitor._next_window, id(health))
+            if key != self._key:
+                latest = monitor._ring[-1] if monitor._ring else None
+                self._frozen = (self._gates(monitor, last, latest, health), monitor._next_window,
+                                latest.t_end if latest is not None else 0.0,
+                                bool(getattr(health, "has_baseline", False)))
+                self._key = key
+            gates, windows_total, last_time, has_baseline = self._frozen
+        return ExportState(
+            model=self.model, rank=self.rank, up=monitor.attached, windows_total=windows_total,
+            last_window_time=last_time, errors=monitor.errors.counts(),
+            alerts_sent=sum(getattr(e, "sent", 0) for e in getattr(monitor, "_exporters", ())),
+            baseline_loaded=has_baseline or _baseline_of(monitor) is not None,
+            gates=gates,
+        )
+
+    @staticmethod
+    def _gates(monitor, last, latest, health: Health) -> List[GateState]:
+        baseline = _baseline_of(monitor)
+        out = []
+        for i, gate in enumerate(monitor._gates):
+            e = gate.num_experts
+            verdict = health.gates.get(gate.name) if health.gates else None
+            out.append(GateState(
+                name=gate.name, num_experts=e, top_k=gate.top_k,
+                tokens_total=float(last.sums[i, TOKENS]),
+                assignments_total=last.counts[i, 0, :e].copy(),
+                dropped_total=int(last.counts[i, 1, :e].sum()),
+                nonfinite_total=float(last.sums[i, NONFINITE]),
+                latest=gate_row(latest, i, gate) if latest is not None else None,
+                severity=verdict.severity if verdict is not None else "ok",
+                checks=dict(verdict.checks) if verdict is not None else {},
+                baseline_logit_std=baseline_logit_std(baseline, gate.name),
+            ))
+        return out
+
+
+def severity_value(severity: str) -> int:
+    """0 ok, 1 drift, 2 collapse (unknown values count as ok)."""
+    return SEVERITY_VALUE.get(severity, 0)

@@ -1,0 +1,197 @@
+"""Every metric moewatch exports: name, type, labels, unit and help, in one place.
+
+The Prometheus collector and the OpenTelemetry instruments are both built from this list, the
+metrics table in ``docs/metrics.md`` is generated from it (``python -m moewatch.schema``), and the
+tests check that alert rules and dashboards only name metrics listed here.
+
+Conventions (Prometheus naming): prefix ``moewatch_``, base units (seconds, ratios in [0, 1], not
+percentages), counters end in ``_total``. Every series carries ``model`` and ``rank``; per-gate
+series add ``layer`` (the gate's module name); per-expert series add ``expert`` (its index).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+PREFIX = "moewatch_"
+
+# Label sets by level.
+PROCESS_LABELS: Tuple[str, ...] = ("model", "rank")
+GATE_LABELS: Tuple[str, ...] = PROCESS_LABELS + ("layer",)
+EXPERT_LABELS: Tuple[str, ...] = GATE_LABELS + ("expert",)
+
+# Numeric encoding of a severity in the *_severity gauges.
+SEVERITY_VALUE: Dict[str, int] = {"ok": 0, "drift": 1, "collapse": 2}
+
+# Units as written in the docs -> UCUM units for OpenTelemetry instruments.
+OTEL_UNITS: Dict[str, str] = {
+    "": "1", "ratio": "1", "seconds": "s", "tokens": "{token}", "assignments": "{assignment}",
+    "experts": "{expert}", "nats": "1", "logits": "1", "errors": "{error}", "windows": "{window}",
+    "series": "{series}", "severity": "1", "logits (non-finite)": "{logit}",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One exported metric family."""
+
+    name: str  # Prometheus name, including the ``_total`` suffix of counters
+    type: str  # "counter" or "gauge"
+    labels: Tuple[str, ...]
+    unit: str  # a key of OTEL_UNITS
+    help: str
+    source: str = ""  # the windows() column or accessor the value comes from (for the docs)
+
+    @property
+    def level(self) -> str:
+        if "expert" in self.labels:
+            return "expert"
+        return "gate" if "layer" in self.labels else "process"
+
+    @property
+    def base_name(self) -> str:
+        """Name without the ``_total`` suffix (what prometheus-client and OpenTelemetry take)."""
+        return self.name[: -len("_total")] if self.name.endswith("_total") else self.name
+
+    @property
+    def otel_unit(self) -> str:
+        return OTEL_UNITS[self.unit]
+
+
+def _m(name: str, type_: str, labels: Tuple[str, ...], unit: str, help_: str, source: str = "") -> Metric:
+    return Metric(PREFIX + name, type_, labels, unit, help_, source)
+
+
+C, G = "counter", "gauge"
+
+METRICS: List[Metric] = [
+    # -- the process and the monitor itself ------------------------------------------------
+    _m("up", G, PROCESS_LABELS, "",
+       "1 while the monitor is attached to its model, 0 after detach()."),
+    _m("build_info", G, PROCESS_LABELS + ("version",), "",
+       "Always 1; the version label is the moewatch version."),
+    _m("windows_total", C, PROCESS_LABELS, "windows",
+       "Windows closed since attach (only windows that saw traffic count)."),
+    _m("last_window_timestamp_seconds", G, PROCESS_LABELS, "seconds",
+       "Unix time at which the latest window closed; 0 before the first window.", "t_end"),
+    _m("internal_errors_total", C, PROCESS_LABELS + ("component",), "errors",
+       "Internal failures by component (hook, reader, listener, prometheus, otlp, alertmanager, ...). "
+       "Counted, never raised into the model.", "mon.errors.counts()"),
+    _m("alerts_sent_total", C, PROCESS_LABELS, "",
+       "Alert batches Alertmanager accepted (HTTP 2xx)."),
+    _m("baseline_loaded", G, PROCESS_LABELS, "",
+       "1 when the detector compares against a baseline, 0 when it applies absolute rules."),
+    _m("expert_series_enabled", G, PROCESS_LABELS, "",
+       "1 when per-expert families are exported, 0 when the series budget left them out."),
+    # -- per gate: totals since attach -----------------------------------------------------
+    _m("gate_tokens_total", C, GATE_LABELS, "tokens",
+       "Tokens routed by the gate since attach (padding excluded).", "tokens"),
+    _m("gate_assignments_total", C, GATE_LABELS, "assignments",
+       "Token-to-expert assignments (top-k per token) since attach.", "assignments"),
+    _m("gate_dropped_assignments_total", C, GATE_LABELS, "assignments",
+       "Assignments dropped by expert capacity since attach (would-be drops with capacity_factor=).",
+       "mon.dropped()"),
+    _m("gate_nonfinite_logits_total", C, GATE_LABELS, "logits (non-finite)",
+       "Router logits that were NaN or infinite, since attach.", "nonfinite_logits"),
+    # -- per gate: the latest window -------------------------------------------------------
+    _m("gate_window_tokens", G, GATE_LABELS, "tokens",
+       "Tokens in the latest window.", "tokens"),
+    _m("gate_drop_ratio", G, GATE_LABELS, "ratio",
+       "Dropped assignments / assignments in the latest window.", "drop_rate"),
+    _m("gate_effective_experts", G, GATE_LABELS, "experts",
+       "exp(entropy of the expert load) in the latest window: N when balanced, 1 when collapsed.",
+       "effective_experts"),
+    _m("gate_top_share_ratio", G, GATE_LABELS, "ratio",
+       "Share of the assignments taken by the busiest expert in the latest window.", "top_share"),
+    _m("gate_load_entropy_nats", G, GATE_LABELS, "nats",
+       "Entropy of the expert load distribution in the latest window (log N when balanced).",
+       "load_entropy"),
+    _m("gate_routing_entropy_nats", G, GATE_LABELS, "nats",
+       "Mean per-token entropy of the routing distribution in the latest window.", "entropy_mean"),
+    _m("gate_logit_std", G, GATE_LABELS, "logits",
+       "Standard deviation of the router logits in the latest window.", "logit_std"),
+    _m("gate_logit_std_baseline_ratio", G, GATE_LABELS, "ratio",
+       "Logit std of the latest window / the baseline's typical logit std (only with a baseline).",
+       "logit_std / baseline"),
+    _m("gate_logit_abs_max", G, GATE_LABELS, "logits",
+       "Largest |router logit| in the latest window.", "logit_absmax"),
+    _m("gate_top1_probability", G, GATE_LABELS, "ratio",
+       "Mean routing probability of each token's first choice in the latest window.", "top1_prob_mean"),
+    _m("gate_top1_margin", G, GATE_LABELS, "ratio",
+       "Mean gap between the first and second routing probability in the latest window.", "margin_mean"),
+    _m("gate_router_z_loss", G, GATE_LABELS, "",
+       "Mean router z-loss, logsumexp(logits)^2, in the latest window.", "zloss_mean"),
+    _m("gate_dead_experts", G, GATE_LABELS, "experts",
+       "Experts that received no assignment in the latest window.", "dead_experts"),
+    _m("gate_experts", G, GATE_LABELS, "experts",
+       "Number of experts behind the gate (N).", "num_experts"),
+    _m("gate_top_k", G, GATE_LABELS, "experts",
+       "Experts chosen per token (k).", "top_k"),
+    _m("gate_severity", G, GATE_LABELS, "severity",
+       "Detector verdict for the gate after the latest window: 0 ok, 1 drift, 2 collapse.",
+       "mon.health().gates[layer].severity"),
+    _m("gate_check_severity", G, GATE_LABELS + ("check",), "severity",
+       "Verdict of one detector check for the gate: 0 ok, 1 drift, 2 collapse.",
+       "mon.health().gates[layer].checks"),
+    # -- per expert (within the series budget) ---------------------------------------------
+    _m("expert_assignments_total", C, EXPERT_LABELS, "assignments",
+       "Assignments of tokens to the expert since attach (equals mon.counts()).", "mon.counts()"),
+    _m("expert_load_share_ratio", G, EXPERT_LABELS, "ratio",
+       "The expert's share of the gate's assignments in the latest window.", "expert_share"),
+]
+
+BY_NAME: Dict[str, Metric] = {m.name: m for m in METRICS}
+
+# Per-expert families in the order the series budget admits them (most useful first).
+EXPERT_FAMILIES: Tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "expert")
+
+# Default series budget for the per-expert families (together): ~10k series per process.
+DEFAULT_EXPERT_SERIES_BUDGET = 10_000
+
+
+def metric(name: str) -> Metric:
+    """The metric called ``name`` (with or without the ``moewatch_`` prefix)."""
+    key = name if name.startswith(PREFIX) else PREFIX + name
+    try:
+        return BY_NAME[key]
+    except KeyError:
+        raise KeyError(f"{name!r} is not a moewatch metric; see moewatch.schema.METRICS") from None
+
+
+def markdown() -> str:
+    """The metrics table of ``docs/metrics.md``."""
+    lines = [
+        "# Metrics",
+        "",
+        "<!-- Generated by `python -m moewatch.schema > docs/metrics.md`; do not edit by hand. -->",
+        "",
+        "Every metric moewatch exports to Prometheus (`mon.serve_prometheus()`) and to OpenTelemetry",
+        "(`meter_provider=` / `otlp_endpoint=`). Names follow Prometheus conventions: prefix `moewatch_`,",
+        "base units, ratios in [0, 1], counters end in `_total`. OpenTelemetry instruments carry the same",
+        "name without `_total` (counters are observable counters, window statistics observable gauges)",
+        "and the same attributes.",
+        "",
+        "Labels: `model` (the `model_name=` option, else the model's config name), `rank` (from",
+        "`torch.distributed`, else `RANK`, else `0`), `layer` (the gate's module name), `expert` (its",
+        "index), `component` (the failing part), `check` (a detector check), `version`.",
+        "",
+        "Gauges described as *in the latest window* hold the most recently closed window; counters",
+        "count since `attach()`. Severities are encoded as "
+        + ", ".join(f"{v} = {k}" for k, v in SEVERITY_VALUE.items()) + ".",
+        "",
+        "Per-expert families are exported while (experts over all gates) x (families) stays within",
+        f"`expert_series_budget=` (default {DEFAULT_EXPERT_SERIES_BUDGET}), admitted in table order;",
+        "per-gate summaries are always exported.",
+        "",
+        "| Metric | Type | Unit | Labels | Description | Source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METRICS:
+        labels = ", ".join(f"`{label}`" for label in m.labels)
+        lines.append(f"| `{m.name}` | {m.type} | {m.unit or '-'} | {labels} | {m.help} | {f'`{m.source}`' if m.source else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
