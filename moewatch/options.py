@@ -34,6 +34,9 @@ class Options:
     alert_resolve_windows: int = 2  # healthy windows before an alert resolves
     runbook_url: str = "docs/runbook.md"  # alerts link to <runbook_url>#<alertname>
     background: bool = True  # a reader thread closes windows; False: only flush() does
+    # Detector (moewatch.detector).
+    ert_windows: float = 100_000  # expected windows between false alarms, all gates together
+    persistence: int = 2  # a moderate change must show in this many consecutive windows
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "Options":
@@ -53,6 +56,10 @@ class Options:
         positive("window_tokens", self.window_tokens, int)
         positive("window_seconds", self.window_seconds)
         positive("ring_windows", self.ring_windows, int)
+        positive("persistence", self.persistence, int)
+        if isinstance(self.ert_windows, bool) or not isinstance(self.ert_windows, (int, float)) \
+                or not self.ert_windows > 1:
+            raise ValueError(f"ert_windows={self.ert_windows!r} must be a number of windows > 1")
         if self.top_k is not None:
             positive("top_k", self.top_k, int)
         if self.num_experts is not None:
