@@ -1,0 +1,260 @@
+"""Baselines: a profile of healthy routing that the detector compares live windows against.
+
+A :class:`Baseline` holds, per gate, the per-window values the detector calibrates on (token
+and assignment counts, expert counts, entropy, logit std, top-1 probability, drops, non-finite
+logits) and a summary a person can read (expert shares and their between-window dispersion,
+quantiles of each statistic). It is saved as versioned, indented JSON.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+FORMAT = "moewatch-baseline"
+VERSION = 1
+MIN_WINDOWS = 8  # fewer windows than this cannot calibrate a false-alarm rate
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+# Per-window series kept for calibration (columns of Monitor.windows()).
+SERIES = ("tokens", "assignments", "dropped", "entropy_mean", "logit_std", "top1_prob_mean",
+          "nonfinite_logits")
+SUMMARY_STATS = ("entropy_mean", "logit_std", "top1_prob_mean", "drop_rate", "effective_experts",
+                 "top_share")
+
+
+class BaselineError(ValueError):
+    """A baseline file that cannot be read, or that does not fit the model it is used with."""
+
+
+@dataclass
+class GateBaseline:
+    """Healthy routing of one gate: its per-window series ([W] each, counts [W, E])."""
+
+    name: str
+    num_experts: int
+    top_k: int
+    family: str
+    series: Dict[str, np.ndarray]
+    expert_counts: np.ndarray  # int64 [W, E]
+
+    @property
+    def windows(self) -> int:
+        return int(self.expert_counts.shape[0])
+
+    def frame(self) -> pd.DataFrame:
+        """The per-window series as a DataFrame (one row per baseline window)."""
+        out = pd.DataFrame({k: v for k, v in self.series.items()})
+        shares = self.expert_counts / np.maximum(self.expert_counts.sum(1, keepdims=True), 1)
+        out["drop_rate"] = self.series["dropped"] / np.maximum(self.series["assignments"], 1)
+        entropy = -np.where(shares > 0, shares * np.log(np.where(shares > 0, shares, 1)), 0).sum(1)
+        out["effective_experts"] = np.exp(entropy)
+        out["top_share"] = shares.max(1)
+        return out
+
+    def summary(self) -> dict:
+        """Expert shares, their between-window dispersion, and quantiles of each statistic."""
+        counts = self.expert_counts
+        total = counts.sum()
+        shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        frame = self.frame()
+        quantiles = {}
+        for stat in SUMMARY_STATS:
+            values = frame[stat].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            quantiles[stat] = ({f"q{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
+                               if values.size else {})
+        return {
+            "tokens_total": int(self.series["tokens"].sum()),
+            "tokens_per_window_median": float(np.median(self.series["tokens"])),
+            "expert_share": (counts.sum(0) / total).tolist() if total else [0.0] * self.num_experts,
+            "expert_share_std": shares.std(0, ddof=1).tolist() if self.windows > 1 else [0.0] * self.num_experts,
+            "quantiles": quantiles,
+        }
+
+
+@dataclass
+class Baseline:
+    """Healthy routing of every gate of a model, recorded from training or evaluation traffic.
+
+    Build one with ``mon.baseline()`` or :meth:`from_frame`, keep it with :meth:`save`, and
+    pass it (or its path) to ``moewatch.attach(model, baseline=...)``.
+    """
+
+    gates: Dict[str, GateBaseline]
+    model_name: str = ""
+    created: str = ""
+    meta: dict = field(default_factory=dict)
+
+    # -- building --------------------------------------------------------------------------
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, model_name: str = "") -> "Baseline":
+        """A baseline from a windows frame (``mon.windows()``, or a dump read with pandas).
+
+        Windows in which a gate saw no tokens are left out for that gate. Every gate needs at
+        least ``MIN_WINDOWS`` windows with traffic.
+        """
+        missing = [c for c in ("window", "gate", "num_experts", "top_k", "expert_counts", *SERIES)
+                   if c not in frame.columns]
+        if missing:
+            raise BaselineError(f"the windows frame lacks column(s) {missing}; expected the columns "
+                                "of Monitor.windows()")
+        if frame.empty:
+            raise BaselineError("no windows to build a baseline from: run traffic through the model first")
+        gates: Dict[str, GateBaseline] = {}
+        order = list(dict.fromkeys(frame["gate"]))  # gate order as first seen (model order)
+        for name in order:
+            rows = frame[(frame["gate"] == name) & (frame["tokens"] > 0)].sort_values("window")
+            first = frame[frame["gate"] == name].iloc[0]
+            e = int(first["num_experts"])
+            if len(rows) < MIN_WINDOWS:
+                raise BaselineError(
+                    f"gate {name!r} has {len(rows)} window(s) with traffic; a baseline needs at least "
+                    f"{MIN_WINDOWS} (run more traffic, or lower window_tokens)")
+            counts = np.stack([np.asarray(c, dtype=np.int64)[:e] for c in rows["expert_counts"]])
+            series = {s: rows[s].to_numpy(dtype=float) for s in SERIES}
+            gates[name] = GateBaseline(name=name, num_experts=e, top_k=int(first["top_k"]),
+                                       family=str(first.get("family", "")), series=series,
+                                       expert_counts=counts)
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return cls(gates=gates, model_name=model_name, created=created)
+
+    @classmethod
+    def from_monitor(cls, monitor) -> "Baseline":
+        """A baseline from the windows a monitor holds (what ``mon.baseline()`` returns)."""
+        return cls.from_frame(monitor.windows(), model_name=monitor.model_name)
+
+    # -- checking --------------------------------------------------------------------------
+    def check_gates(self, gates: Sequence) -> None:
+        """Raise :class:`BaselineError` naming every difference with the monitored ``gates``."""
+        have = {g.name: g for g in gates}
+        problems: List[str] = []
+        only_model = [n for n in have if n not in self.gates]
+        only_base = [n for n in self.gates if n not in have]
+        if only_model:
+            problems.append(f"gates in the model but not in the baseline: {_names(only_model)}")
+        if only_base:
+            problems.append(f"gates in the baseline but not in the model: {_names(only_base)}")
+        for name, gate in have.items():
+            base = self.gates.get(name)
+            if base is None:
+                continue
+            if base.num_experts != gate.num_experts:
+                problems.append(f"gate {name!r} has {gate.num_experts} experts, the baseline {base.num_experts}")
+            if base.top_k != gate.top_k:
+                problems.append(f"gate {name!r} routes top-{gate.top_k}, the baseline top-{base.top_k}")
+        if problems:
+            source = f" (recorded on {self.model_name!r})" if self.model_name else ""
+            raise BaselineError("baseline does not match the model" + source + ": " + "; ".join(problems))
+
+    # -- files -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        gates = []
+        for g in self.gates.values():
+            gates.append({
+                "name": g.name, "num_experts": g.num_experts, "top_k": g.top_k, "family": g.family,
+                "windows": g.windows,
+                "summary": g.summary(),
+                "per_window": {**{s: _plain(g.series[s]) for s in SERIES},
+                               "expert_counts": [row.tolist() for row in g.expert_counts]},
+            })
+        from . import __version__
+        return {"format": FORMAT, "version": VERSION, "moewatch": __version__, "created": self.created,
+                "model_name": self.model_name, "meta": self.meta, "gates": gates}
+
+    def save(self, path: "str | os.PathLike") -> None:
+        """Write the baseline as versioned, indented JSON."""
+        text = _dumps(self.to_dict())
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)  # never leave a half-written baseline behind
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "baseline") -> "Baseline":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BaselineError(f"{source} is not a moewatch baseline (no \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise BaselineError(f"{source} is baseline format version {data.get('version')!r}; this moewatch "
+                                f"reads version {VERSION} (rebuild it with this version)")
+        gates: Dict[str, GateBaseline] = {}
+        try:
+            for g in data["gates"]:
+                e = int(g["num_experts"])
+                per = g["per_window"]
+                counts = np.asarray(per["expert_counts"], dtype=np.int64).reshape(-1, e)
+                series = {s: np.asarray(per[s], dtype=float) for s in SERIES}
+                lengths = {s: v.shape for s, v in series.items() if v.shape != (counts.shape[0],)}
+                if lengths:
+                    raise BaselineError(f"{source}: gate {g['name']!r} per-window series {sorted(lengths)} do "
+                                        f"not have one value per window ({counts.shape[0]})")
+                gates[str(g["name"])] = GateBaseline(name=str(g["name"]), num_experts=e, top_k=int(g["top_k"]),
+                                                     family=str(g.get("family", "")), series=series,
+                                                     expert_counts=counts)
+        except BaselineError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise BaselineError(f"{source} is corrupt: {type(error).__name__}: {error}") from error
+        if not gates:
+            raise BaselineError(f"{source} has no gates")
+        return cls(gates=gates, model_name=str(data.get("model_name", "")), created=str(data.get("created", "")),
+                   meta=dict(data.get("meta") or {}))
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike") -> "Baseline":
+        """Read a baseline written by :meth:`save`; a corrupt or foreign file raises BaselineError."""
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as error:
+            raise BaselineError(f"{os.fspath(path)} is corrupt: not valid JSON ({error})") from error
+        except UnicodeDecodeError as error:
+            raise BaselineError(f"{os.fspath(path)} is corrupt: not UTF-8 text") from error
+        return cls.from_dict(data, source=os.fspath(path))
+
+    def __repr__(self) -> str:
+        windows = min((g.windows for g in self.gates.values()), default=0)
+        return f"<moewatch.Baseline {self.model_name!r}: {len(self.gates)} gates, {windows} windows>"
+
+
+def as_baseline(value) -> Optional[Baseline]:
+    """``attach(baseline=...)`` accepts a Baseline, a path to one, or None."""
+    if value is None or isinstance(value, Baseline):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return Baseline.load(value)
+    raise TypeError(f"baseline= must be a moewatch.Baseline or a path, got {type(value).__name__}")
+
+
+def _names(names: List[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _plain(values: np.ndarray) -> list:
+    """Floats that JSON can hold (NaN -> null); whole numbers as ints."""
+    out = []
+    for v in values.tolist():
+        if isinstance(v, float) and not math.isfinite(v):
+            out.append(None)
+        elif isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 53:
+            out.append(int(v))
+        else:
+            out.append(v)
+    return out
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(?:[-0-9.eE+]+|null)(?:\s*,\s*(?:[-0-9.eE+]+|null))*\s*\]")
+
+
+def _dumps(data: dict) -> str:
+    """Indented JSON with each list of numbers kept on one line, so the file stays readable."""
+    text = json.dumps(data, indent=2, allow_nan=False)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(p.strip() for p in m.group(0)[1:-1].split(",")) + "]",
+                            text) + "\n"

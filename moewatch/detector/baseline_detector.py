@@ -1,0 +1,188 @@
+"""The calibrated detector: every gate of every closed window against the baseline."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from ..health import GateHealth, Health, worst
+from . import rules
+from .calibrate import sidak, thresholds
+from .features import Features, baseline_features, window_features
+from .nullmodel import (CHECKS, CONCENTRATION, DROP_RATE, ENTROPY, LOAD, LOGIT_STD, OVERLOAD, TOP1_PROB,
+                        UNDERLOAD, Params, fit, scores)
+
+FOLDS = 10
+
+
+def _take(f: Features, idx: np.ndarray) -> Features:
+    return Features(**{k: v[idx] for k, v in vars(f).items()})
+
+
+def calibrated_scores(f: Features, params: Params) -> np.ndarray:
+    """Out-of-sample scores [W, K] of the baseline windows: each block against a fit without it.
+
+    Also sets ``params["phi"]``, the dispersion of the load statistic, from these windows.
+    """
+    w = f.tokens.shape[0]
+    folds = np.array_split(np.arange(w), min(FOLDS, w))
+    out = np.empty((w, len(CHECKS)))
+    for held in folds:
+        rest = np.setdiff1d(np.arange(w), held)
+        out[held] = scores(fit(_take(f, rest)), _take(f, held), raw_load=True)
+    raw = out[:, LOAD]
+    params["phi"] = np.float64(max(float(np.mean(raw[np.isfinite(raw)])), 0.5))
+    df = params["df"]
+    c = 2.0 / (9.0 * df)
+    out[:, LOAD] = (np.cbrt(raw / params["phi"]) - (1 - c)) / np.sqrt(c)
+    return out
+
+
+def _stack(per_gate: List[Params], experts: int) -> Params:
+    """Per-gate params -> arrays over gates ([G] or [G, E], experts padded as unused)."""
+    out: Params = {}
+    for key in per_gate[0]:
+        values = [p[key] for p in per_gate]
+        if np.ndim(values[0]) == 1:
+            pad = {"alive": False, "p": 1.0, "var": 1.0}[key]
+            arr = np.full((len(values), experts), pad, dtype=np.asarray(values[0]).dtype)
+            for i, v in enumerate(values):
+                arr[i, :len(v)] = v
+            out[key] = arr
+        else:
+            out[key] = np.array(values, dtype=np.float64)
+    return out
+
+
+class BaselineDetector:
+    """Scores each window against the baseline; thresholds set for ``ert_windows`` (see calibrate)."""
+
+    def __init__(self, gates: Sequence, baseline, ert_windows: float, persistence: int, seed: int = 0):
+        baseline.check_gates(gates)
+        self.names = [g.name for g in gates]
+        self.top_k = np.array([g.top_k for g in gates], dtype=np.float64)
+        self.experts = max(g.num_experts for g in gates)
+        self.persistence = persistence
+        self.beta_gate = sidak(ert_windows, len(gates))
+        self.beta_check = self.beta_gate / len(CHECKS)
+        rng = np.random.default_rng(seed)
+        fitted, h1, hr = [], [], []
+        self.calibration: Dict[str, dict] = {}
+        for gate in gates:
+            f = baseline_features(baseline.gates[gate.name])
+            params = fit(f)
+            cv = calibrated_scores(f, params)
+            a, b, c, rho = thresholds(cv, self.beta_check, persistence, rng)
+            fitted.append(params)
+            h1.append(a)
+            hr.append(b)
+            self.calibration[gate.name] = {"windows": int(f.tokens.shape[0]), "phi": float(params["phi"]),
+                                           "h1": dict(zip(CHECKS, a.round(3).tolist())),
+                                           "h_persist": dict(zip(CHECKS, b.round(3).tolist())),
+                                           "tail_scale": dict(zip(CHECKS, c.round(3).tolist())),
+                                           "lag1": dict(zip(CHECKS, rho.tolist()))}
+        self.params = _stack(fitted, self.experts)
+        self.h1 = np.array(h1)  # [G, K]
+        self.hr = np.array(hr)  # [G, K]
+        self._history = np.zeros((max(persistence - 1, 0), len(gates), len(CHECKS)), dtype=bool)
+
+    # -- per window ----------------------------------------------------------------------
+    def update(self, window, gates: Sequence) -> Health:
+        f = window_features(window, self.experts)
+        s = scores(self.params, f)  # [G, K]
+        active = f.tokens > 0
+        s[~active] = -np.inf
+        p = self.params
+        effect = np.ones_like(s, dtype=bool)
+        with np.errstate(invalid="ignore"):
+            effect[:, DROP_RATE] = f.drop_rate > p["drop_rate_hi"] + rules.DROP_MIN_EFFECT
+        over_r = (s > self.hr) & effect
+        fire = ((s > self.h1) & effect) | (over_r & self._history.all(0))
+        if self._history.shape[0]:
+            self._history = np.roll(self._history, 1, axis=0)
+            self._history[0] = over_r
+        with np.errstate(invalid="ignore", divide="ignore"):
+            nonfinite = (f.nonfinite > 0) & (f.nonfinite / np.maximum(f.tokens, 1) > 2 * p["nonfinite_rate_max"])
+        collapse = self._collapse(f) & fire
+        return self._verdict(window, f, s, fire, collapse, nonfinite, active)
+
+    def _collapse(self, f: Features) -> np.ndarray:
+        """[G, K]: the window is far enough from the baseline to call it a collapse."""
+        p = self.params
+        alive = p["alive"]
+        out = np.zeros((f.tokens.shape[0], len(CHECKS)), dtype=bool)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            token_frac = f.counts / np.maximum(f.tokens, 1)[:, None]
+            overload = (alive & (token_frac >= rules.OVERLOAD_TOKEN_FRACTION)
+                        & (f.share >= rules.OVERLOAD_SHARE_RATIO * p["p"])).any(-1)
+            concentrated = f.effective <= rules.COLLAPSE_EFFECTIVE_RATIO * p["effective_m"]
+            dead = (alive & (f.counts == 0) & (f.assignments[:, None] * p["p"] >= rules.DEAD_MIN_EXPECTED)).any(-1)
+            out[:, LOAD] = concentrated | overload
+            out[:, OVERLOAD] = overload
+            out[:, UNDERLOAD] = dead
+            out[:, CONCENTRATION] = concentrated
+            out[:, LOGIT_STD] = f.logit_std >= rules.SATURATION_LOGIT_RATIO * p["logit_std_m"]
+            out[:, TOP1_PROB] = (1 - f.top1) <= rules.SATURATION_TOP1_RATIO * (1 - p["top1_m"])
+            out[:, ENTROPY] = f.entropy <= rules.COLLAPSE_ENTROPY_RATIO * p["entropy_m"]
+            out[:, DROP_RATE] = f.drop_rate >= np.maximum(rules.DROP_COLLAPSE_RATE,
+                                                          rules.DROP_COLLAPSE_RATIO * p["drop_rate_hi"])
+        return out
+
+    def _verdict(self, window, f, s, fire, collapse, nonfinite, active) -> Health:
+        gates: Dict[str, GateHealth] = {}
+        alarmed = fire.any(1) | nonfinite
+        for i, name in enumerate(self.names):
+            if not alarmed[i]:
+                gates[name] = GateHealth(checks=dict.fromkeys(CHECKS, "ok") if active[i] else {})
+                continue
+            checks = {c: ("collapse" if collapse[i, k] else "drift") if fire[i, k] else "ok"
+                      for k, c in enumerate(CHECKS)}
+            reasons = [self._reason(i, k, f, s) for k in range(len(CHECKS)) if fire[i, k]]
+            if nonfinite[i]:
+                checks["nonfinite"] = "collapse"
+                reasons.append(f"{int(f.nonfinite[i])} non-finite router logits in {int(f.tokens[i])} tokens")
+            gates[name] = GateHealth(severity=worst(checks.values()), reasons=reasons, checks=checks)
+        return Health(severity=worst(g.severity for g in gates.values()), gates=gates, window=window.index,
+                      has_baseline=True, detector=True)
+
+    # -- reasons ---------------------------------------------------------------------------
+    def _reason(self, i: int, k: int, f: Features, s: np.ndarray) -> str:
+        p = {key: v[i] for key, v in self.params.items()}
+        score = f"[{CHECKS[k]}: score {s[i, k]:.1f} > {min(self.h1[i, k], self.hr[i, k]):.1f}]"
+        share, counts, alive = f.share[i], f.counts[i], p["alive"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(alive, (share - p["p"]) / np.sqrt(p["var"]), 0.0)
+        if k in (LOAD, OVERLOAD):
+            up = [e for e in np.argsort(-z) if z[e] >= 3 and alive[e]][:8]
+            if k == OVERLOAD:
+                up = up[:1]
+            if up:
+                return f"{_experts(up)} take {share[up].sum():.0%} of tokens (baseline {p['p'][up].sum():.0%}) {score}"
+            down = [e for e in np.argsort(z) if z[e] <= -3 and alive[e]][:8]
+            if down:
+                return f"{_experts(down)} take {share[down].sum():.1%} of tokens (baseline {p['p'][down].sum():.0%}) {score}"
+            return f"expert load differs from baseline {score}"
+        if k == UNDERLOAD:
+            dead = [e for e in range(len(share)) if alive[e] and counts[e] == 0
+                    and f.assignments[i] * p["p"][e] >= rules.DEAD_MIN_EXPECTED]
+            if dead:
+                expected = f.assignments[i] * p["p"][dead].sum()
+                return (f"{_experts(dead)} dead: 0 of {int(f.assignments[i])} assignments "
+                        f"(baseline {p['p'][dead].sum():.1%}, ~{expected:.0f} expected) {score}")
+            low = [e for e in np.argsort(z) if alive[e]][:3]
+            return f"{_experts(low[:1])} takes {share[low[0]]:.1%} of tokens (baseline {p['p'][low[0]]:.1%}) {score}"
+        if k == CONCENTRATION:
+            return f"effective experts {f.effective[i]:.2f} (baseline {p['effective_m']:.2f}) {score}"
+        if k == LOGIT_STD:
+            return f"router-logit std {f.logit_std[i]:.3g} (baseline {p['logit_std_m']:.3g}) {score}"
+        if k == TOP1_PROB:
+            return f"mean top-1 probability {f.top1[i]:.3f} (baseline {p['top1_m']:.3f}) {score}"
+        if k == ENTROPY:
+            return f"token routing entropy {f.entropy[i]:.3f} nats (baseline {p['entropy_m']:.3f}) {score}"
+        return (f"drop rate {f.drop_rate[i]:.2%} of assignments (baseline 99th percentile "
+                f"{p['drop_rate_hi']:.2%}) {score}")
+
+
+def _experts(ids) -> str:
+    ids = [int(e) for e in ids]
+    return ("expert " if len(ids) == 1 else "experts ") + ",".join(str(e) for e in sorted(ids))

@@ -1,0 +1,125 @@
+"""The healthy-routing model of one gate, fitted to its baseline windows, and the window scores.
+
+Each check turns a window into a *score* on the scale of a standard normal upper tail: under
+healthy traffic (as the baseline saw it) ``P(score > h) ~= Phi(-h)``. The calibration
+(:mod:`.calibrate`) then corrects what this approximation gets wrong, from the baseline's own
+windows.
+
+Variances are taken at the baseline's typical window size n0 and inflated by ``n0 / n`` for
+smaller windows: the excess dispersion of real traffic may come from correlated tokens (which
+scales like 1/n) or from a changing mix (which does not), and we cannot tell them apart, so we
+assume whichever is larger at each window size. Small windows therefore never look alarming.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+from scipy import special
+
+from .features import Features
+
+CHECKS = ("load", "overload", "underload", "concentration", "logit_std", "top1_prob", "entropy", "drop_rate")
+LOAD, OVERLOAD, UNDERLOAD, CONCENTRATION, LOGIT_STD, TOP1_PROB, ENTROPY, DROP_RATE = range(len(CHECKS))
+# (feature, sides): two-sided checks alarm on a change either way; collapse rules look at one side.
+SCALARS = {CONCENTRATION: ("effective", "low"), LOGIT_STD: ("logit_std", "both"),
+           TOP1_PROB: ("top1", "both"), ENTROPY: ("entropy", "both"), DROP_RATE: ("drop_rate", "high")}
+
+Params = Dict[str, np.ndarray]
+
+
+def _center_scale(x: np.ndarray, floor: float) -> tuple:
+    """Median and root-mean-square deviation from it (not MAD: keep the tails' weight)."""
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return np.nan, np.inf
+    m = float(np.median(x))
+    s = float(np.sqrt(np.mean((x - m) ** 2)))
+    return m, max(s, floor, 1e-3 * abs(m), 1e-9)
+
+
+def fit(f: Features) -> Params:
+    """Fit the healthy model to baseline windows ``f`` ([W] windows, [W, E] counts)."""
+    counts = f.counts
+    total = counts.sum(0)  # [E]
+    grand = max(float(total.sum()), 1.0)
+    alive = total > 0
+    # Experts the baseline never saw get a tiny share, so a later window that uses them scores high.
+    p = np.maximum(total / grand, 0.5 / grand)
+    n0 = float(np.median(f.assignments))
+    t0 = float(np.median(f.tokens))
+    sampling = p * (1 - p) / n0
+    if counts.shape[0] > 1:
+        # Over-dispersion common to all experts (Pearson), then each expert's own between-window
+        # variance; blend the two so one noisy estimate cannot dominate.
+        used = max(int(alive.sum()) - 1, 1)
+        pearson = (((f.share - p) ** 2 / p)[:, alive].sum(1) / used)
+        rho = max(0.0, float(np.mean(pearson - 1.0 / np.maximum(f.assignments, 1))))
+        pooled = p * (1 - p) * (1.0 / n0 + rho)
+        own = f.share.var(0, ddof=1)
+        var = np.maximum(sampling, 0.5 * own + 0.5 * pooled)
+    else:
+        var = sampling
+    params: Params = {"p": p, "alive": alive, "var": var, "n0": np.float64(n0), "t0": np.float64(t0),
+                      "phi": np.float64(1.0), "df": np.float64(max(int(alive.sum()) - 1, 1))}
+    rate = max(float(np.nanmean(f.drop_rate)) if np.isfinite(f.drop_rate).any() else 0.0, 1.0 / grand)
+    floors = {"effective": 0.0, "logit_std": 0.0, "top1": 0.0, "entropy": 0.0,
+              "drop_rate": float(np.sqrt(rate * (1 - rate) / n0))}
+    for feature, _ in SCALARS.values():
+        m, s = _center_scale(getattr(f, feature), floors[feature])
+        params[f"{feature}_m"], params[f"{feature}_s"] = np.float64(m), np.float64(s)
+    drops = f.drop_rate[np.isfinite(f.drop_rate)]
+    params["drop_rate_hi"] = np.float64(np.quantile(drops, 0.99) if drops.size else 0.0)
+    nonfinite_rate = f.nonfinite / np.maximum(f.tokens, 1)
+    params["nonfinite_rate_max"] = np.float64(np.nanmax(nonfinite_rate) if nonfinite_rate.size else 0.0)
+    return params
+
+
+def expert_z(params: Params, f: Features) -> np.ndarray:
+    """Per-expert standardised share deviation [..., E] (0 for experts the baseline never used)."""
+    inflate = np.maximum(1.0, params["n0"] / np.maximum(f.assignments, 1.0))[..., None]
+    z = (f.share - params["p"]) / np.sqrt(params["var"] * inflate)
+    return np.where(params["alive"], z, 0.0)
+
+
+def _tail_score(p: np.ndarray) -> np.ndarray:
+    """Normal-scale score of an upper-tail probability p (p = Phi(-score))."""
+    return -special.ndtri(np.clip(p, 0.0, 1.0))
+
+
+def scores(params: Params, f: Features, raw_load: bool = False) -> np.ndarray:
+    """Scores [..., K] of windows ``f`` against ``params`` (columns: :data:`CHECKS`).
+
+    With ``raw_load`` the load column holds the dispersion statistic D / df before scaling by
+    the fitted dispersion (the calibration estimates that scale from these).
+    """
+    z = expert_z(params, f)  # [..., E]
+    alive = params["alive"]
+    n_alive = np.maximum(alive.sum(-1), 1).astype(np.float64)
+    out = np.empty(f.tokens.shape + (len(CHECKS),))
+    # Load divergence: dispersion-adjusted Pearson statistic, to a normal score (Wilson-Hilferty).
+    df = params["df"]
+    ratio = (z ** 2).sum(-1) / df
+    if raw_load:
+        out[..., LOAD] = ratio
+    else:
+        ratio = ratio / params["phi"]
+        c = 2.0 / (9.0 * df)
+        out[..., LOAD] = (np.cbrt(ratio) - (1 - c)) / np.sqrt(c)
+    # Over/under-loaded experts: the most extreme expert, Bonferroni over the experts in use.
+    zmax = np.where(alive, z, -np.inf).max(-1)
+    zmin = np.where(alive, z, np.inf).min(-1)
+    out[..., OVERLOAD] = _tail_score(n_alive * special.ndtr(-zmax))
+    out[..., UNDERLOAD] = _tail_score(n_alive * special.ndtr(zmin))
+    for k, (feature, sides) in SCALARS.items():
+        n, n0 = (f.assignments, params["n0"]) if feature in ("effective", "drop_rate") else (f.tokens, params["t0"])
+        inflate = np.maximum(1.0, n0 / np.maximum(n, 1.0))
+        zk = (getattr(f, feature) - params[f"{feature}_m"]) / (params[f"{feature}_s"] * np.sqrt(inflate))
+        if sides == "low":
+            out[..., k] = -zk
+        elif sides == "high":
+            out[..., k] = zk
+        else:
+            out[..., k] = _tail_score(2 * special.ndtr(-np.abs(zk)))
+    # A statistic that could not be computed (no tokens, all logits non-finite) never alarms here.
+    return np.where(np.isfinite(out) | (out > 0), out, -np.inf)
