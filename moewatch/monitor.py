@@ -112,13 +112,12 @@ class Monitor:
 
     # -- seams to the parts that read windows (each lives in a module of its own) ----------
     def _make_detector(self, baseline):
-        """The detector for this monitor (moewatch.detector), with or without a baseline."""
-        try:
-            from .detector import make_detector
-        except ImportError:
-            if baseline is not None:
-                raise NotImplementedError("baselines need moewatch.detector, which is not built yet")
-            return None
+        """The detector for this monitor (moewatch.detector), with or without a baseline.
+
+        A baseline that does not match the model's gates raises ``moewatch.BaselineError`` here.
+        """
+        from .detector import make_detector
+
         return make_detector(self, baseline)
 
     def _start_exporters(self) -> list:
@@ -168,7 +167,11 @@ class Monitor:
     def _judge(self, window: Window) -> Health:
         if self._detector is None:
             return Health(window=window.index, note="no detector yet")
-        return self._detector.update(window, self._gates)
+        try:
+            return self._detector.update(window, self._gates)
+        except Exception as error:  # a detector bug must not stop the windows
+            self.errors.record("detector", error)
+            return Health(window=window.index, note=f"detector failed: {type(error).__name__}: {error}")
 
     # -- public API -----------------------------------------------------------------------
     @property
@@ -215,6 +218,16 @@ class Monitor:
     def health(self) -> Health:
         """The verdict after the last closed window."""
         return self._health
+
+    def baseline(self):
+        """A :class:`moewatch.Baseline` of the windows observed so far (those still in the ring).
+
+        Call ``flush()`` first to include the current window. Raises ``moewatch.BaselineError``
+        when a gate has fewer than 8 windows with traffic.
+        """
+        from .baseline import Baseline
+
+        return Baseline.from_monitor(self)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(window, health)`` after every closed window (errors are counted)."""
