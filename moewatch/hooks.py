@@ -31,6 +31,7 @@ class GateHook:
         self.errors = errors
         self.capacity_factor = capacity_factor
         self.enabled = True
+        self.sampler = None  # a moewatch.decisions.DecisionSampler with sample_decisions > 0
 
     def __call__(self, module, args, kwargs, output):
         if not self.enabled:
@@ -59,6 +60,8 @@ class GateHook:
             move = lambda t: None if t is None else t.to(self.bank.device, non_blocking=True)  # noqa: E731
             scalars, prob_sum, counts, drops, absmax = map(move, (scalars, prob_sum, counts, drops, absmax))
         self.bank.add(self.row, scalars, prob_sum, counts, drops, absmax)
+        if self.sampler is not None:  # sampled decisions for dumps: device ops only, like the sums
+            self.sampler.record(logits, routing.indices, routing.probs, valid, routing.positions)
 
 
 class CompanionHook:

@@ -1,0 +1,340 @@
+"""Parquet dumps: the windows ring, the sampled decisions and the metadata, in one file.
+
+Layout (``docs/dumps.md`` is the reference): one Parquet file whose rows are either windows
+(``record = 'window'``: the columns of :meth:`moewatch.Monitor.windows`) or sampled decisions
+(``record = 'decision'``); columns of the other kind are null. One file keeps a dump atomic
+(one rename publishes it) and lets SQL read a folder of dumps with one glob. The footer's
+key-value metadata holds, under the key ``moewatch``, a JSON document: schema version, gates,
+options, baseline, the health of every window, and why the dump was written.
+
+Writes are safe: the file is written under a temporary name in the target directory, fsynced,
+then renamed over the final name, so a crash or a full disk leaves either no file or a complete
+one. Reading checks the Parquet page checksums, the metadata and the schema version, and fails
+with :class:`DumpFormatError` on anything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import string
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from urllib.parse import urlsplit
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .decisions import DECISION_COLUMNS, empty_decisions
+from .health import Health
+from .windows import WINDOW_COLUMNS, windows_frame
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .monitor import Monitor
+
+SCHEMA_VERSION = 1
+FORMAT = "moewatch-dump"
+METADATA_KEY = b"moewatch"
+RECORD_WINDOW, RECORD_DECISION = "window", "decision"
+
+_I64, _F64 = pa.int64(), pa.float64()
+# Arrow types of the window columns; a column added to WINDOW_COLUMNS later is inferred.
+WINDOW_TYPES: Dict[str, pa.DataType] = {
+    "window": _I64, "t_start": _F64, "t_end": _F64, "gate": pa.string(), "family": pa.string(),
+    "num_experts": _I64, "top_k": _I64, "tokens": _I64, "assignments": _I64, "dropped": _I64,
+    "drop_rate": _F64, "entropy_mean": _F64, "logit_mean": _F64, "logit_std": _F64,
+    "logit_absmax": _F64, "top1_prob_mean": _F64, "margin_mean": _F64, "zloss_mean": _F64,
+    "nonfinite_logits": _I64, "load_entropy": _F64, "effective_experts": _F64, "top_share": _F64,
+    "dead_experts": _I64, "expert_counts": pa.list_(_I64), "expert_share": pa.list_(_F64),
+    "expert_prob_mean": pa.list_(_F64), "expert_dropped": pa.list_(_I64),
+}
+DECISION_TYPES: Dict[str, pa.DataType] = {
+    "gate": pa.string(), "window": _I64, "call": _I64, "token": _I64,
+    "experts": pa.list_(pa.int32()), "expert_probs": pa.list_(pa.float32()), "valid": pa.bool_(), "seq": _I64,
+}
+
+
+class DumpError(RuntimeError):
+    """A dump could not be written (the message says where and why)."""
+
+
+class DumpFormatError(ValueError):
+    """A file is not a readable moewatch dump: truncated, corrupt, foreign, or too new."""
+
+
+# -- writing ------------------------------------------------------------------------------
+def _column(values: Sequence[Any], kind: Optional[pa.DataType]) -> pa.Array:
+    # from_pandas=False: a NaN statistic stays NaN (null means "not this record kind").
+    if kind is None:
+        return pa.array(list(values), from_pandas=False)
+    return pa.array(list(values), type=kind, from_pandas=False)
+
+
+def _records_table(frame: pd.DataFrame, types: Dict[str, pa.DataType], columns: List[str]) -> Dict[str, pa.Array]:
+    return {c: _column(frame[c].tolist(), types.get(c)) for c in columns}
+
+
+def dump_table(windows: pd.DataFrame, decisions: pd.DataFrame, metadata: dict) -> pa.Table:
+    """The dump as one Arrow table: window rows, then decision rows, metadata in the schema."""
+    window_cols = list(windows.columns)
+    extra = [c for c in DECISION_COLUMNS if c not in window_cols]
+    win = _records_table(windows, WINDOW_TYPES, window_cols)
+    dec = _records_table(decisions, DECISION_TYPES, list(DECISION_COLUMNS))
+    fields = [pa.field("record", pa.string())]
+    fields += [pa.field(c, win[c].type) for c in window_cols]
+    fields += [pa.field(c, dec[c].type) for c in extra]
+    schema = pa.schema(fields)
+    n_win, n_dec = len(windows), len(decisions)
+
+    def part(own: Dict[str, pa.Array], n: int, record: str) -> pa.Table:
+        arrays = [pa.array([record] * n, pa.string())]
+        for f in fields[1:]:
+            arrays.append(own[f.name].cast(f.type) if f.name in own else pa.nulls(n, f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    table = pa.concat_tables([part(win, n_win, RECORD_WINDOW), part(dec, n_dec, RECORD_DECISION)])
+    meta = dict(metadata, window_columns=window_cols, rows={"windows": n_win, "decisions": n_dec})
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, allow_nan=False, default=str).encode()})
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_table_atomic(table: pa.Table, path: str) -> int:
+    """Write ``table`` to ``path`` via a temporary file + fsync + rename. Returns the size in bytes."""
+    directory = os.path.dirname(os.path.abspath(path))
+    # mkstemp: O_EXCL, mode 0600, never follows a planted link; same directory, so rename is atomic.
+    fd, tmp = tempfile.mkstemp(prefix=".moewatch-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return os.path.getsize(path)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def options_metadata(options) -> dict:
+    """The attach options as JSON; URLs lose their credentials, objects become their repr."""
+    out = {}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name.endswith("_url") and isinstance(value, str):
+            parts = urlsplit(value)
+            value = f"{parts.scheme}://{parts.hostname or ''}{':%d' % parts.port if parts.port else ''}{parts.path}"
+        if isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = _jsonable(value)
+    return out
+
+
+def health_record(window: Optional[int], health: Health) -> dict:
+    """A verdict as JSON: overall severity and the gates that are not ok, with reasons."""
+    return {
+        "window": window, "severity": health.severity, "note": health.note,
+        "has_baseline": health.has_baseline,
+        "gates": {name: {"severity": g.severity, "reasons": list(g.reasons)}
+                  for name, g in health.gates.items() if g.severity != "ok"},
+    }
+
+
+def baseline_metadata(monitor: "Monitor") -> Optional[dict]:
+    """The monitor's baseline as a dict (``Baseline.to_dict()``), or None without one."""
+    for owner in (monitor, getattr(monitor, "_detector", None)):
+        for attr in ("_baseline", "baseline"):
+            baseline = getattr(owner, attr, None)
+            if callable(baseline) and not hasattr(baseline, "to_dict"):
+                continue
+            if baseline is not None and hasattr(baseline, "to_dict"):
+                return baseline.to_dict()
+    return None
+
+
+def dump_metadata(monitor: "Monitor", reason: str, trigger: Optional[dict] = None) -> dict:
+    from . import __version__
+
+    now = time.time()
+    post = getattr(monitor, "_postmortem", None)
+    recorder = getattr(monitor, "_decisions", None)
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "moewatch_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "created_unix": now,
+        "reason": reason,
+        "trigger": trigger or {},
+        "model_name": monitor.model_name,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "gates": [{k: v for k, v in dataclasses.asdict(g).items() if k != "notes"} for g in monitor.gates],
+        "options": options_metadata(monitor.options),
+        "baseline": baseline_metadata(monitor),
+        "health": health_record(monitor.health().window, monitor.health()),
+        "timeline": list(post.timeline) if post is not None else [],
+        "decisions": None if recorder is None else {
+            "fraction": recorder.fraction, "stride": recorder.stride, "slots": recorder.slots,
+            "written": recorder.written(),
+        },
+        "errors": monitor.error_counts(),
+    }
+
+
+def monitor_table(monitor: "Monitor", reason: str, trigger: Optional[dict] = None) -> pa.Table:
+    """Everything a dump of ``monitor`` holds, as one Arrow table."""
+    recorder = getattr(monitor, "_decisions", None)
+    decisions = recorder.frame() if recorder is not None else empty_decisions()
+    return dump_table(monitor.windows(), decisions, dump_metadata(monitor, reason, trigger))
+
+
+_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
+
+
+def dump_name(reason: str, tag: str = "") -> str:
+    """``moewatch-<UTC time>-<pid>-<reason>[-<tag>].parquet``: sortable, portable characters only."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
+    raw = f"{reason}-{tag}" if tag else reason
+    slug = "".join(ch if ch in _NAME_CHARS else "_" for ch in raw)[:80].strip("._-") or "dump"
+    return f"moewatch-{stamp}-{os.getpid()}-{slug}.parquet"
+
+
+def write_dump(monitor: "Monitor", path: str, reason: str = "manual", trigger: Optional[dict] = None) -> str:
+    """Write a dump of ``monitor`` to ``path`` (a directory: a new name inside it). Returns the path.
+
+    Raises :class:`DumpError` with the path and the cause when it cannot be written.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, dump_name(reason))
+    try:
+        write_table_atomic(monitor_table(monitor, reason, trigger), path)
+    except Exception as error:
+        raise DumpError(f"could not write moewatch dump to {path!r}: {type(error).__name__}: {error}") from error
+    return path
+
+
+# -- reading ------------------------------------------------------------------------------
+@dataclass
+class Dump:
+    """A dump read back: ``windows`` (as ``Monitor.windows()``), ``decisions``, ``metadata``."""
+
+    path: str
+    windows: pd.DataFrame
+    decisions: pd.DataFrame
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.metadata["schema_version"])
+
+    @property
+    def baseline(self) -> Optional[dict]:
+        """The baseline the monitor had when the dump was written (``Baseline.to_dict()``), or None."""
+        return self.metadata.get("baseline")
+
+    @property
+    def gates(self) -> List[dict]:
+        return list(self.metadata.get("gates", []))
+
+    @property
+    def timeline(self) -> List[dict]:
+        """The verdict of every window in the dump (gates not ok, with reasons)."""
+        return list(self.metadata.get("timeline", []))
+
+
+def read_metadata(path: str) -> dict:
+    """The JSON metadata of a dump; :class:`DumpFormatError` when ``path`` is not one."""
+    path = os.fspath(path)
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as error:
+        raise DumpFormatError(f"{path}: not a readable Parquet file (truncated or not a moewatch dump): {error}") from error
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise DumpFormatError(f"{path}: a Parquet file, but not a moewatch dump (no '{METADATA_KEY.decode()}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as error:
+        raise DumpFormatError(f"{path}: the moewatch metadata is not valid JSON: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("schema_version"), int):
+        raise DumpFormatError(f"{path}: the metadata does not describe a moewatch dump")
+    if meta["schema_version"] > SCHEMA_VERSION:
+        raise DumpFormatError(f"{path}: dump schema version {meta['schema_version']} is newer than this "
+                              f"moewatch reads ({SCHEMA_VERSION}); upgrade moewatch")
+    return meta
+
+
+def _read_table(path: str) -> pa.Table:
+    try:
+        return pq.read_table(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as error:
+        raise DumpFormatError(f"{path}: the dump's data is corrupt or truncated: {error}") from error
+
+
+def _rows(table: pa.Table, record: str) -> pa.Table:
+    return table.filter(pc.equal(table["record"], record))
+
+
+def read_dump(path: str) -> Dump:
+    """Read a dump written by :meth:`moewatch.Monitor.dump` (or automatically into ``dump_dir``).
+
+    ``.windows`` equals the ``Monitor.windows()`` frame at the time of the dump.
+    """
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    table = _read_table(path)
+    columns = meta.get("window_columns", WINDOW_COLUMNS)
+    missing = [c for c in ["record", *columns, *DECISION_COLUMNS] if c not in table.column_names]
+    if missing:
+        raise DumpFormatError(f"{path}: the dump lacks the columns {missing}")
+    win = _rows(table, RECORD_WINDOW)
+    dec = _rows(table, RECORD_DECISION)
+    expected = meta.get("rows", {})
+    if expected and (expected.get("windows") != win.num_rows or expected.get("decisions") != dec.num_rows):
+        raise DumpFormatError(f"{path}: the dump holds {win.num_rows} windows and {dec.num_rows} decisions, "
+                              f"its metadata says {expected}")
+    if win.num_rows:
+        windows = win.select(columns).to_pandas()
+    else:  # no rows: the exact empty frame Monitor.windows() returns
+        windows = windows_frame([], [])
+    decisions = dec.select(DECISION_COLUMNS).to_pandas() if dec.num_rows else empty_decisions()
+    return Dump(path=path, windows=windows, decisions=decisions, metadata=meta)
+
+
+def read_windows(path: str) -> pd.DataFrame:
+    """The windows table of a dump: the frame ``Monitor.windows()`` returned when it was written."""
+    return read_dump(path).windows
