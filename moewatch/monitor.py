@@ -15,11 +15,13 @@ from torch import nn
 from .accumulators import AccumulatorBank, Snapshot
 from .context import MaskTracker
 from .decisions import DecisionRecorder
+from .decisions import DecisionRecorder
 from .discovery import resolve_gates
 from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
 from .options import Options
+from .postmortem import Postmortem
 from .postmortem import Postmortem
 from .routing import GateInfo
 from .windows import Window, close_window, windows_frame
@@ -72,7 +74,12 @@ class Monitor:
         self._decisions = DecisionRecorder.create(
             self.options.sample_decisions, self.options.decision_slots, self._gates,
             [device for device, _ in self._rows], self.options.ring_windows)
+        # sampled per-token decisions for dumps (None unless sample_decisions > 0)
+        self._decisions = DecisionRecorder.create(
+            self.options.sample_decisions, self.options.decision_slots, self._gates,
+            [device for device, _ in self._rows], self.options.ring_windows)
         self._hooks = self._install(model, specs)
+        self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._stop = threading.Event()
         self._reader = None
@@ -103,6 +110,7 @@ class Monitor:
             hook = GateHook(spec, self._banks[device], row, self._masks, self.errors,
                             self.options.capacity_factor)
             hook.sampler = self._decisions.sampler(spec.info.name) if self._decisions else None
+            hook.sampler = self._decisions.sampler(spec.info.name) if self._decisions else None
             for companion in spec.companions:  # before the gate hook: they feed its extract
                 register = (companion.module.register_forward_pre_hook if companion.pre
                             else companion.module.register_forward_hook)
@@ -112,21 +120,18 @@ class Monitor:
 
     # -- seams to the parts that read windows (each lives in a module of its own) ----------
     def _make_detector(self, baseline):
-        """The detector for this monitor (moewatch.detector), with or without a baseline."""
-        try:
-            from .detector import make_detector
-        except ImportError:
-            if baseline is not None:
-                raise NotImplementedError("baselines need moewatch.detector, which is not built yet")
-            return None
+        """The detector for this monitor (moewatch.detector), with or without a baseline.
+
+        A baseline that does not match the model's gates raises ``moewatch.BaselineError`` here.
+        """
+        from .detector import make_detector
+
         return make_detector(self, baseline)
 
     def _start_exporters(self) -> list:
-        """Exporters asked for in the options (moewatch.export); each is a window listener."""
-        try:
-            from .export import start_exporters
-        except ImportError:
-            return []
+        """Exporters asked for in the options (moewatch.export); each has close(), called on detach."""
+        from .export import start_exporters
+
         return start_exporters(self)
 
     def _poll_seconds(self) -> float:
@@ -170,7 +175,11 @@ class Monitor:
     def _judge(self, window: Window) -> Health:
         if self._detector is None:
             return Health(window=window.index, note="no detector yet")
-        return self._detector.update(window, self._gates)
+        try:
+            return self._detector.update(window, self._gates)
+        except Exception as error:  # a detector bug must not stop the windows
+            self.errors.record("detector", error)
+            return Health(window=window.index, note=f"detector failed: {type(error).__name__}: {error}")
 
     # -- public API -----------------------------------------------------------------------
     @property
@@ -214,13 +223,47 @@ class Monitor:
 
         return write_dump(self, path)
 
+    def dump(self, path) -> str:
+        """Write the windows, the sampled decisions and the metadata to a Parquet file; returns its path.
+
+        ``path`` may be a directory (a new file is named inside it). Written to a temporary name
+        and renamed, so a crash never leaves a partial file. Raises ``moewatch.dump.DumpError``
+        when the file cannot be written. Read it back with ``moewatch.read_dump``.
+        """
+        from .dump import write_dump
+
+        return write_dump(self, path)
+
     def health(self) -> Health:
         """The verdict after the last closed window."""
         return self._health
 
+    def baseline(self):
+        """A :class:`moewatch.Baseline` of the windows observed so far (those still in the ring).
+
+        Call ``flush()`` first to include the current window. Raises ``moewatch.BaselineError``
+        when a gate has fewer than 8 windows with traffic.
+        """
+        from .baseline import Baseline
+
+        return Baseline.from_monitor(self)
+
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(window, health)`` after every closed window (errors are counted)."""
         self._listeners.append(listener)
+
+    def serve_prometheus(self, port: int = 9400, addr: str = "127.0.0.1", registry=None) -> int:
+        """Serve this monitor's metrics at ``http://addr:port/metrics``; returns the bound port.
+
+        ``port`` is a base: rank ``LOCAL_RANK`` listens on ``port + LOCAL_RANK``; ``port=0`` takes any
+        free port. ``registry``: a prometheus-client ``CollectorRegistry`` of yours to add the
+        moewatch collector to (and serve); a new one by default. Stopped on detach.
+        """
+        from .export.prometheus import serve
+
+        endpoint = serve(self, port=port, addr=addr, registry=registry)
+        self._exporters.append(endpoint)
+        return endpoint.port
 
     def error_counts(self) -> Dict[str, int]:
         """Internal failures by component (hook, listener, exporters...), never raised."""
@@ -238,6 +281,12 @@ class Monitor:
         self._hooks = []
         self.flush()
         self._postmortem.close()  # the shutdown dump, with dump_dir=
+        self._postmortem.close()  # the shutdown dump, with dump_dir=
+        for exporter in self._exporters:
+            try:
+                exporter.close()
+            except Exception as error:
+                self.errors.record("exporter", error, where=type(exporter).__name__)
         model = self._model()
         with _ATTACH_LOCK:
             if model is not None and _ATTACHED.get(model) is self:
