@@ -15,13 +15,11 @@ from torch import nn
 from .accumulators import AccumulatorBank, Snapshot
 from .context import MaskTracker
 from .decisions import DecisionRecorder
-from .decisions import DecisionRecorder
 from .discovery import resolve_gates
 from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
 from .options import Options
-from .postmortem import Postmortem
 from .postmortem import Postmortem
 from .routing import GateInfo
 from .windows import Window, close_window, windows_frame
@@ -74,12 +72,7 @@ class Monitor:
         self._decisions = DecisionRecorder.create(
             self.options.sample_decisions, self.options.decision_slots, self._gates,
             [device for device, _ in self._rows], self.options.ring_windows)
-        # sampled per-token decisions for dumps (None unless sample_decisions > 0)
-        self._decisions = DecisionRecorder.create(
-            self.options.sample_decisions, self.options.decision_slots, self._gates,
-            [device for device, _ in self._rows], self.options.ring_windows)
         self._hooks = self._install(model, specs)
-        self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._stop = threading.Event()
         self._reader = None
@@ -109,7 +102,6 @@ class Monitor:
         for spec, (device, row) in zip(specs, self._rows):
             hook = GateHook(spec, self._banks[device], row, self._masks, self.errors,
                             self.options.capacity_factor)
-            hook.sampler = self._decisions.sampler(spec.info.name) if self._decisions else None
             hook.sampler = self._decisions.sampler(spec.info.name) if self._decisions else None
             for companion in spec.companions:  # before the gate hook: they feed its extract
                 register = (companion.module.register_forward_pre_hook if companion.pre
@@ -223,17 +215,6 @@ class Monitor:
 
         return write_dump(self, path)
 
-    def dump(self, path) -> str:
-        """Write the windows, the sampled decisions and the metadata to a Parquet file; returns its path.
-
-        ``path`` may be a directory (a new file is named inside it). Written to a temporary name
-        and renamed, so a crash never leaves a partial file. Raises ``moewatch.dump.DumpError``
-        when the file cannot be written. Read it back with ``moewatch.read_dump``.
-        """
-        from .dump import write_dump
-
-        return write_dump(self, path)
-
     def health(self) -> Health:
         """The verdict after the last closed window."""
         return self._health
@@ -280,7 +261,6 @@ class Monitor:
             handle.remove()
         self._hooks = []
         self.flush()
-        self._postmortem.close()  # the shutdown dump, with dump_dir=
         self._postmortem.close()  # the shutdown dump, with dump_dir=
         for exporter in self._exporters:
             try:
