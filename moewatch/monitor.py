@@ -14,6 +14,7 @@ from torch import nn
 
 from .accumulators import AccumulatorBank, Snapshot
 from .context import MaskTracker
+from .baseline import as_baseline
 from .decisions import DecisionRecorder
 from .discovery import resolve_gates
 from .errors import ErrorLog
@@ -66,7 +67,8 @@ class Monitor:
         self._health = Health(note="no window closed yet")
         self._banks = self._make_banks(model, specs)
         self._last = self._snapshot()
-        self._detector = self._make_detector(baseline)
+        self._baseline = as_baseline(baseline)  # loaded once: the detector's, and a dump's metadata
+        self._detector = self._make_detector(self._baseline)
         self._exporters = self._start_exporters()
         # sampled per-token decisions for dumps (None unless sample_decisions > 0)
         self._decisions = DecisionRecorder.create(
