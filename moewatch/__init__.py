@@ -1,6 +1,7 @@
 """moewatch: watch the router of a Mixture-of-Experts model while it serves or trains."""
 from .adapters.base import AdapterError
 from .adapters.registry import supported_families
+from .baseline import Baseline, BaselineError
 from .health import GateHealth, Health
 from .monitor import Monitor, attach
 from .routing import GateInfo
@@ -9,6 +10,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "Baseline",
+    "BaselineError",
     "GateHealth",
     "GateInfo",
     "Health",

@@ -8,7 +8,8 @@ from tests.conftest import padded_batch, tiny_mixtral
 
 def test_all_is_pinned():
     assert sorted(moewatch.__all__) == sorted([
-        "AdapterError", "GateHealth", "GateInfo", "Health", "Monitor", "__version__", "attach",
+        "AdapterError", "Baseline", "BaselineError", "GateHealth", "GateInfo", "Health", "Monitor",
+        "__version__", "attach",
         "supported_families",
     ])
     for name in moewatch.__all__:
