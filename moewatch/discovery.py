@@ -9,7 +9,7 @@ from torch import nn
 from .adapters.base import AdapterError, GateSpec
 from .adapters.hf_discovery import config_for, configs_by_prefix, find_router_modules
 from .adapters.pattern import pattern_gate
-from .adapters.registry import builder_for, supported_families
+from .adapters.registry import builder_for, supported_families, wants_model
 
 GatesOption = Union[None, str, Sequence[str]]
 
@@ -49,7 +49,7 @@ def resolve_gates(
 
     if gates is None:
         for name, (module, family) in routers.items():
-            spec = _build_known(name, module, family, configs)
+            spec = _build_known(name, module, family, configs, model)
             if spec is not None:  # None: a recorded class that is not itself a gate
                 specs.append(spec)
         if not specs:
@@ -66,7 +66,7 @@ def resolve_gates(
         if not name or not _matches(name, patterns):
             continue
         if name in routers:
-            spec = _build_known(name, module, routers[name][1], configs)
+            spec = _build_known(name, module, routers[name][1], configs, model)
             if spec is not None:
                 specs.append(spec)
         else:
@@ -80,7 +80,7 @@ def resolve_gates(
     return specs
 
 
-def _build_known(name: str, module: nn.Module, family: str, configs) -> Optional[GateSpec]:
+def _build_known(name: str, module: nn.Module, family: str, configs, model: nn.Module) -> Optional[GateSpec]:
     """The family's GateSpec for ``module``, or None where the family's builder skips it
     (e.g. JetMoE records its attention block, whose own router is hooked instead)."""
     builder = builder_for(family)
@@ -90,4 +90,6 @@ def _build_known(name: str, module: nn.Module, family: str, configs) -> Optional
             "which moewatch has no adapter for yet; name the gate's logits module with gates= "
             "and pass top_k= and scoring=, or open an issue"
         )
+    if wants_model(family):
+        return builder(name, module, config_for(name, configs), model=model)
     return builder(name, module, config_for(name, configs))

@@ -7,9 +7,12 @@ Every transformers MoE model lists its router classes in
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Tuple, Type
 
 from torch import nn
+
+from .registry import extra_router_classes
 
 
 def _recorder_classes(entry) -> List[type]:
@@ -41,6 +44,12 @@ def router_classes(model: nn.Module) -> Dict[Type[nn.Module], str]:
             continue
         for cls in _recorder_classes(record["router_logits"]):
             found[cls] = family_of(cls)
+    for cls, family in list(found.items()):  # routers a family uses but does not record
+        modeling = sys.modules.get(cls.__module__)
+        for extra in extra_router_classes(family):
+            extra_cls = getattr(modeling, extra, None)
+            if isinstance(extra_cls, type):
+                found[extra_cls] = family
     return found
 
 
