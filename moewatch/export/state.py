@@ -65,48 +65,21 @@ class ExportState:
 
 
 def _baseline_of(monitor) -> object:
-    """The baseline the monitor's detector compares against, if any (read defensively)."""
-    detector = getattr(monitor, "_detector", None)
-    for holder in (detector, monitor):
-        for attr in ("baseline", "_baseline"):
-            value = getattr(holder, attr, None)
-            if value is not None and not callable(value):
-                return value
-    return None
+    """The baseline the monitor was attached with (a moewatch.Baseline), or None."""
+    return getattr(monitor, "_baseline", None)
 
 
 def baseline_logit_std(baseline, gate: str) -> Optional[float]:
-    """The baseline's typical logit std for ``gate``, whatever shape the baseline profile has."""
-    if baseline is None:
-        return None
-    for lookup in ("logit_std", "typical"):
-        fn = getattr(baseline, lookup, None)
-        if callable(fn):
-            try:
-                value = fn(gate) if lookup == "logit_std" else fn(gate, "logit_std")
-                return _as_positive(value)
-            except Exception:
-                pass
-    gates = getattr(baseline, "gates", None)
-    profile = gates.get(gate) if isinstance(gates, dict) else None
-    if profile is None:
-        return None
-    stat = profile.get("logit_std") if isinstance(profile, dict) else getattr(profile, "logit_std", None)
-    if isinstance(stat, dict):
-        stat = stat.get("median", stat.get("mean"))
-    elif stat is not None and not np.isscalar(stat):
-        stat = getattr(stat, "median", getattr(stat, "mean", None))
-        if stat is None:
-            return None
-    return _as_positive(stat)
-
-
-def _as_positive(value) -> Optional[float]:
+    """Median logit std of ``gate`` over the baseline's windows (None without one)."""
     try:
-        value = float(np.median(value)) if np.ndim(value) else float(value)
-    except (TypeError, ValueError):
+        values = np.asarray(baseline.gates[gate].series["logit_std"], dtype=float)
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
-    return value if math.isfinite(value) and value > 0 else None
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return None
+    median = float(np.median(values))
+    return median if median > 0 else None
 
 
 class StateReader:
