@@ -89,6 +89,7 @@ class Endpoint:
         self.bodies: List[bytes] = []
         self.paths: List[str] = []
         self.requests = 0
+        self.answered = 0
         self._release = threading.Event()
         self._received = threading.Condition()
         endpoint = self
@@ -109,6 +110,8 @@ class Endpoint:
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                with endpoint._received:
+                    endpoint.answered += 1
 
             def log_message(self, *args):
                 pass

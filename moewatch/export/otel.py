@@ -105,7 +105,8 @@ def otlp_provider(monitor, endpoint: str, interval_seconds: float, timeout_secon
     )
     resource = Resource.create({"service.name": "moewatch", "moewatch.model": str(monitor.model_name),
                                 "moewatch.rank": process_rank(monitor.options).rank})
-    return MeterProvider(metric_readers=[reader], resource=resource)
+    # No exit hook: a final export to a hanging endpoint must not hold up the process's exit.
+    return MeterProvider(metric_readers=[reader], resource=resource, shutdown_on_exit=False)
 
 
 class CountingExporter(MetricExporter):
