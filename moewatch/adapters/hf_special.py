@@ -235,8 +235,15 @@ def build_nllb(name: str, module: nn.Module, config: object) -> GateSpec:
 
 
 # --- Ernie4.5-VL: text and vision gates each see a gathered subset of the tokens --------------
+# The model records the MoE block, whose merged logits mix two expert sets (text experts at
+# text positions, vision experts at vision positions); the two routers inside are the gates.
+register_router_classes("ernie4_5_vl_moe", "Ernie4_5_VLMoeMoeTopKRouter")
+
+
 @register("ernie4_5_vl_moe", with_model=True)
-def build_ernie_vl(name: str, module: nn.Module, config: object, model: nn.Module) -> GateSpec:
+def build_ernie_vl(name: str, module: nn.Module, config: object, model: nn.Module) -> Optional[GateSpec]:
+    if hasattr(module, "text_moe"):
+        return None  # the recorded block; its text_moe.gate and vision_moe.gate are hooked instead
     num_experts = _need(_int_attr(module, "num_experts"), "the number of experts", name, module)
     top_k = _need(_int_attr(module, "top_k"), "top-k", name, module)
     vision = name.split(".")[-2] == "vision_moe"
