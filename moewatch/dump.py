@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import string
@@ -99,7 +100,19 @@ def dump_table(windows: pd.DataFrame, decisions: pd.DataFrame, metadata: dict) -
 
     table = pa.concat_tables([part(win, n_win, RECORD_WINDOW), part(dec, n_dec, RECORD_DECISION)])
     meta = dict(metadata, window_columns=window_cols, rows={"windows": n_win, "decisions": n_dec})
-    return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, allow_nan=False, default=str).encode()})
+    text = json.dumps(_plain_json(meta), allow_nan=False, default=str)
+    return table.replace_schema_metadata({METADATA_KEY: text.encode()})
+
+
+def _plain_json(value: Any) -> Any:
+    """JSON-ready copy: non-finite floats become null (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    return value
 
 
 def _fsync_dir(directory: str) -> None:
@@ -170,15 +183,9 @@ def health_record(window: Optional[int], health: Health) -> dict:
 
 
 def baseline_metadata(monitor: "Monitor") -> Optional[dict]:
-    """The monitor's baseline as a dict (``Baseline.to_dict()``), or None without one."""
-    for owner in (monitor, getattr(monitor, "_detector", None)):
-        for attr in ("_baseline", "baseline"):
-            baseline = getattr(owner, attr, None)
-            if callable(baseline) and not hasattr(baseline, "to_dict"):
-                continue
-            if baseline is not None and hasattr(baseline, "to_dict"):
-                return baseline.to_dict()
-    return None
+    """The baseline the monitor was attached with (``Baseline.to_dict()``), or None."""
+    baseline = getattr(monitor, "_baseline", None)
+    return None if baseline is None else baseline.to_dict()
 
 
 def dump_metadata(monitor: "Monitor", reason: str, trigger: Optional[dict] = None) -> dict:
