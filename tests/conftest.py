@@ -4,6 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tiny models on a few shared cores: intra-op worker threads only spin against each other
+# (a tiny DBRX forward takes ~5 s with 2 threads on a loaded machine, ~0.02 s with 1).
+torch.set_num_threads(1)
+
 
 def tiny_mixtral(seed: int = 0, layers: int = 2, experts: int = 8, top_k: int = 2):
     """A real MixtralForCausalLM with a non-degenerate random router."""
