@@ -2,6 +2,7 @@
 from .adapters.base import AdapterError
 from .adapters.registry import supported_families
 from .baseline import Baseline, BaselineError
+from .dump import DumpError, DumpFormatError, read_dump
 from .health import GateHealth, Health
 from .monitor import Monitor, attach
 from .routing import GateInfo
@@ -12,11 +13,14 @@ __all__ = [
     "AdapterError",
     "Baseline",
     "BaselineError",
+    "DumpError",
+    "DumpFormatError",
     "GateHealth",
     "GateInfo",
     "Health",
     "Monitor",
     "__version__",
     "attach",
+    "read_dump",
     "supported_families",
 ]

@@ -10,7 +10,7 @@ def test_all_is_pinned():
     assert sorted(moewatch.__all__) == sorted([
         "AdapterError", "Baseline", "BaselineError", "GateHealth", "GateInfo", "Health", "Monitor",
         "__version__", "attach",
-        "supported_families",
+        "supported_families", "DumpError", "DumpFormatError", "read_dump",
     ])
     for name in moewatch.__all__:
         assert hasattr(moewatch, name), name
