@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import moewatch
-from tests.hf_zoo_special import EXPERTS, FAMILIES, padded_batch, tiny_model
+from hf_zoo_special import EXPERTS, FAMILIES, padded_batch, tiny_model
 
 FAMILY_LIST = FAMILIES  # imported by tests/test_family_coverage.py
 
