@@ -363,3 +363,17 @@ def test_jetmoe_monitors_both_routers_per_layer():
         names = sorted(g.name for g in mon.gates)
     assert names == sorted(f"model.layers.{i}.{p}" for i in range(2)
                            for p in ("mlp.router", "self_attention.experts.router"))
+
+
+@pytest.mark.parametrize("family", FAMILY_LIST)
+def test_no_host_sync_in_special_extractors(family):
+    """The extractors (and their companion hooks) call nothing that syncs with the host."""
+    from test_no_sync import sync_tracer
+
+    model = tiny_model(family)
+    batch = padded_batch(family, 1)
+    with moewatch.attach(model, background=False) as mon:
+        with sync_tracer() as calls, torch.no_grad():
+            model(**batch)
+        assert mon.error_counts() == {}
+    assert calls == [], calls
