@@ -239,7 +239,7 @@ def test_truncated_corrupt_foreign_and_newer_files_are_clear_errors(tmp_path, mi
     assert read_metadata(good)["rows"]["windows"] == 2
 
 
-def test_sql_over_a_folder_of_dumps(tmp_path, mixtral):
+def test_sql_over_a_folder_of_dumps(tmp_path, mixtral, monkeypatch):
     """The documented queries (docs/dumps.md) over several dumps at once."""
     folder = tmp_path / "dumps"
     folder.mkdir()
@@ -279,3 +279,10 @@ def test_sql_over_a_folder_of_dumps(tmp_path, mixtral):
         SELECT gate, experts[1] AS first_choice, count(*) AS n
         FROM read_parquet('{glob}') WHERE record = 'decision' AND valid GROUP BY ALL""").fetchall()
     assert sum(r[2] for r in decisions) > 0
+    # every query of docs/dumps.md runs, from the folder holding dumps/
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "dumps.md")).read()
+    queries = [q.strip() for block in doc.split("```sql")[1:] for q in block.split("```")[0].split(";") if q.strip()]
+    monkeypatch.chdir(tmp_path)
+    assert len(queries) >= 4
+    for query in queries:
+        assert con.execute(query).fetchall(), query
