@@ -63,6 +63,28 @@ def test_in_memory_reader_sees_the_same_values_as_the_monitor(model):
     provider.shutdown()
 
 
+def test_two_monitors_share_one_provider(model):
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    other = tiny_mixtral(seed=1)
+    with moewatch.attach(model, model_name="a", background=False, meter_provider=provider) as first, \
+            moewatch.attach(other, model_name="b", background=False, meter_provider=provider) as second:
+        run_forwards(model, steps=1)
+        run_forwards(other, steps=2)
+        first.flush()
+        second.flush()
+        tokens = points(reader.get_metrics_data(), "moewatch_gate_tokens")
+    assert tokens[(("layer", GATE0), ("model", "a"), ("rank", "0"))] == 32
+    assert tokens[(("layer", GATE0), ("model", "b"), ("rank", "0"))] == 64
+    # A detached monitor's series stop; the other's go on.
+    with moewatch.attach(other, model_name="b", background=False, meter_provider=provider) as third:
+        run_forwards(other, steps=1)
+        third.flush()
+        tokens = points(reader.get_metrics_data(), "moewatch_gate_tokens")
+    assert {dict(k)["model"] for k in tokens} == {"b"}
+    provider.shutdown()
+
+
 def decode(body: bytes) -> dict:
     """{(metric name, layer, expert): value} of one OTLP/HTTP protobuf request."""
     request = ExportMetricsServiceRequest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional
 
 from opentelemetry import metrics as otel_metrics
@@ -27,8 +28,40 @@ from .state import StateReader
 SCOPE = "moewatch"
 
 
+class _Instruments:
+    """One observable instrument per schema metric on one provider, observing every monitor on it.
+
+    OpenTelemetry keeps the first instrument of a name per meter, so several monitors in one
+    process (several models, or attach after detach) share these and each adds its own series.
+    """
+
+    def __init__(self, provider):
+        meter = provider.get_meter(SCOPE, __version__)
+        self.provider = provider  # held, so the id() key below stays this provider's
+        self.sources: "weakref.WeakSet[OtelExporter]" = weakref.WeakSet()
+        self.instruments = []
+        for metric in METRICS:
+            create = meter.create_observable_counter if metric.type == "counter" else meter.create_observable_gauge
+            self.instruments.append(create(metric.base_name, callbacks=[self._callback(metric)],
+                                           unit=metric.otel_unit, description=metric.help))
+
+    def _callback(self, metric: Metric) -> Callable[[Any], list]:
+        def observe(_options) -> list:
+            out: list = []
+            for source in list(self.sources):
+                out.extend(source.observations(metric))
+            return out
+
+        observe.__name__ = f"observe_{metric.base_name}"
+        return observe
+
+
+_INSTRUMENTS: Dict[int, _Instruments] = {}  # id(provider) -> its instruments
+_INSTRUMENTS_LOCK = threading.Lock()
+
+
 class OtelExporter:
-    """Registers one observable instrument per schema metric on ``meter_provider``.
+    """Adds one monitor's series to the schema's instruments on ``meter_provider`` (or the global one).
 
     One collection calls every instrument's callback; they share one read of the monitor
     (cached for ``_STALE_SECONDS``) so all instruments describe the same instant.
@@ -39,22 +72,19 @@ class OtelExporter:
     def __init__(self, monitor, meter_provider=None, own_provider: bool = False):
         self._reader = StateReader(monitor)
         self._errors = monitor.errors
-        self._provider = meter_provider
         self._own_provider = own_provider
         budget = getattr(monitor.options, "expert_series_budget", DEFAULT_EXPERT_SERIES_BUDGET)
         self.expert_families = admitted_expert_families([g.num_experts for g in monitor.gates], budget)
-        provider = meter_provider if meter_provider is not None else otel_metrics.get_meter_provider()
-        meter = provider.get_meter(SCOPE, __version__)
+        self._provider = meter_provider if meter_provider is not None else otel_metrics.get_meter_provider()
         self._lock = threading.Lock()
         self._cache: Optional[Dict[str, List[Sample]]] = None
         self._cache_time = 0.0
-        self.instruments = []
-        for metric in METRICS:
-            if metric.level == "expert" and metric.name not in self.expert_families:
-                continue
-            create = meter.create_observable_counter if metric.type == "counter" else meter.create_observable_gauge
-            self.instruments.append(create(metric.base_name, callbacks=[self._callback(metric)],
-                                           unit=metric.otel_unit, description=metric.help))
+        with _INSTRUMENTS_LOCK:
+            instruments = _INSTRUMENTS.get(id(self._provider))
+            if instruments is None:
+                instruments = _INSTRUMENTS[id(self._provider)] = _Instruments(self._provider)
+            instruments.sources.add(self)
+        self._instruments = instruments
 
     def _samples(self) -> Dict[str, List[Sample]]:
         with self._lock:
@@ -65,22 +95,22 @@ class OtelExporter:
                 self._cache_time = now
             return self._cache
 
-    def _callback(self, metric: Metric) -> Callable[[Any], list]:
-        def observe(_options) -> list:
-            try:
-                rows = self._samples().get(metric.name, [])
-                return [Observation(value, dict(zip(metric.labels, labels))) for labels, value in rows]
-            except Exception as error:  # counted; the SDK gets an empty observation list
-                self._errors.record("otel", error, where=metric.name)
-                return []
-
-        observe.__name__ = f"observe_{metric.base_name}"
-        return observe
+    def observations(self, metric: Metric) -> list:
+        """This monitor's observations of ``metric`` (failures counted, never raised into the SDK)."""
+        try:
+            rows = self._samples().get(metric.name, [])
+            return [Observation(value, dict(zip(metric.labels, labels))) for labels, value in rows]
+        except Exception as error:
+            self._errors.record("otel", error, where=metric.name)
+            return []
 
     def close(self) -> None:
-        """Shut down a provider moewatch built itself (off the caller's thread: it may export once more)."""
+        """Stop observing this monitor; shut down a provider moewatch built itself (off this thread)."""
+        self._instruments.sources.discard(self)
         if self._own_provider and self._provider is not None:
             provider, self._provider = self._provider, None
+            with _INSTRUMENTS_LOCK:
+                _INSTRUMENTS.pop(id(provider), None)
             threading.Thread(target=_shutdown, args=(provider,), name="moewatch-otel-stop", daemon=True).start()
 
 
