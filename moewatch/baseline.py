@@ -109,9 +109,11 @@ class Baseline:
             raise BaselineError("no windows to build a baseline from: run traffic through the model first")
         gates: Dict[str, GateBaseline] = {}
         order = list(dict.fromkeys(frame["gate"]))  # gate order as first seen (model order)
+        groups = dict(tuple(frame.groupby("gate", sort=False)))
         for name in order:
-            rows = frame[(frame["gate"] == name) & (frame["tokens"] > 0)].sort_values("window")
-            first = frame[frame["gate"] == name].iloc[0]
+            every = groups[name]
+            rows = every[every["tokens"] > 0].sort_values("window")
+            first = every.iloc[0]
             e = int(first["num_experts"])
             if len(rows) < MIN_WINDOWS:
                 raise BaselineError(

@@ -10,7 +10,7 @@ from . import rules
 from .calibrate import sidak, thresholds
 from .features import Features, baseline_features, window_features
 from .nullmodel import (CHECKS, CONCENTRATION, DROP_RATE, ENTROPY, LOAD, LOGIT_STD, OVERLOAD, TOP1_PROB,
-                        UNDERLOAD, Params, fit, scores)
+                        UNDERLOAD, Params, fit, scores, tested)
 
 FOLDS = 10
 
@@ -32,7 +32,7 @@ def calibrated_scores(f: Features, params: Params) -> np.ndarray:
         out[held] = scores(fit(_take(f, rest)), _take(f, held), raw_load=True)
     raw = out[:, LOAD]
     params["phi"] = np.float64(max(float(np.mean(raw[np.isfinite(raw)])), 0.5))
-    df = params["df"]
+    df = np.maximum(tested(params, f).sum(-1) - 1, 1)
     c = 2.0 / (9.0 * df)
     out[:, LOAD] = (np.cbrt(raw / params["phi"]) - (1 - c)) / np.sqrt(c)
     return out
@@ -152,27 +152,30 @@ class BaselineDetector:
         share, counts, alive = f.share[i], f.counts[i], p["alive"]
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(alive, (share - p["p"]) / np.sqrt(p["var"]), 0.0)
+        if k == CONCENTRATION:
+            up = [e for e in np.argsort(-z) if z[e] >= 3 and alive[e]][:8]
+            held = (f": {_experts(up)} {_take_verb(up)} {share[up].sum():.0%} of tokens "
+                    f"(baseline {p['p'][up].sum():.0%})") if up else ""
+            return f"effective experts {f.effective[i]:.2f} (baseline {p['effective_m']:.2f}){held} {score}"
         if k in (LOAD, OVERLOAD):
             up = [e for e in np.argsort(-z) if z[e] >= 3 and alive[e]][:8]
             if k == OVERLOAD:
                 up = up[:1]
             if up:
-                return f"{_experts(up)} take {share[up].sum():.0%} of tokens (baseline {p['p'][up].sum():.0%}) {score}"
+                return f"{_experts(up)} {_take_verb(up)} {share[up].sum():.0%} of tokens (baseline {p['p'][up].sum():.0%}) {score}"
             down = [e for e in np.argsort(z) if z[e] <= -3 and alive[e]][:8]
             if down:
-                return f"{_experts(down)} take {share[down].sum():.1%} of tokens (baseline {p['p'][down].sum():.0%}) {score}"
+                return f"{_experts(down)} {_take_verb(down)} {share[down].sum():.1%} of tokens (baseline {p['p'][down].sum():.0%}) {score}"
             return f"expert load differs from baseline {score}"
         if k == UNDERLOAD:
             dead = [e for e in range(len(share)) if alive[e] and counts[e] == 0
                     and f.assignments[i] * p["p"][e] >= rules.DEAD_MIN_EXPECTED]
             if dead:
                 expected = f.assignments[i] * p["p"][dead].sum()
-                return (f"{_experts(dead)} dead: 0 of {int(f.assignments[i])} assignments "
+                return (f"{_experts(dead)} {'is' if len(dead) == 1 else 'are'} dead: 0 of {int(f.assignments[i])} assignments "
                         f"(baseline {p['p'][dead].sum():.1%}, ~{expected:.0f} expected) {score}")
             low = [e for e in np.argsort(z) if alive[e]][:3]
             return f"{_experts(low[:1])} takes {share[low[0]]:.1%} of tokens (baseline {p['p'][low[0]]:.1%}) {score}"
-        if k == CONCENTRATION:
-            return f"effective experts {f.effective[i]:.2f} (baseline {p['effective_m']:.2f}) {score}"
         if k == LOGIT_STD:
             return f"router-logit std {f.logit_std[i]:.3g} (baseline {p['logit_std_m']:.3g}) {score}"
         if k == TOP1_PROB:
@@ -186,3 +189,7 @@ class BaselineDetector:
 def _experts(ids) -> str:
     ids = [int(e) for e in ids]
     return ("expert " if len(ids) == 1 else "experts ") + ",".join(str(e) for e in sorted(ids))
+
+
+def _take_verb(ids) -> str:
+    return "takes" if len(ids) == 1 else "take"

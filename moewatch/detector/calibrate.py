@@ -59,49 +59,54 @@ def persistent_threshold(target: float, rho: float, r: int) -> float:
                                  lo, hi, xtol=1e-4))
 
 
-def _lag1(x: np.ndarray) -> float:
-    if x.size < 3 or x.std() == 0:
-        return 0.0
-    return float(np.corrcoef(x[:-1], x[1:])[0, 1])
+def _lag1(x: np.ndarray) -> np.ndarray:
+    """Lag-1 autocorrelation along axis -2 of [..., n, K] (0 where a series is constant)."""
+    a, b = x[..., :-1, :], x[..., 1:, :]
+    a = a - a.mean(-2, keepdims=True)
+    b = b - b.mean(-2, keepdims=True)
+    den = np.sqrt((a * a).sum(-2) * (b * b).sum(-2))
+    return np.where(den > 0, (a * b).sum(-2) / np.where(den > 0, den, 1), 0.0)
 
 
-def _tail_scale(x: np.ndarray) -> float:
-    """How much wider than N(0, 1) the upper tail is, matched at the 90% and the top quantile."""
-    n = x.size
+def _tail_scale(x: np.ndarray) -> np.ndarray:
+    """How much wider than N(0, 1) the upper tail is, along axis -2 of [..., n, K]: the empirical
+    quantile over the normal one, at 90% and at the top (1 - 2/n), whichever is larger."""
+    n = x.shape[-2]
     levels = [0.9] + ([1 - 2.0 / n] if 1 - 2.0 / n > 0.9 else [])
-    ratios = [np.quantile(x, q) / -special.ndtri(1 - q) for q in levels]
-    return max(1.0, *ratios)
+    ratios = [np.quantile(x, q, axis=-2) / -special.ndtri(1 - q) for q in levels]
+    return np.maximum(1.0, np.max(ratios, axis=0))
 
 
 def bootstrap_bounds(scores: np.ndarray, rng: np.random.Generator) -> tuple:
-    """Upper bounds (tail scale c, lag-1 correlation) of one check's baseline scores [W]."""
-    x = np.clip(scores[np.isfinite(scores)], -50, 50)
-    n = x.size
+    """Upper bounds (tail scale c [K], lag-1 correlation [K]) of baseline scores [W, K].
+
+    Moving-block bootstrap (blocks of ~sqrt(W) consecutive windows keep their serial
+    dependence); the bounds are the UPPER quantile over replicates, and never below the
+    estimate from the windows as they are.
+    """
+    # A window that could not be scored (e.g. no tokens) counts as a quiet one.
+    x = np.clip(np.where(np.isnan(scores), -50, scores), -50, 50)
+    n, k = x.shape
     if n < 4:
-        return 2.0, 0.5  # too little to learn from: stay conservative
+        return np.full(k, 2.0), np.full(k, 0.5)  # too little to learn from: stay conservative
     block = max(2, int(round(math.sqrt(n))))
-    starts_max = n - block + 1
     blocks = -(-n // block)
-    scale, corr = [], []
-    for _ in range(BOOTSTRAP_REPLICATES):
-        starts = rng.integers(0, starts_max, size=blocks)
-        sample = np.concatenate([x[s:s + block] for s in starts])[:n]
-        scale.append(_tail_scale(sample))
-        corr.append(_lag1(sample))
-    c = max(_tail_scale(x), float(np.quantile(scale, UPPER)))
-    rho = float(np.clip(max(_lag1(x), np.quantile(corr, UPPER)), 0.0, MAX_RHO))
+    starts = rng.integers(0, n - block + 1, size=(BOOTSTRAP_REPLICATES, blocks))
+    idx = (starts[:, :, None] + np.arange(block)).reshape(BOOTSTRAP_REPLICATES, -1)[:, :n]  # [B, n]
+    sample = x[idx]  # [B, n, K]
+    c = np.maximum(_tail_scale(x), np.quantile(_tail_scale(sample), UPPER, axis=0))
+    rho = np.clip(np.maximum(_lag1(x), np.quantile(_lag1(sample), UPPER, axis=0)), 0.0, MAX_RHO)
     return c, rho
 
 
 def thresholds(scores: np.ndarray, beta_check: float, persistence: int, rng: np.random.Generator):
     """(h1, h_r, c, rho) per check, from baseline scores [W, K]."""
-    k = scores.shape[1]
-    h1, hr, cs, rhos = (np.empty(k) for _ in range(4))
     single = beta_check if persistence <= 1 else beta_check / 2
-    for j in range(k):
-        c, rho = bootstrap_bounds(scores[:, j], rng)
-        rho = math.ceil(rho * 20) / 20  # a coarse grid (rounded up) keeps the threshold cache small
-        h1[j] = c * -special.ndtri(single)
-        hr[j] = c * persistent_threshold(float(f"{single:.6g}"), rho, persistence) if persistence > 1 else h1[j]
-        cs[j], rhos[j] = c, rho
-    return h1, hr, cs, rhos
+    c, rho = bootstrap_bounds(scores, rng)
+    rho = np.ceil(rho * 20) / 20  # a coarse grid (rounded up) keeps the threshold cache small
+    h1 = c * -special.ndtri(single)
+    if persistence <= 1:
+        return h1, h1.copy(), c, rho
+    target = float(f"{single:.6g}")
+    hr = c * np.array([persistent_threshold(target, float(r), persistence) for r in rho])
+    return h1, hr, c, rho

@@ -26,6 +26,7 @@ SCALARS = {CONCENTRATION: ("effective", "low"), LOGIT_STD: ("logit_std", "both")
            TOP1_PROB: ("top1", "both"), ENTROPY: ("entropy", "both"), DROP_RATE: ("drop_rate", "high")}
 
 Params = Dict[str, np.ndarray]
+MIN_EXPECTED = 5.0  # expected assignments below which an expert's share is not tested
 
 
 def _center_scale(x: np.ndarray, floor: float) -> tuple:
@@ -61,7 +62,7 @@ def fit(f: Features) -> Params:
     else:
         var = sampling
     params: Params = {"p": p, "alive": alive, "var": var, "n0": np.float64(n0), "t0": np.float64(t0),
-                      "phi": np.float64(1.0), "df": np.float64(max(int(alive.sum()) - 1, 1))}
+                      "phi": np.float64(1.0)}
     rate = max(float(np.nanmean(f.drop_rate)) if np.isfinite(f.drop_rate).any() else 0.0, 1.0 / grand)
     floors = {"effective": 0.0, "logit_std": 0.0, "top1": 0.0, "entropy": 0.0,
               "drop_rate": float(np.sqrt(rate * (1 - rate) / n0))}
@@ -76,10 +77,24 @@ def fit(f: Features) -> Params:
 
 
 def expert_z(params: Params, f: Features) -> np.ndarray:
-    """Per-expert standardised share deviation [..., E] (0 for experts the baseline never used)."""
+    """Per-expert standardised share deviation [..., E] (0 for experts the baseline never used).
+
+    An expert's share across windows is skewed like a gamma variable (a small share cannot go
+    below 0 but can jump up), so a plain (s - p) / sd has a long upper tail. The cube root
+    (Wilson-Hilferty) of s / p, with the gamma shape a = p^2 / var, is close to normal.
+    """
     inflate = np.maximum(1.0, params["n0"] / np.maximum(f.assignments, 1.0))[..., None]
-    z = (f.share - params["p"]) / np.sqrt(params["var"] * inflate)
-    return np.where(params["alive"], z, 0.0)
+    shape = params["p"] ** 2 / (params["var"] * inflate)  # [..., E]
+    c = 1.0 / (9.0 * shape)
+    z = (np.cbrt(f.share / params["p"]) - (1 - c)) / np.sqrt(c)
+    return np.where(tested(params, f), z, 0.0)
+
+
+def tested(params: Params, f: Features) -> np.ndarray:
+    """[..., E] experts a window can say something about: used in the baseline, and expected
+    to receive at least MIN_EXPECTED assignments in this window (the normal approximation of
+    a share fails below that, and a handful of tokens must never look like a collapse)."""
+    return params["alive"] & (f.assignments[..., None] * params["p"] >= MIN_EXPECTED)
 
 
 def _tail_score(p: np.ndarray) -> np.ndarray:
@@ -94,12 +109,12 @@ def scores(params: Params, f: Features, raw_load: bool = False) -> np.ndarray:
     the fitted dispersion (the calibration estimates that scale from these).
     """
     z = expert_z(params, f)  # [..., E]
-    alive = params["alive"]
-    n_alive = np.maximum(alive.sum(-1), 1).astype(np.float64)
+    alive = tested(params, f)  # [..., E]
+    n_alive = alive.sum(-1).astype(np.float64)
     out = np.empty(f.tokens.shape + (len(CHECKS),))
     # Load divergence: dispersion-adjusted Pearson statistic, to a normal score (Wilson-Hilferty).
-    df = params["df"]
-    ratio = (z ** 2).sum(-1) / df
+    df = np.maximum(n_alive - 1, 1)
+    ratio = np.where(n_alive >= 2, (z ** 2).sum(-1) / df, np.nan)
     if raw_load:
         out[..., LOAD] = ratio
     else:
@@ -109,12 +124,17 @@ def scores(params: Params, f: Features, raw_load: bool = False) -> np.ndarray:
     # Over/under-loaded experts: the most extreme expert, Bonferroni over the experts in use.
     zmax = np.where(alive, z, -np.inf).max(-1)
     zmin = np.where(alive, z, np.inf).min(-1)
-    out[..., OVERLOAD] = _tail_score(n_alive * special.ndtr(-zmax))
-    out[..., UNDERLOAD] = _tail_score(n_alive * special.ndtr(zmin))
+    none = np.where(n_alive > 0, 1.0, np.nan)  # no expert tested: no score
+    out[..., OVERLOAD] = _tail_score(n_alive * special.ndtr(-zmax) * none)
+    out[..., UNDERLOAD] = _tail_score(n_alive * special.ndtr(zmin) * none)
+    # Too few assignments for the load of this gate to mean anything (~MIN_EXPECTED per expert).
+    thin = f.assignments < MIN_EXPECTED * np.maximum(params["alive"].sum(-1), 1)
     for k, (feature, sides) in SCALARS.items():
         n, n0 = (f.assignments, params["n0"]) if feature in ("effective", "drop_rate") else (f.tokens, params["t0"])
         inflate = np.maximum(1.0, n0 / np.maximum(n, 1.0))
         zk = (getattr(f, feature) - params[f"{feature}_m"]) / (params[f"{feature}_s"] * np.sqrt(inflate))
+        if k == CONCENTRATION:
+            zk = np.where(thin, np.nan, zk)
         if sides == "low":
             out[..., k] = -zk
         elif sides == "high":
