@@ -26,6 +26,14 @@ WINDOW_GAUGES: Dict[str, str] = {
     "gate_dead_experts": "dead_experts",
 }
 
+# Per-gate gauges of the baseline: the median of a GateBaseline.frame() column (with a baseline).
+BASELINE_GAUGES: Dict[str, str] = {
+    "gate_baseline_effective_experts": "effective_experts",
+    "gate_baseline_routing_entropy_nats": "entropy_mean",
+    "gate_baseline_logit_std": "logit_std",
+    "gate_baseline_top1_probability": "top1_prob_mean",
+}
+
 
 def admitted_expert_families(experts_per_gate: Sequence[int], budget: int = DEFAULT_EXPERT_SERIES_BUDGET) -> List[str]:
     """Per-expert families that fit in ``budget`` series, in schema order (most useful first)."""
@@ -54,6 +62,9 @@ def _gate_samples(gate: GateState, base: Tuple[str, ...]) -> Dict[str, List[Samp
     }
     for name, column in WINDOW_GAUGES.items():
         value = gate.window_value(column)
+        out[name] = [(labels, value)] if value is not None else []
+    for name, column in BASELINE_GAUGES.items():
+        value = gate.baseline_medians.get(column)
         out[name] = [(labels, value)] if value is not None else []
     std = gate.window_value("logit_std")
     ratio = std / gate.baseline_logit_std if std is not None and gate.baseline_logit_std else None

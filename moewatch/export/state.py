@@ -36,6 +36,7 @@ class GateState:
     severity: str = "ok"
     checks: Dict[str, str] = field(default_factory=dict)
     baseline_logit_std: Optional[float] = None
+    baseline_medians: Dict[str, float] = field(default_factory=dict)  # BASELINE_STATS column -> median
 
     def window_value(self, column: str) -> Optional[float]:
         """A finite scalar of the latest window, or None (no window yet, or undefined)."""
@@ -80,6 +81,27 @@ def baseline_logit_std(baseline, gate: str) -> Optional[float]:
         return None
     median = float(np.median(values))
     return median if median > 0 else None
+
+
+# Columns of GateBaseline.frame() whose median over the baseline's windows is exported.
+BASELINE_STATS = ("effective_experts", "entropy_mean", "logit_std", "top1_prob_mean")
+
+
+def baseline_medians(baseline, gate: str) -> Dict[str, float]:
+    """{column: median over the baseline's windows} for BASELINE_STATS ({} without a baseline)."""
+    try:
+        frame = baseline.gates[gate].frame()
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return {}
+    out = {}
+    for column in BASELINE_STATS:
+        if column not in frame:
+            continue
+        values = np.asarray(frame[column], dtype=float)
+        values = values[np.isfinite(values)]
+        if values.size:
+            out[column] = float(np.median(values))
+    return out
 
 
 class StateReader:
@@ -139,6 +161,7 @@ class StateReader:
                 severity=verdict.severity if verdict is not None else "ok",
                 checks=dict(verdict.checks) if verdict is not None else {},
                 baseline_logit_std=baseline_logit_std(baseline, gate.name),
+                baseline_medians=baseline_medians(baseline, gate.name) if baseline is not None else {},
             ))
         return out
 
