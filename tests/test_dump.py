@@ -286,3 +286,57 @@ def test_sql_over_a_folder_of_dumps(tmp_path, mixtral, monkeypatch):
     assert len(queries) >= 4
     for query in queries:
         assert con.execute(query).fetchall(), query
+
+
+EXIT_SCRIPT = """
+import sys
+import torch
+import moewatch
+from tests.moe_from_scratch import TinyMoELM
+
+torch.manual_seed(0)
+model = TinyMoELM()
+mon = moewatch.attach(model, gates="*.router", top_k=2, background=False, dump_dir=sys.argv[1],
+                      sample_decisions=0.5)
+with torch.no_grad():
+    model(torch.randint(0, 64, (2, 16)))
+# the interpreter exits with the monitor still attached
+"""
+
+
+def test_interpreter_exit_writes_the_shutdown_dump(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = tmp_path / "dumps"
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(folder)], cwd=root, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr
+    (name,) = os.listdir(folder)
+    assert name.endswith("-shutdown.parquet")
+    dump = read_dump(folder / name)
+    assert list(dump.windows["gate"]) == ["blocks.0.router", "blocks.1.router"]
+    assert list(dump.windows["tokens"]) == [32, 32]
+    d = dump.decisions
+    assert len(d) == 2 * 16 and d["valid"].all()
+    assert all(len(e) == 2 and len(set(e.tolist())) == 2 and e.min() >= 0 and e.max() < 8 for e in d["experts"])
+
+
+def test_sampled_decisions_of_a_gate_that_returns_only_logits(tmp_path):
+    """Experts recomputed as the top-k of the router's softmax equal the layer's own choice."""
+    from tests.moe_from_scratch import TinyMoELM
+
+    torch.manual_seed(1)
+    model = TinyMoELM()
+    mon = moewatch.attach(model, gates="*.router", top_k=2, background=False, sample_decisions=0.5)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 10)))
+    mon.flush()
+    decisions = read_dump(mon.dump(tmp_path / "d.parquet")).decisions
+    mon.detach()
+    for i, block in enumerate(model.blocks):
+        mine = decisions[decisions["gate"] == f"blocks.{i}.router"]
+        chosen = block.last_indices.reshape(-1, 2)  # [T, k]
+        assert list(mine["token"]) == list(range(0, 20, 2))
+        assert [e.tolist() for e in mine["experts"]] == [chosen[t].tolist() for t in mine["token"]]
