@@ -15,7 +15,6 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from moewatch.adapters.hf_discovery import find_router_modules
 from moewatch.adapters.hf_families import TRIPLE_FAMILIES
 
 NUM_EXPERTS = 8
@@ -64,6 +63,10 @@ COMMON = dict(
     q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     qk_head_dim=16, index_topk=4, index_n_heads=2, index_head_dim=16,
     sliding_window=16,
+    # linear-attention / state-space layers of hybrid models: small heads, small chunks
+    linear_head_dim=16, linear_num_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_num_key_heads=2, linear_num_value_heads=4,
+    mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
 )
 
 # Per-family corrections on top of COMMON: what each config needs to build with every MoE
@@ -71,13 +74,18 @@ COMMON = dict(
 OVERRIDES: Dict[str, dict] = {
     "dots1": dict(n_shared_experts=1),
     "dots3_note": dict(num_key_value_heads=4),
-    "glm5_next": dict(num_key_value_heads=4, index_kpool=2),
+    "glm5_next": dict(num_key_value_heads=4, index_kpool=2, qk_rope_head_dim=0, qk_nope_head_dim=16),
     "ernie4_5_moe": dict(moe_layer_start_index=0, moe_layer_end_index=LAYERS - 1, moe_layer_interval=1),
     "glm4v_moe": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                        "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1),
     "lfm2_moe": dict(num_dense_layers=0, layer_types=["conv", "full_attention"]),
+    # zero-compute experts widen the logits: E = 8 routed + 2 zero = 10
+    "longcat_flash": dict(num_layers=2, zero_expert_num=2, head_dim=8, ffn_hidden_size=64, expert_ffn_hidden_size=32),
+    # traps the adapters must handle: per-layer k, and a k the router ignores
+    "hunyuan_v1_moe": dict(moe_topk=[2, 3]),
+    "phimoe": dict(num_experts_per_tok=4),  # sparsemixer still routes top-2
     "nemotron_h": dict(num_hidden_layers=3, layers_block_type=["moe", "full_attention", "moe"]),
     "qwen4_exp": dict(layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2,
                       indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=2),
@@ -112,7 +120,7 @@ def tiny_config(family: str):
 def randomize_routers(model: nn.Module, seed: int) -> List[Tuple[str, nn.Module]]:
     """Draw router weights, router biases and the MoE block's expert biases at random."""
     gen = torch.Generator().manual_seed(seed)
-    routers = [(name, module) for name, module, _ in find_router_modules(model)]
+    routers = list(router_modules(model).items())
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, router in routers:
@@ -129,6 +137,17 @@ def randomize_routers(model: nn.Module, seed: int) -> List[Tuple[str, nn.Module]
                 if tensor.is_floating_point() and "bias" in pname:
                     tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
     return routers
+
+
+def router_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """name -> router module, read straight from the models' ``_can_record_outputs``."""
+    classes = set()
+    for module in model.modules():
+        record = getattr(type(module), "_can_record_outputs", None) or {}
+        entries = record.get("router_logits", [])
+        for entry in entries if isinstance(entries, (list, tuple)) else [entries]:
+            classes.add(getattr(entry, "target_class", entry))
+    return {name: m for name, m in model.named_modules() if type(m) in classes}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,160 @@
+"""Every standard transformers MoE family: moewatch counts exactly what the router decided.
+
+For each family a tiny real model (tests/hf_zoo.py) runs padded batches. The test records,
+with a forward hook of its own, the logits and expert ids each router module returned, and
+counts them itself over the unpadded positions; ``mon.counts()`` must equal that count, the
+tokens per window must equal the unpadded tokens, the model's outputs must be bit-identical
+with and without the monitor, and ``detach()`` must leave no moewatch hook behind.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moewatch
+from hf_zoo import FAMILIES, padded_batch, router_modules, tiny_model
+
+BATCH_SEEDS = (0, 1)
+
+
+class RouterRecorder:
+    """Keeps (logits [T, E], indices [T, k]) of every call of every router module."""
+
+    def __init__(self, model: nn.Module):
+        self.routers = router_modules(model)
+        self.calls: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.routers}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.routers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            logits, indices = output[0].detach(), output[2].detach()
+            self.calls[name].append((logits.reshape(-1, logits.shape[-1]).clone(),
+                                     indices.reshape(-1, indices.shape[-1]).clone()))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def expected_counts(calls, batches) -> np.ndarray:
+    """Assignments per expert over the unpadded tokens, counted with numpy."""
+    width = calls[0][0].shape[-1]
+    counts = np.zeros(width, dtype=np.int64)
+    for (logits, indices), batch in zip(calls, batches):
+        valid = batch["attention_mask"].reshape(-1).numpy() != 0  # [B*S]
+        assert indices.shape[0] == valid.size, "router saw another number of tokens than the batch holds"
+        np.add.at(counts, indices.numpy()[valid].ravel(), 1)
+    return counts
+
+
+def moewatch_hooks(model: nn.Module) -> List[str]:
+    """Hooks on any module of ``model`` whose code lives in moewatch."""
+    found = []
+    for name, module in model.named_modules():
+        for table in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_always_called"):
+            for hook in getattr(module, table, {}).values():
+                if not callable(hook):
+                    continue
+                owner = getattr(hook, "__self__", hook)
+                where = getattr(hook, "__module__", None) or type(owner).__module__
+                if str(where).startswith("moewatch") or type(owner).__module__.startswith("moewatch"):
+                    found.append(f"{name or '<root>'}.{table}")
+    return found
+
+
+def forward(model: nn.Module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counts_equal_router_decisions(family):
+    model = tiny_model(family)
+    batches = [padded_batch(seed) for seed in BATCH_SEEDS]
+    recorder = RouterRecorder(model)
+    mon = moewatch.attach(model, background=False)
+    try:
+        for batch in batches:
+            forward(model, batch)
+            mon.flush()
+        counts, frame, gates = mon.counts(), mon.windows(), {g.name: g for g in mon.gates}
+    finally:
+        mon.detach()
+        recorder.remove()
+
+    assert set(counts) == set(recorder.routers), "monitored gates differ from the model's router modules"
+    for name, calls in recorder.calls.items():
+        assert len(calls) == len(batches), f"{name}: router ran {len(calls)} times"
+        width, k = calls[0][0].shape[-1], calls[0][1].shape[-1]
+        assert gates[name].family == family
+        assert gates[name].num_experts == width, f"{name}: E is not the width of the logits"
+        assert gates[name].top_k == k, f"{name}: top_k is not what the router selects"
+        expected = expected_counts(calls, batches)
+        np.testing.assert_array_equal(counts[name], expected, err_msg=name)
+        assert (expected > 0).sum() >= 3, f"{name}: routing is degenerate, the test proves little"
+
+    unpadded = [int(b["attention_mask"].sum()) for b in batches]
+    padded = [b["attention_mask"].numel() for b in batches]
+    assert unpadded != padded
+    for name in counts:
+        rows = frame[frame["gate"] == name].sort_values("window")
+        assert rows["tokens"].tolist() == unpadded, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_untouched_and_detach_clean(family):
+    model = tiny_model(family)
+    batch = padded_batch(2)
+    hooks_before = moewatch_hooks(model)
+    reference = forward(model, batch)
+    mon = moewatch.attach(model, background=False)
+    assert moewatch_hooks(model), "attach installed no hook"
+    monitored = forward(model, batch)
+    mon.detach()
+    after = forward(model, batch)
+    assert torch.equal(reference, monitored)
+    assert torch.equal(reference, after)
+    assert sum(c.sum() for c in mon.counts().values()) > 0
+    assert hooks_before == [] and moewatch_hooks(model) == []
+
+
+def would_be_drops(calls, batches, top_k: int, capacity_factor: float) -> int:
+    """Per forward: capacity = ceil(valid * k / E * cf); assignments over it are dropped."""
+    total = 0
+    for (logits, indices), batch in zip(calls, batches):
+        num_experts = logits.shape[-1]
+        valid = batch["attention_mask"].reshape(-1).numpy() != 0
+        load = np.bincount(indices.numpy()[valid].ravel(), minlength=num_experts)
+        capacity = math.ceil(int(valid.sum()) * top_k / num_experts * capacity_factor)
+        total += int(np.maximum(load - capacity, 0).sum())
+    return total
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("capacity_factor", [1.0, 1.25])
+def test_capacity_factor_would_be_drops(family, capacity_factor):
+    model = tiny_model(family)
+    batches = [padded_batch(seed) for seed in BATCH_SEEDS]
+    recorder = RouterRecorder(model)
+    mon = moewatch.attach(model, background=False, capacity_factor=capacity_factor)
+    try:
+        for batch in batches:
+            forward(model, batch)
+        dropped, gates = mon.dropped(), {g.name: g for g in mon.gates}
+    finally:
+        mon.detach()
+        recorder.remove()
+    expected = {n: would_be_drops(c, batches, gates[n].top_k, capacity_factor) for n, c in recorder.calls.items()}
+    assert dropped == expected
+    assert sum(expected.values()) > 0, "no overflow at this capacity: the test proves little"
+
+
+def test_every_standard_family_is_registered():
+    registered = set(moewatch.supported_families())
+    assert set(FAMILIES) <= registered, sorted(set(FAMILIES) - registered)
