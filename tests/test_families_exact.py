@@ -158,3 +158,40 @@ def test_capacity_factor_would_be_drops(family, capacity_factor):
 def test_every_standard_family_is_registered():
     registered = set(moewatch.supported_families())
     assert set(FAMILIES) <= registered, sorted(set(FAMILIES) - registered)
+
+
+def test_cohere2_sigmoid_selection_scores_with_sigmoid():
+    """Cohere2-MoE's expert_selection_fn decides the scoring of its probabilities."""
+    from hf_zoo import model_class, randomize_routers, tiny_config
+
+    config = tiny_config("cohere2_moe")
+    config.expert_selection_fn = "sigmoid"
+    torch.manual_seed(0)
+    model = model_class("cohere2_moe")(config).eval()
+    randomize_routers(model, 1)
+    batch = padded_batch(0)
+    recorder = RouterRecorder(model)
+    mon = moewatch.attach(model, background=False)
+    try:
+        forward(model, batch)
+        mon.flush()
+        frame, gates = mon.windows(), mon.gates
+    finally:
+        mon.detach()
+        recorder.remove()
+    assert {g.scoring for g in gates} == {"sigmoid"}
+    valid = batch["attention_mask"].reshape(-1).numpy() != 0
+    for name, [(logits, _)] in recorder.calls.items():
+        scores = 1.0 / (1.0 + np.exp(-logits.double().numpy()[valid]))  # [T, E]
+        expected = (scores / scores.sum(axis=1, keepdims=True)).mean(axis=0)
+        got = frame[frame["gate"] == name]["expert_prob_mean"].iloc[0]
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float64), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_families_doc_is_generated_from_the_registry():
+    from moewatch.docs_families import DEFAULT_PATH, render
+
+    committed = DEFAULT_PATH.read_text(encoding="utf-8")
+    assert render(committed) == committed, "docs/families.md is stale: run python -m moewatch.docs_families"
+    for family in FAMILIES:
+        assert f"\n| {family} | `" in committed, family
