@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from typing import Callable, Dict, List, Optional
@@ -300,6 +301,25 @@ def _reader_loop(monitor_ref, stop: threading.Event, interval: float) -> None:
         del monitor
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper, with a warning about hook tracing.
+
+    Compiled code keeps running without hooks that were added after it was traced, so a
+    monitor attached to an already-compiled model may see nothing until it recompiles.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        warnings.warn(
+            "moewatch.attach got a torch.compile'd model: hooks added after it was first run are "
+            "not traced into the compiled code, so its gates may not be counted. Attach before "
+            "calling torch.compile (recommended), or call torch._dynamo.reset() after attaching "
+            "to recompile (every compiled function of the process recompiles).",
+            stacklevel=3,
+        )
+        return inner
+    return model
+
+
 def attach(model: nn.Module, baseline=None, **options) -> Monitor:
     """Hook every gate of ``model`` and start watching its routing.
 
@@ -311,6 +331,7 @@ def attach(model: nn.Module, baseline=None, **options) -> Monitor:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moewatch.attach needs a torch.nn.Module, got {type(model).__name__}")
+    model = _uncompiled(model)
     with _ATTACH_LOCK:
         existing = _ATTACHED.get(model)
         if existing is not None and existing.attached:
