@@ -1,0 +1,219 @@
+"""Overhead of moewatch on a Mixtral-shaped model, measured side by side in one run.
+
+Four set-ups run interleaved round by round (so drifting machine load hits them alike):
+  none      the model alone
+  moewatch  moewatch.attach(model) with its background reader
+  naive     a forward hook per gate copying the routing to the host every call (.tolist(),
+            as hand-written monitors do)
+  router    output_router_logits=True and statistics computed on the host from the outputs
+
+Prefill (batch 8 x 512 tokens) and decode with a KV cache (batch 1, 8, 64). Prints tokens/s
+medians and the ratio of each set-up's time to the model alone, then host memory after many
+small monitored forwards.
+
+    python benchmarks/overhead.py                 # the full run (several minutes on 2 cores)
+    python benchmarks/overhead.py --quick         # fewer repeats, smaller decode batches
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+import moewatch
+
+
+def mixtral_shaped(hidden: int, layers: int, experts: int, top_k: int, dtype=torch.float32):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 7 // 2,
+                           num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                           num_key_value_heads=max(1, hidden // 512), num_local_experts=experts,
+                           num_experts_per_tok=top_k, max_position_embeddings=4096)
+    model = MixtralForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # a learned-looking router: varied, not uniform
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(std=0.05)
+    return model
+
+
+class NaiveHostMonitor:
+    """What hand-written monitors do: copy each gate's choices to the host every forward."""
+
+    def __init__(self, model, experts: int):
+        self.counts: Dict[str, np.ndarray] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            if type(module).__name__ == "MixtralTopKRouter":
+                self.counts[name] = np.zeros(experts, dtype=np.int64)
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            indices = output[2].tolist()
+            flat = [e for row in indices for e in row]
+            self.counts[name] += np.bincount(flat, minlength=len(self.counts[name]))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def host_router_stats(router_logits, top_k: int) -> None:
+    """Statistics from output_router_logits=True, computed on the host."""
+    for logits in router_logits:
+        p = torch.softmax(logits.float(), dim=-1).numpy()
+        top = np.argsort(-p, axis=1)[:, :top_k]
+        np.bincount(top.reshape(-1), minlength=p.shape[1])
+        -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1).mean()
+
+
+def setups(model, experts: int, top_k: int) -> Dict[str, tuple]:
+    """name -> (enter, exit, forward kwargs, after-forward callback)."""
+    state = {}
+
+    def attach_moewatch():
+        state["mon"] = moewatch.attach(model, window_tokens=1 << 30, window_seconds=1.0)
+
+    def attach_naive():
+        state["naive"] = NaiveHostMonitor(model, experts)
+
+    return {
+        "none": (lambda: None, lambda: None, {}, None),
+        "moewatch": (attach_moewatch, lambda: state.pop("mon").detach(), {}, None),
+        "naive": (attach_naive, lambda: state.pop("naive").remove(), {}, None),
+        "router": (lambda: None, lambda: None, {"output_router_logits": True},
+                   lambda out: host_router_stats(out.router_logits, top_k)),
+    }
+
+
+def time_prefill(model, cases, batch: int, length: int, repeats: int) -> Dict[str, List[float]]:
+    ids = torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(1))
+    times = {name: [] for name in cases}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for name, (enter, leave, kwargs, after) in cases.items():
+            enter()
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model(ids, **kwargs)
+                if after:
+                    after(out)
+            times[name].append(time.perf_counter() - start)
+            leave()
+    return {name: t[1:] for name, t in times.items()}
+
+
+def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int) -> Dict[str, List[float]]:
+    """Seconds per decode step (one token per sequence, KV cache)."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 32000, (batch, prompt), generator=gen)
+    times = {name: [] for name in cases}
+    for _ in range(repeats + 1):
+        for name, (enter, leave, kwargs, after) in cases.items():
+            with torch.no_grad():
+                out = model(ids, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.ones(batch, prompt + steps, dtype=torch.long)
+            enter()
+            start = time.perf_counter()
+            with torch.no_grad():
+                for step in range(steps):
+                    out = model(token, past_key_values=past, use_cache=True,
+                                attention_mask=mask[:, :prompt + step + 1], **kwargs)
+                    if after:
+                        after(out)
+                    past = out.past_key_values
+                    token = out.logits[:, -1:].argmax(-1)
+            times[name].append((time.perf_counter() - start) / steps)
+            leave()
+    return {name: t[1:] for name, t in times.items()}
+
+
+def report(title: str, times: Dict[str, List[float]], tokens: int) -> None:
+    base = statistics.median(times["none"])
+    print(f"\n{title}")
+    print(f"  {'set-up':<10}{'tokens/s':>12}{'median ms':>12}{'vs none':>10}")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"  {name:<10}{tokens / med:>12.1f}{med * 1e3:>12.2f}{med / base:>10.3f}")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_soak(forwards: int) -> None:
+    """Host memory and ring size over many small monitored forwards."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2)).eval()
+    ids = torch.randint(0, 128, (1, 4))
+    mon = moewatch.attach(model, window_tokens=256, ring_windows=256)
+    marks = {}
+    with torch.no_grad():
+        for i in range(1, forwards + 1):
+            model(ids)
+            if i in (forwards // 10, forwards // 2, forwards):
+                gc.collect()
+                marks[i] = (rss_mib(), len(mon.windows()))
+    mon.detach()
+    print(f"\nhost memory over {forwards:,} small monitored forwards (ring capped at 256 windows)")
+    for i, (rss, ring) in marks.items():
+        print(f"  after {i:>9,}: RSS {rss:8.1f} MiB, ring {ring} windows")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--prefill", type=int, nargs=2, default=[8, 512], metavar=("BATCH", "LEN"))
+    parser.add_argument("--memory-forwards", type=int, default=100_000)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, decode batch 1 and 8, 10k soak")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.decode_batches, args.memory_forwards = 3, [1, 8], 10_000
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"moewatch {moewatch.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} torch threads; python {sys.version.split()[0]}")
+    model = mixtral_shaped(args.hidden, args.layers, args.experts, args.top_k)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"Mixtral-shaped: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
+          f"top-{args.top_k}, {params:.0f}M parameters, float32; medians of {args.repeats} rounds")
+    cases = setups(model, args.experts, args.top_k)
+    batch, length = args.prefill
+    report(f"prefill {batch} x {length}", time_prefill(model, cases, batch, length, args.repeats), batch * length)
+    for b in args.decode_batches:
+        t = time_decode(model, cases, b, prompt=32, steps=args.decode_steps, repeats=args.repeats)
+        report(f"decode, batch {b}, KV cache (per step)", t, b)
+    if args.memory_forwards:
+        memory_soak(args.memory_forwards)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
