@@ -168,3 +168,23 @@ def test_internal_errors_are_exported(monitored):
     assert np.array_equal(mon.counts()[GATE0],
                           [value(registry, "moewatch_expert_assignments_total", layer=GATE0, expert=str(e))
                            for e in range(8)])
+
+
+def test_logit_std_ratio_to_the_baseline():
+    model = tiny_mixtral()
+    with moewatch.attach(model, model_name="tiny", background=False, rank=3) as recorder:
+        for i in range(8):
+            run_forwards(model, steps=1, batch=4, seed=i)
+            recorder.flush()
+        baseline = recorder.baseline()
+        typical = {g: float(np.median(baseline.gates[g].series["logit_std"])) for g in baseline.gates}
+    with moewatch.attach(model, baseline, model_name="tiny", background=False, rank=3) as mon:
+        registry = CollectorRegistry()
+        registry.register(MonitorCollector(mon))
+        run_forwards(model, steps=1, batch=4, seed=100)
+        mon.flush()
+        frame = mon.windows()
+        assert value(registry, "moewatch_baseline_loaded") == 1
+        for gate, std in typical.items():
+            now = frame[frame.gate == gate].iloc[-1].logit_std
+            assert value(registry, "moewatch_gate_logit_std_baseline_ratio", layer=gate) == pytest.approx(now / std)

@@ -40,14 +40,17 @@ def ranks(request):
         children.append(child)
 
     def stop():
-        for child in children:
+        for child in children:  # nothing to save in them: stop at once
             if child.poll() is None:
-                child.stdin.close()
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            child.stdin.close()
+            child.stdout.close()
 
     request.addfinalizer(stop)
     reports = []
