@@ -43,6 +43,16 @@ class GateSpec:
     companions: Tuple[Companion, ...] = ()
 
 
+@dataclass(frozen=True)
+class FamilyDoc:
+    """How an adapter reads a family, as listed in ``docs/families.md`` (``builder.doc``)."""
+
+    scoring: str
+    experts: str  # where E (the number of experts, the width of the logits) comes from
+    top_k: str  # where k comes from
+    notes: str = ""
+
+
 class AdapterError(ValueError):
     """A model or gate option that moewatch cannot monitor, with what to do about it."""
 

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from ..routing import GateInfo, Routing
-from .base import AdapterError, GateSpec, flat_tokens
+from .base import AdapterError, FamilyDoc, GateSpec, flat_tokens
 from .registry import builder_for, register
 
 # How the family turns logits into routing scores (for probabilities, entropy, top-1).
@@ -95,16 +95,6 @@ for _f in ("axk1", "bailing_hybrid", "beam", "deepseek_v3", "deepseek_v32", "dot
            "exaone_moe", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa",
            "hy_v4", "kimi_linear", "mimo_v2_flash", "nemotron_h", "solar_open"):
     NOTES.setdefault(_f, GROUPED_SIGMOID)
-
-
-@dataclass(frozen=True)
-class FamilyDoc:
-    """How an adapter reads a family, as listed in ``docs/families.md``."""
-
-    scoring: str
-    experts: str  # where E (the number of experts, the width of the logits) comes from
-    top_k: str  # where k comes from
-    notes: str = ""
 
 
 def scoring_of(family: str) -> str:
@@ -234,8 +224,5 @@ def family_doc(family: str) -> Optional[FamilyDoc]:
 for _family in sorted(TRIPLE_FAMILIES):
     register(_family)(triple_builder(_family))
 
-try:  # families with their own gate outputs
-    importlib.import_module(f"{__package__}.hf_special")
-except ModuleNotFoundError as _missing:  # not written yet
-    if _missing.name != f"{__package__}.hf_special":
-        raise
+# Families with gate outputs of their own register themselves on import.
+importlib.import_module(f"{__package__}.hf_special")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..routing import GateInfo, Routing
-from .base import AdapterError, Companion, GateSpec, flat_tokens
+from .base import AdapterError, Companion, FamilyDoc, GateSpec, flat_tokens
 from .registry import register, register_router_classes
 
 
@@ -302,3 +302,37 @@ SPECIAL_FAMILIES = (
     "dbrx", "deepseek_v4", "diffusion_gemma", "doge", "ernie4_5_vl_moe", "gemma4", "jetmoe",
     "llama4", "nllb_moe", "switch_transformers", "zaya",
 )
+
+
+# What docs/families.md says of each special family (details: docs/special_families.md).
+_SEE = " See docs/special_families.md."
+build_dbrx.doc = FamilyDoc(
+    "softmax", "DbrxFFN `moe_num_experts`", "DbrxFFN `moe_top_k`",
+    "Router returns logits only; the selection (softmax, top-k) is replayed on the same logits." + _SEE)
+build_llama4.doc = FamilyDoc(
+    "sigmoid", "router `num_experts` (config `num_local_experts`)", "router `top_k` (config `num_experts_per_tok`)",
+    "Router returns (scores, logits); top-k on the logits, as the router does." + _SEE)
+build_jetmoe.doc = FamilyDoc(
+    "softmax", "router `num_experts` (config `num_local_experts`)", "router `top_k` (config `num_experts_per_tok`)",
+    "Two routers per layer (attention experts and MLP experts), both monitored." + _SEE)
+build_zaya.doc = FamilyDoc(
+    "softmax", "router `num_experts` + 1 (the skip expert is its own column)", "router `top_k` (1)",
+    "A skip decision (weight 0) is counted in the extra last column." + _SEE)
+build_doge.doc = FamilyDoc(
+    "softmax", "`num_keys`² product-key experts", "block `top_k` (config `num_experts_per_tok`)",
+    "No router module: the MoE block is the gate; expert ids read where the experts are looked up." + _SEE)
+build_gemma4.doc = FamilyDoc(
+    "softmax", "router projection `out_features` (config `num_experts`)", "config `top_k_experts`",
+    "The router returns probabilities; true logits are read from its projection." + _SEE)
+build_switch.doc = FamilyDoc(
+    "softmax", "router `num_experts`", "1 (fixed)",
+    "Capacity-limited: counts are choices before capacity, dropped = refused by capacity (exact)." + _SEE)
+build_nllb.doc = FamilyDoc(
+    "softmax", "router `num_experts`", "2 (fixed)",
+    "Capacity-limited: dropped assignments are exact; second_expert_policy='all' only." + _SEE)
+build_ernie_vl.doc = FamilyDoc(
+    "softmax", "router `num_experts` (config `moe_num_experts`)", "router `top_k` (config `moe_k`)",
+    "Text and vision routers are separate gates over gathered token subsets; padding mapped back." + _SEE)
+build_deepseek_v4.doc = FamilyDoc(
+    "sigmoid", "router `num_experts` (config `n_routed_experts`)", "router `top_k` (config `num_experts_per_tok`)",
+    "Hash layers (tid2eid[input_ids]) are monitored too and counted as the experts that ran." + _SEE)
