@@ -120,7 +120,7 @@ class BaselineDetector:
             out[:, LOAD] = concentrated | overload
             out[:, OVERLOAD] = overload
             out[:, UNDERLOAD] = dead
-            out[:, CONCENTRATION] = concentrated
+            out[:, CONCENTRATION] = concentrated | overload
             out[:, LOGIT_STD] = f.logit_std >= rules.SATURATION_LOGIT_RATIO * p["logit_std_m"]
             out[:, TOP1_PROB] = (1 - f.top1) <= rules.SATURATION_TOP1_RATIO * (1 - p["top1_m"])
             out[:, ENTROPY] = f.entropy <= rules.COLLAPSE_ENTROPY_RATIO * p["entropy_m"]

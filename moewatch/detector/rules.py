@@ -8,7 +8,7 @@ from __future__ import annotations
 # With a baseline (each applies only once the check is significant).
 COLLAPSE_EFFECTIVE_RATIO = 0.5  # effective experts at most half the baseline's
 OVERLOAD_TOKEN_FRACTION = 0.5  # one expert sees over half of the tokens ...
-OVERLOAD_SHARE_RATIO = 2.0  # ... and at least twice its baseline share
+OVERLOAD_SHARE_RATIO = 3.0  # ... and at least three times its baseline share
 DEAD_MIN_EXPECTED = 10.0  # an expert with no assignment where the baseline expects >= 10
 SATURATION_LOGIT_RATIO = 2.0  # router-logit std at least twice the baseline's
 SATURATION_TOP1_RATIO = 0.5  # probability left outside the top choice at most half the baseline's
