@@ -178,11 +178,11 @@ def prose_batches(batch_size: int = 8, seed: int = 0, count: Optional[int] = Non
 
 
 # -- the model ----------------------------------------------------------------------------
-def router_model_config():
+def router_model_config(directory: Path = ASSET_DIR):
     """The ``MixtralConfig`` of the shipped model (the shipped config.json when present)."""
     from transformers import MixtralConfig
 
-    path = ASSET_DIR / CONFIG_FILE
+    path = Path(directory) / CONFIG_FILE
     if path.is_file():
         return MixtralConfig.from_dict(json.loads(path.read_text()))
     return MixtralConfig(**MODEL_CONFIG)
@@ -194,7 +194,8 @@ def training_info() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_router_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Tuple[torch.nn.Module, Encode]:
+def load_router_model(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      directory: Path = ASSET_DIR) -> Tuple[torch.nn.Module, Encode]:
     """The trained router model (eval mode) and its tokenizer ``encode(text) -> ids``.
 
     Weights are read with safetensors (no pickle). Raises FileNotFoundError naming the
@@ -203,10 +204,10 @@ def load_router_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -
     from safetensors.torch import load_file
     from transformers import MixtralForCausalLM
 
-    weights = ASSET_DIR / WEIGHTS_FILE
+    weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; run benchmarks/train_router_model.py to make it")
-    config = router_model_config()
+    config = router_model_config(directory)
     config._attn_implementation = "sdpa"
     torch_seed = torch.random.get_rng_state()  # building the model draws random init weights
     try:
@@ -217,7 +218,7 @@ def load_router_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -
     try:
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     except RuntimeError as error:
-        raise RuntimeError(f"{weights} does not match the model in {ASSET_DIR / CONFIG_FILE}: {error}") from None
+        raise RuntimeError(f"{weights} does not match the model in {Path(directory) / CONFIG_FILE}: {error}") from None
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, encode
