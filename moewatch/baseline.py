@@ -214,6 +214,12 @@ class Baseline:
         try:
             with open(path, "r", encoding="utf-8") as fh:
                 data = json.load(fh)
+        except FileNotFoundError:
+            raise BaselineError(f"baseline file {os.fspath(path)!r} does not exist: pass the path of a file "
+                                "written by Baseline.save() or `moewatch baseline build`") from None
+        except IsADirectoryError:
+            raise BaselineError(f"baseline {os.fspath(path)!r} is a directory: pass the path of a baseline "
+                                "file written by Baseline.save()") from None
         except json.JSONDecodeError as error:
             raise BaselineError(f"{os.fspath(path)} is corrupt: not valid JSON ({error})") from error
         except UnicodeDecodeError as error:

@@ -59,6 +59,7 @@ def resolve_gates(
                 "'model.layers.*.mlp.gate') and pass top_k= and scoring=. Modules that look like "
                 "candidates:\n  " + "\n  ".join(candidate_modules(model) or ["(none)"])
             )
+        _check_top_k(specs, top_k)
         return specs
 
     patterns = [gates] if isinstance(gates, str) else list(gates)
@@ -71,6 +72,7 @@ def resolve_gates(
                 specs.append(spec)
         else:
             specs.append(pattern_gate(name, module, top_k, scoring, num_experts))
+    _check_top_k(specs, top_k)
     if not specs:
         raise AdapterError(
             f"gates={gates!r} matched no module of {type(model).__name__}. Patterns are matched "
@@ -78,6 +80,14 @@ def resolve_gates(
             "Modules that look like candidates:\n  " + "\n  ".join(candidate_modules(model) or ["(none)"])
         )
     return specs
+
+
+def _check_top_k(specs: List[GateSpec], top_k: Optional[int]) -> None:
+    """A known router keeps its family's k, but a top_k= above a gate's experts is a mistake."""
+    for spec in specs if top_k is not None else ():
+        if top_k > spec.info.num_experts:
+            raise AdapterError(f"top_k={top_k} is more than the {spec.info.num_experts} experts of gate "
+                               f"{spec.info.name!r}: pass a top_k between 1 and {spec.info.num_experts}")
 
 
 def _build_known(name: str, module: nn.Module, family: str, configs, model: nn.Module) -> Optional[GateSpec]:

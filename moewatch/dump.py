@@ -245,6 +245,10 @@ def write_dump(monitor: "Monitor", path: str, reason: str = "manual", trigger: O
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, dump_name(reason))
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise DumpError(f"could not write moewatch dump to {path!r}: the directory {directory!r} does not "
+                        "exist (create it first, or pass an existing directory)")
     try:
         write_table_atomic(monitor_table(monitor, reason, trigger), path)
     except Exception as error:

@@ -1,8 +1,10 @@
 """``attach`` options: defaults and validation with messages that say what to do."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 from .routing import SCORINGS
 
@@ -77,5 +79,43 @@ class Options:
             raise ValueError(f"scoring={self.scoring!r} must be one of {SCORINGS}")
         positive("dump_max_bytes", self.dump_max_bytes, int)
         positive("decision_slots", self.decision_slots, int)
-        if not 0.0 <= self.sample_decisions <= 1.0:
+        if isinstance(self.sample_decisions, bool) or not isinstance(self.sample_decisions, (int, float)) \
+                or not 0.0 <= self.sample_decisions <= 1.0:
             raise ValueError(f"sample_decisions={self.sample_decisions!r} must be a fraction in [0, 1]")
+        _check_gates(self.gates)
+        for name in ("model_name", "runbook_url"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name}={value!r} must be a string")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise TypeError(f"dump_dir={self.dump_dir!r} must be a directory path (str or os.PathLike)")
+        if self.alertmanager_url is not None:
+            check_http_url("alertmanager_url", self.alertmanager_url, "http://127.0.0.1:9093")
+        if self.otlp_endpoint is not None:
+            check_http_url("otlp_endpoint", self.otlp_endpoint, "http://127.0.0.1:4318")
+
+
+def _check_gates(gates) -> None:
+    if gates is None or isinstance(gates, str):
+        return
+    if isinstance(gates, (list, tuple)) and gates and all(isinstance(g, str) for g in gates):
+        return
+    raise TypeError(f"gates={gates!r} must be a module name or pattern (str), or a non-empty list of them, "
+                    "e.g. 'model.layers.*.mlp.gate'")
+
+
+def check_http_url(option: str, url, example: str) -> None:
+    """Raise ValueError unless ``url`` is an http(s) URL with a host and a valid port."""
+    what = f"{option}={url!r} must be an http:// or https:// URL with a host, such as {example!r}"
+    if not isinstance(url, str):
+        raise TypeError(what)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        hint = " (the scheme is missing)" if "://" not in url else f" (scheme {parts.scheme!r} is not supported)"
+        raise ValueError(what + hint)
+    if not parts.hostname:
+        raise ValueError(what + " (no host)")
+    try:
+        parts.port  # raises ValueError when out of range or not a number
+    except ValueError as error:
+        raise ValueError(what + f" ({error}: ports are 1-65535)") from None

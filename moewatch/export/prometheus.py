@@ -92,6 +92,10 @@ def serve(monitor, port: int = 9400, addr: str = "127.0.0.1",
     ``port`` is the base port: the process listens on ``port + LOCAL_RANK`` so that every rank
     on a host has its own endpoint; ``port=0`` takes any free port.
     """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port={port!r} must be an integer in 0-65535 (0 takes any free port)")
+    if not isinstance(addr, str) or not addr:
+        raise ValueError(f"addr={addr!r} must be a host address to listen on, such as '127.0.0.1'")
     if port:
         port += process_rank(monitor.options).local_rank
     registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -99,6 +103,11 @@ def serve(monitor, port: int = 9400, addr: str = "127.0.0.1",
     registry.register(collector)
     try:
         return PrometheusEndpoint(registry, collector, port, addr)
+    except OSError as error:  # in use, no such address, not allowed: name what and where
+        registry.unregister(collector)
+        raise OSError(error.errno, f"cannot serve Prometheus metrics on {addr}:{port}: {error.strerror or error}; "
+                                   "pass another port= (port=0 takes any free one) or an address of this "
+                                   "host as addr=") from error
     except Exception:
         registry.unregister(collector)
         raise
