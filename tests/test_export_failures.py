@@ -75,3 +75,12 @@ def test_bad_endpoint_never_blocks_a_forward(faulty, exporter, mode):
         mon.detach()  # returns although the endpoint may still hold a request
         if endpoint is not None:
             endpoint.stop()
+
+
+@pytest.mark.parametrize("option", ["alertmanager_url", "otlp_endpoint"])
+def test_a_malformed_url_is_refused_at_attach(faulty, option):
+    model, _ = faulty
+    with pytest.raises(ValueError, match=option):
+        moewatch.attach(model, **{option: "127.0.0.1:9093"})
+    with moewatch.attach(model, background=False) as mon:  # nothing was left attached
+        assert mon.attached
