@@ -24,7 +24,6 @@ from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, METRICS, Metric
 from .rank import process_rank
 from .samples import Sample, admitted_expert_families, samples
 from .state import StateReader
-from .urls import check_http_url
 
 SCOPE = "moewatch"
 
@@ -127,7 +126,6 @@ def otlp_provider(monitor, endpoint: str, interval_seconds: float, timeout_secon
     # The OTLP exporter is an optional dependency (opentelemetry-exporter-otlp-proto-http).
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-    check_http_url("otlp_endpoint", endpoint)
     url = endpoint if endpoint.rstrip("/").endswith("/v1/metrics") else endpoint.rstrip("/") + "/v1/metrics"
     inner = OTLPMetricExporter(endpoint=url, timeout=timeout_seconds)
     reader = PeriodicExportingMetricReader(
