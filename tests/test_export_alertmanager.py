@@ -129,3 +129,23 @@ def test_active_alerts_are_resent_and_drift_is_a_warning(faulty):
     finally:
         mon.detach()
         receiver.stop()
+
+
+def test_alerts_wait_out_an_outage_and_are_delivered_after_it(faulty):
+    model, fault = faulty
+    receiver = Endpoint("error")  # Alertmanager answering 500
+    mon = moewatch.attach(model, model_name="tiny", background=False, alertmanager_url=receiver.url,
+                          alert_resend_seconds=60)
+    try:
+        fault.on = True
+        windows(mon, model, 3)
+        assert wait_for(lambda: mon.errors.counts().get("alertmanager", 0) >= 1)
+        assert receiver.bodies == [] and exporter_of(mon).sent == 0
+        receiver.mode = "ok"  # the outage ends: the retry (with backoff) delivers what is pending
+        assert wait_for(lambda: receiver.bodies, timeout=120)
+        assert sorted(a["labels"]["layer"] for a in receiver.json_bodies()[0]) == GATES
+        assert wait_for(lambda: exporter_of(mon).sent == 1)
+    finally:
+        fault.on = False
+        mon.detach()
+        receiver.stop()
