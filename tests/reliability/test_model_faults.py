@@ -1,0 +1,191 @@
+"""Faults on the model's side of the hook: every forward returns exactly the bits it returns
+unmonitored, and the fault is counted in ``mon.error_counts()`` and exported as
+``moewatch_internal_errors_total`` (or, for bad data, in the statistics that describe it)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moewatch
+import moewatch.hooks
+from moewatch.faults import logit_fault
+from moewatch.hooks import GateHook
+
+from conftest import tiny_mixtral
+from reliability_helpers import ToyMoE, assert_bit_identical, exported, forward, no_hooks, router_counts
+
+GATES = ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_mixtral()
+
+
+def ids(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapter_that_cannot_read_its_gate_is_counted_and_the_model_is_untouched():
+    """A user's gate returns a dict: the pattern adapter's extract raises TypeError on every call."""
+    model = ToyMoE(names=("good", "odd"), dict_gates=("odd",))
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    expected = forward(model, x)
+    with moewatch.attach(model, gates="routers.*", top_k=2, background=False, model_name="toy") as mon:
+        for _ in range(3):
+            assert_bit_identical(forward(model, x), expected)
+        assert mon.error_counts() == {"hook": 3}
+        assert "expected a tensor" in mon.errors.last()["hook"] and "routers.odd" in mon.errors.last()["hook"]
+        assert exported(mon, "moewatch_internal_errors_total", component="hook") == 3
+        counts = mon.counts()
+        assert int(counts["routers.good"].sum()) == 3 * 10 * 2  # the readable gate is still counted
+        assert int(counts["routers.odd"].sum()) == 0
+
+
+def test_exception_inside_a_family_adapter_is_counted(model, monkeypatch):
+    """The Mixtral adapter's extract fails on the first gate only; the second is counted exactly."""
+    expected = forward(model, ids())
+    with router_counts(model) as reference:
+        forward(model, ids())
+    mon = moewatch.attach(model, background=False, model_name="tiny")
+    try:
+        (hook,) = [h for h in model.model.layers[0].mlp.gate._forward_hooks.values() if isinstance(h, GateHook)]
+
+        def broken_extract(*args):
+            raise KeyError("router output layout changed")
+
+        monkeypatch.setattr(hook, "extract", broken_extract)
+        for _ in range(4):
+            assert_bit_identical(forward(model, ids()), expected)
+        assert mon.error_counts() == {"hook": 4}
+        assert exported(mon, "moewatch_internal_errors_total", component="hook") == 4
+        counts = mon.counts()
+        assert int(counts[GATES[0]].sum()) == 0
+        np.testing.assert_array_equal(counts[GATES[1]], 4 * reference[GATES[1]])
+    finally:
+        mon.detach()
+
+
+def test_exception_inside_a_statistic_is_counted_and_adds_nothing(model, monkeypatch):
+    """gate_sums raises on every other call: failed calls add nothing, the others add exactly."""
+    expected = forward(model, ids())
+    with router_counts(model) as reference:
+        forward(model, ids())
+    real = moewatch.hooks.gate_sums
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] % 2 == 1:  # the first gate of every forward
+            raise FloatingPointError("statistic failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moewatch.hooks, "gate_sums", flaky)
+    with moewatch.attach(model, background=False, model_name="tiny") as mon:
+        for _ in range(5):
+            assert_bit_identical(forward(model, ids()), expected)
+        assert mon.error_counts() == {"hook": 5}
+        assert "FloatingPointError: statistic failed" in mon.errors.last()["hook"]
+        assert exported(mon, "moewatch_internal_errors_total", component="hook") == 5
+        counts = mon.counts()
+        assert int(counts[GATES[0]].sum()) == 0
+        np.testing.assert_array_equal(counts[GATES[1]], 5 * reference[GATES[1]])
+        mon.flush()
+        frame = mon.windows().set_index("gate")
+        assert frame.loc[GATES[1], "tokens"] == 5 * 16 and frame.loc[GATES[1], "assignments"] == 5 * 32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_are_counted_not_propagated_into_the_statistics(model, bad):
+    """Some router logits of the first gate are NaN/Inf: counted per logit, other statistics stay finite."""
+
+    def poison(logits: torch.Tensor) -> torch.Tensor:  # [T, E]
+        out = logits.clone()
+        out[::3, 1] = bad  # tokens 0, 3, 6, ... (6 of 16)
+        out[1, :] = bad  # and every logit of token 1
+        return out
+
+    with logit_fault(model, poison, layers=[0]):
+        expected = forward(model, ids())
+        with router_counts(model) as reference:
+            forward(model, ids())
+        with moewatch.attach(model, background=False, model_name="tiny") as mon:
+            assert_bit_identical(forward(model, ids()), expected)
+            mon.flush()
+            row = mon.windows().set_index("gate").loc[GATES[0]]
+            assert mon.error_counts() == {}
+            assert row["nonfinite_logits"] == 6 + 8  # expert 1 of tokens 0, 3, ..., 15; all 8 of token 1
+            assert exported(mon, "moewatch_internal_errors_total", component="hook") is None
+            for gate in GATES:  # a NaN may reach the next layer's router through the hidden states
+                assert exported(mon, "moewatch_gate_nonfinite_logits_total", layer=gate) == reference.nonfinite[gate]
+            assert reference.nonfinite[GATES[0]] == row["nonfinite_logits"]
+            assert row["tokens"] == 16
+            for column in ("logit_std", "logit_mean", "entropy_mean", "top1_prob_mean", "zloss_mean"):
+                assert np.isfinite(row[column]), column
+            counts = mon.counts()  # the model's own decisions, whatever it made of the bad logits
+            for gate in GATES:
+                np.testing.assert_array_equal(counts[gate], reference[gate])
+
+
+def test_empty_batch(model):
+    """Zero tokens: the model's own error is unchanged; the MoE block and a fully padded batch count nothing."""
+    empty = torch.zeros((1, 0), dtype=torch.long)
+    with pytest.raises(Exception) as plain:
+        forward(model, empty)
+    block = model.model.layers[0].mlp
+    nothing = torch.zeros(1, 0, model.config.hidden_size)
+    expected_block = forward(block, nothing)
+    padded = ids(2, 6)
+    mask = torch.zeros_like(padded)
+    expected_padded = forward(model, padded, attention_mask=mask)
+    with moewatch.attach(model, background=False, model_name="tiny") as mon:
+        with pytest.raises(type(plain.value)) as watched:
+            forward(model, empty)
+        assert str(watched.value) == str(plain.value)  # the model's error, not one of ours
+        assert_bit_identical(forward(block, nothing), expected_block)
+        assert_bit_identical(forward(model, padded, attention_mask=mask), expected_padded)
+        assert mon.error_counts() == {}
+        assert all(int(c.sum()) == 0 for c in mon.counts().values())
+        mon.flush()
+        assert mon.windows().empty  # a window without traffic is not a window
+        assert exported(mon, "moewatch_gate_tokens_total", layer=GATES[0]) == 0
+        assert mon.health().severity == "ok"
+
+
+def test_batch_of_one_token(model):
+    one = ids(1, 1)
+    expected = forward(model, one)
+    with router_counts(model) as reference:
+        forward(model, one)
+    with moewatch.attach(model, background=False, model_name="tiny") as mon:
+        assert_bit_identical(forward(model, one), expected)
+        mon.flush()
+        frame = mon.windows().set_index("gate")
+        assert mon.error_counts() == {}
+        for gate in GATES:
+            np.testing.assert_array_equal(mon.counts()[gate], reference[gate])
+            assert frame.loc[gate, "tokens"] == 1 and frame.loc[gate, "assignments"] == 2
+            assert np.isfinite(frame.loc[gate, "logit_std"]) and 0 < frame.loc[gate, "margin_mean"] < 1
+        assert exported(mon, "moewatch_gate_tokens_total", layer=GATES[0]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    model = tiny_mixtral().to(dtype)
+    batch = ids(3, 7)
+    expected = forward(model, batch)
+    assert expected.dtype == dtype
+    with router_counts(model) as reference:
+        forward(model, batch)
+    with moewatch.attach(model, background=False, model_name="tiny") as mon:
+        for _ in range(2):
+            assert_bit_identical(forward(model, batch), expected)
+        mon.flush()
+        frame = mon.windows().set_index("gate")
+        assert mon.error_counts() == {}
+        for gate in GATES:
+            np.testing.assert_array_equal(mon.counts()[gate], 2 * reference[gate])
+            assert frame.loc[gate, "tokens"] == 2 * 21 and frame.loc[gate, "nonfinite_logits"] == 0
+            assert np.isfinite(frame.loc[gate, "logit_std"]) and frame.loc[gate, "logit_std"] > 0
+    assert no_hooks(model)
