@@ -70,3 +70,26 @@ def test_unknown_metric_is_a_clear_error():
     else:
         raise AssertionError("expected KeyError")
     assert moewatch.__version__
+
+
+def test_rank_comes_from_the_option_torch_distributed_or_the_environment(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    from moewatch.export.rank import process_rank
+    from moewatch.options import Options
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert (process_rank(Options()).rank, process_rank(Options()).local_rank) == (0, 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert (process_rank(Options()).rank, process_rank(Options()).local_rank) == (3, 3)
+    monkeypatch.setenv("RANK", "11")
+    assert (process_rank(Options()).rank, process_rank(Options()).local_rank) == (11, 3)
+    assert process_rank(Options(rank=5)).rank == 5
+    # An initialised process group is asked first (world of one: rank 0 although RANK says 11).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert process_rank(Options()).rank == 0
+        assert process_rank(Options(rank=5)).rank == 5
+    finally:
+        dist.destroy_process_group()

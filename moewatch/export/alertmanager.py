@@ -14,7 +14,6 @@ requests time out, retries back off exponentially, and failures are counted in `
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 import urllib.error
@@ -27,8 +26,6 @@ from typing import Dict, List, Optional, Tuple
 from ..health import Health
 from ..windows import Window
 from .rank import process_rank
-
-log = logging.getLogger("moewatch")
 
 COLLAPSE = "MoewatchGateCollapse"
 DRIFT = "MoewatchGateDrift"

@@ -7,7 +7,7 @@ monitor's latest state (:mod:`moewatch.export.state`) and turns it into families
 from __future__ import annotations
 
 import threading
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric as PromMetric
@@ -112,6 +112,3 @@ def serve(monitor, port: int = 9400, addr: str = "127.0.0.1",
         registry.unregister(collector)
         raise
 
-
-def endpoints(monitor) -> List[PrometheusEndpoint]:
-    return [e for e in getattr(monitor, "_exporters", ()) if isinstance(e, PrometheusEndpoint)]
