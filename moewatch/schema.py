@@ -148,7 +148,7 @@ METRICS: List[Metric] = [
        "mon.health().gates[layer].checks"),
     # -- per expert (within the series budget) ---------------------------------------------
     _m("expert_assignments_total", C, EXPERT_LABELS, "assignments",
-       "Assignments of tokens to the expert since attach (equals mon.counts()).", "mon.counts()"),
+       "Assignments of tokens to the expert since attach (mon.counts() at the latest window close).", "mon.counts()"),
     _m("expert_load_share_ratio", G, EXPERT_LABELS, "ratio",
        "The expert's share of the gate's assignments in the latest window.", "expert_share"),
 ]
@@ -189,7 +189,8 @@ def markdown() -> str:
         "index), `component` (the failing part), `check` (a detector check), `version`.",
         "",
         "Gauges described as *in the latest window* hold the most recently closed window; counters",
-        "count since `attach()`. Severities are encoded as "
+        "count since `attach()` up to that window's close (windows close at least every",
+        "`window_seconds=`, so they trail live traffic by at most that). Severities are encoded as "
         + ", ".join(f"{v} = {k}" for k, v in SEVERITY_VALUE.items()) + ".",
         "",
         "Per-expert families are exported while (experts over all gates) x (families) stays within",
