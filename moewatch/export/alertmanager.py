@@ -152,8 +152,8 @@ class AlertmanagerExporter:
             else:
                 due = max(0.0, last_sent + self.resend_seconds - time.time())
                 self._wake.wait(due)
-            if self._stop.is_set():
-                return
+            if self._stop.is_set() or self._monitor() is None:
+                return  # closed, or the monitor was dropped without detach(): its alerts expire by endsAt
             self._wake.clear()
             batch = self._batch()
             if not batch:
