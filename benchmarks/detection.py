@@ -83,8 +83,10 @@ def forward(model: torch.nn.Module, batch: torch.Tensor) -> None:
         model(input_ids=batch)
 
 
-def record_chunks(model, kind: str, forwards: int, batch_size: int, seed: int) -> List[Window]:
-    """One window per forward pass of ``kind`` traffic (a monitor flushed after each pass)."""
+def record_chunks(model, kind: str, forwards: int, batch_size: int, seed: int):
+    """One window per forward pass of ``kind`` traffic (a monitor flushed after each pass).
+
+    Returns (windows, the monitored gates)."""
     chunks: List[Window] = []
     with moewatch.attach(model, background=False, capacity_factor=CAPACITY_FACTOR) as mon:
         mon.add_listener(lambda window, health: chunks.append(window))
@@ -92,8 +94,7 @@ def record_chunks(model, kind: str, forwards: int, batch_size: int, seed: int) -
             forward(model, batch)
             mon.flush()
         gates = mon.gates
-    record_chunks.gates = gates
-    return chunks
+    return chunks, gates
 
 
 def compose(index: int, parts: Sequence[Window]) -> Window:
@@ -273,10 +274,9 @@ def main() -> int:
           f"{per * setup.batch_size * pretrained.SEQ_LEN} tokens; capacity_factor={CAPACITY_FACTOR}; "
           f"detector defaults: ert_windows={Options().ert_windows:g}, persistence={Options().persistence}")
 
-    base_chunks = record_chunks(model, "training", setup.baseline_windows * per, setup.batch_size, args.seed)
-    gates = record_chunks.gates
+    base_chunks, gates = record_chunks(model, "training", setup.baseline_windows * per, setup.batch_size, args.seed)
     baseline = build_baseline(base_chunks, gates, per)
-    healthy_chunks = record_chunks(model, "heldout", setup.healthy_chunks, setup.batch_size, args.seed + 1)
+    healthy_chunks, _ = record_chunks(model, "heldout", setup.healthy_chunks, setup.batch_size, args.seed + 1)
     print(f"baseline: {setup.baseline_windows} windows of training-distribution traffic; "
           f"healthy pool: {setup.healthy_chunks} forwards of held-out files ({time.time() - started:.0f} s)")
 
