@@ -82,15 +82,21 @@ def no_hooks(model: nn.Module) -> bool:
 class ToyMoE(nn.Module):
     """Gates in a ModuleDict (any names), each a Linear [H -> E]; top-k routing mixes E expert
     projections. ``forward(x [B, S, H]) -> [B, S, H]``. A gate listed in ``dict_gates`` returns
-    ``{"logits": ...}`` instead of a tensor, which no adapter can read."""
+    ``{"logits": ...}`` instead of a tensor, which no adapter can read. ``skew=True``: every
+    router sends all tokens to experts 0 and 1 (a collapse)."""
 
     def __init__(self, names=("g0", "g1"), hidden: int = 8, experts: int = 4, top_k: int = 2,
-                 seed: int = 0, dict_gates=()):
+                 seed: int = 0, dict_gates=(), skew: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         self.top_k = top_k
         self.routers = nn.ModuleDict({n: (_DictGate(hidden, experts) if n in dict_gates
-                                          else nn.Linear(hidden, experts, bias=False)) for n in names})
+                                          else nn.Linear(hidden, experts, bias=skew)) for n in names})
+        if skew:
+            with torch.no_grad():
+                for router in self.routers.values():
+                    router.weight.mul_(0.01)
+                    router.bias.copy_(torch.tensor([9.0, 9.0] + [-9.0] * (experts - 2)))
         self.experts = nn.ParameterDict({f"e{i}": nn.Parameter(torch.randn(experts, hidden, hidden) * 0.3)
                                          for i in range(len(names))})
 
