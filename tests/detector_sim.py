@@ -15,8 +15,10 @@ from moewatch.stats import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, NONFI
 from moewatch.windows import Window, gate_row, windows_frame
 
 
-def make_gates(num_gates: int, experts: int, top_k: int = 2) -> List[GateInfo]:
-    return [GateInfo(name=f"layers.{i}.gate", num_experts=experts, top_k=top_k, family="sim")
+def make_gates(num_gates: int, experts: int, top_k: int = 2, native_capacity: bool = True) -> List[GateInfo]:
+    """Simulated gates; capacity-limited by default, so their simulated drops are real drops."""
+    return [GateInfo(name=f"layers.{i}.gate", num_experts=experts, top_k=top_k, family="sim",
+                     native_capacity=native_capacity)
             for i in range(num_gates)]
 
 

@@ -143,6 +143,24 @@ def test_drop_spike_is_collapse_and_nonfinite_logits_too(fitted):
     assert all(g.checks.get("nonfinite") == "collapse" for g in v.gates.values())
 
 
+def test_would_be_drops_of_a_dropless_gate_are_drift_not_collapse(fitted):
+    """capacity_factor= on a dropless model reports drops that never happened: a warning."""
+    import dataclasses
+
+    sim, _ = fitted
+    dropless = [dataclasses.replace(g, native_capacity=False) for g in sim.gates]
+    det = BaselineDetector(dropless, Baseline.from_frame(sim.frame(120)), 100_000, 2)
+    verdict = det.update(sim.window(drop_fraction=0.12), dropless)
+    gate = verdict.gates[dropless[0].name]
+    assert gate.checks["drop_rate"] == "drift"
+    assert any(r.startswith("would-be drop rate 1") for r in gate.reasons)
+    absolute = AbsoluteDetector(dropless, persistence=1)
+    verdict = absolute.update(sim.window(drop_fraction=0.12), dropless)
+    assert verdict.gates[dropless[0].name].checks["drop_rate"] == "drift"
+    real = AbsoluteDetector(sim.gates, persistence=1).update(sim.window(drop_fraction=0.12), sim.gates)
+    assert real.gates[sim.gates[0].name].checks["drop_rate"] == "collapse"
+
+
 def test_new_traffic_mix_is_drift_not_collapse(fitted):
     sim, _ = fitted
     other = np.random.default_rng(11).dirichlet(np.full(8, 8.0), size=len(sim.gates))

@@ -25,6 +25,8 @@ class AbsoluteDetector:
         self.num_experts = np.array([g.num_experts for g in gates], dtype=np.float64)
         self.experts = int(self.num_experts.max())
         self.valid = np.arange(self.experts)[None, :] < self.num_experts[:, None]  # [G, E]
+        # would-be drops of a dropless gate (capacity_factor=) are a warning, real drops a collapse
+        self.real_drops = [bool(getattr(g, "native_capacity", False)) for g in gates]
         self._history = np.zeros((max(persistence - 1, 0), len(gates), len(RULES)), dtype=bool)
 
     def update(self, window, gates: Sequence) -> Health:
@@ -74,8 +76,10 @@ class AbsoluteDetector:
                 reasons.append(f"expert {e} is chosen by {f.counts[i, e] / f.tokens[i]:.0%} of tokens "
                                f"(over {rules.TOP_TOKEN_FRACTION:.0%})")
             if fire[i, 4]:
-                checks["drop_rate"] = "collapse"
-                reasons.append(f"drop rate {f.drop_rate[i]:.2%} of assignments (over {rules.DROP_RATE_LIMIT:.0%})")
+                real = self.real_drops[i]
+                checks["drop_rate"] = "collapse" if real else "drift"
+                what, note = ("drop rate", "") if real else ("would-be drop rate", rules.WOULD_BE)
+                reasons.append(f"{what} {f.drop_rate[i]:.2%} of assignments{note} (over {rules.DROP_RATE_LIMIT:.0%})")
             if f.nonfinite[i] > 0:
                 checks["nonfinite"] = "collapse"
                 reasons.append(f"{int(f.nonfinite[i])} non-finite router logits in {int(f.tokens[i])} tokens")

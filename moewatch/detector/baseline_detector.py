@@ -62,6 +62,9 @@ class BaselineDetector:
         self.names = [g.name for g in gates]
         self.top_k = np.array([g.top_k for g in gates], dtype=np.float64)
         self.experts = max(g.num_experts for g in gates)
+        # Only a capacity-limited gate really drops tokens; a dropless gate's drops are the
+        # would-be drops of capacity_factor=, a load signal that cannot by itself be a collapse.
+        self.real_drops = np.array([bool(getattr(g, "native_capacity", False)) for g in gates])
         self.persistence = persistence
         self.beta_gate = sidak(ert_windows, len(gates))
         self.beta_check = self.beta_gate / len(CHECKS)
@@ -124,8 +127,8 @@ class BaselineDetector:
             out[:, LOGIT_STD] = f.logit_std >= rules.SATURATION_LOGIT_RATIO * p["logit_std_m"]
             out[:, TOP1_PROB] = (1 - f.top1) <= rules.SATURATION_TOP1_RATIO * (1 - p["top1_m"])
             out[:, ENTROPY] = f.entropy <= rules.COLLAPSE_ENTROPY_RATIO * p["entropy_m"]
-            out[:, DROP_RATE] = f.drop_rate >= np.maximum(rules.DROP_COLLAPSE_RATE,
-                                                          rules.DROP_COLLAPSE_RATIO * p["drop_rate_hi"])
+            out[:, DROP_RATE] = self.real_drops & (f.drop_rate >= np.maximum(
+                rules.DROP_COLLAPSE_RATE, rules.DROP_COLLAPSE_RATIO * p["drop_rate_hi"]))
         return out
 
     def _verdict(self, window, f, s, fire, collapse, nonfinite, active) -> Health:
@@ -182,7 +185,8 @@ class BaselineDetector:
             return f"mean top-1 probability {f.top1[i]:.3f} (baseline {p['top1_m']:.3f}) {score}"
         if k == ENTROPY:
             return f"token routing entropy {f.entropy[i]:.3f} nats (baseline {p['entropy_m']:.3f}) {score}"
-        return (f"drop rate {f.drop_rate[i]:.2%} of assignments (baseline 99th percentile "
+        what, note = ("drop rate", "") if self.real_drops[i] else ("would-be drop rate", rules.WOULD_BE)
+        return (f"{what} {f.drop_rate[i]:.2%} of assignments{note} (baseline 99th percentile "
                 f"{p['drop_rate_hi']:.2%}) {score}")
 
 

@@ -25,3 +25,7 @@ TOP_TOKEN_FRACTION = 0.8  # one expert chosen by over 80% of the tokens: collaps
 DROP_RATE_LIMIT = 0.01  # over 1% of assignments dropped: collapse
 MIN_EXPECTED_PER_EXPERT = 20.0  # load rules need >= 20 assignments per expert on a fair split
 MIN_TOKENS = 50  # no rule judges a window of fewer tokens
+
+# Said of the drops a dropless gate reports under capacity_factor=: they are a load signal
+# (what a capacity-limited deployment would drop), never by themselves a collapse.
+WOULD_BE = " at capacity_factor (the gate is dropless: nothing was dropped)"
