@@ -263,7 +263,10 @@ class Monitor:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        self.flush()
+        try:
+            self.flush()
+        except Exception as error:  # the last window is lost, but detach must finish
+            self.errors.record("detach", error)
         self._postmortem.close()  # the shutdown dump, with dump_dir=
         for exporter in self._exporters:
             try:

@@ -189,3 +189,30 @@ def test_half_precision_models(dtype):
             assert frame.loc[gate, "tokens"] == 2 * 21 and frame.loc[gate, "nonfinite_logits"] == 0
             assert np.isfinite(frame.loc[gate, "logit_std"]) and frame.loc[gate, "logit_std"] > 0
     assert no_hooks(model)
+
+
+def test_exception_in_a_window_statistic_or_the_detector_is_counted_and_detach_still_completes(model, monkeypatch):
+    """Host-side failures: the detector raises on every window, then closing a window itself fails
+    (at detach too). Forwards are untouched; detach still removes every hook and stops every thread."""
+    expected = forward(model, ids())
+    mon = moewatch.attach(model, model_name="tiny", alertmanager_url="http://127.0.0.1:9")
+    try:
+        monkeypatch.setattr(mon._detector, "update", lambda *a: (_ for _ in ()).throw(ArithmeticError("bad window")))
+        assert_bit_identical(forward(model, ids()), expected)
+        health = mon.flush()
+        assert "detector failed: ArithmeticError: bad window" in health.note
+        assert mon.error_counts() == {"detector": 1}
+        assert exported(mon, "moewatch_internal_errors_total", component="detector") == 1
+
+        def broken_close(*args):
+            raise MemoryError("no room for a window")
+
+        monkeypatch.setattr(moewatch.monitor, "close_window", broken_close)
+        assert_bit_identical(forward(model, ids()), expected)
+    finally:
+        mon.detach()  # its last flush fails: counted, and the rest of detach still runs
+    assert not mon.attached and no_hooks(model)
+    assert mon.error_counts().get("detach") == 1 and "no room for a window" in mon.errors.last()["detach"]
+    assert exported(mon, "moewatch_up") == 0
+    assert_bit_identical(forward(model, ids()), expected)
+    moewatch.attach(model, background=False).detach()  # the model is free again
