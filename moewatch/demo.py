@@ -1,84 +1,99 @@
-"""``moewatch demo``: watch a small MoE on the CPU go from healthy routing to a collapse."""
+"""``moewatch demo``: a small trained MoE on the CPU, watched from healthy routing to a collapse.
+
+The model is the byte-level Mixtral shipped in ``moewatch/assets/router_model`` (trained on the
+Python standard library's source). The demo records a baseline from training-distribution
+traffic, serves held-out files (healthy), then injects a router collapse, a dead expert and
+logit saturation at one gate (``moewatch.faults``), and removes them again.
+"""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Tuple
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
-from torch import nn
 
 import moewatch
+from moewatch import faults, pretrained
+
+WINDOW_FORWARDS = 2  # forwards of 8 x 128 bytes per window: 2048 tokens per gate
 
 
-def tiny_model(seed: int = 0) -> Tuple[nn.Module, Callable[[int], Iterator[dict]]]:
-    """A small random-weight Mixtral and a source of padded batches."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                           num_experts_per_tok=2)
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(std=0.3)
-
-    def batches(n: int) -> Iterator[dict]:
-        gen = torch.Generator().manual_seed(seed + 1)
-        for _ in range(n):
-            ids = torch.randint(0, 256, (8, 64), generator=gen)
-            mask = torch.ones_like(ids)
-            mask[: 2, :16] = 0  # some left padding, as a batching server produces
-            yield {"input_ids": ids, "attention_mask": mask}
-
-    return model, batches
+def _run_windows(model, mon: moewatch.Monitor, traffic: Iterator[torch.Tensor], windows: int):
+    """Feed ``windows`` windows of traffic; yield each window's verdict."""
+    for _ in range(windows):
+        for _ in range(WINDOW_FORWARDS):
+            with torch.no_grad():
+                model(next(traffic))
+        yield mon.flush()
 
 
-def collapse_bias(model: nn.Module, layer: int, experts=(0, 1), strength: float = 8.0):
-    """Skew one gate so most tokens pick ``experts``: add to their logits. Returns an undo."""
-    gate = model.model.layers[layer].mlp.gate
-
-    def hook(module, args, output):
-        logits, _, _ = output
-        skewed = logits.clone()
-        skewed[:, list(experts)] += strength * logits.std()
-        probs = torch.softmax(skewed.float(), dim=-1)
-        weights, indices = torch.topk(probs, module.top_k, dim=-1)
-        return skewed, weights / weights.sum(dim=-1, keepdim=True), indices
-
-    handle = gate.register_forward_hook(hook, prepend=True)  # before moewatch's hook
-    return handle.remove
-
-
-def _print_windows(mon: moewatch.Monitor, last: int) -> None:
+def _line(window: int, health: moewatch.Health, mon: moewatch.Monitor) -> str:
     frame = mon.windows()
-    frame = frame[frame["window"] >= frame["window"].max() - last + 1]
-    columns = ["window", "gate", "tokens", "effective_experts", "top_share", "entropy_mean", "logit_std",
-               "top1_prob_mean", "dead_experts"]
-    print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    last = frame[frame["window"] == frame["window"].max()]
+    eff = " ".join(f"{v:4.1f}" for v in last["effective_experts"])
+    top = " ".join(f"{v:4.0%}" for v in last["top_share"])
+    return f"  window {window:>2}  {health.severity:<9} effective experts [{eff}]  top share [{top}]"
 
 
-def run(windows: int = 3) -> int:
-    model, batches = tiny_model()
-    print(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    with moewatch.attach(model, background=False, model_name="demo") as mon:
-        print(f"watching {len(mon.gates)} gates: {', '.join(g.name for g in mon.gates)}\n")
-        print("== healthy traffic")
-        for batch in batches(windows):
-            with torch.no_grad():
-                model(**batch)
-            health = mon.flush()
-        _print_windows(mon, windows)
-        print(f"\n{health}\n")
-        print("== injected fault: layer 2's gate sends most tokens to experts 0 and 1")
-        undo = collapse_bias(model, layer=2)
-        for batch in batches(windows):
-            with torch.no_grad():
-                model(**batch)
-            health = mon.flush()
-        undo()
-        _print_windows(mon, 1)
-        print(f"\n{health}")
-        if mon.error_counts():
-            print(f"internal errors: {mon.error_counts()}")
+def _print_reasons(health: moewatch.Health) -> None:
+    for name, gate in health.gates.items():
+        if gate.severity != "ok":
+            print(f"      {name}: {gate.severity}")
+            for reason in gate.reasons[:3]:
+                print(f"        - {reason}")
+
+
+def run(windows: int = 3, serve: Optional[int] = None, seed: int = 0) -> int:
+    started = time.monotonic()
+    model, _ = pretrained.load_router_model()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model: byte-level Mixtral trained on Python's standard library, {params:.1f}M parameters, "
+          f"{model.config.num_hidden_layers} MoE layers x {model.config.num_local_experts} experts, top-2\n")
+
+    print("1. record a baseline from training-distribution traffic")
+    with moewatch.attach(model, background=False, model_name="demo") as recorder:
+        for _ in _run_windows(model, recorder, pretrained.training_batches(seed=seed), 24):
+            pass
+        baseline = recorder.baseline()
+    path = Path(tempfile.mkdtemp(prefix="moewatch-demo-")) / "baseline.json"
+    baseline.save(path)
+    print(f"   {len(baseline.gates)} gates, 24 windows of 2048 tokens -> {path}\n")
+
+    mon = moewatch.attach(model, baseline=path, background=False, model_name="demo")
+    if serve is not None:
+        port = mon.serve_prometheus(port=serve)
+        print(f"   Prometheus metrics on http://127.0.0.1:{port}/metrics\n")
+    print(f"2. serve held-out files ({len(mon.gates)} gates watched: {', '.join(g.name for g in mon.gates)})")
+    traffic = pretrained.heldout_batches(seed=seed + 1)
+    index = 0
+    for health in _run_windows(model, mon, traffic, windows):
+        print(_line(index, health, mon))
+        index += 1
+    layer = 2
+    drills = [
+        ("a router collapse: layer 2's gate sends most tokens to experts 0 and 1",
+         lambda: faults.two_expert_collapse(model, experts=(0, 1), layers=[layer])),
+        ("a dead expert: expert 3 of layer 2 is never chosen",
+         lambda: faults.dead_expert(model, expert=3, layers=[layer])),
+        ("logit saturation: layer 2's logits scaled x8",
+         lambda: faults.saturate(model, scale=8.0, layers=[layer])),
+    ]
+    for step, (what, inject) in enumerate(drills, start=3):
+        print(f"\n{step}. inject {what}")
+        with inject():
+            for health in _run_windows(model, mon, traffic, windows):
+                print(_line(index, health, mon))
+                index += 1
+        _print_reasons(health)
+        print("   fault removed:")
+        for health in _run_windows(model, mon, traffic, 2):
+            print(_line(index, health, mon))
+            index += 1
+    errors = mon.error_counts()
+    mon.detach()
+    print(f"\ndone in {time.monotonic() - started:.0f} s; internal errors: {errors or 'none'}")
+    if serve is not None:
+        print("(the metrics endpoint stopped with the monitor)")
     return 0
