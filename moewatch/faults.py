@@ -12,7 +12,7 @@ were attached, so the monitor sees the faulted output. Every fault is reversible
 
 The faults:
 
-* :func:`two_expert_collapse` -- a bias on two experts' logits (the incident of seed 003);
+* :func:`two_expert_collapse` -- a bias on two experts' logits (a router collapse onto two experts);
 * :func:`dead_expert` -- one expert's logit pushed below every other: it is never chosen;
 * :func:`saturate` -- logits scaled (x8 by default): near one-hot routing, same ranking;
 * :func:`capacity_squeeze` -- a bias that overloads experts past their capacity. Mixtral-style
