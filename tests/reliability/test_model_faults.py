@@ -128,11 +128,18 @@ def test_non_finite_logits_are_counted_not_propagated_into_the_statistics(model,
                 np.testing.assert_array_equal(counts[gate], reference[gate])
 
 
+def outcome(model, *args):
+    """The model's output, or the exception it raised."""
+    try:
+        return forward(model, *args)
+    except Exception as error:
+        return error
+
+
 def test_empty_batch(model):
     """Zero tokens: the model's own error is unchanged; the MoE block and a fully padded batch count nothing."""
     empty = torch.zeros((1, 0), dtype=torch.long)
-    with pytest.raises(Exception) as plain:
-        forward(model, empty)
+    plain = outcome(model, empty)
     block = model.model.layers[0].mlp
     nothing = torch.zeros(1, 0, model.config.hidden_size)
     expected_block = forward(block, nothing)
@@ -140,9 +147,11 @@ def test_empty_batch(model):
     mask = torch.zeros_like(padded)
     expected_padded = forward(model, padded, attention_mask=mask)
     with moewatch.attach(model, background=False, model_name="tiny") as mon:
-        with pytest.raises(type(plain.value)) as watched:
-            forward(model, empty)
-        assert str(watched.value) == str(plain.value)  # the model's error, not one of ours
+        watched = outcome(model, empty)  # transformers 5 raises on 0 tokens: the same error, not one of ours
+        if isinstance(plain, torch.Tensor):
+            assert_bit_identical(watched, plain)
+        else:
+            assert (type(watched), str(watched)) == (type(plain), str(plain))
         assert_bit_identical(forward(block, nothing), expected_block)
         assert_bit_identical(forward(model, padded, attention_mask=mask), expected_padded)
         assert mon.error_counts() == {}
