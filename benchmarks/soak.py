@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     counted = int(mon.counts()["gate"].sum())
     mon.detach()
     dumps = sorted(os.listdir(dump_dir))
+    shutil.rmtree(work, ignore_errors=True)
     print(f"\nassignments counted {counted:,} (expected {args.forwards * args.tokens * 2:,}); "
           f"dumps in dump_dir: {len(dumps)}; last /metrics size {scrapes['bytes']:,} bytes; "
           f"failed scrapes {scrapes['failed']}")
