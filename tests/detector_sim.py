@@ -50,13 +50,16 @@ class HealthyTraffic:
     gate's own shares (Dirichlet-multinomial counts), and its scalar statistics wander (AR(1))."""
 
     def __init__(self, num_gates: int, experts: int, top_k: int = 2, tokens: int = 4096,
-                 concentration: float = 300.0, seed: int = 0):
+                 concentration: float = 300.0, seed: int = 0, drop_shape: float = 0.0):
         self.rng = np.random.default_rng(seed)
         self.gates = make_gates(num_gates, experts, top_k)
         self.top_k, self.tokens, self.concentration = top_k, tokens, concentration
         self.shares = self.rng.dirichlet(np.full(experts, 8.0), size=num_gates)  # [G, E] unequal but healthy
         self.level = np.zeros((num_gates, 3))
         self.index = 0
+        # drop_shape > 0: healthy drops too, a gamma-distributed rate (mean 0.5%, skewness
+        # 2 / sqrt(drop_shape)): mostly little, now and then a burst, as capacity overflow is
+        self.drop_shape = drop_shape
 
     def window(self, tokens: Optional[int] = None, shares: Optional[np.ndarray] = None,
                logit_scale: float = 1.0, drop_fraction: float = 0.0, nonfinite: int = 0) -> Window:
@@ -70,6 +73,8 @@ class HealthyTraffic:
         entropy = np.clip(1.2 * (1 + 0.01 * noise[:, 0]) / logit_scale, 0, None)
         logit_std = 1.5 * logit_scale * (1 + 0.01 * noise[:, 1])
         top1 = np.clip(1 - (1 - 0.45 * (1 + 0.01 * noise[:, 2])) / logit_scale, 0, 1)
+        if self.drop_shape > 0:
+            drop_fraction = drop_fraction + self.rng.gamma(self.drop_shape, 0.005 / self.drop_shape, (g, 1))
         dropped = np.floor(counts * drop_fraction).astype(np.int64)
         w = make_window(self.index, counts, np.full(g, float(tokens)), entropy, logit_std, top1, dropped,
                         np.full(g, float(nonfinite)))

@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 import moewatch
 from moewatch.baseline import Baseline
 from moewatch.detector import AbsoluteDetector, BaselineDetector
 from moewatch.detector.calibrate import _run_probability, persistent_threshold, sidak
-from moewatch.detector.features import effective_experts
+from moewatch.detector.features import effective_experts, window_features
+from moewatch.detector.nullmodel import _skewed_tails, scores
 from tests.conftest import tiny_mixtral
 from tests.detector_sim import HealthyTraffic
 
@@ -77,6 +78,33 @@ def test_no_false_alarm_at_default_ert():
     verdicts = [det.update(sim.window(), sim.gates) for _ in range(1500)]
     assert all(v.severity == "ok" for v in verdicts)
     assert all(v.has_baseline and v.detector for v in verdicts)
+
+
+def test_heavy_tailed_drop_rate_does_not_alarm_at_default_ert():
+    """A healthy drop rate with a long upper tail (gamma, skewness 2.8): the scores follow a
+    Pearson III fitted to the baseline's skewness, not a normal, so the tail beyond the
+    baseline's largest windows does not page (a normal score would reach 8-10 here)."""
+    sim = HealthyTraffic(num_gates=8, experts=8, seed=21, drop_shape=0.5)
+    det = _detector(sim, windows=64)
+    assert (det.params["drop_rate_g"] > 1.0).all()  # the skewness was seen
+    verdicts = [det.update(sim.window(), sim.gates) for _ in range(4000)]
+    fired = [c for v in verdicts for g in v.gates.values() for c, s in g.checks.items() if s != "ok"]
+    assert fired == []
+
+
+def test_skewed_tails_are_pearson_type_iii_on_the_heavy_side_and_normal_on_the_other():
+    y = np.array([-3.0, -1.0, 0.0, 2.0, 5.0, 9.0])
+    for g in (0.8, 2.5):
+        hi, lo = _skewed_tails(y, np.full_like(y, g))
+        np.testing.assert_allclose(hi, stats.pearson3.sf(y, g), rtol=1e-9)
+        np.testing.assert_allclose(lo, special.ndtr(y), rtol=1e-12)
+        hi, lo = _skewed_tails(-y, np.full_like(y, -g))
+        np.testing.assert_allclose(lo, stats.pearson3.sf(y, g), rtol=1e-9)
+        np.testing.assert_allclose(hi, special.ndtr(y), rtol=1e-12)
+    # no skewness: a normal on both sides; a skewed tail is far heavier far out
+    hi, lo = _skewed_tails(y, np.zeros_like(y))
+    np.testing.assert_allclose(hi, special.ndtr(-y), rtol=1e-4)
+    assert _skewed_tails(np.array([6.0]), np.array([1.5]))[0][0] > 1e4 * special.ndtr(-6.0)
 
 
 def test_small_windows_do_not_alarm():
@@ -174,16 +202,21 @@ def test_persistence_needs_consecutive_windows():
     sim = HealthyTraffic(num_gates=1, experts=8, seed=8)
     det = _detector(sim)
     h1, hr = det.h1[0, 6], det.hr[0, 6]  # entropy check
-    m, s = det.params["entropy_m"][0], det.params["entropy_s"][0]
-    # entropy offset whose two-sided score lies between hr and h1
-    target = (h1 + hr) / 2
-    z = -special.ndtri(special.ndtr(-target) / 2)
+    mu, sd = det.params["entropy_mu"][0], det.params["entropy_s"][0]
     w = sim.window()
     tokens = w.sums[0, 0]
-    w.sums[0, 1] = (m + z * s) * tokens
+
+    def score(entropy: float) -> float:
+        w.sums[0, 1] = entropy * tokens
+        return float(scores(det.params, window_features(w, det.experts))[0, 6])
+
+    # the entropy whose two-sided score lies half-way between hr and h1 (the score rises with it)
+    target = (h1 + hr) / 2
+    x = optimize.brentq(lambda e: score(e) - target, mu, mu + 50 * sd)
+    assert hr < score(x) < h1
     first = det.update(w, sim.gates)
     w2 = sim.window()
-    w2.sums[0, 1] = (m + z * s) * tokens
+    w2.sums[0, 1] = x * tokens
     second = det.update(w2, sim.gates)
     assert first.gates[sim.gates[0].name].checks["entropy"] == "ok"
     assert second.gates[sim.gates[0].name].checks["entropy"] == "drift"

@@ -27,16 +27,48 @@ SCALARS = {CONCENTRATION: ("effective", "low"), LOGIT_STD: ("logit_std", "both")
 
 Params = Dict[str, np.ndarray]
 MIN_EXPECTED = 5.0  # expected assignments below which an expert's share is not tested
+MAX_SKEW = 4.0  # |skewness| of a scalar statistic is taken at most this
+MIN_SKEW = 1e-3  # |skewness| below this: normal tails on both sides
 
 
-def _center_scale(x: np.ndarray, floor: float) -> tuple:
-    """Median and root-mean-square deviation from it (not MAD: keep the tails' weight)."""
+def _moments(x: np.ndarray, floor: float) -> tuple:
+    """Median, mean, standard deviation and skewness of the finite values of ``x``.
+
+    The skewness is the adjusted Fisher-Pearson one (G1), clipped to +-MAX_SKEW; the median
+    is kept for the reasons and the collapse rules (a typical baseline value).
+    """
     x = x[np.isfinite(x)]
     if x.size == 0:
-        return np.nan, np.inf
-    m = float(np.median(x))
-    s = float(np.sqrt(np.mean((x - m) ** 2)))
-    return m, max(s, floor, 1e-3 * abs(m), 1e-9)
+        return np.nan, np.nan, np.inf, 0.0
+    med, mu = float(np.median(x)), float(np.mean(x))
+    sd = float(np.std(x))
+    n = x.size
+    if n > 2 and sd > 0:
+        g1 = float(np.mean((x - mu) ** 3)) / sd ** 3
+        g = float(np.clip(g1 * np.sqrt(n * (n - 1)) / (n - 2), -MAX_SKEW, MAX_SKEW))
+    else:
+        g = 0.0
+    sd = sd * np.sqrt(n / (n - 1)) if n > 1 else sd
+    return med, mu, max(sd, floor, 1e-3 * abs(med), 1e-9), g
+
+
+def _skewed_tails(y: np.ndarray, g: np.ndarray) -> tuple:
+    """(P(Y > y), P(Y < y)) for a standardised variable Y of skewness ``g`` (Pearson type III).
+
+    The heavy side (the side the skew points to) is a shifted gamma with the same mean, variance
+    and skewness; its tail falls like exp(-y), far slower than a normal one, which is what
+    statistics such as the effective number of experts (a quadratic in the shares) or a drop
+    rate (an overflow past a capacity) do. The light side of a gamma is bounded; there the
+    normal tail is used instead, so no healthy value can ever lie "beyond the bound".
+    """
+    skewed = np.abs(g) >= MIN_SKEW
+    g = np.where(skewed, g, MIN_SKEW)
+    a = 4.0 / (g * g)
+    t = np.maximum(a + np.sign(g) * y * np.sqrt(a), 0.0)
+    heavy = special.gammaincc(a, t)  # P(further out on the heavy side)
+    hi = np.where(skewed & (g > 0), heavy, special.ndtr(-y))
+    lo = np.where(skewed & (g < 0), heavy, special.ndtr(y))
+    return hi, lo
 
 
 def fit(f: Features) -> Params:
@@ -67,8 +99,9 @@ def fit(f: Features) -> Params:
     floors = {"effective": 0.0, "logit_std": 0.0, "top1": 0.0, "entropy": 0.0,
               "drop_rate": float(np.sqrt(rate * (1 - rate) / n0))}
     for feature, _ in SCALARS.values():
-        m, s = _center_scale(getattr(f, feature), floors[feature])
-        params[f"{feature}_m"], params[f"{feature}_s"] = np.float64(m), np.float64(s)
+        med, mu, sd, g = _moments(getattr(f, feature), floors[feature])
+        for key, value in (("m", med), ("mu", mu), ("s", sd), ("g", g)):
+            params[f"{feature}_{key}"] = np.float64(value)
     drops = f.drop_rate[np.isfinite(f.drop_rate)]
     params["drop_rate_hi"] = np.float64(np.quantile(drops, 0.99) if drops.size else 0.0)
     nonfinite_rate = f.nonfinite / np.maximum(f.tokens, 1)
@@ -132,14 +165,17 @@ def scores(params: Params, f: Features, raw_load: bool = False) -> np.ndarray:
     for k, (feature, sides) in SCALARS.items():
         n, n0 = (f.assignments, params["n0"]) if feature in ("effective", "drop_rate") else (f.tokens, params["t0"])
         inflate = np.maximum(1.0, n0 / np.maximum(n, 1.0))
-        zk = (getattr(f, feature) - params[f"{feature}_m"]) / (params[f"{feature}_s"] * np.sqrt(inflate))
-        if k == CONCENTRATION:
-            zk = np.where(thin, np.nan, zk)
+        # a smaller window is a sum of fewer parts: more variance (n0 / n) and more skew (sqrt)
+        y = (getattr(f, feature) - params[f"{feature}_mu"]) / (params[f"{feature}_s"] * np.sqrt(inflate))
+        hi, lo = _skewed_tails(y, params[f"{feature}_g"] * np.sqrt(inflate))
         if sides == "low":
-            out[..., k] = -zk
+            sk = _tail_score(lo)
         elif sides == "high":
-            out[..., k] = zk
+            sk = _tail_score(hi)
         else:
-            out[..., k] = _tail_score(2 * special.ndtr(-np.abs(zk)))
+            sk = _tail_score(2 * np.minimum(hi, lo))
+        if k == CONCENTRATION:
+            sk = np.where(thin, np.nan, sk)
+        out[..., k] = np.where(np.isnan(y), np.nan, sk)
     # A statistic that could not be computed (no tokens, all logits non-finite) never alarms here.
     return np.where(np.isfinite(out) | (out > 0), out, -np.inf)
