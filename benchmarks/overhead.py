@@ -7,9 +7,10 @@ Four set-ups run interleaved round by round (so drifting machine load hits them 
             as hand-written monitors do)
   router    output_router_logits=True and statistics computed on the host from the outputs
 
-Prefill (batch 8 x 512 tokens) and decode with a KV cache (batch 1, 8, 64). Prints tokens/s
-medians and the ratio of each set-up's time to the model alone, then host memory after many
-small monitored forwards.
+Prefill (batch 8 x 512 tokens) and decode with a KV cache (batch 1, 8, 64). Prints, per set-up,
+tokens/s and the medians of wall time and process CPU time with their ratios to the model alone,
+and for moewatch the share of each forward spent inside its hooks (measured in the same forward,
+so it does not depend on the machine's load); then host memory after many small monitored forwards.
 
     python benchmarks/overhead.py                 # the full run (several minutes on 2 cores)
     python benchmarks/overhead.py --quick         # fewer repeats, smaller decode batches
@@ -30,11 +31,11 @@ import torch
 import moewatch
 
 
-def mixtral_shaped(hidden: int, layers: int, experts: int, top_k: int, dtype=torch.float32):
+def mixtral_shaped(hidden: int, layers: int, experts: int, top_k: int, vocab: int, dtype=torch.float32):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 7 // 2,
+    config = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 7 // 2,
                            num_hidden_layers=layers, num_attention_heads=hidden // 128,
                            num_key_value_heads=max(1, hidden // 512), num_local_experts=experts,
                            num_experts_per_tok=top_k, max_position_embeddings=4096)
@@ -97,56 +98,110 @@ def setups(model, experts: int, top_k: int) -> Dict[str, tuple]:
     }
 
 
-def time_prefill(model, cases, batch: int, length: int, repeats: int) -> Dict[str, List[float]]:
-    ids = torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(1))
-    times = {name: [] for name in cases}
-    for _ in range(repeats + 1):  # the first round warms up and is dropped
-        for name, (enter, leave, kwargs, after) in cases.items():
-            enter()
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model(ids, **kwargs)
-                if after:
-                    after(out)
-            times[name].append(time.perf_counter() - start)
-            leave()
-    return {name: t[1:] for name, t in times.items()}
+class Clock:
+    """Wall and process-CPU seconds of a block. CPU time is far less disturbed than wall time by
+    other processes on a shared machine; both are reported."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int) -> Dict[str, List[float]]:
-    """Seconds per decode step (one token per sequence, KV cache)."""
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 32000, (batch, prompt), generator=gen)
-    times = {name: [] for name in cases}
-    for _ in range(repeats + 1):
-        for name, (enter, leave, kwargs, after) in cases.items():
-            with torch.no_grad():
-                out = model(ids, use_cache=True)
-            past = out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-            mask = torch.ones(batch, prompt + steps, dtype=torch.long)
-            enter()
+class HookTimer:
+    """Seconds spent inside moewatch's gate hooks (on the model's thread), summed."""
+
+    def __init__(self):
+        from moewatch import hooks
+
+        self.total = 0.0
+        self._hooks, self._original = hooks, hooks.GateHook.__call__
+        timer = self
+
+        def timed(hook, *args):
             start = time.perf_counter()
-            with torch.no_grad():
-                for step in range(steps):
-                    out = model(token, past_key_values=past, use_cache=True,
-                                attention_mask=mask[:, :prompt + step + 1], **kwargs)
+            try:
+                return timer._original(hook, *args)
+            finally:
+                timer.total += time.perf_counter() - start
+
+        hooks.GateHook.__call__ = timed
+
+    def close(self):
+        self._hooks.GateHook.__call__ = self._original
+
+
+def time_prefill(model, cases, batch: int, length: int, repeats: int, vocab: int) -> Dict[str, List[tuple]]:
+    """(wall, cpu, in-hook) seconds per forward, per set-up."""
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+    times = {name: [] for name in cases}
+    timer = HookTimer()
+    try:
+        for _ in range(repeats + 1):  # the first round warms up and is dropped
+            for name, (enter, leave, kwargs, after) in cases.items():
+                enter()
+                timer.total = 0.0
+                with torch.no_grad(), Clock() as clock:
+                    out = model(ids, **kwargs)
                     if after:
                         after(out)
-                    past = out.past_key_values
-                    token = out.logits[:, -1:].argmax(-1)
-            times[name].append((time.perf_counter() - start) / steps)
-            leave()
+                times[name].append((clock.wall, clock.cpu, timer.total))
+                leave()
+    finally:
+        timer.close()
     return {name: t[1:] for name, t in times.items()}
 
 
-def report(title: str, times: Dict[str, List[float]], tokens: int) -> None:
-    base = statistics.median(times["none"])
+def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int, vocab: int) -> Dict[str, List[tuple]]:
+    """(wall, cpu, in-hook) seconds per decode step (one token per sequence, KV cache)."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=gen)
+    times = {name: [] for name in cases}
+    timer = HookTimer()
+    try:
+        for _ in range(repeats + 1):
+            for name, (enter, leave, kwargs, after) in cases.items():
+                with torch.no_grad():
+                    out = model(ids, use_cache=True)
+                past = out.past_key_values
+                token = out.logits[:, -1:].argmax(-1)
+                mask = torch.ones(batch, prompt + steps, dtype=torch.long)
+                # transformers' load-balancing loss cannot take a KV-cache-length mask: the
+                # output_router_logits set-up decodes without one (there is no padding here)
+                masked = "output_router_logits" not in kwargs
+                enter()
+                timer.total = 0.0
+                with torch.no_grad(), Clock() as clock:
+                    for step in range(steps):
+                        step_mask = {"attention_mask": mask[:, :prompt + step + 1]} if masked else {}
+                        out = model(token, past_key_values=past, use_cache=True, **step_mask, **kwargs)
+                        if after:
+                            after(out)
+                        past = out.past_key_values
+                        token = out.logits[:, -1:].argmax(-1)
+                times[name].append((clock.wall / steps, clock.cpu / steps, timer.total / steps))
+                leave()
+    finally:
+        timer.close()
+    return {name: t[1:] for name, t in times.items()}
+
+
+def report(title: str, times: Dict[str, List[tuple]], tokens: int) -> None:
+    """Medians of wall and CPU time, their ratios to the model alone, and moewatch's in-hook share."""
+    def med(name, i):
+        return statistics.median(t[i] for t in times[name])
+
+    base_wall, base_cpu = med("none", 0), med("none", 1)
     print(f"\n{title}")
-    print(f"  {'set-up':<10}{'tokens/s':>12}{'median ms':>12}{'vs none':>10}")
-    for name, t in times.items():
-        med = statistics.median(t)
-        print(f"  {name:<10}{tokens / med:>12.1f}{med * 1e3:>12.2f}{med / base:>10.3f}")
+    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'vs none':>9}{'cpu ms':>10}{'vs none':>9}{'in hooks':>10}")
+    for name in times:
+        wall, cpu = med(name, 0), med(name, 1)
+        share = statistics.median(t[2] / t[0] for t in times[name]) if name == "moewatch" else None
+        hooks = f"{share:>9.2%}" if share is not None else f"{'':>9}"
+        print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{wall / base_wall:>9.3f}"
+              f"{cpu * 1e3:>10.2f}{cpu / base_cpu:>9.3f} {hooks}")
 
 
 def rss_mib() -> float:
@@ -186,6 +241,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192,
+                        help="vocabulary (default 8192: a smaller LM head than Mixtral's 32000 makes "
+                             "the model cheaper, so the overhead ratios are conservative)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -200,15 +258,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"moewatch {moewatch.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads; python {sys.version.split()[0]}")
-    model = mixtral_shaped(args.hidden, args.layers, args.experts, args.top_k)
+    model = mixtral_shaped(args.hidden, args.layers, args.experts, args.top_k, args.vocab)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"Mixtral-shaped: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
-          f"top-{args.top_k}, {params:.0f}M parameters, float32; medians of {args.repeats} rounds")
+          f"top-{args.top_k}, vocab {args.vocab}, {params:.0f}M parameters, float32; medians of {args.repeats} rounds")
     cases = setups(model, args.experts, args.top_k)
+    vocab = args.vocab
     batch, length = args.prefill
-    report(f"prefill {batch} x {length}", time_prefill(model, cases, batch, length, args.repeats), batch * length)
+    report(f"prefill {batch} x {length}", time_prefill(model, cases, batch, length, args.repeats, vocab),
+           batch * length)
     for b in args.decode_batches:
-        t = time_decode(model, cases, b, prompt=32, steps=args.decode_steps, repeats=args.repeats)
+        t = time_decode(model, cases, b, prompt=32, steps=args.decode_steps, repeats=args.repeats, vocab=vocab)
         report(f"decode, batch {b}, KV cache (per step)", t, b)
     if args.memory_forwards:
         memory_soak(args.memory_forwards)
