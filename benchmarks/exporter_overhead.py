@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import statistics
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,22 +24,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-import moewatch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-
-def tiny_mixtral(seed: int = 0):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                           num_experts_per_tok=2, max_position_embeddings=512)
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(std=0.5)
-    return model
+import moewatch  # noqa: E402
+from tests.tiny_models import tiny_mixtral  # noqa: E402
 
 
 class Endpoint:

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import moewatch  # noqa: E402
-from tests.conftest import tiny_mixtral  # noqa: E402
+from tests.tiny_models import tiny_mixtral  # noqa: E402
 from tests.moe_from_scratch import TinyMoELM  # noqa: E402
 
 
