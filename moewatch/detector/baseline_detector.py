@@ -39,11 +39,13 @@ def calibrated_scores(f: Features, params: Params) -> np.ndarray:
 
 
 def _stack(per_gate: List[Params], experts: int) -> Params:
-    """Per-gate params -> arrays over gates ([G] or [G, E], experts padded as unused)."""
+    """Per-gate params -> arrays over gates ([G], [G, E] with experts padded as unused, or [G, S])."""
     out: Params = {}
     for key in per_gate[0]:
         values = [p[key] for p in per_gate]
-        if np.ndim(values[0]) == 1:
+        if key.startswith("scalar_"):  # [S] per gate: one value per scalar check
+            out[key] = np.stack(values)
+        elif np.ndim(values[0]) == 1:
             pad = {"alive": False, "p": 1.0, "var": 1.0}[key]
             arr = np.full((len(values), experts), pad, dtype=np.asarray(values[0]).dtype)
             for i, v in enumerate(values):

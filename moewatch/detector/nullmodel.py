@@ -9,6 +9,13 @@ Variances are taken at the baseline's typical window size n0 and inflated by ``n
 smaller windows: the excess dispersion of real traffic may come from correlated tokens (which
 scales like 1/n) or from a changing mix (which does not), and we cannot tell them apart, so we
 assume whichever is larger at each window size. Small windows therefore never look alarming.
+
+Scalar statistics are not normal: the effective number of experts is a quadratic in the shares
+(its low tail falls like a chi-square's), a drop rate is an overflow past a capacity (mostly
+small, now and then a burst). A normal fitted to their bulk puts a 1-in-10^7 window at 5 sd
+where the real one lies at 8-10. Each is therefore scored on a Pearson type III (a shifted
+gamma) with the baseline's mean, standard deviation and skewness, whose exponential tail is
+what such statistics have; with no skewness it is the normal.
 """
 from __future__ import annotations
 
@@ -24,6 +31,10 @@ LOAD, OVERLOAD, UNDERLOAD, CONCENTRATION, LOGIT_STD, TOP1_PROB, ENTROPY, DROP_RA
 # (feature, sides): two-sided checks alarm on a change either way; collapse rules look at one side.
 SCALARS = {CONCENTRATION: ("effective", "low"), LOGIT_STD: ("logit_std", "both"),
            TOP1_PROB: ("top1", "both"), ENTROPY: ("entropy", "both"), DROP_RATE: ("drop_rate", "high")}
+
+_SIDE_LOW = np.array([sides == "low" for _, sides in SCALARS.values()])
+_SIDE_HIGH = np.array([sides == "high" for _, sides in SCALARS.values()])
+_PER_ASSIGNMENT = ("effective", "drop_rate")  # per assignment; the other scalars per token
 
 Params = Dict[str, np.ndarray]
 MIN_EXPECTED = 5.0  # expected assignments below which an expert's share is not tested
@@ -102,6 +113,10 @@ def fit(f: Features) -> Params:
         med, mu, sd, g = _moments(getattr(f, feature), floors[feature])
         for key, value in (("m", med), ("mu", mu), ("s", sd), ("g", g)):
             params[f"{feature}_{key}"] = np.float64(value)
+    # the same, stacked in the order of SCALARS, for scores() ([S] each)
+    for key in ("mu", "s", "g"):
+        params[f"scalar_{key}"] = np.array([params[f"{feat}_{key}"] for feat, _ in SCALARS.values()])
+    params["scalar_n0"] = np.array([n0 if feat in _PER_ASSIGNMENT else t0 for feat, _ in SCALARS.values()])
     drops = f.drop_rate[np.isfinite(f.drop_rate)]
     params["drop_rate_hi"] = np.float64(np.quantile(drops, 0.99) if drops.size else 0.0)
     nonfinite_rate = f.nonfinite / np.maximum(f.tokens, 1)
@@ -162,20 +177,17 @@ def scores(params: Params, f: Features, raw_load: bool = False) -> np.ndarray:
     out[..., UNDERLOAD] = _tail_score(n_alive * special.ndtr(zmin) * none)
     # Too few assignments for the load of this gate to mean anything (~MIN_EXPECTED per expert).
     thin = f.assignments < MIN_EXPECTED * np.maximum(params["alive"].sum(-1), 1)
-    for k, (feature, sides) in SCALARS.items():
-        n, n0 = (f.assignments, params["n0"]) if feature in ("effective", "drop_rate") else (f.tokens, params["t0"])
-        inflate = np.maximum(1.0, n0 / np.maximum(n, 1.0))
-        # a smaller window is a sum of fewer parts: more variance (n0 / n) and more skew (sqrt)
-        y = (getattr(f, feature) - params[f"{feature}_mu"]) / (params[f"{feature}_s"] * np.sqrt(inflate))
-        hi, lo = _skewed_tails(y, params[f"{feature}_g"] * np.sqrt(inflate))
-        if sides == "low":
-            sk = _tail_score(lo)
-        elif sides == "high":
-            sk = _tail_score(hi)
-        else:
-            sk = _tail_score(2 * np.minimum(hi, lo))
-        if k == CONCENTRATION:
-            sk = np.where(thin, np.nan, sk)
-        out[..., k] = np.where(np.isnan(y), np.nan, sk)
+    # The scalar checks, all at once ([..., S]): a smaller window is a sum of fewer parts, with
+    # more variance (n0 / n) and more skewness (its square root).
+    cols = list(SCALARS)
+    x = np.stack([getattr(f, SCALARS[k][0]) for k in cols], -1)
+    n = np.stack([f.assignments if SCALARS[k][0] in _PER_ASSIGNMENT else f.tokens for k in cols], -1)
+    inflate = np.maximum(1.0, params["scalar_n0"] / np.maximum(n, 1.0))
+    root = np.sqrt(inflate)
+    y = (x - params["scalar_mu"]) / (params["scalar_s"] * root)
+    hi, lo = _skewed_tails(y, params["scalar_g"] * root)
+    sk = _tail_score(np.where(_SIDE_LOW, lo, np.where(_SIDE_HIGH, hi, 2 * np.minimum(hi, lo))))
+    sk[..., cols.index(CONCENTRATION)] = np.where(thin, np.nan, sk[..., cols.index(CONCENTRATION)])
+    out[..., cols] = np.where(np.isnan(y), np.nan, sk)
     # A statistic that could not be computed (no tokens, all logits non-finite) never alarms here.
     return np.where(np.isfinite(out) | (out > 0), out, -np.inf)
