@@ -54,10 +54,9 @@ def gate_sums(
     times faster than reducing a narrow last dimension.
     """
     num_tokens, num_experts = logits.shape
-    x = logits.detach().float().t().contiguous()  # [E, T]
-    finite = torch.isfinite(x)  # [E, T]
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    x = torch.where(finite, x, zero)  # [E, T]
+    raw = logits.detach().float().t().contiguous()  # [E, T]
+    x = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)  # [E, T]
+    nonfinite = x != raw  # [E, T]: only NaN and +-Inf differ from their replacement (NaN != 0)
     peak = x.amax(dim=0) if num_tokens else x.new_zeros(0)  # [T]
     shifted = x - peak  # [E, T], <= 0
     exp_shifted = torch.exp(shifted)  # [E, T]
@@ -75,14 +74,15 @@ def gate_sums(
     top1 = p.amax(dim=0) if num_tokens else p.new_zeros(0)  # [T]
     at_top = p == top1  # [E, T]
     # second largest probability without topk: the max of the others, or top1 itself on a tie
-    second = torch.where(at_top, zero, p).amax(dim=0) if num_tokens else top1
+    second = torch.where(at_top, 0.0, p).amax(dim=0) if num_tokens else top1
     second = torch.where(at_top.sum(dim=0) >= 2, top1, second)  # [T]
     if indices is None:
         indices = torch.topk(p.t(), top_k, dim=-1).indices  # [T, k]
     slots = indices.long().t()  # [k, T]
     assigned = torch.zeros_like(p).scatter_add_(  # [E, T] assignments per expert and token
         0, slots, torch.ones(slots.shape, dtype=p.dtype, device=p.device))
-    finite_count = finite.sum(dim=0, dtype=x.dtype)  # [T]
+    nonfinite_count = nonfinite.sum(dim=0, dtype=x.dtype)  # [T]
+    finite_count = num_experts - nonfinite_count  # [T]
     per_token = [
         torch.ones_like(lse),
         entropy,
@@ -92,7 +92,7 @@ def gate_sums(
         top1,
         top1 - second,
         lse * lse,
-        num_experts - finite_count,
+        nonfinite_count,
     ]
     rows = [torch.stack(per_token), p, assigned]  # [NUM_SCALARS, T], [E, T], [E, T]
     if dropped is not None:
@@ -100,11 +100,11 @@ def gate_sums(
     table = torch.cat(rows, dim=0)  # [C, T]
     if valid is None:
         total = table.sum(dim=1)  # [C]
-        absmax = x.abs().amax() if num_tokens else zero
+        absmax = x.abs().amax() if num_tokens else x.new_zeros(())
     else:
         w = valid.to(device=x.device, dtype=x.dtype)  # [T]
         total = table @ w  # [C]
-        absmax = (x.abs() * w).amax() if num_tokens else zero
+        absmax = (x.abs() * w).amax() if num_tokens else x.new_zeros(())
     scalars = total[:NUM_SCALARS]
     prob_sum = total[NUM_SCALARS:NUM_SCALARS + num_experts]
     counts = total[NUM_SCALARS + num_experts:NUM_SCALARS + 2 * num_experts]
