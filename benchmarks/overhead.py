@@ -228,7 +228,7 @@ def memory_soak(forwards: int) -> None:
             model(ids)
             if i in (forwards // 10, forwards // 2, forwards):
                 gc.collect()
-                marks[i] = (rss_mib(), len(mon.windows()))
+                marks[i] = (rss_mib(), mon.windows()["window"].nunique())
     mon.detach()
     print(f"\nhost memory over {forwards:,} small monitored forwards (ring capped at 256 windows)")
     for i, (rss, ring) in marks.items():
