@@ -8,7 +8,10 @@ import torch
 # (a tiny DBRX forward takes ~5 s with 2 threads on a loaded machine, ~0.02 s with 1).
 torch.set_num_threads(1)
 
-from tests.tiny_models import padded_batch, tiny_mixtral  # noqa: E402,F401  (tests import them from here)
+try:  # tests import them from here; child processes import this file with tests/ on sys.path
+    from tests.tiny_models import padded_batch, tiny_mixtral  # noqa: E402,F401
+except ModuleNotFoundError:
+    from tiny_models import padded_batch, tiny_mixtral  # noqa: E402,F401
 
 
 @pytest.fixture
