@@ -30,12 +30,9 @@ class GateHook:
         self.masks = masks
         self.errors = errors
         self.capacity_factor = capacity_factor
-        self.enabled = True
         self.sampler = None  # a moewatch.decisions.DecisionSampler with sample_decisions > 0
 
     def __call__(self, module, args, kwargs, output):
-        if not self.enabled:
-            return None
         try:
             with torch.no_grad():
                 self._observe(module, args, kwargs, output)
@@ -72,8 +69,6 @@ class CompanionHook:
         self.gate = gate
 
     def __call__(self, *args):
-        if not self.gate.enabled:
-            return None
         try:
             with torch.no_grad():
                 self.hook(*args)

@@ -168,8 +168,6 @@ class Monitor:
         return window
 
     def _judge(self, window: Window) -> Health:
-        if self._detector is None:
-            return Health(window=window.index, note="no detector yet")
         try:
             return self._detector.update(window, self._gates)
         except Exception as error:  # a detector bug must not stop the windows
