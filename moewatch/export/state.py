@@ -116,6 +116,12 @@ class StateReader:
         self.rank = str(process_rank(monitor.options).rank)
         self._key: Optional[tuple] = None
         self._frozen: Optional[tuple] = None  # (gates, windows_total, last_window_time, has_baseline)
+        # The baseline is fixed at attach: its per-gate figures are computed once, not per window.
+        baseline = _baseline_of(monitor)
+        self._baseline_figures: Dict[str, tuple] = {
+            gate.name: (baseline_logit_std(baseline, gate.name),
+                        baseline_medians(baseline, gate.name) if baseline is not None else {})
+            for gate in monitor._gates}
 
     @property
     def monitor(self):
@@ -144,11 +150,10 @@ class StateReader:
             gates=gates,
         )
 
-    @staticmethod
-    def _gates(monitor, last, latest, health: Health) -> List[GateState]:
-        baseline = _baseline_of(monitor)
+    def _gates(self, monitor, last, latest, health: Health) -> List[GateState]:
         out = []
         for i, gate in enumerate(monitor._gates):
+            logit_std_median, medians = self._baseline_figures[gate.name]
             e = gate.num_experts
             verdict = health.gates.get(gate.name) if health.gates else None
             out.append(GateState(
@@ -160,8 +165,8 @@ class StateReader:
                 latest=gate_row(latest, i, gate) if latest is not None else None,
                 severity=verdict.severity if verdict is not None else "ok",
                 checks=dict(verdict.checks) if verdict is not None else {},
-                baseline_logit_std=baseline_logit_std(baseline, gate.name),
-                baseline_medians=baseline_medians(baseline, gate.name) if baseline is not None else {},
+                baseline_logit_std=logit_std_median,
+                baseline_medians=dict(medians),
             ))
         return out
 
