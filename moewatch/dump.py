@@ -163,7 +163,7 @@ def options_metadata(options) -> dict:
     out = {}
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
-        if f.name.endswith("_url") and isinstance(value, str):
+        if isinstance(value, str) and "://" in value:  # any URL option (alertmanager_url, otlp_endpoint, ...)
             parts = urlsplit(value)
             value = f"{parts.scheme}://{parts.hostname or ''}{':%d' % parts.port if parts.port else ''}{parts.path}"
         if isinstance(value, tuple):

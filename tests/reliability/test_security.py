@@ -258,3 +258,15 @@ def test_automatic_dumps_stay_inside_dump_dir_and_pruning_never_follows_links(tm
     left = sorted(os.listdir(folder))
     assert left == sorted([planted.name, os.path.basename(again[-1])])  # older real dumps pruned
     assert planted.is_symlink() and outside.stat().st_size == len(b"not moewatch's to delete") * 10000
+
+
+def test_dumps_never_carry_url_credentials():
+    from moewatch.dump import options_metadata
+    from moewatch.options import Options
+
+    options = Options(alertmanager_url="http://am-user:am-secret@127.0.0.1:9093",
+                      otlp_endpoint="http://otlp-user:otlp-secret@127.0.0.1:4318/v1/metrics")
+    text = str(options_metadata(options))
+    assert "secret" not in text and "user" not in text
+    assert "127.0.0.1:4318/v1/metrics" in text and "127.0.0.1:9093" in text
+
