@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .adapters.hf_families import TRIPLE_FAMILIES
 from .discovery import GatesOption, resolve_gates
 
 # transform(logits [T, E] float32) -> [T, E] float32
@@ -64,6 +65,10 @@ class Fault:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"<moewatch.Fault {self.name} ({state}) on {len(self.gates)} gate(s): {self.description}>"
+
+
+# Gates whose output _reroute understands: logits alone, or (logits, weights, indices, ...).
+FAULTABLE_FAMILIES = frozenset(TRIPLE_FAMILIES) | {"custom", "dbrx"}
 
 
 def _logit_scale(logits: torch.Tensor) -> torch.Tensor:
@@ -109,6 +114,11 @@ def logit_fault(model: nn.Module, transform: LogitTransform, name: str = "logit_
     for spec in specs:
         if spec.info.scoring != "softmax":
             raise ValueError(f"gate {spec.info.name!r} scores with {spec.info.scoring}; faults support softmax routers")
+        if spec.info.family not in FAULTABLE_FAMILIES:
+            raise ValueError(
+                f"gate {spec.info.name!r} ({spec.info.family}) does not return its logits first, or "
+                "(logits, weights, indices): faults support those gates only (user gates named with "
+                "gates=, DBRX and the standard transformers families)")
     handles = []
     for spec in specs:
         top_k = spec.info.top_k

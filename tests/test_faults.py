@@ -65,3 +65,19 @@ def test_bad_fault_arguments_are_refused():
         faults.saturate(model, layers=[5])
     with pytest.raises(ValueError, match="two experts"):
         faults.two_expert_collapse(model, experts=(1,))
+
+
+def test_faults_refuse_gates_whose_output_they_cannot_rewrite():
+    """Switch's router returns (dispatch mask, probability, logits): a clear error, model untouched."""
+    import pytest
+    from transformers import SwitchTransformersConfig, SwitchTransformersModel
+
+    from moewatch import faults
+
+    config = SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=2,
+                                      num_decoder_layers=2, num_heads=2, num_experts=4, expert_capacity=8,
+                                      encoder_sparse_step=1, decoder_sparse_step=1)
+    model = SwitchTransformersModel(config).eval()
+    with pytest.raises(ValueError, match="does not return its logits first"):
+        faults.two_expert_collapse(model)
+    assert all(not m._forward_hooks for m in model.modules())

@@ -67,7 +67,8 @@ def build_dbrx(name: str, module: nn.Module, config: object) -> GateSpec:
         # DbrxFFN.route_tokens_to_experts, replayed on the router's own output.
         probs = torch.softmax(logits, dim=1, dtype=logits.dtype)  # [T, E]
         indices = torch.topk(probs, top_k, dim=-1).indices  # [T, k]
-        return Routing(logits=logits, indices=indices, probs=probs)
+        # the statistics take the softmax of the logits themselves, in float32
+        return Routing(logits=logits, indices=indices)
 
     info = GateInfo(name=name, num_experts=num_experts, top_k=top_k, family="dbrx", scoring="softmax")
     return GateSpec(info=info, module=module, extract=extract)
