@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import pandas as pd
-
 from .baseline import Baseline, BaselineError
+from .dump import DumpError, read_windows
 
 
 def add_parser(subparsers) -> None:
@@ -24,12 +23,13 @@ def add_parser(subparsers) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     try:
-        frame = pd.read_parquet(args.dump)
+        # the dump reader checks the format, version and checksums, and keeps only the windows
+        frame = read_windows(args.dump)
         baseline = Baseline.from_frame(frame, model_name=args.model_name)
-    except (OSError, ValueError) as error:  # BaselineError is a ValueError
+        baseline.save(args.output)
+    except (OSError, ValueError, DumpError) as error:  # BaselineError, DumpFormatError are ValueErrors
         print(f"moewatch baseline build: {error}", file=sys.stderr)
         return 1
-    baseline.save(args.output)
     print(f"wrote {args.output}: {baseline!r}")
     return 0
 

@@ -138,16 +138,27 @@ def test_mismatched_baseline_names_what_differs(one_thread):
 
 
 def test_cli_builds_a_baseline_from_a_parquet_dump(tmp_path, capsys):
-    frame = HealthyTraffic(2, 8).frame(12)
-    dump = tmp_path / "dump.parquet"
-    frame.to_parquet(dump)
+    model = tiny_mixtral()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with moewatch.attach(model, background=False) as mon:
+        for _ in range(12):
+            with torch.no_grad():
+                model(ids)
+            mon.flush()
+        frame = mon.windows()
+        dump = mon.dump(str(tmp_path / "dump.parquet"))
     out = tmp_path / "baseline.json"
     assert cli_main(["baseline", "build", str(dump), "-o", str(out)]) == 0
     base = Baseline.load(out)
-    assert base.gates["layers.1.gate"].windows == 12
-    np.testing.assert_array_equal(base.gates["layers.0.gate"].expert_counts,
-                                  np.stack(frame[frame["gate"] == "layers.0.gate"]["expert_counts"].to_list()))
+    gate0, gate1 = "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"
+    assert base.gates[gate1].windows == 12
+    np.testing.assert_array_equal(base.gates[gate0].expert_counts,
+                                  np.stack(frame[frame["gate"] == gate0]["expert_counts"].to_list()))
+    foreign = tmp_path / "foreign.parquet"
+    frame.drop(columns=[c for c in frame.columns if c.startswith("expert_")]).to_parquet(foreign)
+    assert cli_main(["baseline", "build", str(foreign), "-o", str(tmp_path / "x.json")]) == 1
+    assert "moewatch baseline build:" in capsys.readouterr().err
     assert cli_main(["baseline", "show", str(out)]) == 0
-    assert "layers.1.gate: 8 experts top-2, 12 windows" in capsys.readouterr().out
+    assert "model.layers.1.mlp.gate: 8 experts top-2, 12 windows" in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{")
     assert cli_main(["baseline", "show", str(tmp_path / "bad.json")]) == 1
