@@ -18,8 +18,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .dump import Dump, read_dump
+from .health import SEVERITIES
 
-SEVERITY_RANK = {"ok": 0, "drift": 1, "collapse": 2}
+SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}  # unknown severities (newer dumps) rank as ok
 MAX_PANELS = 16  # multi-gate figures show the worst gates only
 MAX_TIMELINE_LINES = 20
 

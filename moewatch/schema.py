@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+from .health import SEVERITIES
+
 PREFIX = "moewatch_"
 
 # Label sets by level.
@@ -22,7 +24,7 @@ GATE_LABELS: Tuple[str, ...] = PROCESS_LABELS + ("layer",)
 EXPERT_LABELS: Tuple[str, ...] = GATE_LABELS + ("expert",)
 
 # Numeric encoding of a severity in the *_severity gauges.
-SEVERITY_VALUE: Dict[str, int] = {"ok": 0, "drift": 1, "collapse": 2}
+SEVERITY_VALUE: Dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 
 # Units as written in the docs -> UCUM units for OpenTelemetry instruments.
 OTEL_UNITS: Dict[str, str] = {
