@@ -15,5 +15,14 @@ except ModuleNotFoundError:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, whatever a test before it set (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def mixtral():
     return tiny_mixtral()

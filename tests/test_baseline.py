@@ -92,14 +92,6 @@ def test_too_few_windows_is_refused():
         Baseline.from_frame(sim.frame(MIN_WINDOWS - 1))
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _record(model, windows=10):
     gen = torch.Generator().manual_seed(0)
     with moewatch.attach(model, background=False) as mon:

@@ -244,15 +244,6 @@ def test_absolute_rules_without_baseline():
 
 
 # -- a real model --------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _traffic(model, gen, batches, batch=4, length=64):
     with torch.no_grad():
         for _ in range(batches):
