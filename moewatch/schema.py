@@ -26,6 +26,27 @@ EXPERT_LABELS: Tuple[str, ...] = GATE_LABELS + ("expert",)
 # Numeric encoding of a severity in the *_severity gauges.
 SEVERITY_VALUE: Dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 
+# Values of the `check` label (the keys of mon.health().gates[name].checks). One set for both
+# detector modes: a check keeps its name whether a baseline or the absolute rules judge it, so a
+# dashboard or alert keyed on it still works when a baseline is added.
+# name -> (what it watches, the modes that judge it)
+CHECKS: Dict[str, Tuple[str, str]] = {
+    "load": ("the expert load as a whole: divergence of the shares of assignments from the baseline's",
+             "baseline"),
+    "overload": ("the busiest expert: far more than its share of assignments (without a baseline: chosen by "
+                 "over 80% of tokens)", "baseline, absolute"),
+    "underload": ("the idlest expert: far less than its share of assignments, or none at all (dead)",
+                  "baseline, absolute"),
+    "concentration": ("effective experts, exp(entropy of the shares of assignments): too few", "baseline, absolute"),
+    "logit_std": ("router-logit standard deviation (saturation when far above the baseline)", "baseline"),
+    "top1_prob": ("mean routing probability of each token's first choice", "baseline"),
+    "entropy": ("mean per-token routing entropy", "baseline"),
+    "drop_rate": ("dropped assignments / assignments", "baseline, absolute"),
+    "nonfinite": ("NaN or infinite router logits", "baseline, absolute"),
+}
+# The checks the absolute rules (no baseline) judge: a subset of CHECKS, same names, same meaning.
+ABSOLUTE_CHECKS: Tuple[str, ...] = tuple(c for c, (_, modes) in CHECKS.items() if "absolute" in modes)
+
 # Units as written in the docs -> UCUM units for OpenTelemetry instruments.
 OTEL_UNITS: Dict[str, str] = {
     "": "1", "ratio": "1", "seconds": "s", "tokens": "{token}", "assignments": "{assignment}",
@@ -205,6 +226,18 @@ def markdown() -> str:
     for m in METRICS:
         labels = ", ".join(f"`{label}`" for label in m.labels)
         lines.append(f"| `{m.name}` | {m.type} | {m.unit or '-'} | {labels} | {m.help} | {f'`{m.source}`' if m.source else '-'} |")
+    lines += [
+        "",
+        "## Values of the `check` label",
+        "",
+        "`moewatch_gate_check_severity` has one series per check the detector judges for the gate (the",
+        "keys of `mon.health().gates[layer].checks`). A check has the same name with and without a",
+        "baseline; without one, only the checks marked *absolute* are judged ([detector.md](detector.md)).",
+        "",
+        "| check | watches | judged |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{name}` | {what} | {modes} |" for name, (what, modes) in CHECKS.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -237,7 +237,7 @@ def test_absolute_rules_without_baseline():
     first, second = (det.update(sim.window(shares=shares), sim.gates) for _ in range(2))
     assert first.severity == "ok"  # persistence: two windows
     gate = second.gates[sim.gates[0].name]
-    assert second.severity == "collapse" and gate.checks["top_share"] == "collapse"
+    assert second.severity == "collapse" and gate.checks["overload"] == "collapse"
     assert any("expert 3 is chosen by 9" in r for r in gate.reasons)
     tiny = [det.update(sim.window(tokens=5, shares=shares), sim.gates) for _ in range(4)]
     assert all(v.severity == "ok" for v in tiny)  # too few tokens to judge

@@ -11,12 +11,17 @@ from typing import Dict, Sequence
 import numpy as np
 
 from ..health import GateHealth, Health, worst
+from ..schema import ABSOLUTE_CHECKS
 from . import rules
 from .features import window_features
 
+# The rules, in the column order of the history; each reports under a check of the schema's set
+# (the same names the calibrated detector uses): starved and dead -> underload, load entropy ->
+# concentration, top token fraction -> overload.
 RULES = ("starved", "dead", "load_entropy", "top_share", "drop_rate")
-NOTE = ("no baseline: absolute rules only (expert under 10% of 1/N, load entropy under 0.8 ln N, "
-        "one expert over 80% of tokens, drops over 1%); record one with mon.baseline()")
+NOTE = ("no baseline: absolute rules only (an expert with under 10% of a fair 1/N share of assignments, "
+        "load entropy under 0.8 ln N, one expert chosen by over 80% of tokens, over 1% of assignments "
+        "dropped); record one with mon.baseline()")
 
 
 class AbsoluteDetector:
@@ -54,27 +59,27 @@ class AbsoluteDetector:
         collapsed_entropy = load_entropy < rules.COLLAPSED_LOAD_ENTROPY * log_n
         gates_out: Dict[str, GateHealth] = {}
         for i, name in enumerate(self.names):
-            checks = {r: "ok" for r in RULES}
+            checks = dict.fromkeys(ABSOLUTE_CHECKS, "ok")
             reasons = []
             n = int(n_exp[i])
             if fire[i, 0] and not fire[i, 1]:
                 e = int(np.argmin(np.where(self.valid[i], f.counts[i], np.inf)))
-                checks["starved"] = "drift"
-                reasons.append(f"expert {e} takes {f.share[i, e]:.2%} of tokens (under "
+                checks["underload"] = "drift"
+                reasons.append(f"expert {e} takes {f.share[i, e]:.2%} of assignments (under "
                                f"{rules.STARVED_FRACTION:.0%} of a fair 1/{n} = {1 / n:.1%})")
             if fire[i, 1]:
                 dead = np.flatnonzero(self.valid[i] & (f.counts[i] == 0))
-                checks["dead"] = "collapse"
+                checks["underload"] = "collapse"
                 reasons.append(f"experts {','.join(map(str, dead))} dead: 0 of {int(f.assignments[i])} assignments")
             if fire[i, 2]:
-                checks["load_entropy"] = "collapse" if collapsed_entropy[i] else "drift"
+                checks["concentration"] = "collapse" if collapsed_entropy[i] else "drift"
                 reasons.append(f"load entropy {load_entropy[i]:.2f} nats, under {rules.LOW_LOAD_ENTROPY} ln {n} = "
                                f"{rules.LOW_LOAD_ENTROPY * log_n[i]:.2f} (effective experts {f.effective[i]:.1f} of {n})")
             if fire[i, 3]:
                 e = int(np.argmax(np.where(self.valid[i], f.counts[i], -1)))
-                checks["top_share"] = "collapse"
+                checks["overload"] = "collapse"
                 reasons.append(f"expert {e} is chosen by {f.counts[i, e] / f.tokens[i]:.0%} of tokens "
-                               f"(over {rules.TOP_TOKEN_FRACTION:.0%})")
+                               f"(over {rules.TOP_TOKEN_FRACTION:.0%}) and takes {f.share[i, e]:.0%} of assignments")
             if fire[i, 4]:
                 real = self.real_drops[i]
                 checks["drop_rate"] = "collapse" if real else "drift"

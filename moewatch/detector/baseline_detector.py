@@ -138,10 +138,11 @@ class BaselineDetector:
         alarmed = fire.any(1) | nonfinite
         for i, name in enumerate(self.names):
             if not alarmed[i]:
-                gates[name] = GateHealth(checks=dict.fromkeys(CHECKS, "ok") if active[i] else {})
+                gates[name] = GateHealth(checks=dict.fromkeys(CHECKS + ("nonfinite",), "ok") if active[i] else {})
                 continue
             checks = {c: ("collapse" if collapse[i, k] else "drift") if fire[i, k] else "ok"
                       for k, c in enumerate(CHECKS)}
+            checks["nonfinite"] = "ok"
             reasons = [self._reason(i, k, f, s) for k in range(len(CHECKS)) if fire[i, k]]
             if nonfinite[i]:
                 checks["nonfinite"] = "collapse"
@@ -159,7 +160,7 @@ class BaselineDetector:
             z = np.where(alive, (share - p["p"]) / np.sqrt(p["var"]), 0.0)
         if k == CONCENTRATION:
             up = [e for e in np.argsort(-z) if z[e] >= 3 and alive[e]][:8]
-            held = (f": {_experts(up)} {_take_verb(up)} {share[up].sum():.0%} of tokens "
+            held = (f": {_experts(up)} {_take_verb(up)} {share[up].sum():.0%} of assignments "
                     f"(baseline {p['p'][up].sum():.0%})") if up else ""
             return f"effective experts {f.effective[i]:.2f} (baseline {p['effective_m']:.2f}){held} {score}"
         if k in (LOAD, OVERLOAD):
@@ -167,10 +168,15 @@ class BaselineDetector:
             if k == OVERLOAD:
                 up = up[:1]
             if up:
-                return f"{_experts(up)} {_take_verb(up)} {share[up].sum():.0%} of tokens (baseline {p['p'][up].sum():.0%}) {score}"
+                # a share of assignments; with top-k a token makes k of them, so also say how many
+                # tokens chose these experts (up to k times the share)
+                chosen = _chosen_by(counts[up], f.tokens[i])
+                return (f"{_experts(up)} {_take_verb(up)} {share[up].sum():.0%} of assignments{chosen} "
+                        f"(baseline {p['p'][up].sum():.0%} of assignments) {score}")
             down = [e for e in np.argsort(z) if z[e] <= -3 and alive[e]][:8]
             if down:
-                return f"{_experts(down)} {_take_verb(down)} {share[down].sum():.1%} of tokens (baseline {p['p'][down].sum():.0%}) {score}"
+                return (f"{_experts(down)} {_take_verb(down)} {share[down].sum():.1%} of assignments "
+                        f"(baseline {p['p'][down].sum():.1%}) {score}")
             return f"expert load differs from baseline {score}"
         if k == UNDERLOAD:
             dead = [e for e in range(len(share)) if alive[e] and counts[e] == 0
@@ -180,7 +186,7 @@ class BaselineDetector:
                 return (f"{_experts(dead)} {'is' if len(dead) == 1 else 'are'} dead: 0 of {int(f.assignments[i])} assignments "
                         f"(baseline {p['p'][dead].sum():.1%}, ~{expected:.0f} expected) {score}")
             low = [e for e in np.argsort(z) if alive[e]][:3]
-            return f"{_experts(low[:1])} takes {share[low[0]]:.1%} of tokens (baseline {p['p'][low[0]]:.1%}) {score}"
+            return f"{_experts(low[:1])} takes {share[low[0]]:.1%} of assignments (baseline {p['p'][low[0]]:.1%}) {score}"
         if k == LOGIT_STD:
             return f"router-logit std {f.logit_std[i]:.3g} (baseline {p['logit_std_m']:.3g}) {score}"
         if k == TOP1_PROB:
@@ -199,3 +205,10 @@ def _experts(ids) -> str:
 
 def _take_verb(ids) -> str:
     return "takes" if len(ids) == 1 else "take"
+
+
+def _chosen_by(counts: np.ndarray, tokens: float) -> str:
+    """The clause ', chosen by 97% of tokens' for one expert (a token picks an expert at most once)."""
+    if len(counts) != 1 or tokens <= 0:
+        return ""
+    return f", chosen by {float(counts[0]) / tokens:.0%} of tokens"
