@@ -176,9 +176,9 @@ def health_record(window: Optional[int], health: Health) -> dict:
     """A verdict as JSON: overall severity and the gates that are not ok, with reasons."""
     return {
         "window": window, "severity": health.severity, "note": health.note,
-        "has_baseline": health.has_baseline,
-        "gates": {name: {"severity": g.severity, "reasons": list(g.reasons)}
-                  for name, g in health.gates.items() if g.severity != "ok"},
+        "has_baseline": health.has_baseline, "monitoring": health.monitoring,
+        "gates": {name: {"severity": g.severity, "reasons": list(g.reasons), "monitoring": g.monitoring}
+                  for name, g in health.gates.items() if g.severity != "ok" or g.monitoring == "failing"},
     }
 
 

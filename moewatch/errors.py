@@ -16,6 +16,7 @@ class ErrorLog:
     def __init__(self, log_every_seconds: float = 60.0):
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
+        self._by_where: Counter = Counter()  # (component, where) -> count, e.g. hook errors per gate
         self._last: Dict[str, str] = {}
         self._last_logged: Dict[str, float] = {}
         self._log_every = log_every_seconds
@@ -25,6 +26,8 @@ class ErrorLog:
         now = time.monotonic()
         with self._lock:
             self._counts[component] += 1
+            if where is not None:
+                self._by_where[(component, where)] += 1
             self._last[component] = message
             due = now - self._last_logged.get(component, -1e18) >= self._log_every
             if due:
@@ -35,6 +38,11 @@ class ErrorLog:
     def counts(self) -> Dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def counts_where(self, component: str) -> Dict[str, int]:
+        """{where: count} of ``component``'s failures that named where they happened."""
+        with self._lock:
+            return {w: n for (c, w), n in self._by_where.items() if c == component}
 
     def last(self) -> Dict[str, str]:
         with self._lock:

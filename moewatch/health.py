@@ -5,6 +5,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 SEVERITIES = ("ok", "drift", "collapse")
+# Whether the verdict rests on data: "ok" (the last window was observed without failures),
+# "no_data" (no window has closed yet, or the gate saw no token in it), "failing" (monitoring
+# itself fails: hook, reader or detector errors). A severity of "ok" means healthy routing only
+# with monitoring "ok"; Health.healthy says both at once.
+MONITORING_STATES = ("ok", "no_data", "failing")
 
 
 def worst(severities) -> str:
@@ -15,14 +20,20 @@ def worst(severities) -> str:
 
 @dataclass
 class GateHealth:
+    """One gate's verdict: ``severity``, the ``reasons``, each check's severity, and ``monitoring``
+    (one of MONITORING_STATES: whether this gate's numbers were observed)."""
+
     severity: str = "ok"
     reasons: List[str] = field(default_factory=list)
     checks: Dict[str, str] = field(default_factory=dict)  # check name -> severity
+    monitoring: str = "ok"
 
 
 @dataclass
 class Health:
-    """``mon.health()``: ``.severity`` in {"ok", "drift", "collapse"}, ``.gates[name]``."""
+    """``mon.health()``: ``.severity`` in {"ok", "drift", "collapse"}, ``.gates[name]``, and
+    ``.monitoring`` in {"ok", "no_data", "failing"}: a severity of "ok" before any window closed,
+    or while the hooks fail, is not a healthy router. ``.healthy`` is true only for both "ok"."""
 
     severity: str = "ok"
     gates: Dict[str, GateHealth] = field(default_factory=dict)
@@ -30,10 +41,19 @@ class Health:
     has_baseline: bool = False
     detector: bool = False
     note: str = ""
+    monitoring: str = "ok"
+
+    @property
+    def healthy(self) -> bool:
+        """Routing judged healthy from observed data (severity and monitoring both "ok")."""
+        return self.severity == "ok" and self.monitoring == "ok"
 
     def __str__(self) -> str:
-        lines = [f"moewatch health: {self.severity}" + (f" ({self.note})" if self.note else "")]
+        head = {"no_data": "NO DATA", "failing": "MONITORING FAILING"}.get(self.monitoring, self.severity)
+        lines = [f"moewatch health: {head}" + (f" ({self.note})" if self.note else "")]
         for name, gate in self.gates.items():
             if gate.severity != "ok":
                 lines.append(f"  {name}: {gate.severity}: " + "; ".join(gate.reasons))
+            elif gate.monitoring != "ok":
+                lines.append(f"  {name}: {gate.monitoring.replace('_', ' ')}")
         return "\n".join(lines)

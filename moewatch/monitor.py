@@ -21,6 +21,7 @@ from .discovery import resolve_gates
 from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
+from .liveness import MonitoringStatus
 from .options import Options
 from .postmortem import Postmortem
 from .routing import GateInfo
@@ -65,7 +66,8 @@ class Monitor:
         self._listeners: List[Listener] = []
         self._ring: deque = deque(maxlen=self.options.ring_windows)
         self._next_window = 0
-        self._health = Health(note="no window closed yet")
+        self._health = Health(note="no window closed yet", monitoring="no_data")
+        self._status = MonitoringStatus(self.errors, [g.name for g in self._gates])  # ok / no_data / failing
         self._banks = self._make_banks(model, specs)
         self._last = self._snapshot()
         self._baseline = as_baseline(baseline)  # loaded once: the detector's, and a dump's metadata
@@ -159,7 +161,7 @@ class Monitor:
             return None
         self._next_window += 1
         self._ring.append(window)
-        self._health = self._judge(window)
+        self._health = self._status.on_close(self._judge(window), window)
         for listener in list(self._listeners):
             try:
                 listener(window, self._health)
@@ -187,7 +189,7 @@ class Monitor:
         """
         with self._lock:
             self._close(self._snapshot(close_epoch=True))
-            return self._health
+            return self._status.current(self._health)
 
     def counts(self) -> Dict[str, np.ndarray]:
         """{gate name: int64 [num_experts]} token->expert assignments since attach."""
@@ -217,8 +219,9 @@ class Monitor:
         return write_dump(self, path)
 
     def health(self) -> Health:
-        """The verdict after the last closed window."""
-        return self._health
+        """The verdict after the last closed window, with ``.monitoring``: "no_data" before the
+        first window closes, "failing" while hooks, the reader or the detector fail."""
+        return self._status.current(self._health)
 
     def baseline(self):
         """A :class:`moewatch.Baseline` of the windows observed so far (those still in the ring).

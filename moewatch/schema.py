@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from .health import SEVERITIES
+from .health import MONITORING_STATES, SEVERITIES
 
 PREFIX = "moewatch_"
 
@@ -100,9 +100,14 @@ METRICS: List[Metric] = [
        "Unix time at which the latest window closed; 0 before the first window.", "t_end"),
     _m("internal_errors_total", C, PROCESS_LABELS + ("component",), "errors",
        "Internal failures by component (hook, reader, listener, prometheus, otlp, alertmanager, ...). "
-       "Counted, never raised into the model.", "mon.errors.counts()"),
+       "Counted, never raised into the model.", "mon.error_counts()"),
     _m("alerts_sent_total", C, PROCESS_LABELS, "",
        "Alert batches Alertmanager accepted (HTTP 2xx)."),
+    _m("monitoring_state", G, PROCESS_LABELS + ("state",), "",
+       "1 for the monitor's current state, 0 for the others (state: "
+       + ", ".join(MONITORING_STATES) + "). no_data: no window has closed yet; failing: hooks, the "
+       "reader or the detector fail, so the severities are not a verdict on the router.",
+       "mon.health().monitoring"),
     _m("baseline_loaded", G, PROCESS_LABELS, "",
        "1 when the detector compares against a baseline, 0 when it applies absolute rules."),
     _m("expert_series_enabled", G, PROCESS_LABELS, "",
@@ -166,6 +171,10 @@ METRICS: List[Metric] = [
     _m("gate_severity", G, GATE_LABELS, "severity",
        "Detector verdict for the gate after the latest window: 0 ok, 1 drift, 2 collapse.",
        "mon.health().gates[layer].severity"),
+    _m("gate_monitoring_state", G, GATE_LABELS + ("state",), "",
+       "1 for the gate's state in the latest window, 0 for the others (state: "
+       + ", ".join(MONITORING_STATES) + "). no_data: the gate saw no token; failing: its hook failed.",
+       "mon.health().gates[layer].monitoring"),
     _m("gate_check_severity", G, GATE_LABELS + ("check",), "severity",
        "Verdict of one detector check for the gate: 0 ok, 1 drift, 2 collapse.",
        "mon.health().gates[layer].checks"),
@@ -209,7 +218,8 @@ def markdown() -> str:
         "",
         "Labels: `model` (the `model_name=` option, else the model's config name), `rank` (from",
         "`torch.distributed`, else `RANK`, else `0`), `layer` (the gate's module name), `expert` (its",
-        "index), `component` (the failing part), `check` (a detector check), `version`.",
+        "index), `component` (the failing part), `check` (a detector check, values below), `state` (a",
+        "monitoring state: " + ", ".join(f"`{s}`" for s in MONITORING_STATES) + "), `version`.",
         "",
         "Gauges described as *in the latest window* hold the most recently closed window; counters",
         "count since `attach()` up to that window's close (windows close at least every",

@@ -16,10 +16,11 @@ from alert_rules_helpers import (ALERT_PREFIX, RULE_TESTS_DIR, RULES_DIR, alerti
                                  runbook_anchors)
 
 # The alerts the rules must provide (issue: collapse, dead experts, saturation, dropping, drift,
-# the monitor stale or absent).
+# the monitor stale or absent, failing, or without data yet).
 REQUIRED_ALERTS = {"MoewatchRouterCollapse", "MoewatchRoutingDrift", "MoewatchExpertLoadConcentrated",
                    "MoewatchDeadExperts", "MoewatchRouterLogitSaturation", "MoewatchTokensDropped",
-                   "MoewatchMonitorAbsent", "MoewatchMonitorStale"}
+                   "MoewatchMonitorAbsent", "MoewatchMonitorStale", "MoewatchMonitoringFailing",
+                   "MoewatchMonitorNoData"}
 
 
 def test_promtool_check_rules_accepts_every_rule_file():
@@ -52,7 +53,8 @@ def test_rule_tests_fail_without_persistence(tmp_path):
     assert done.returncode != 0
     report = done.stdout + done.stderr
     for alert in ("MoewatchRouterCollapse", "MoewatchRoutingDrift", "MoewatchDeadExperts",
-                  "MoewatchRouterLogitSaturation", "MoewatchMonitorStale"):
+                  "MoewatchRouterLogitSaturation", "MoewatchMonitorStale", "MoewatchMonitoringFailing",
+                  "MoewatchMonitorNoData"):
         assert f"alertname: {alert}" in report, f"{alert}: no test notices a missing `for:`"
 
 
@@ -72,7 +74,7 @@ def test_alerts_follow_the_mixin_conventions():
     # Both levels are in use: pages for a broken router, tickets for the rest.
     assert {r["labels"]["severity"] for r in alerts} == {"critical", "warning"}
     critical = {r["alert"] for r in alerts if r["labels"]["severity"] == "critical"}
-    assert {"MoewatchRouterCollapse", "MoewatchTokensDropped"} <= critical
+    assert {"MoewatchRouterCollapse", "MoewatchTokensDropped", "MoewatchMonitoringFailing"} <= critical
 
 
 def test_recording_rules_aggregate_across_ranks():

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 from .. import __version__
+from ..health import MONITORING_STATES
 from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, EXPERT_FAMILIES, METRICS, PREFIX
 from .state import ExportState, GateState, severity_value
 
@@ -57,6 +58,7 @@ def _gate_samples(gate: GateState, base: Tuple[str, ...]) -> Dict[str, List[Samp
         "gate_experts": [(labels, float(gate.num_experts))],
         "gate_top_k": [(labels, float(gate.top_k))],
         "gate_severity": [(labels, float(severity_value(gate.severity)))],
+        "gate_monitoring_state": [(labels + (s,), 1.0 if gate.monitoring == s else 0.0) for s in MONITORING_STATES],
         "gate_check_severity": [(labels + (check,), float(severity_value(sev)))
                                 for check, sev in sorted(gate.checks.items())],
     }
@@ -88,6 +90,8 @@ def samples(state: ExportState, expert_families: Iterable[str]) -> Dict[str, Lis
     out[PREFIX + "last_window_timestamp_seconds"] = [(base, float(state.last_window_time))]
     out[PREFIX + "internal_errors_total"] = [(base + (c,), float(n)) for c, n in sorted(state.errors.items())]
     out[PREFIX + "alerts_sent_total"] = [(base, float(state.alerts_sent))]
+    out[PREFIX + "monitoring_state"] = [(base + (s,), 1.0 if state.monitoring == s else 0.0)
+                                        for s in MONITORING_STATES]
     out[PREFIX + "baseline_loaded"] = [(base, 1.0 if state.baseline_loaded else 0.0)]
     out[PREFIX + "expert_series_enabled"] = [(base, 1.0 if admitted else 0.0)]
     for gate in state.gates:

@@ -7,6 +7,7 @@ never sees half of a window close.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class GateState:
     latest: Optional[dict]  # gate_row() of the latest window, None before the first one
     severity: str = "ok"
     checks: Dict[str, str] = field(default_factory=dict)
+    monitoring: str = "no_data"  # a MONITORING_STATES value (moewatch.health)
     baseline_logit_std: Optional[float] = None
     baseline_medians: Dict[str, float] = field(default_factory=dict)  # BASELINE_STATS column -> median
 
@@ -59,6 +61,7 @@ class ExportState:
     alerts_sent: int
     baseline_loaded: bool
     gates: List[GateState]
+    monitoring: str = "no_data"  # mon.health().monitoring: ok / no_data / failing
 
     @property
     def process_labels(self) -> Tuple[str, str]:
@@ -132,6 +135,7 @@ class StateReader:
         monitor = self._monitor()
         if monitor is None:
             return None
+        live = monitor.health()  # the monitoring state as of now (failures since the last window count)
         with monitor._lock:  # the lock a window close holds: never half a window
             last, health = monitor._last, monitor._health
             key = (id(last), last.time, monitor._next_window, id(health))
@@ -147,7 +151,7 @@ class StateReader:
             last_window_time=last_time, errors=monitor.errors.counts(),
             alerts_sent=sum(getattr(e, "sent", 0) for e in getattr(monitor, "_exporters", ())),
             baseline_loaded=has_baseline or _baseline_of(monitor) is not None,
-            gates=gates,
+            gates=[_live_gate(g, live) for g in gates], monitoring=live.monitoring,
         )
 
     def _gates(self, monitor, last, latest, health: Health) -> List[GateState]:
@@ -165,10 +169,19 @@ class StateReader:
                 latest=gate_row(latest, i, gate) if latest is not None else None,
                 severity=verdict.severity if verdict is not None else "ok",
                 checks=dict(verdict.checks) if verdict is not None else {},
+                monitoring=verdict.monitoring if verdict is not None else "no_data",
                 baseline_logit_std=logit_std_median,
                 baseline_medians=dict(medians),
             ))
         return out
+
+
+def _live_gate(gate: GateState, live: Health) -> GateState:
+    """``gate`` marked "failing" when its hook failed since the last window (else as cached)."""
+    verdict = live.gates.get(gate.name)
+    if verdict is not None and verdict.monitoring == "failing" and gate.monitoring != "failing":
+        return dataclasses.replace(gate, monitoring="failing")
+    return gate
 
 
 def severity_value(severity: str) -> int:

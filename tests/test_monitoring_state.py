@@ -1,0 +1,89 @@
+"""A verdict tells "no data yet" and "monitoring is failing" from "healthy": in the API, the
+exported metrics and the dump timeline (the alert rules are tested with promtool)."""
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry
+
+import moewatch
+from moewatch.dump import read_dump
+from tests.moe_from_scratch import TinyMoELM
+from tests.tiny_models import tiny_mixtral
+
+
+def _state(registry, monitor, state, layer=None):
+    labels = {"model": monitor.model_name, "rank": "0", "state": state}
+    if layer is None:
+        return registry.get_sample_value("moewatch_monitoring_state", labels)
+    return registry.get_sample_value("moewatch_gate_monitoring_state", dict(labels, layer=layer))
+
+
+def test_no_data_before_the_first_window_then_ok():
+    model = tiny_mixtral()
+    registry = CollectorRegistry()
+    with moewatch.attach(model, background=False) as mon:
+        mon.serve_prometheus(port=0, registry=registry)
+        health = mon.health()
+        assert health.monitoring == "no_data" and not health.healthy
+        assert str(health).startswith("moewatch health: NO DATA")
+        assert _state(registry, mon, "no_data") == 1 and _state(registry, mon, "ok") == 0
+        with torch.no_grad():
+            model(torch.randint(0, 128, (2, 16)))
+        health = mon.flush()
+        assert health.monitoring == "ok" and health.healthy
+        assert all(g.monitoring == "ok" for g in health.gates.values())
+        assert _state(registry, mon, "ok") == 1 and _state(registry, mon, "no_data") == 0
+        assert _state(registry, mon, "ok", "model.layers.0.mlp.gate") == 1
+
+
+def test_hooks_failing_on_every_call_is_failing_not_ok(tmp_path):
+    """gates= naming the MoE blocks instead of their routers: the block's output is the hidden
+    state (32 wide), not 8 expert logits, so every hook call fails."""
+    torch.manual_seed(0)
+    model = TinyMoELM().eval()
+    registry = CollectorRegistry()
+    mon = moewatch.attach(model, gates=["blocks.0", "blocks.1"], top_k=2, num_experts=8, background=False)
+    mon.serve_prometheus(port=0, registry=registry)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 10)))
+    assert mon.error_counts().get("hook", 0) >= 2
+    health = mon.health()  # no window has closed: the failures alone decide
+    assert health.monitoring == "failing" and not health.healthy
+    assert "hook error" in health.note and str(health).startswith("moewatch health: MONITORING FAILING")
+    assert {n: g.monitoring for n, g in health.gates.items()} == {"blocks.0": "failing", "blocks.1": "failing"}
+    assert _state(registry, mon, "failing") == 1 and _state(registry, mon, "ok") == 0
+    assert _state(registry, mon, "failing", "blocks.1") == 1
+    assert mon.flush().monitoring == "failing"
+    dump = read_dump(mon.dump(str(tmp_path / "failing.parquet")))
+    assert dump.metadata["health"]["monitoring"] == "failing"
+    mon.detach()
+
+
+def test_a_window_with_failures_is_failing_and_the_next_clean_one_ok():
+    model = tiny_mixtral()
+    mon = moewatch.attach(model, background=False)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        model(ids)
+    mon.errors.record("reader", RuntimeError("a reader failure"))  # what the reader thread records
+    verdict = mon.flush()
+    assert verdict.monitoring == "failing" and "1 reader error in this window" in verdict.note
+    with torch.no_grad():
+        model(ids)
+    assert mon.flush().monitoring == "ok"
+    mon.detach()
+
+
+def test_a_gate_without_tokens_in_a_window_has_no_data():
+    """The second MoE block is skipped: its gate sees no token while the first one does."""
+    torch.manual_seed(0)
+    model = TinyMoELM(layers=2).eval()
+    mon = moewatch.attach(model, gates="*.router", top_k=2, background=False)
+    x = model.embed(torch.randint(0, 64, (2, 10)))
+    with torch.no_grad():
+        model.blocks[0](x)
+    health = mon.flush()
+    assert health.monitoring == "ok"
+    assert health.gates["blocks.0.router"].monitoring == "ok"
+    assert health.gates["blocks.1.router"].monitoring == "no_data"
+    mon.detach()
