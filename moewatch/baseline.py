@@ -107,18 +107,27 @@ class Baseline:
                                 "of Monitor.windows()")
         if frame.empty:
             raise BaselineError("no windows to build a baseline from: run traffic through the model first")
-        gates: Dict[str, GateBaseline] = {}
+        from .baseline_file import _Invalid, check_shape
+
         order = list(dict.fromkeys(frame["gate"]))  # gate order as first seen (model order)
         groups = dict(tuple(frame.groupby("gate", sort=False)))
+        picked = {}
         for name in order:
             every = groups[name]
             rows = every[every["tokens"] > 0].sort_values("window")
-            first = every.iloc[0]
-            e = int(first["num_experts"])
             if len(rows) < MIN_WINDOWS:
                 raise BaselineError(
                     f"gate {name!r} has {len(rows)} window(s) with traffic; a baseline needs at least "
                     f"{MIN_WINDOWS} (run more traffic, or lower window_tokens)")
+            picked[name] = (rows, int(every.iloc[0]["num_experts"]))
+        try:  # the limits a file must meet to be read back, checked before the arrays are built
+            check_shape(len(order), [len(r) for r, _ in picked.values()], [e for _, e in picked.values()],
+                        MIN_WINDOWS)
+        except _Invalid as bad:
+            raise BaselineError(f"cannot build a baseline: {bad.where}: {bad.what}") from None
+        gates: Dict[str, GateBaseline] = {}
+        for name, (rows, e) in picked.items():
+            first = rows.iloc[0]
             counts = np.stack([np.asarray(c, dtype=np.int64)[:e] for c in rows["expert_counts"]])
             series = {s: rows[s].to_numpy(dtype=float) for s in SERIES}
             gates[name] = GateBaseline(name=name, num_experts=e, top_k=int(first["top_k"]),
@@ -171,60 +180,30 @@ class Baseline:
                 "model_name": self.model_name, "meta": self.meta, "gates": gates}
 
     def save(self, path: "str | os.PathLike") -> None:
-        """Write the baseline as versioned, indented JSON."""
-        text = _dumps(self.to_dict())
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)  # never leave a half-written baseline behind
+        """Write the baseline as versioned, indented JSON, atomically: an exclusive temporary
+        file beside ``path`` (never through a planted link), fsynced, then renamed over it."""
+        from .baseline_file import write
+
+        write(path, _dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "baseline") -> "Baseline":
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise BaselineError(f"{source} is not a moewatch baseline (no \"format\": \"{FORMAT}\")")
-        if data.get("version") != VERSION:
-            raise BaselineError(f"{source} is baseline format version {data.get('version')!r}; this moewatch "
-                                f"reads version {VERSION} (rebuild it with this version)")
-        gates: Dict[str, GateBaseline] = {}
-        try:
-            for g in data["gates"]:
-                e = int(g["num_experts"])
-                per = g["per_window"]
-                counts = np.asarray(per["expert_counts"], dtype=np.int64).reshape(-1, e)
-                series = {s: np.asarray(per[s], dtype=float) for s in SERIES}
-                lengths = {s: v.shape for s, v in series.items() if v.shape != (counts.shape[0],)}
-                if lengths:
-                    raise BaselineError(f"{source}: gate {g['name']!r} per-window series {sorted(lengths)} do "
-                                        f"not have one value per window ({counts.shape[0]})")
-                gates[str(g["name"])] = GateBaseline(name=str(g["name"]), num_experts=e, top_k=int(g["top_k"]),
-                                                     family=str(g.get("family", "")), series=series,
-                                                     expert_counts=counts)
-        except BaselineError:
-            raise
-        except (KeyError, TypeError, ValueError) as error:
-            raise BaselineError(f"{source} is corrupt: {type(error).__name__}: {error}") from error
-        if not gates:
-            raise BaselineError(f"{source} has no gates")
-        return cls(gates=gates, model_name=str(data.get("model_name", "")), created=str(data.get("created", "")),
-                   meta=dict(data.get("meta") or {}))
+        """A baseline from the parsed JSON of a file; every field is checked (BaselineError)."""
+        from .baseline_file import from_tree
+
+        return from_tree(data, source)
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "Baseline":
-        """Read a baseline written by :meth:`save`; a corrupt or foreign file raises BaselineError."""
-        try:
-            with open(path, "r", encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise BaselineError(f"baseline file {os.fspath(path)!r} does not exist: pass the path of a file "
-                                "written by Baseline.save() or `moewatch baseline build`") from None
-        except IsADirectoryError:
-            raise BaselineError(f"baseline {os.fspath(path)!r} is a directory: pass the path of a baseline "
-                                "file written by Baseline.save()") from None
-        except json.JSONDecodeError as error:
-            raise BaselineError(f"{os.fspath(path)} is corrupt: not valid JSON ({error})") from error
-        except UnicodeDecodeError as error:
-            raise BaselineError(f"{os.fspath(path)} is corrupt: not UTF-8 text") from error
-        return cls.from_dict(data, source=os.fspath(path))
+        """Read a baseline written by :meth:`save`.
+
+        The file is read within limits (size, gates, experts, windows: see docs/reliability.md)
+        and every field is checked; anything wrong raises :class:`BaselineError` naming the file
+        and the field.
+        """
+        from .baseline_file import read
+
+        return read(path)
 
     def __repr__(self) -> str:
         windows = min((g.windows for g in self.gates.values()), default=0)
@@ -232,8 +211,17 @@ class Baseline:
 
 
 def as_baseline(value) -> Optional[Baseline]:
-    """``attach(baseline=...)`` accepts a Baseline, a path to one, or None."""
-    if value is None or isinstance(value, Baseline):
+    """``attach(baseline=...)`` accepts a Baseline, a path to one, or None.
+
+    A path is read with :meth:`Baseline.load`; a Baseline built in code is held to the same
+    rules (limits, enough windows, assignments in every window). Both raise BaselineError.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Baseline):
+        from .baseline_file import check
+
+        check(value)
         return value
     if isinstance(value, (str, os.PathLike)):
         return Baseline.load(value)

@@ -20,7 +20,6 @@ import math
 import os
 import socket
 import string
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .atomicfile import write_atomic
 from .decisions import DECISION_COLUMNS, empty_decisions
 from .health import Health
 from .windows import WINDOW_COLUMNS, windows_frame
@@ -115,39 +115,10 @@ def _plain_json(value: Any) -> Any:
     return value
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_table_atomic(table: pa.Table, path: str) -> int:
-    """Write ``table`` to ``path`` via a temporary file + fsync + rename. Returns the size in bytes."""
-    directory = os.path.dirname(os.path.abspath(path))
-    # mkstemp: O_EXCL, mode 0600, never follows a planted link; same directory, so rename is atomic.
-    fd, tmp = tempfile.mkstemp(prefix=".moewatch-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return os.path.getsize(path)
+    """Write ``table`` to ``path`` via an exclusive temporary file + fsync + rename. Returns the size."""
+    return write_atomic(path, lambda sink: pq.write_table(table, sink, compression="zstd",
+                                                          write_page_checksum=True))
 
 
 def _jsonable(value: Any) -> Any:
