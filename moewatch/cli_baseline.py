@@ -28,8 +28,9 @@ def _build(args: argparse.Namespace) -> int:
         baseline = Baseline.from_frame(frame, model_name=args.model_name)
         baseline.save(args.output)
     except (OSError, ValueError, DumpError) as error:  # BaselineError, DumpFormatError are ValueErrors
-        print(f"moewatch baseline build: {error}", file=sys.stderr)
-        return 1
+        print("moewatch baseline build: " + " ".join(str(error).splitlines()), file=sys.stderr)
+        # a dump that cannot be used is bad input (2); an output that cannot be written, 1
+        return 2 if isinstance(error, (ValueError, FileNotFoundError, IsADirectoryError)) else 1
     print(f"wrote {args.output}: {baseline!r}")
     return 0
 
@@ -38,8 +39,8 @@ def _show(args: argparse.Namespace) -> int:
     try:
         baseline = Baseline.load(args.file)
     except (OSError, BaselineError) as error:
-        print(f"moewatch baseline show: {error}", file=sys.stderr)
-        return 1
+        print("moewatch baseline show: " + " ".join(str(error).splitlines()), file=sys.stderr)
+        return 2
     print(repr(baseline))
     for gate in baseline.gates.values():
         q = gate.summary()["quantiles"]

@@ -148,9 +148,9 @@ def test_cli_builds_a_baseline_from_a_parquet_dump(tmp_path, capsys):
                                   np.stack(frame[frame["gate"] == gate0]["expert_counts"].to_list()))
     foreign = tmp_path / "foreign.parquet"
     frame.drop(columns=[c for c in frame.columns if c.startswith("expert_")]).to_parquet(foreign)
-    assert cli_main(["baseline", "build", str(foreign), "-o", str(tmp_path / "x.json")]) == 1
+    assert cli_main(["baseline", "build", str(foreign), "-o", str(tmp_path / "x.json")]) == 2  # bad input
     assert "moewatch baseline build:" in capsys.readouterr().err
     assert cli_main(["baseline", "show", str(out)]) == 0
     assert "model.layers.1.mlp.gate: 8 experts top-2, 12 windows" in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{")
-    assert cli_main(["baseline", "show", str(tmp_path / "bad.json")]) == 1
+    assert cli_main(["baseline", "show", str(tmp_path / "bad.json")]) == 2
