@@ -202,7 +202,9 @@ class Baseline:
         and the field.
         """
         from .baseline_file import read
+        from .filekind import refuse_dump_as_baseline
 
+        refuse_dump_as_baseline(path)  # a Parquet dump passed for a baseline: say so, and what to do
         return read(path)
 
     def __repr__(self) -> str:

@@ -14,8 +14,13 @@ SUBCOMMANDS = ("demo", "baseline", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="moewatch", description="Watch the router of a Mixture-of-Experts model.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"moewatch {__version__}",
+                        help="print the moewatch version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                                help="run `moewatch COMMAND --help` for its options")
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"moewatch.cli_{name}")

@@ -1,37 +1,56 @@
-"""``moewatch baseline build DUMP.parquet -o baseline.json`` and ``moewatch baseline show FILE``."""
+"""``moewatch baseline record MODEL_DIR DATA... -o baseline.json``, ``moewatch baseline build
+DUMP.parquet -o baseline.json`` and ``moewatch baseline show FILE``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from .baseline import Baseline, BaselineError
-from .dump import DumpError, read_windows
+from .dump import DumpError
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("baseline", help="build or inspect a baseline of healthy routing")
-    sub = parser.add_subparsers(dest="baseline_command", metavar="ACTION", required=True)
-    build = sub.add_parser("build", help="build a baseline from the windows of a Parquet dump")
-    build.add_argument("dump", help="a dump written by mon.dump() (its windows)")
+    sub = parser.add_subparsers(dest="baseline_command", metavar="ACTION", required=True,
+                                help="run `moewatch baseline ACTION --help` for its options")
+    from .cli_record import add_parser as add_record
+
+    add_record(sub)
+    build = sub.add_parser("build", help="build a baseline from the windows of a Parquet dump",
+                           description="Build a baseline from a dump's windows. Windows whose verdict in the "
+                                       "dump was not ok (drift, collapse, monitoring failing) are left out, and "
+                                       "listed, unless --keep-flagged.")
+    build.add_argument("dump", help="a dump written by mon.dump() or into dump_dir (its windows)")
     build.add_argument("-o", "--output", required=True, help="baseline JSON file to write")
-    build.add_argument("--model-name", default="", help="recorded in the baseline")
+    build.add_argument("--model-name", default="",
+                       help="the model name recorded in the baseline (default: the dump's model name)")
+    build.add_argument("--keep-flagged", action="store_true",
+                       help="keep the windows the dump's timeline flagged (drift, collapse): by default they "
+                            "are left out, so an incident does not become the baseline")
     build.set_defaults(func=_build)
     show = sub.add_parser("show", help="summarise a baseline file")
-    show.add_argument("file")
+    show.add_argument("file", help="a baseline JSON file (Baseline.save, moewatch baseline build/record)")
     show.set_defaults(func=_show)
 
 
 def _build(args: argparse.Namespace) -> int:
+    from .baseline_build import baseline_from_dump
+
     try:
-        # the dump reader checks the format, version and checksums, and keeps only the windows
-        frame = read_windows(args.dump)
-        baseline = Baseline.from_frame(frame, model_name=args.model_name)
+        # the dump reader checks the format, version and checksums; flagged windows are left out
+        baseline, left = baseline_from_dump(args.dump, keep_flagged=args.keep_flagged,
+                                            model_name=args.model_name or None)
         baseline.save(args.output)
     except (OSError, ValueError, DumpError) as error:  # BaselineError, DumpFormatError are ValueErrors
         print("moewatch baseline build: " + " ".join(str(error).splitlines()), file=sys.stderr)
         # a dump that cannot be used is bad input (2); an output that cannot be written, 1
         return 2 if isinstance(error, (ValueError, FileNotFoundError, IsADirectoryError)) else 1
-    print(f"wrote {args.output}: {baseline!r}")
+    if left.rows:
+        print(f"left out {left.rows} gate-window(s) the dump flagged (--keep-flagged keeps them):")
+        for line in left.lines():
+            print(f"  {line}")
+    print(f"wrote {args.output}")
+    print_summary(baseline)
     return 0
 
 
@@ -41,6 +60,12 @@ def _show(args: argparse.Namespace) -> int:
     except (OSError, BaselineError) as error:
         print("moewatch baseline show: " + " ".join(str(error).splitlines()), file=sys.stderr)
         return 2
+    print_summary(baseline)
+    return 0
+
+
+def print_summary(baseline: Baseline) -> None:
+    """The baseline in a few lines: model, gates, windows, typical values."""
     print(repr(baseline))
     for gate in baseline.gates.values():
         q = gate.summary()["quantiles"]
@@ -48,4 +73,3 @@ def _show(args: argparse.Namespace) -> int:
               f"effective experts p50 {q['effective_experts'].get('q50', float('nan')):.2f}, "
               f"logit std p50 {q['logit_std'].get('q50', float('nan')):.3g}, "
               f"top share p99 {q['top_share'].get('q99', float('nan')):.1%}")
-    return 0

@@ -226,12 +226,20 @@ class Monitor:
     def baseline(self):
         """A :class:`moewatch.Baseline` of the windows observed so far (those still in the ring).
 
-        Call ``flush()`` first to include the current window. Raises ``moewatch.BaselineError``
-        when a gate has fewer than 8 windows with traffic.
+        Closes the current window first (like ``flush()``). Raises ``moewatch.BaselineError``
+        when a gate has fewer than 8 windows with traffic, saying how much traffic is needed.
         """
-        from .baseline import Baseline
+        from .baseline import Baseline, BaselineError
+        from .record import traffic_hint
 
-        return Baseline.from_monitor(self)
+        self.flush()
+        try:
+            return Baseline.from_monitor(self)
+        except BaselineError as error:
+            frame = self.windows()
+            tokens = int(frame.groupby("gate")["tokens"].sum().max()) if len(frame) else 0
+            windows = int(frame["window"].nunique()) if len(frame) else 0
+            raise BaselineError(f"{error}; {traffic_hint(tokens, windows, self.options.window_tokens)}") from None
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(window, health)`` after every closed window (errors are counted)."""

@@ -7,6 +7,8 @@ scipy only; see ``docs/detector.md``.
 """
 from __future__ import annotations
 
+import warnings
+
 from ..baseline import as_baseline
 from .absolute import AbsoluteDetector
 from .baseline_detector import BaselineDetector
@@ -21,4 +23,19 @@ def make_detector(monitor, baseline):
     opts = monitor.options
     if baseline is None:
         return AbsoluteDetector(monitor.gates, opts.persistence)
+    if not same_model(baseline.model_name, monitor.model_name):
+        # The gates fit (or BaselineDetector raises), but another model's routing is no measure
+        # of this one's: a fine-tune or another checkpoint drifts from it by design.
+        warnings.warn(f"the baseline was recorded on model {baseline.model_name!r}, the monitored model is "
+                      f"{monitor.model_name!r}: verdicts compare against the other model's routing (pass "
+                      "model_name= to attach if they are the same model)", UserWarning, stacklevel=5)
     return BaselineDetector(monitor.gates, baseline, opts.ert_windows, opts.persistence)
+
+
+def same_model(recorded: str, monitored: str) -> bool:
+    """Whether two model names name the same model: equal, or the same last path component
+    (a local directory read from two paths); a baseline without a name matches any model."""
+    if not recorded or not monitored or recorded == monitored:
+        return True
+    tail = lambda name: name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
+    return tail(recorded) == tail(monitored)
