@@ -2,8 +2,9 @@
 
 One :class:`Postmortem` per monitor listens to every closed window: it marks where the decision
 ring stood (so decisions can be tied to windows), keeps the verdict of each window (the health
-timeline a dump carries), and with ``dump_dir=`` writes a dump the first time a gate turns to
-collapse and one at clean shutdown (``detach()``, or interpreter exit via ``atexit``).
+timeline a dump carries), and with ``dump_dir=`` writes a dump when gates turn to collapse for
+the first time (one dump per window, naming every such gate: the ring is the same for all of
+them) and one at clean shutdown (``detach()``, or interpreter exit via ``atexit``).
 
 Automatic dumps run on the thread that closes the window (the reader thread, or the caller of
 ``flush()``/``detach()``), never inside a forward. A failed automatic dump is counted under
@@ -133,6 +134,8 @@ class Postmortem:
             return None
         gates = list(gates)
         tag = gates[0].replace(".", "_") if gates else ""
+        if len(gates) > 1:  # one dump for all the gates of the window; trigger.gates lists them
+            tag += f"-and-{len(gates) - 1}-more"
         try:
             path = self.directory.write(monitor, reason, tag, trigger)
         except Exception as error:
