@@ -41,6 +41,10 @@ JSON_LIMITS = boundedjson.JsonLimits(
     max_depth=32,
 )
 
+def _arrays(path: tuple) -> bool:
+    return path[:1] != ("meta",)  # meta is the user's: read back exactly as written
+
+
 INTEGER_SERIES = ("tokens", "assignments", "dropped", "nonfinite_logits")
 
 
@@ -245,7 +249,7 @@ def read(path: "str | os.PathLike"):
 
     source = os.fspath(path)
     try:
-        data = boundedjson.load(path, JSON_LIMITS, plain_keys=("meta",))
+        data = boundedjson.load(path, JSON_LIMITS, arrays=_arrays)
     except FileNotFoundError:
         raise BaselineError(f"baseline file {source!r} does not exist: pass the path of a file "
                             "written by Baseline.save() or `moewatch baseline build`") from None

@@ -14,7 +14,8 @@ standard parser turns every number into a Python object (about 36 bytes for a nu
   bare token ``NaN`` in its place (the file's own ``NaN`` and infinities were rewritten as
   ``null`` and ``±1e999``, so ``NaN`` marks a list's slot);
 * hands the small rest (the skeleton) to the standard parser, refusing duplicate keys, and puts
-  the arrays back into their slots in document order.
+  the arrays back into their slots in document order (or, where the caller wants JSON values,
+  the list exactly as the standard parser reads it).
 
 Errors are :class:`JsonLimitError` (a limit) or :class:`json.JSONDecodeError` / ``ValueError``
 (not JSON); the caller turns them into its own error type.
@@ -26,7 +27,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import numpy as np
 
@@ -46,6 +47,7 @@ class JsonLimits:
     max_tokens: int  # strings, brackets and bare numbers outside flat lists
     max_skeleton: int  # bytes left for the standard parser once the lists are taken out
     max_depth: int = 32  # nesting of objects and arrays
+    max_exact: int = 65_536  # numbers in lists kept as JSON values (not arrays): Python objects
 
 
 # One token outside strings: a string, a flat list of numbers (a bracket pair holding only
@@ -57,8 +59,6 @@ _SLOT = object()  # what the marker NaN parses to
 # Non-standard constants in the file (Python's json writes them; strict JSON has none) are kept
 # as values the checks after parsing can name: infinities stay infinite, NaN becomes null.
 _CONSTANTS = {b"NaN": b"null", b"Infinity": b"1e999", b"-Infinity": b"-1e999"}
-# Lists re-read exactly under plain keys: at most this many numbers in all (Python objects).
-MAX_PLAIN_NUMBERS = 65536
 
 
 class _Scan:
@@ -161,9 +161,15 @@ def read_bytes(path: "str | os.PathLike", max_bytes: int) -> bytes:
     return data
 
 
-def loads(data: bytes, limits: JsonLimits, plain_keys: Iterable[str] = ()) -> Any:
-    """Parse ``data``; flat number lists come back as float64 arrays, except under the top-level
-    keys in ``plain_keys``, where every value is exactly what ``json.loads`` would give."""
+def everywhere(path: Tuple[Any, ...]) -> bool:
+    """The default of ``arrays=``: every flat number list becomes an array."""
+    return True
+
+
+def loads(data: bytes, limits: JsonLimits, arrays: Callable[[Tuple[Any, ...]], bool] = everywhere) -> Any:
+    """Parse ``data``. A flat number list at ``path`` (the tuple of keys and indices leading to
+    it) comes back as a float64 array where ``arrays(path)`` is true; elsewhere it is exactly what
+    ``json.loads`` gives (ints stay ints), at most ``limits.max_exact`` numbers in all."""
     if len(data) > limits.max_bytes:
         raise JsonLimitError(f"{len(data):,} bytes; the limit is {limits.max_bytes:,}")
     if b"\x00" in data:
@@ -175,48 +181,50 @@ def loads(data: bytes, limits: JsonLimits, plain_keys: Iterable[str] = ()) -> An
                              f"{limits.max_skeleton:,}")
     tree = json.loads(skeleton, object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_int)
     del skeleton
-    filled = _Filler(scan, data, frozenset(plain_keys))
-    tree = filled.fill(tree, top=True)
-    if filled.next != len(scan.arrays):
+    filler = _Filler(scan, data, arrays)
+    tree = filler.fill(tree, ())
+    if filler.next != len(scan.arrays):
         raise JsonLimitError("lists of numbers out of place")  # a marker the parser did not see
     return tree
 
 
-def load(path: "str | os.PathLike", limits: JsonLimits, plain_keys: Iterable[str] = ()) -> Any:
+def load(path: "str | os.PathLike", limits: JsonLimits,
+         arrays: Callable[[Tuple[Any, ...]], bool] = everywhere) -> Any:
     """:func:`read_bytes` then :func:`loads`."""
-    return loads(read_bytes(path, limits.max_bytes), limits, plain_keys)
+    return loads(read_bytes(path, limits.max_bytes), limits, arrays)
 
 
 class _Filler:
     """Puts each array back into its slot, walking the tree in document order."""
 
-    def __init__(self, scan: _Scan, data: bytes, plain: frozenset):
-        self.scan, self.data, self.plain = scan, data, plain
+    def __init__(self, scan: _Scan, data: bytes, arrays: Callable[[Tuple[Any, ...]], bool]):
+        self.scan, self.data, self.arrays = scan, data, arrays
         self.next = 0
-        self.plain_numbers = 0
+        self.exact_numbers = 0
 
-    def _take(self, exact: bool) -> Any:
+    def _take(self, path: Tuple[Any, ...]) -> Any:
         i = self.next
         if i >= len(self.scan.arrays):
             raise JsonLimitError("lists of numbers out of place")
         self.next += 1
-        if exact:  # re-read the list's own text: ints stay ints
-            self.plain_numbers += self.scan.arrays[i].shape[0]
-            if self.plain_numbers > MAX_PLAIN_NUMBERS:
-                raise JsonLimitError(f"more than {MAX_PLAIN_NUMBERS:,} numbers in lists under "
-                                     f"{sorted(self.plain)}")
-            start, end = self.scan.spans[i]
-            return json.loads(self.data[start:end], parse_int=_int)
-        return self.scan.arrays[i]
+        if self.arrays(path):
+            return self.scan.arrays[i]
+        # re-read the list's own text, so ints stay ints; bounded, as these are Python objects
+        self.exact_numbers += self.scan.arrays[i].shape[0]
+        limit = self.scan.limits.max_exact
+        if self.exact_numbers > limit:
+            raise JsonLimitError(f"more than {limit:,} numbers in lists kept as JSON values")
+        start, end = self.scan.spans[i]
+        return json.loads(self.data[start:end], parse_int=_int)
 
-    def fill(self, node: Any, top: bool = False, exact: bool = False) -> Any:
+    def fill(self, node: Any, path: Tuple[Any, ...]) -> Any:
         # recursion is bounded: the scan checked the depth
         if node is _SLOT:
-            return self._take(exact)
+            return self._take(path)
         if isinstance(node, dict):
             for key, value in node.items():
-                node[key] = self.fill(value, exact=exact or (top and key in self.plain))
+                node[key] = self.fill(value, path + (key,))
         elif isinstance(node, list):
             for i, value in enumerate(node):
-                node[i] = self.fill(value, exact=exact)
+                node[i] = self.fill(value, path + (i,))
         return node

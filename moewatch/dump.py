@@ -9,8 +9,10 @@ options, baseline, the health of every window, and why the dump was written.
 
 Writes are safe: the file is written under a temporary name in the target directory, fsynced,
 then renamed over the final name, so a crash or a full disk leaves either no file or a complete
-one. Reading checks the Parquet page checksums, the metadata and the schema version, and fails
-with :class:`DumpFormatError` on anything else.
+one. Reading treats the file as untrusted: within :class:`DumpLimits` checked from the Parquet
+footer before anything is decoded, in batches, with the page checksums, the schema, the metadata
+and every value the readers rely on checked (:mod:`moewatch.dump_read`, :mod:`moewatch.dump_meta`);
+anything else fails with :class:`DumpFormatError`.
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomicfile import write_atomic
 from .decisions import DECISION_COLUMNS, empty_decisions
+from .dump_read import DEFAULT_LIMITS, DumpLimits
 from .health import Health
 from .windows import WINDOW_COLUMNS, windows_frame
 
@@ -256,65 +258,128 @@ class Dump:
         return list(self.metadata.get("timeline", []))
 
 
-def read_metadata(path: str) -> dict:
-    """The JSON metadata of a dump; :class:`DumpFormatError` when ``path`` is not one."""
-    path = os.fspath(path)
-    try:
-        schema = pq.read_schema(path)
-    except FileNotFoundError:
-        raise
-    except (pa.ArrowException, OSError) as error:
-        raise DumpFormatError(f"{path}: not a readable Parquet file (truncated or not a moewatch dump): {error}") from error
+def _refused(path: str, error: Exception) -> DumpFormatError:
+    return DumpFormatError(f"{path}: {error}")
+
+
+def _checked_metadata(path: str, schema: pa.Schema) -> dict:
+    """The footer's JSON metadata, parsed within limits and checked (DumpFormatError)."""
+    from . import boundedjson, dump_meta
+
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise DumpFormatError(f"{path}: a Parquet file, but not a moewatch dump (no '{METADATA_KEY.decode()}' metadata)")
     try:
-        meta = json.loads(raw)
-    except ValueError as error:
-        raise DumpFormatError(f"{path}: the moewatch metadata is not valid JSON: {error}") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("schema_version"), int):
+        meta = boundedjson.loads(raw, dump_meta.JSON_LIMITS, arrays=dump_meta._arrays)
+    except boundedjson.JsonLimitError as error:
+        raise DumpFormatError(f"{path}: the moewatch metadata is refused: {error}") from None
+    except (ValueError, RecursionError) as error:  # json.JSONDecodeError, UnicodeDecodeError
+        raise DumpFormatError(f"{path}: the moewatch metadata is not valid JSON: {error}") from None
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(version, int) \
+            or isinstance(version, bool):
         raise DumpFormatError(f"{path}: the metadata does not describe a moewatch dump")
-    if meta["schema_version"] > SCHEMA_VERSION:
-        raise DumpFormatError(f"{path}: dump schema version {meta['schema_version']} is newer than this "
+    if version > SCHEMA_VERSION:
+        raise DumpFormatError(f"{path}: dump schema version {version} is newer than this "
                               f"moewatch reads ({SCHEMA_VERSION}); upgrade moewatch")
+    try:
+        dump_meta.check(meta, WINDOW_COLUMNS)
+    except dump_meta.Invalid as bad:
+        raise DumpFormatError(f"{path}: the dump's metadata field {bad.where} {bad.what}") from None
     return meta
 
 
-def _read_table(path: str) -> pa.Table:
+def _open(path: str, limits: DumpLimits, dictionary=None) -> pq.ParquetFile:
+    from . import dump_read
+
     try:
-        return pq.read_table(path, page_checksum_verification=True)
+        dump_read.check_footer(path, limits)
+        return dump_read.open_file(path, limits, dictionary)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except dump_read.Refused as error:
+        raise DumpFormatError(f"{path}: not a readable Parquet file: {error}") from None
     except (pa.ArrowException, OSError) as error:
-        raise DumpFormatError(f"{path}: the dump's data is corrupt or truncated: {error}") from error
+        raise DumpFormatError(f"{path}: not a readable Parquet file (truncated or not a moewatch dump): {error}") from None
 
 
-def _rows(table: pa.Table, record: str) -> pa.Table:
-    return table.filter(pc.equal(table["record"], record))
+def read_metadata(path: str, limits: Optional[DumpLimits] = None) -> dict:
+    """The JSON metadata of a dump; :class:`DumpFormatError` when ``path`` is not one.
 
-
-def read_dump(path: str) -> Dump:
-    """Read a dump written by :meth:`moewatch.Monitor.dump` (or automatically into ``dump_dir``).
-
-    ``.windows`` equals the ``Monitor.windows()`` frame at the time of the dump.
+    Reads the footer only (its length checked first), and checks every field the readers use.
     """
     path = os.fspath(path)
-    meta = read_metadata(path)
-    table = _read_table(path)
-    columns = meta.get("window_columns", WINDOW_COLUMNS)
-    missing = [c for c in ["record", *columns, *DECISION_COLUMNS] if c not in table.column_names]
-    if missing:
-        raise DumpFormatError(f"{path}: the dump lacks the columns {missing}")
-    win = _rows(table, RECORD_WINDOW)
-    dec = _rows(table, RECORD_DECISION)
-    expected = meta.get("rows", {})
-    if expected and (expected.get("windows") != win.num_rows or expected.get("decisions") != dec.num_rows):
-        raise DumpFormatError(f"{path}: the dump holds {win.num_rows} windows and {dec.num_rows} decisions, "
-                              f"its metadata says {expected}")
+    pf = _open(path, limits or DEFAULT_LIMITS)
+    return _checked_metadata(path, pf.schema_arrow)
+
+
+def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
+    """Read a dump written by :meth:`moewatch.Monitor.dump` (or automatically into ``dump_dir``).
+
+    ``.windows`` equals the ``Monitor.windows()`` frame at the time of the dump. A file that is
+    not a whole, consistent dump raises :class:`DumpFormatError`; so does one past ``limits``
+    (:class:`DumpLimits`: rows, values per list, string sizes, footer size),
+    which are checked from the Parquet footer before anything is decoded. Rows are decoded in
+    batches, one record kind at a time, so reading takes memory for the rows kept, not for the
+    file's whole table. A missing path raises ``FileNotFoundError``.
+    """
+    from . import dump_read
+
+    limits = limits or DEFAULT_LIMITS
+    path = os.fspath(path)
+    pf = _open(path, limits)
+    meta = _checked_metadata(path, pf.schema_arrow)
+    columns = list(meta.get("window_columns") or WINDOW_COLUMNS)
+    # list column -> (values a row, values in all rows of its kind)
+    lists = {**{c: (limits.max_experts, limits.max_expert_values) for c in dump_read.EXPERT_LISTS},
+             **{c: (limits.max_top_k, limits.max_decisions * limits.max_top_k) for c in ("experts", "expert_probs")}}
+    claimed = meta.get("rows") or {}
+    try:
+        if (claimed.get("windows") or 0) > limits.max_window_rows or (claimed.get("decisions") or 0) > limits.max_decisions:
+            raise dump_read.Refused(f"its metadata says {claimed}; the limits are {limits.max_window_rows:,} "
+                                    f"window rows and {limits.max_decisions:,} decisions (DumpLimits)")
+        dump_read.check_schema(pf.schema_arrow, columns, WINDOW_TYPES, DECISION_COLUMNS, DECISION_TYPES)
+        dump_read.check_row_groups(pf.metadata, lists, limits)
+    except dump_read.Refused as error:
+        raise _refused(path, error) from None
+    strings = [c for c in dump_read.STRING_COLUMNS if c in pf.schema_arrow.names]
+    pf = _open(path, limits, dictionary=strings)  # strings stay encoded until their size is checked
+    schema = pf.schema_arrow
+    gates = dump_read.gate_experts(meta)
+
+    def count(kind: str, table: pa.Table) -> None:  # rows removed or added behind the metadata's back
+        if kind in claimed and claimed[kind] != table.num_rows:
+            raise dump_read.Refused(f"the dump holds {table.num_rows} {kind}, its metadata says {claimed}")
+
+    try:
+        win = dump_read.read_kind(pf, RECORD_WINDOW, columns, _plain_schema(schema, columns),
+                                  {c: lists[c] for c in dump_read.EXPERT_LISTS if c in columns},
+                                  limits, limits.max_window_rows)
+        count("windows", win)
+        dump_read.check_windows(win, [c for c in columns if c in WINDOW_TYPES], gates, limits)
+        dec = dump_read.read_kind(pf, RECORD_DECISION, DECISION_COLUMNS, _plain_schema(schema, DECISION_COLUMNS),
+                                  {c: lists[c] for c in ("experts", "expert_probs")}, limits, limits.max_decisions)
+        count("decisions", dec)
+        dump_read.check_decisions(dec, gates, limits)
+    except dump_read.Refused as error:
+        raise _refused(path, error) from None
+    except (pa.ArrowException, OSError) as error:
+        raise DumpFormatError(f"{path}: the dump's data is corrupt or truncated: {error}") from None
     if win.num_rows:
-        windows = win.select(columns).to_pandas()
+        windows = win.to_pandas()
     else:  # no rows: the exact empty frame Monitor.windows() returns
         windows = windows_frame([], [])
-    decisions = dec.select(DECISION_COLUMNS).to_pandas() if dec.num_rows else empty_decisions()
+    decisions = dec.to_pandas() if dec.num_rows else empty_decisions()
     return Dump(path=path, windows=windows, decisions=decisions, metadata=meta)
+
+
+def _plain_schema(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:
+    """``columns`` of ``schema`` with dictionary-encoded strings as plain strings."""
+    fields = []
+    for c in columns:
+        f = schema.field(c)
+        fields.append(pa.field(c, f.type.value_type) if pa.types.is_dictionary(f.type) else f)
+    return pa.schema(fields)
 
 
 def read_windows(path: str) -> pd.DataFrame:

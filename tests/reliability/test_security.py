@@ -178,15 +178,18 @@ def test_baselines_and_dumps_are_data_never_code(tmp_path):
     table = pq.read_table(good)
     meta = json.loads(table.schema.metadata[METADATA_KEY])
     meta["reason"] = payload.decode("latin-1")
+    renamed = {g["name"]: payload.decode("latin-1") + str(i) for i, g in enumerate(meta["gates"])}
+    for g in meta["gates"]:
+        g["name"] = renamed[g["name"]]
     gate = table.column_names.index("gate")
-    table = table.set_column(gate, "gate", pa.array([payload.decode("latin-1")] * table.num_rows))
+    table = table.set_column(gate, "gate", pa.array([renamed[n] for n in table.column("gate").to_pylist()]))
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode(),
                                            b"pickle": payload})
     evil = tmp_path / "evil.parquet"
     pq.write_table(table, evil)
     dump = read_dump(evil)
     assert dump.metadata["reason"] == payload.decode("latin-1")
-    assert set(dump.windows["gate"]) == {payload.decode("latin-1")}
+    assert set(dump.windows["gate"]) == set(renamed.values())
     assert not os.path.exists(wire)
 
 
