@@ -1,33 +1,33 @@
-"""Padding masks of the model call in flight, per thread.
+"""The root module's hooks: the padding mask of the call in flight, and the forward boundary.
 
-A pre-hook on the root module stores the call's ``attention_mask`` (and the decoder's, for
-encoder-decoder models); gate hooks turn it into per-token weights. Thread-local, because
-several threads may run forwards on one model at once.
+A pre-hook on the root module hands the call's ``attention_mask`` (and the decoder's, for
+encoder-decoder models) to the hot path and tells it a forward began; a post-hook tells it the
+forward ended (windows are cut only there). Both go through the ``moewatch::forward_begin`` /
+``forward_end`` ops, whose implementations keep the mask per thread at run time, where the gate
+ops read it: several threads may run forwards on one model at once.
+
+``torch.compile`` runs the hooks of the module it compiles outside the compiled frame; these
+hooks are then skipped by Dynamo (run as plain Python, no extra graph). Where the monitored
+model is called inside a bigger compiled module, Dynamo traces them into that graph instead:
+the code below is traceable (no thread-local, no lock, no branch on a tensor's value).
 """
 from __future__ import annotations
 
 import inspect
-import threading
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
+
 MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 
 
-class CallContext(threading.local):
-    def __init__(self) -> None:
-        self.masks: Dict[str, torch.Tensor] = {}
-        self.cache: Dict[tuple, Optional[torch.Tensor]] = {}
-        self.depth = 0
-
-
 class MaskTracker:
-    """Root-module hooks that expose the padding mask of the current call to the gate hooks."""
+    """Root-module hooks: the padding masks of the call and the forward boundary, to the hot path."""
 
     def __init__(self, root: nn.Module):
-        self.local = CallContext()
+        self.banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
         forward = getattr(root, "forward", None)
         self._positions: Dict[str, int] = {}
         try:
@@ -38,47 +38,48 @@ class MaskTracker:
         except (TypeError, ValueError):
             pass
 
+    def _mask(self, key: str, args, kwargs) -> Optional[torch.Tensor]:
+        mask = kwargs.get(key)
+        pos = self._positions.get(key)
+        if mask is None and pos is not None and pos < len(args):
+            mask = args[pos]
+        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
     def pre_hook(self, module, args, kwargs):
-        ctx = self.local
-        ctx.depth += 1
-        if ctx.depth == 1:
-            masks = {}
-            for key in MASK_KEYS:
-                mask = kwargs.get(key)
-                pos = self._positions.get(key)
-                if mask is None and pos is not None and pos < len(args):
-                    mask = args[pos]
-                if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                    masks[key] = mask
-            ctx.masks = masks
-            ctx.cache = {}
+        banks = self.banks
+        if banks is None:
+            return None
+        mask, decoder_mask = self._mask(MASK_KEYS[0], args, kwargs), self._mask(MASK_KEYS[1], args, kwargs)
+        if torch.compiler.is_compiling():  # inlined into a bigger compiled graph: one opaque op
+            torch.ops.moewatch.forward_begin(mask, decoder_mask, banks.ticks, banks.bank_id)
+        else:
+            banks.begin(mask, decoder_mask)
         return None
 
     def post_hook(self, module, args, kwargs, output):
-        ctx = self.local
-        ctx.depth = max(0, ctx.depth - 1)
-        if ctx.depth == 0:
-            ctx.masks = {}
-            ctx.cache = {}
+        banks = self.banks
+        if banks is None:
+            return None
+        if torch.compiler.is_compiling():
+            torch.ops.moewatch.forward_end(banks.ticks, banks.bank_id)
+        else:
+            banks.end()
         return None
 
-    def valid(self, key: str, num_tokens: int) -> Optional[torch.Tensor]:
-        """[T] float weights (1 = real token, 0 = padding) for a gate that saw ``num_tokens``.
 
-        The mask is [B, L] over past + current positions; the gate saw B*S tokens, the last S
-        of each row. Returns None (every token counts) when no mask applies to this shape.
-        """
-        ctx = self.local
-        mask = ctx.masks.get(key)
-        if mask is None:
-            return None
-        cache_key = (key, num_tokens)
-        if cache_key in ctx.cache:
-            return ctx.cache[cache_key]
-        batch, length = mask.shape
-        weights = None
-        if batch and num_tokens % batch == 0 and num_tokens // batch <= length:
-            seq = num_tokens // batch
-            weights = (mask[:, length - seq:] != 0).reshape(-1).to(torch.float32)  # [T]
-        ctx.cache[cache_key] = weights
-        return weights
+def skip_top_level_frames(*functions) -> None:
+    """Never compile these functions as frames of their own (they still trace when inlined).
+
+    Dynamo compiles a module's hooks, and what they call, as frames of their own when it
+    compiles the module: tiny graphs per forward, each with its own guards. Skipped, the root
+    hooks and the boundary code they call run as plain Python there.
+    """
+    skip = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    skip = getattr(skip, "skip_code", None)
+    if skip is None:  # an older torch: they compile as small graphs of their own, still correct
+        return
+    for fn in functions:
+        skip(fn.__code__)
+
+
+skip_top_level_frames(MaskTracker.pre_hook, MaskTracker.post_hook, MaskTracker._mask)

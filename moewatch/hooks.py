@@ -1,36 +1,31 @@
 """The forward hook that runs on every gate call.
 
 It only observes: it returns None (the gate's output is untouched), runs under no_grad,
-never syncs with the host, and swallows and counts its own failures.
+never syncs with the host, and hands the call to the hot path as exactly one op
+(:mod:`moewatch.hotpath.ops`): ``stage`` for CPU gates, ``observe`` elsewhere. The adapter's
+``extract`` and this hook are plain tensor plumbing that ``torch.compile`` traces without a
+graph break; failures are swallowed and counted, never raised into the model's forward.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .accumulators import AccumulatorBank
 from .adapters.base import GateSpec
-from .context import MaskTracker
 from .errors import ErrorLog
-from .stats import TOKENS, gate_sums, would_be_drops
+from .hotpath import ops
+from .hotpath.device import DeviceBank
 
 
 class GateHook:
-    def __init__(self, spec: GateSpec, bank: AccumulatorBank, row: int, masks: MaskTracker,
-                 errors: ErrorLog, capacity_factor: Optional[float]):
+    def __init__(self, spec: GateSpec, bank, row: int, errors: ErrorLog):
         self.extract = spec.extract
-        self.mask_key = spec.mask_key
         self.name = spec.info.name
-        self.scoring = spec.info.scoring
-        self.top_k = spec.info.top_k
-        self.native_capacity = spec.info.native_capacity
+        self.num_experts = spec.info.num_experts
         self.bank = bank
+        self.bank_id = bank.bank_id
         self.row = row
-        self.masks = masks
         self.errors = errors
-        self.capacity_factor = capacity_factor
-        self.sampler = None  # a moewatch.decisions.DecisionSampler with sample_decisions > 0
+        self.on_device = isinstance(bank, DeviceBank)
 
     def __call__(self, module, args, kwargs, output):
         try:
@@ -42,23 +37,15 @@ class GateHook:
 
     def _observe(self, module, args, kwargs, output) -> None:
         routing = self.extract(module, args, kwargs, output)
-        logits = routing.logits  # [T, E]
-        valid = routing.valid
-        if valid is None and routing.positions is None:
-            valid = self.masks.valid(self.mask_key, logits.shape[0])  # [T] or None
-        elif valid is None:  # a gathered subset of the call's tokens: read the mask at their places
-            grid = self.masks.valid(self.mask_key, routing.grid)  # [B*S] or None
-            valid = None if grid is None else grid.index_select(0, routing.positions)  # [T]
-        scalars, prob_sum, counts, drops, absmax = gate_sums(
-            logits, routing.indices, valid, self.scoring, self.top_k, routing.probs, routing.dropped)
-        if drops is None and self.capacity_factor and not self.native_capacity:
-            drops = would_be_drops(counts, scalars[TOKENS], self.top_k, self.capacity_factor)
-        if scalars.device != self.bank.device:  # a gate placed on another device than at attach
-            move = lambda t: None if t is None else t.to(self.bank.device, non_blocking=True)  # noqa: E731
-            scalars, prob_sum, counts, drops, absmax = map(move, (scalars, prob_sum, counts, drops, absmax))
-        self.bank.add(self.row, scalars, prob_sum, counts, drops, absmax)
-        if self.sampler is not None:  # sampled decisions for dumps: device ops only, like the sums
-            self.sampler.record(logits, routing.indices, routing.probs, valid, routing.positions)
+        logits = routing.logits.detach()  # [T, E]
+        grid = routing.grid or 0
+        if self.on_device:
+            bank = self.bank
+            ops.observe(logits, routing.indices, routing.probs, routing.dropped, routing.valid,
+                        routing.positions, bank.sums, bank.counts, bank.absmax, self.bank_id, self.row, grid)
+        else:
+            ops.stage(logits, routing.indices, routing.probs, routing.dropped, routing.valid,
+                      routing.positions, self.bank.calls, self.bank_id, self.row, grid)
 
 
 class CompanionHook:

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accumulators import AccumulatorBank, Snapshot
+from .accumulators import Snapshot
 from .context import MaskTracker
 from .baseline import as_baseline
 from .decisions import DecisionRecorder
@@ -21,6 +21,7 @@ from .discovery import resolve_gates
 from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
+from .hotpath.banks import Banks
 from .liveness import MonitoringStatus
 from .options import Options
 from .postmortem import Postmortem
@@ -68,15 +69,22 @@ class Monitor:
         self._next_window = 0
         self._health = Health(note="no window closed yet", monitoring="no_data")
         self._status = MonitoringStatus(self.errors, [g.name for g in self._gates])  # ok / no_data / failing
-        self._banks = self._make_banks(model, specs)
-        self._last = self._snapshot()
+        devices = self._devices(model, specs)
+        self._last = Snapshot.zeros(len(specs), max(s.info.num_experts for s in specs))
+        self._force_asked = False  # the reader asked the device banks for a cut (window_seconds)
         self._baseline = as_baseline(baseline)  # loaded once: the detector's, and a dump's metadata
         self._detector = self._make_detector(self._baseline)
         self._exporters = self._start_exporters()
         # sampled per-token decisions for dumps (None unless sample_decisions > 0)
         self._decisions = DecisionRecorder.create(
             self.options.sample_decisions, self.options.decision_slots, self._gates,
-            [device for device, _ in self._rows], self.options.ring_windows)
+            devices, self.options.ring_windows)
+        capacity = [None if s.info.native_capacity else self.options.capacity_factor for s in specs]
+        self._banks = Banks(self._gates, devices, capacity, [s.mask_key for s in specs], self.errors,
+                            self.options.window_tokens,
+                            self._decisions.sampler if self._decisions else (lambda name: None),
+                            self.options.backend)
+        self._masks.banks = self._banks
         self._hooks = self._install(model, specs)
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._stop = threading.Event()
@@ -87,27 +95,19 @@ class Monitor:
             self._reader.start()
 
     # -- set-up ---------------------------------------------------------------------------
-    def _make_banks(self, model: nn.Module, specs) -> Dict[torch.device, tuple]:
+    @staticmethod
+    def _devices(model: nn.Module, specs) -> List[torch.device]:
+        """The device of each gate (its parameters', else the model's)."""
         default = _device_of(model, torch.device("cpu"))
-        by_device: Dict[torch.device, list] = {}
-        self._rows: List[tuple] = []  # gate index -> (device, row in that device's bank)
-        for spec in specs:
-            device = _device_of(spec.module, default)
-            rows = by_device.setdefault(device, [])
-            self._rows.append((device, len(rows)))
-            rows.append(spec)
-        max_experts = max(s.info.num_experts for s in specs)
-        return {d: AccumulatorBank(len(rows), max_experts, d) for d, rows in by_device.items()}
+        return [_device_of(spec.module, default) for spec in specs]
 
     def _install(self, model: nn.Module, specs) -> list:
         handles = [
             model.register_forward_pre_hook(self._masks.pre_hook, with_kwargs=True),
             model.register_forward_hook(self._masks.post_hook, with_kwargs=True, always_call=True),
         ]
-        for spec, (device, row) in zip(specs, self._rows):
-            hook = GateHook(spec, self._banks[device], row, self._masks, self.errors,
-                            self.options.capacity_factor)
-            hook.sampler = self._decisions.sampler(spec.info.name) if self._decisions else None
+        for spec, (bank, row) in zip(specs, self._banks.rows):
+            hook = GateHook(spec, self._banks.banks[bank], row, self.errors)
             for companion in spec.companions:  # before the gate hook: they feed its extract
                 register = (companion.module.register_forward_pre_hook if companion.pre
                             else companion.module.register_forward_hook)
@@ -135,24 +135,24 @@ class Monitor:
         return min(0.25, self.options.window_seconds / 4)
 
     # -- reading the accumulators ----------------------------------------------------------
-    def _snapshot(self, close_epoch: bool = False) -> Snapshot:
-        """One host copy of every gate's accumulators, rows in gate order."""
-        now = time.time()
-        parts = {d: bank.snapshot(close_epoch) for d, bank in self._banks.items()}
-        order = [(parts[d], r) for d, r in self._rows]
-        sums = np.stack([p[0][r] for p, r in order])
-        counts = np.stack([p[1][r] for p, r in order])
-        absmax = np.array([p[2][r] for p, r in order], dtype=np.float64)
-        return Snapshot(time=now, sums=sums, counts=counts, absmax=absmax)
+    def _take(self, force: bool, idle: bool = True) -> None:
+        """Reduce what the forwards left; close a window at every cut the hot path made.
+
+        Windows are cut at forward ends only: when a window holds ``window_tokens`` tokens, or
+        with ``force`` (``flush``, ``window_seconds``) after the last forward that ended.
+        """
+        with self._lock:
+            self._banks.take(force, self._on_cut, idle)
+
+    def _on_cut(self, when: float, sums: np.ndarray, counts: np.ndarray, absmax: np.ndarray) -> None:
+        self._close(Snapshot(time=when, sums=sums, counts=counts, absmax=absmax))
 
     def _poll(self) -> None:
-        """Reader thread: close the window once it holds enough tokens or time."""
-        with self._lock:
-            current = self._snapshot()
-            tokens = float((current.sums[:, 0] - self._last.sums[:, 0]).max())
-            age = current.time - self._last.time
-            if tokens >= self.options.window_tokens or (tokens > 0 and age >= self.options.window_seconds):
-                self._close(self._snapshot(close_epoch=True))
+        """Reader thread: close the windows that are due (tokens) or too old (window_seconds)."""
+        aged = time.time() - self._last.time >= self.options.window_seconds
+        # a device bank cuts at the next forward end; one poll later with none, it cuts itself
+        self._take(force=aged, idle=aged and self._force_asked)
+        self._force_asked = aged
 
     def _close(self, current: Snapshot) -> Optional[Window]:
         window = close_window(self._next_window, self._last, current)
@@ -188,18 +188,24 @@ class Monitor:
         A sync point: use it in tests, at shutdown, or wherever you need the latest numbers.
         """
         with self._lock:
-            self._close(self._snapshot(close_epoch=True))
+            self._take(force=True)
             return self._status.current(self._health)
 
     def counts(self) -> Dict[str, np.ndarray]:
         """{gate name: int64 [num_experts]} token->expert assignments since attach."""
-        snap = self._snapshot()
-        return {g.name: snap.counts[i, 0, :g.num_experts].copy() for i, g in enumerate(self._gates)}
+        counts = self._live()[1]
+        return {g.name: counts[i, 0, :g.num_experts].copy() for i, g in enumerate(self._gates)}
 
     def dropped(self) -> Dict[str, int]:
         """{gate name: dropped assignments since attach} (would-be drops with capacity_factor=)."""
-        snap = self._snapshot()
-        return {g.name: int(snap.counts[i, 1, :g.num_experts].sum()) for i, g in enumerate(self._gates)}
+        counts = self._live()[1]
+        return {g.name: int(counts[i, 1, :g.num_experts].sum()) for i, g in enumerate(self._gates)}
+
+    def _live(self):
+        """sums and counts since attach, every ended forward included."""
+        with self._lock:
+            self._take(force=False)
+            return self._banks.live()
 
     def windows(self) -> pd.DataFrame:
         """The ring buffer: one row per (window, gate); see ``docs/api.md`` for the columns."""
@@ -276,6 +282,7 @@ class Monitor:
             self.flush()
         except Exception as error:  # the last window is lost, but detach must finish
             self.errors.record("detach", error)
+        self._banks.close()
         self._postmortem.close()  # the shutdown dump, with dump_dir=
         for exporter in self._exporters:
             try:
@@ -313,22 +320,35 @@ def _reader_loop(monitor_ref, stop: threading.Event, interval: float) -> None:
         del monitor
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module inside a ``torch.compile`` wrapper, with a warning about hook tracing.
+def _compiled_parts(model: nn.Module) -> List[str]:
+    """Names of the modules of ``model`` that ``torch.compile`` already compiled in place."""
+    found = []
+    for name, module in model.named_modules():
+        forward = module.__dict__.get("forward")
+        if getattr(module, "_compiled_call_impl", None) is not None or (
+                forward is not None and hasattr(forward, "_torchdynamo_orig_callable")):
+            found.append(name or type(module).__name__)
+    return found
 
-    Compiled code keeps running without hooks that were added after it was traced, so a
-    monitor attached to an already-compiled model may see nothing until it recompiles.
-    """
+
+_COMPILED_ADVICE = (
+    "Code compiled before attach keeps running without the hooks (Dynamo does not re-trace "
+    "for hooks added later), so those gates may not be counted. Attach before compiling "
+    "(recommended: the hooks then trace into the graph as one op per gate call), or call "
+    "torch._dynamo.reset() after attaching so the next call recompiles.")
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper; warns about any compiled part of the model."""
     inner = getattr(model, "_orig_mod", None)
     if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
-        warnings.warn(
-            "moewatch.attach got a torch.compile'd model: hooks added after it was first run are "
-            "not traced into the compiled code, so its gates may not be counted. Attach before "
-            "calling torch.compile (recommended), or call torch._dynamo.reset() after attaching "
-            "to recompile (every compiled function of the process recompiles).",
-            stacklevel=3,
-        )
+        warnings.warn(f"moewatch.attach got a torch.compile'd model. {_COMPILED_ADVICE}", stacklevel=3)
         return inner
+    parts = _compiled_parts(model)
+    if parts:
+        shown = ", ".join(parts[:3]) + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
+        warnings.warn(f"moewatch.attach got a model compiled in place ({shown}). {_COMPILED_ADVICE}",
+                      stacklevel=3)
     return model
 
 

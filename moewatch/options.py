@@ -36,6 +36,7 @@ class Options:
     alert_resolve_windows: int = 2  # healthy windows before an alert resolves
     runbook_url: str = "docs/runbook.md"  # alerts link to <runbook_url>#<alertname>
     background: bool = True  # a reader thread closes windows; False: only flush() does
+    backend: str = "auto"  # hot path: "auto" (staged on CPU, fused on other devices), "staged", "device"
     # Detector (moewatch.detector).
     ert_windows: float = 100_000  # expected windows between false alarms, all gates together
     persistence: int = 2  # a moderate change must show in this many consecutive windows
@@ -56,6 +57,8 @@ class Options:
                 raise ValueError(f"{name}={value!r} must be a positive number")
 
         positive("window_tokens", self.window_tokens, int)
+        if self.backend not in ("auto", "staged", "device"):
+            raise ValueError(f"backend={self.backend!r} must be 'auto', 'staged' or 'device'")
         positive("window_seconds", self.window_seconds)
         positive("ring_windows", self.ring_windows, int)
         positive("persistence", self.persistence, int)

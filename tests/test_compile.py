@@ -1,4 +1,13 @@
-"""torch.compile: a monitor attached before compiling counts exactly what eager counts."""
+"""torch.compile(fullgraph=True) with moewatch attached: one graph, exact counts, unchanged outputs.
+
+For tiny real models of the families production serves (and a from-scratch MoE), on Dynamo's
+eager backend and on inductor: the compiled model traces into one graph with a ``moewatch``
+op per gate call and nothing else of moewatch's, ``torch._dynamo.explain`` finds no graph break
+that the model alone does not have, the compiled forwards count exactly what eager forwards
+count (padding left out), and the outputs equal those of the compiled model without moewatch.
+"""
+from __future__ import annotations
+
 import warnings
 
 import numpy as np
@@ -6,34 +15,143 @@ import pytest
 import torch
 
 import moewatch
-from tests.conftest import padded_batch, tiny_mixtral
+from tests.conftest import tiny_mixtral
+from tests.hf_zoo import padded_batch, tiny_model
+from tests.moe_from_scratch import TinyMoELM
+
+FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "scratch"]
 
 
-def test_compiled_model_counts_like_eager():
-    model = tiny_mixtral(layers=1)
-    ids, mask = padded_batch()
-    mon = moewatch.attach(model, background=False)
-    with torch.no_grad():
-        expected = model(ids, attention_mask=mask).logits
-    eager = mon.counts()
-    compiled = torch.compile(model, backend="eager")  # dynamo traces the hooks into the graph
-    with torch.no_grad():
-        for _ in range(2):
-            out = compiled(ids, attention_mask=mask).logits
-    got = mon.counts()
-    mon.detach()
+def _build(family: str):
+    """(model, batch, attach options)."""
+    batch = padded_batch(seed=3)
+    if family == "scratch":
+        torch.manual_seed(0)
+        model = TinyMoELM(vocab=128).eval()
+        return model, batch, dict(gates="blocks.*.router", top_k=2)
+    return tiny_model(family), batch, {}
+
+
+def _output(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class GraphRecorder:
+    """A Dynamo backend that records each graph's moewatch ops, then runs ``inner``."""
+
+    def __init__(self, inner: str):
+        self.inner = inner
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([str(n.target) for n in gm.graph.nodes
+                            if n.op == "call_function" and "moewatch" in str(n.target)])
+        if self.inner == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+
+def _compiled(model, backend: str):
+    recorder = GraphRecorder(backend)
+    return torch.compile(model, backend=recorder, fullgraph=True), recorder
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fullgraph_compile_counts_exactly_and_leaves_outputs_unchanged(family, backend, one_thread):
+    model, batch, options = _build(family)
     torch._dynamo.reset()
-    assert torch.allclose(out, expected, atol=1e-5)
-    assert mon.error_counts() == {}
-    for name, counts in eager.items():
-        np.testing.assert_array_equal(got[name], 3 * counts)  # eager once + compiled twice
+    plain, _ = _compiled(model, backend)
+    with torch.no_grad():
+        expected = _output(plain(**batch))
+    breaks_alone = torch._dynamo.explain(model)(**batch).graph_break_count
+    torch._dynamo.reset()
+
+    mon = moewatch.attach(model, background=False, **options)
+    try:
+        with torch.no_grad():
+            _output(model(**batch))
+        eager = mon.counts()
+        explained = torch._dynamo.explain(model)(**batch)  # one more (traced) forward
+        assert explained.graph_break_count == breaks_alone
+        torch._dynamo.reset()
+        compiled, recorder = _compiled(model, backend)
+        with torch.no_grad():
+            first = _output(compiled(**batch))
+            second = _output(compiled(**batch))
+        got = mon.counts()
+        # one graph per forward, each gate call one op
+        gates = len(mon.gates)
+        assert [g for g in recorder.graphs if g] == [["moewatch.stage"] * gates]
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+        assert mon.error_counts() == {}
+        for name, counts in eager.items():
+            assert counts.sum() > 0
+            np.testing.assert_array_equal(got[name], 4 * counts)  # eager + explain + 2 compiled
+        mon.flush()
+        tokens = mon.windows().groupby("window")["tokens"].agg(["min", "max"])
+        real = int(batch["attention_mask"].sum())
+        assert (tokens["min"] == tokens["max"]).all() and int(tokens["max"].sum()) == 4 * real
+    finally:
+        mon.detach()
+        torch._dynamo.reset()
 
 
-def test_attaching_to_a_compiled_wrapper_warns_and_names_gates_plainly():
+def test_compiled_model_called_inside_a_bigger_compiled_module_stays_one_graph(one_thread):
+    """The root hooks are traced into the outer graph (as the forward boundary ops), no break."""
+    model = tiny_mixtral(layers=2)
+    batch = padded_batch(seed=2)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits * 2
+
+    mon = moewatch.attach(model, background=False)
+    try:
+        with torch.no_grad():
+            model(**batch)
+        eager = mon.counts()
+        torch._dynamo.reset()
+        compiled, recorder = _compiled(Wrapper(model), "eager")
+        with torch.no_grad():
+            compiled(**batch)
+        assert recorder.graphs == [["moewatch.forward_begin", "moewatch.stage", "moewatch.stage",
+                                    "moewatch.forward_end"]]
+        got = mon.counts()
+        for name in eager:
+            np.testing.assert_array_equal(got[name], 2 * eager[name])
+    finally:
+        mon.detach()
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile", "forward"])
+def test_attaching_to_an_already_compiled_model_warns(how, one_thread):
     model = tiny_mixtral(layers=1)
-    compiled = torch.compile(model, backend="eager")
-    with pytest.warns(UserWarning, match="Attach before calling torch.compile"):
-        mon = moewatch.attach(compiled, background=False)
+    if how == "torch.compile":
+        target = torch.compile(model, backend="eager")
+    elif how == "module.compile":
+        model.compile(backend="eager")
+        target = model
+    else:
+        model.model.forward = torch.compile(model.model.forward, backend="eager")
+        target = model
+    with pytest.warns(UserWarning, match="Attach before compiling"):
+        mon = moewatch.attach(target, background=False)
     assert [g.name for g in mon.gates] == ["model.layers.0.mlp.gate"]
     mon.detach()
     torch._dynamo.reset()
+
+
+def test_attaching_to_an_uncompiled_model_does_not_warn(one_thread):
+    model = tiny_mixtral(layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon = moewatch.attach(model, background=False)
+    mon.detach()

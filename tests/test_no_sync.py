@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 
+import pytest
 import torch
 
 import moewatch
@@ -63,10 +64,12 @@ def sync_tracer():
                 setattr(owner, name, fn)
 
 
-def test_monitored_forward_makes_no_host_sync():
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_monitored_forward_makes_no_host_sync(backend):
+    """Both backends: the staged CPU one, and the device one (the reference op per call, as on a GPU)."""
     model = tiny_mixtral()
     ids, mask = padded_batch()
-    mon = moewatch.attach(model, background=False, capacity_factor=1.0)
+    mon = moewatch.attach(model, background=False, capacity_factor=1.0, backend=backend, sample_decisions=0.5)
     with sync_tracer() as calls, torch.no_grad():
         model(ids, attention_mask=mask)
         model(ids[:, :1], attention_mask=mask)  # decode-shaped call
@@ -78,15 +81,15 @@ def test_monitored_forward_makes_no_host_sync():
 
 def test_tracer_catches_a_sync_in_the_hook_path(monkeypatch):
     """The tracer itself can fail: a hook path that calls .item() is reported."""
-    import moewatch.hooks as hooks
+    from moewatch.hotpath import ops
 
-    original = hooks.gate_sums
+    original = ops._stage_impl
 
     def syncing(logits, *args, **kwargs):
         logits.sum().item()
         return original(logits, *args, **kwargs)
 
-    monkeypatch.setattr(hooks, "gate_sums", syncing)
+    monkeypatch.setattr(ops, "_stage_impl", syncing)
     model = tiny_mixtral(layers=1)
     ids, mask = padded_batch()
     mon = moewatch.attach(model, background=False)

@@ -68,32 +68,39 @@ def test_exception_inside_a_family_adapter_is_counted(model, monkeypatch):
 
 
 def test_exception_inside_a_statistic_is_counted_and_adds_nothing(model, monkeypatch):
-    """gate_sums raises on every other call: failed calls add nothing, the others add exactly."""
+    """The statistics raise on every call of the first gate: those calls add nothing and are
+    counted one by one; the other gate's calls, reduced in the same batch, add exactly."""
+    import moewatch.hotpath.staged as staged
+
     expected = forward(model, ids())
     with router_counts(model) as reference:
         forward(model, ids())
-    real = moewatch.hooks.gate_sums
-    calls = {"n": 0}
+    first_rows = []  # the first logit row of every call of gate 0: how the fault finds its calls
+    gate0 = model.get_submodule(GATES[0])
+    spy = gate0.register_forward_hook(lambda m, a, out: first_rows.append(out[0][0].detach().clone()))
+    real = staged.gate_sums
 
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] % 2 == 1:  # the first gate of every forward
+    def flaky(logits, *args, **kwargs):
+        if any(torch.equal(logits[0].float(), row.float()) for row in first_rows):
             raise FloatingPointError("statistic failed")
-        return real(*args, **kwargs)
+        return real(logits, *args, **kwargs)
 
-    monkeypatch.setattr(moewatch.hooks, "gate_sums", flaky)
-    with moewatch.attach(model, background=False, model_name="tiny") as mon:
-        for _ in range(5):
-            assert_bit_identical(forward(model, ids()), expected)
-        assert mon.error_counts() == {"hook": 5}
-        assert "FloatingPointError: statistic failed" in mon.errors.last()["hook"]
-        assert exported(mon, "moewatch_internal_errors_total", component="hook") == 5
-        counts = mon.counts()
-        assert int(counts[GATES[0]].sum()) == 0
-        np.testing.assert_array_equal(counts[GATES[1]], 5 * reference[GATES[1]])
-        mon.flush()
-        frame = mon.windows().set_index("gate")
-        assert frame.loc[GATES[1], "tokens"] == 5 * 16 and frame.loc[GATES[1], "assignments"] == 5 * 32
+    monkeypatch.setattr(staged, "gate_sums", flaky)
+    try:
+        with moewatch.attach(model, background=False, model_name="tiny") as mon:
+            for _ in range(5):
+                assert_bit_identical(forward(model, ids()), expected)
+            counts = mon.counts()
+            assert mon.error_counts() == {"hook": 5}  # one per failed call, not one per batch
+            assert "FloatingPointError: statistic failed" in mon.errors.last()["hook"]
+            assert exported(mon, "moewatch_internal_errors_total", component="hook") == 5
+            assert int(counts[GATES[0]].sum()) == 0
+            np.testing.assert_array_equal(counts[GATES[1]], 5 * reference[GATES[1]])
+            mon.flush()
+            frame = mon.windows().set_index("gate")
+            assert frame.loc[GATES[1], "tokens"] == 5 * 16 and frame.loc[GATES[1], "assignments"] == 5 * 32
+    finally:
+        spy.remove()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

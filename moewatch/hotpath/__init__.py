@@ -1,0 +1,13 @@
+"""The hot path: what runs on every gate call, and nothing else.
+
+Each gate call is one registered op (``ops``): Dynamo sees one opaque node, CUDA graphs capture
+one kernel, and no Python lock, thread-local or value-dependent branch sits in traced code.
+
+- ``layout``       the accumulators every backend adds into and every reader reads
+- ``reference``    the readable torch implementation: the oracle, and the fallback
+- ``staged``       CPU: the forward stages the call, the reader reduces calls in batches
+- ``device``       other devices: statistics added on the device, windows cut at forward ends
+- ``triton_backend`` CUDA: one Triton kernel per call (tested on CPU with ``TRITON_INTERPRET=1``)
+- ``ops``          the ``torch.library`` ops and what the hooks call
+- ``banks``        one monitor's banks (one per device) and the windows cut from them
+"""

@@ -1,0 +1,141 @@
+"""The device backend (CUDA, and any device without the CPU backend): statistics added on the device.
+
+Each gate call is one ``moewatch::observe`` op that computes every statistic and adds it into
+cumulative device accumulators: one Triton kernel on CUDA (``triton_backend``), the torch
+reference elsewhere or where Triton is absent. Nothing reads a value back to the host, so a
+forward can be captured in a CUDA graph and replayed: the adds replay with it.
+
+Windows are cut on the device too, at forward ends (``end``): when the window holds
+``window_tokens`` tokens, or the reader asked for a cut (``window_seconds``), a copy of the
+cumulative accumulators goes into a small device ring of cuts. The reader copies new cuts to
+the host on a side stream. So a window never splits a forward, graph replays included, and
+the same traffic cuts the same windows.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .layout import NUM_SCALARS, TOKENS
+from .reference import accumulate, gate_sums, mask_weights
+
+CUT_SLOTS = 64  # cuts the reader may fall behind by before one is lost (counted)
+
+
+def fused_kernel_for(device: torch.device):
+    """The Triton kernel's entry point on CUDA when Triton is installed; else None (the reference)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import triton_backend
+    except Exception:  # Triton missing or broken: the reference still counts exactly
+        return None
+    return triton_backend.observe if triton_backend.AVAILABLE else None
+
+
+class DeviceBank:
+    """Device accumulators of the gates on one device (see the module docstring)."""
+
+    def __init__(self, gates: Sequence, device: torch.device, errors, window_tokens: int,
+                 sampler_of: Callable[[int], object] = None, mask_of: Callable[[str], object] = lambda key: None):
+        self.mask_of = mask_of  # the padding mask of this thread's root forward, by key
+        self.gates = list(gates)
+        self.device = torch.device(device)
+        self.errors = errors
+        self.sampler_of = sampler_of or (lambda row: None)
+        num_gates, max_experts = len(self.gates), max(g.num_experts for g in self.gates)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self.sums = torch.zeros(num_gates, NUM_SCALARS + max_experts, **f64)  # [G, C]
+        self.counts = torch.zeros(num_gates, 2, max_experts, **i64)  # [G, 2, E]
+        self.absmax = torch.zeros(num_gates, **f64)  # [G] since the last cut
+        # the ring of cuts: cumulative copies taken at forward ends
+        self.cut_sums = torch.zeros(CUT_SLOTS, num_gates, NUM_SCALARS + max_experts, **f64)  # [S, G, C]
+        self.cut_counts = torch.zeros(CUT_SLOTS, num_gates, 2, max_experts, **i64)  # [S, G, 2, E]
+        self.cut_absmax = torch.zeros(CUT_SLOTS, num_gates, **f64)  # [S, G]
+        self.cut_ptr = torch.zeros(1, **i64)  # [1] cuts made since attach
+        self.base_tokens = torch.zeros(num_gates, **f64)  # [G] tokens at the last cut
+        self.force = torch.zeros(1, **i64)  # [1] 1: the reader asks for a cut at the next forward end
+        self.window_tokens = torch.full((1,), float(window_tokens), **f64)  # [1]
+        self._seen = 0  # cuts the reader has taken (host)
+        self._lock = threading.Lock()  # reader-side only
+        self._fused = fused_kernel_for(self.device)
+
+    # -- the forward ----------------------------------------------------------------------------
+    def begin(self) -> None:
+        pass
+
+    def observe(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int,
+                sums, counts, absmax) -> None:
+        """Add one gate call into ``sums``/``counts``/``absmax`` (device ops only)."""
+        gate = self.gates[row]
+        mask = None if valid is not None else self.mask_of(gate.mask_key)  # [B, L] or None
+        if self._fused is not None:
+            self._fused(logits, indices, probs, dropped, valid, mask, positions, grid, sums, counts, absmax,
+                        row, gate.top_k, gate.scoring, gate.capacity_factor)
+        else:
+            if valid is None:
+                valid = mask_weights(mask, logits.shape[0], positions, grid)
+            part = gate_sums(logits, indices, valid, gate.scoring, gate.top_k, probs, dropped,
+                             gate.capacity_factor)
+            accumulate(sums, counts, absmax, row, part)
+        sampler = self.sampler_of(row)
+        if sampler is not None:
+            sampler.record(logits, indices, probs, valid if valid is not None else
+                           mask_weights(mask, logits.shape[0], positions, grid), positions)
+
+    def end(self, ticks=None) -> None:
+        """At a forward end: cut a window into the ring if it is due (device ops only)."""
+        tokens = self.sums[:, TOKENS]  # [G]
+        grown = (tokens - self.base_tokens).amax()  # []
+        cut = (grown >= self.window_tokens[0]) | ((self.force[0] > 0) & (grown > 0))  # []
+        slot = self.cut_ptr % CUT_SLOTS  # [1]
+        for ring, live in ((self.cut_sums, self.sums), (self.cut_counts, self.counts),
+                           (self.cut_absmax, self.absmax)):
+            kept = ring.index_select(0, slot)  # [1, ...]
+            ring.index_copy_(0, slot, torch.where(cut, live.unsqueeze(0), kept))
+        self.base_tokens.copy_(torch.where(cut, tokens, self.base_tokens))
+        self.absmax.masked_fill_(cut, 0.0)
+        self.force.masked_fill_(cut, 0)
+        self.cut_ptr.add_(cut.to(torch.int64))
+
+    # -- the reader -----------------------------------------------------------------------------
+    def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float,
+             idle: bool) -> None:
+        """Hand every new cut to ``on_cut``; with ``force``, ask for a cut (made now when idle)."""
+        with self._lock:
+            if force:
+                self.force.fill_(1)
+                if idle:  # no forward is running to cut at: cut here (the state is at a boundary)
+                    self.end()
+            ptr = int(self._host(self.cut_ptr)[0])
+            if ptr - self._seen > CUT_SLOTS:
+                self.errors.record("reader", RuntimeError(
+                    f"{ptr - self._seen - CUT_SLOTS} window(s) were cut on the device faster than "
+                    "they were read, and lost"))
+                self._seen = ptr - CUT_SLOTS
+            while self._seen < ptr:
+                slot = self._seen % CUT_SLOTS
+                self._seen += 1
+                on_cut(now, self._host(self.cut_sums[slot]).numpy(), self._host(self.cut_counts[slot]).numpy(),
+                       self._host(self.cut_absmax[slot]).numpy())
+
+    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy, made on a side stream on CUDA so only the reader waits."""
+        if self.device.type != "cuda":
+            return tensor.to("cpu", copy=True)
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            out = tensor.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()
+        return out
+
+    def live(self):
+        """Host copies (numpy) of the live sums and counts (counts since attach)."""
+        with self._lock:
+            return self._host(self.sums).numpy(), self._host(self.counts).numpy()

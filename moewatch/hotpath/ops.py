@@ -1,0 +1,116 @@
+"""The registered ops of the hot path: what compiled code sees of moewatch.
+
+``torch.compile`` traces the monitor's forward hooks into the model's graph. Each gate call
+becomes exactly one of these ops, an opaque node with a fake implementation and declared
+mutations, so Dynamo neither breaks the graph nor looks inside:
+
+- ``moewatch::stage``   CPU gates: record the call for the reader (``staged.StagedBank``).
+- ``moewatch::observe`` other devices: compute every statistic and add it into the device
+  accumulators (one Triton kernel on CUDA, the torch reference elsewhere; ``device.DeviceBank``).
+
+and each root forward adds ``moewatch::forward_begin`` / ``forward_end``: the forward boundary
+that windows are cut at, and the padding mask of the call, which the gate ops read at run time
+from their thread's state (the root module's hooks run outside the compiled frame, so the mask
+cannot reach the gates as a value of the forward's graph). The banks live in a registry keyed by an integer, because an op's
+arguments are tensors and scalars only.
+
+In eager mode the hooks call the same implementations directly (:func:`stage` and friends):
+the dispatcher round trip would cost the forward microseconds for nothing.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Dict, Optional
+
+import torch
+
+_BANKS: Dict[int, object] = {}
+_NEXT_ID = itertools.count(1)
+_REGISTRY_LOCK = threading.Lock()
+
+_CALL_ARGS = "Tensor logits, Tensor? indices, Tensor? probs, Tensor? dropped, Tensor? valid, Tensor? positions"
+
+_LIB = torch.library.Library("moewatch", "DEF")
+_LIB.define(f"stage({_CALL_ARGS}, Tensor(a!) calls, int bank, int row, int grid) -> ()")
+_LIB.define(f"observe({_CALL_ARGS}, Tensor(a!) sums, Tensor(b!) counts, Tensor(c!) absmax, int bank, int row, "
+            "int grid) -> ()")
+_LIB.define("forward_begin(Tensor? mask, Tensor? decoder_mask, Tensor(a!) ticks, int bank) -> ()")
+_LIB.define("forward_end(Tensor(a!) ticks, int bank) -> ()")
+
+
+def register(bank) -> int:
+    """Make a bank reachable from the ops; returns its id."""
+    with _REGISTRY_LOCK:
+        bank_id = next(_NEXT_ID)
+        _BANKS[bank_id] = bank
+    return bank_id
+
+
+def unregister(bank_id: int) -> None:
+    with _REGISTRY_LOCK:
+        _BANKS.pop(bank_id, None)
+
+
+def _bank(bank_id: int):
+    return _BANKS.get(bank_id)
+
+
+# -- implementations (also called directly by the eager hooks) --------------------------------
+def _stage_impl(logits, indices, probs, dropped, valid, positions, calls, bank, row, grid, copy=True):
+    target = _BANKS.get(bank)
+    if target is not None:  # detached: compiled code may still call in; it counts nothing
+        target.stage(row, logits, indices, probs, dropped, valid, positions, grid, calls, copy)
+
+
+def _observe_impl(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank, row, grid):
+    target = _BANKS.get(bank)
+    if target is not None:
+        target.observe(row, logits, indices, probs, dropped, valid, positions, grid, sums, counts, absmax)
+
+
+def _begin_impl(mask, decoder_mask, ticks, bank):
+    target = _BANKS.get(bank)
+    if target is not None:
+        target.begin(mask, decoder_mask)
+
+
+def _end_impl(ticks, bank):
+    target = _BANKS.get(bank)
+    if target is not None:
+        target.end(ticks)
+
+
+_LIB.impl("stage", _stage_impl, "CompositeExplicitAutograd")
+_LIB.impl("observe", _observe_impl, "CompositeExplicitAutograd")
+_LIB.impl("forward_begin", _begin_impl, "CompositeExplicitAutograd")
+_LIB.impl("forward_end", _end_impl, "CompositeExplicitAutograd")
+
+
+def _no_output(*args, **kwargs) -> None:
+    return None
+
+
+for _name in ("stage", "observe", "forward_begin", "forward_end"):
+    torch.library.register_fake(f"moewatch::{_name}", _no_output, lib=_LIB)
+
+
+# -- what the hooks call ------------------------------------------------------------------------
+def stage(logits, indices, probs, dropped, valid, positions, calls, bank: int, row: int, grid: int) -> None:
+    if torch.compiler.is_compiling():  # traced: one opaque node; its buffers may be reused, so copied
+        torch.ops.moewatch.stage(logits, indices, probs, dropped, valid, positions, calls, bank, row, grid)
+    else:  # eager: the tensors stay alive and their version counters say if they change
+        _stage_impl(logits, indices, probs, dropped, valid, positions, calls, bank, row, grid, copy=False)
+
+
+def observe(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank: int, row: int,
+            grid: int) -> None:
+    if torch.compiler.is_compiling():
+        torch.ops.moewatch.observe(logits, indices, probs, dropped, valid, positions, sums, counts, absmax,
+                                   bank, row, grid)
+    else:
+        _observe_impl(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank, row, grid)
+
+
+def registered(bank_id: int) -> Optional[object]:
+    return _bank(bank_id)

@@ -1,0 +1,307 @@
+"""The CPU backend: the forward's thread stages each gate call, the reader reduces them in batches.
+
+On a CPU every tensor op costs microseconds of dispatch, so computing the statistics of a gate
+call where it happens (dozens of small ops) would cost the forward hundreds of microseconds.
+Here the forward's thread only *records* the call: a reference to its tensors (eager mode,
+where the version counter proves later that they were not modified in place) or a copy
+(compiled code and inference tensors, whose buffers may be reused). The reader thread later
+takes every recorded call of a window and runs the reference statistics once per gate over
+all of them together, so the per-op overhead is paid once per window, not once per call.
+
+Windows never split a forward: calls are kept per thread until the root module's forward ends
+(``end``), then committed as one forward. The reader cuts a window at the first forward
+boundary where the window holds ``window_tokens`` tokens, so the same traffic gives the same
+windows on every run. Nothing here takes a lock on the forward's path: per-thread lists and
+``deque.append`` (atomic) only.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .layout import NUM_SCALARS, TOKENS
+from .reference import accumulate, gate_sums, mask_tail, mask_weights
+
+# Staged bytes across all threads above which the forward's thread reduces a call itself
+# (bounded memory when the reader falls behind, and big prefill calls need no staging).
+MAX_STAGED_BYTES = 256 * 2**20
+
+
+class GateParams:
+    """What the reduction needs to know of one gate (host constants)."""
+
+    __slots__ = ("num_experts", "top_k", "scoring", "capacity_factor", "name", "mask_key")
+
+    def __init__(self, name: str, num_experts: int, top_k: int, scoring: int, capacity_factor: float,
+                 mask_key: str = "attention_mask"):
+        self.mask_key = mask_key
+        self.name = name
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.scoring = scoring
+        self.capacity_factor = capacity_factor
+
+
+class Call:
+    """One staged gate call: its tensors, and their version counters when held by reference."""
+
+    __slots__ = ("row", "logits", "indices", "probs", "dropped", "valid", "mask", "positions", "grid",
+                 "versions", "reduced", "nbytes")
+
+    def tensors(self):
+        return (self.logits, self.indices, self.probs, self.dropped, self.valid, self.mask, self.positions)
+
+
+def _versions(tensors) -> Optional[tuple]:
+    """Version counters of the tensors, or None when one of them has none (inference tensors)."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        if t.is_inference():
+            return None
+        out.append(t._version)
+    return tuple(out)
+
+
+class ThreadState(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: List[Call] = []
+
+
+class StagedBank:
+    """Host accumulators of the gates on the CPU, fed by staged calls (see the module docstring)."""
+
+    def __init__(self, gates: Sequence[GateParams], errors, sampler_of: Callable[[int], object] = None,
+                 mask_of: Callable[[str], object] = lambda key: None):
+        self.gates = list(gates)
+        num_gates = len(self.gates)
+        max_experts = max(g.num_experts for g in self.gates)
+        self.device = torch.device("cpu")
+        self.sums = torch.zeros(num_gates, NUM_SCALARS + max_experts, dtype=torch.float64)
+        self.counts = torch.zeros(num_gates, 2, max_experts, dtype=torch.int64)
+        self.absmax = torch.zeros(num_gates, dtype=torch.float64)  # since the last cut
+        self.calls = torch.zeros(num_gates, dtype=torch.int64)  # gate calls staged, per gate
+        self._calls = self.calls.numpy()  # the same memory
+        self.errors = errors
+        self.sampler_of = sampler_of or (lambda row: None)
+        self.mask_of = mask_of  # the padding mask of this thread's root forward, by key
+        self._thread = ThreadState()
+        self._committed: deque = deque()  # (commit time, [Call]) per whole forward
+        self._staged_bytes = 0  # approximate: += and -= from several threads under the GIL
+        self._drain = threading.Lock()  # one reducer at a time (reader, flush, counts)
+        self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
+        self._window_gate_tokens = torch.zeros(num_gates, dtype=torch.float64)
+
+    # -- the forward's thread ------------------------------------------------------------------
+    def begin(self) -> None:
+        self._thread.depth += 1
+
+    def end(self, ticks=None) -> None:
+        state = self._thread
+        state.depth = max(0, state.depth - 1)
+        if state.depth == 0 and state.pending:
+            self._committed.append((time.time(), state.pending))
+            state.pending = []
+
+    def stage(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int,
+              calls: torch.Tensor, copy: bool) -> None:
+        """Record one gate call (the body of the ``moewatch::stage`` op on CPU tensors).
+
+        ``calls`` is the op's declared mutation: the per-gate call counter it bumps.
+        """
+        # a host add on a cached view (the bank's own counter, unless compiled code passed a copy)
+        (self._calls if calls is self.calls else calls.numpy())[row] += 1
+        mask = None if valid is not None else mask_tail(self.mask_of(self.gates[row].mask_key), logits.shape[0],
+                                                        positions, grid)
+        call = Call()
+        call.row = row
+        call.grid = grid
+        call.reduced = None
+        tensors = (logits, indices, probs, dropped, valid, mask, positions)
+        call.versions = None if copy else _versions(tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
+            # Reduce now (a big call amortises the ops; bounded memory when the reader lags).
+            call.reduced = self._reduce_one(row, tensors, grid)
+            call.logits = call.indices = call.probs = call.dropped = call.valid = call.mask = None
+            call.positions = None
+            call.nbytes = 0
+        else:
+            if call.versions is None:  # buffers that may be reused or modified untracked: copy
+                tensors = tuple(None if t is None else t.detach().clone() for t in tensors)
+            (call.logits, call.indices, call.probs, call.dropped, call.valid, call.mask,
+             call.positions) = tensors
+            call.nbytes = nbytes
+            self._staged_bytes += nbytes
+        state = self._thread
+        if state.depth:
+            state.pending.append(call)
+        else:  # a gate called outside a monitored root forward is a forward of its own
+            self._committed.append((time.time(), [call]))
+
+    # -- the reader ----------------------------------------------------------------------------
+    def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float = 0.0,
+             idle: bool = True) -> None:
+        """Reduce every committed forward into the accumulators, in order.
+
+        ``on_cut(t, sums, counts, absmax)`` gets host copies of the accumulators at each forward
+        boundary where the window reaches ``window_tokens`` tokens (``t``: that forward's end);
+        with ``force``, also after the last committed forward when the window holds any token.
+        """
+        with self._drain:
+            segment: List[Call] = []
+            last_time = None
+            while self._committed:
+                commit_time, calls = self._committed.popleft()
+                last_time = commit_time
+                segment.extend(calls)
+                self._window_tokens = self._add_tokens(calls)
+                if self._window_tokens >= window_tokens:
+                    self._reduce(segment)
+                    segment = []
+                    self._cut(on_cut, commit_time)
+            self._reduce(segment)
+            if force and self._window_tokens > 0:
+                self._cut(on_cut, last_time or time.time())
+
+    def _cut(self, on_cut, when: float) -> None:
+        on_cut(when, self.sums.numpy().copy(), self.counts.numpy().copy(), self.absmax.numpy().copy())
+        self.absmax.zero_()
+        self._window_tokens = 0.0
+        self._window_gate_tokens.zero_()
+
+    def _add_tokens(self, calls: List[Call]) -> float:
+        """Count the traffic tokens of one forward's calls; returns the window's tokens so far."""
+        per_gate = self._window_gate_tokens
+        masks: Dict[tuple, object] = {}
+        for call in calls:
+            try:
+                if call.reduced is not None:
+                    tokens = float(call.reduced.scalars[TOKENS])
+                else:
+                    weights = self._weights(call, masks)
+                    tokens = call.logits.shape[0] if weights is None else float(weights.sum())
+                per_gate[call.row] += tokens
+            except Exception:  # a malformed call: counted when it is reduced
+                pass
+        return float(per_gate.max()) if per_gate.numel() else 0.0
+
+    @staticmethod
+    def _weights(call: Call, cache: Optional[dict] = None):
+        """[T] traffic weights of a staged call (the padding mask, or the router's override)."""
+        if call.valid is not None:
+            return call.valid
+        if call.mask is None:
+            return None
+        mask = call.mask  # calls of one forward share the mask's memory (eager): reduce it once
+        key = (mask.data_ptr(), tuple(mask.shape), mask.stride(), call.logits.shape[0], id(call.positions),
+               call.grid)
+        if cache is not None and key in cache:
+            return cache[key]
+        weights = mask_weights(call.mask, call.logits.shape[0], call.positions, call.grid)
+        if cache is not None:
+            cache[key] = weights
+        return weights
+
+    def _reduce(self, calls: List[Call]) -> None:
+        """Add the calls into the accumulators: one batched reduction per gate."""
+        by_row: Dict[int, List[Call]] = {}
+        for call in calls:
+            if call.reduced is not None:
+                accumulate(self.sums, self.counts, self.absmax, call.row, call.reduced)
+            elif self._unchanged(call):
+                by_row.setdefault(call.row, []).append(call)
+        for row, group in by_row.items():
+            try:
+                self._reduce_group(row, group)
+            except Exception:  # find the bad call(s): the others still count
+                for call in group:
+                    try:
+                        self._reduce_group(row, [call])
+                    except Exception as error:
+                        self.errors.record("hook", error, where=self.gates[row].name)
+            finally:
+                self._staged_bytes -= sum(c.nbytes for c in group)
+            sampler = self.sampler_of(row)
+            if sampler is not None:
+                for call in group:
+                    try:
+                        sampler.record(call.logits, call.indices, call.probs, self._weights(call),
+                                       call.positions)
+                    except Exception as error:
+                        self.errors.record("hook", error, where=self.gates[row].name)
+
+    def _unchanged(self, call: Call) -> bool:
+        if call.versions is None or _versions(call.tensors()) == call.versions:
+            return True
+        self._staged_bytes -= call.nbytes
+        self.errors.record("hook", RuntimeError(
+            "the gate's output was modified in place before moewatch read it; the call is not counted"),
+            where=self.gates[call.row].name)
+        return False
+
+    def _reduce_group(self, row: int, group: List[Call]) -> None:
+        gate = self.gates[row]
+        if len(group) == 1:
+            call = group[0]
+            part = self._reduce_one(row, call.tensors(), call.grid)
+        else:
+            part = self._reduce_many(row, group)
+        accumulate(self.sums, self.counts, self.absmax, row, part)
+
+    def _reduce_one(self, row: int, tensors, grid: int):
+        logits, indices, probs, dropped, valid, mask, positions = tensors
+        gate = self.gates[row]
+        self._check_width(gate, logits)
+        if valid is None:
+            valid = mask_weights(mask, logits.shape[0], positions, grid)
+        return gate_sums(logits.reshape(-1, gate.num_experts), indices, valid, gate.scoring, gate.top_k,
+                         probs, dropped, gate.capacity_factor)
+
+    def _reduce_many(self, row: int, group: List[Call]):
+        gate = self.gates[row]
+        logits, indices, probs, dropped, valid, call_ids = [], [], [], [], [], []
+        masks: dict = {}
+        for n, call in enumerate(group):
+            self._check_width(gate, call.logits)
+            tokens = call.logits.shape[0]
+            logits.append(call.logits)
+            indices.append(call.indices)
+            probs.append(call.probs)
+            dropped.append(call.dropped)
+            weights = self._weights(call, masks)
+            valid.append(weights if weights is not None else torch.ones(tokens, dtype=torch.float32))
+            call_ids.append(torch.full((tokens,), n, dtype=torch.int64))
+        # A batch mixes calls with and without the router's own indices/probs/drops only in
+        # odd models; reduce those one by one rather than guess.
+        for column in (indices, probs, dropped):
+            if any(t is None for t in column) and not all(t is None for t in column):
+                raise _Mixed()
+        cat = lambda ts: None if ts[0] is None else torch.cat([t.reshape(t.shape[0], -1) for t in ts])  # noqa: E731
+        return gate_sums(torch.cat(logits).float(), cat(indices), torch.cat([v.float() for v in valid]),
+                         gate.scoring, gate.top_k, cat(probs), cat(dropped), gate.capacity_factor,
+                         torch.cat(call_ids), len(group))
+
+    @staticmethod
+    def _check_width(gate: GateParams, logits) -> None:
+        if logits.dim() < 1 or logits.shape[-1] != gate.num_experts:
+            raise ValueError(
+                f"gate {gate.name!r} returned logits of width {logits.shape[-1] if logits.dim() else 0}, "
+                f"but it was attached with num_experts={gate.num_experts}; pass the right num_experts= "
+                "(or gates=) to moewatch.attach")
+
+    def live(self):
+        """Host copies (numpy) of the sums and counts (call after ``take``)."""
+        with self._drain:
+            return self.sums.numpy().copy(), self.counts.numpy().copy()
+
+
+class _Mixed(Exception):
+    """A batch whose calls do not all carry the same optional tensors (reduced one by one)."""
