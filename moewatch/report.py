@@ -1,18 +1,18 @@
-"""``moewatch report DUMP``: a terminal summary of a dump, and PNG plots.
+"""``moewatch report DUMP``: a terminal summary of a dump, and PNG plots (:mod:`moewatch.report_plots`).
 
 The summary answers the postmortem questions in order: when did routing go wrong (the health
-timeline), where (the worst gates), which experts (overloaded and dead ones), and what changed
-against the baseline the monitor was running with. The plots show the same over time: expert
-load per gate, effective experts with the baseline band, token entropy and router-logit std
-against the baseline. Plotting uses matplotlib's Agg canvas directly (no pyplot, no global
-backend switch), so it runs headless and leaves a host program's matplotlib state alone.
+timeline), where (the worst gates), which experts and what changed against the baseline, for
+every *incident* of every flagged gate. An incident is a run of consecutive windows in which a
+gate was not ok; a dump may hold several per gate, and each is examined in its own worst window
+(the one with the fewest effective experts), whose experts, reasons and statistics are printed
+together, so every line of an incident speaks of the same window.
 """
 from __future__ import annotations
 
 import math
 import os
-import string
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,6 +23,26 @@ from .health import SEVERITIES
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}  # unknown severities (newer dumps) rank as ok
 MAX_PANELS = 16  # multi-gate figures show the worst gates only
 MAX_TIMELINE_LINES = 20
+MAX_GATES_EXAMINED = 5
+MAX_INCIDENTS_PER_GATE = 5
+
+
+@dataclass
+class Incident:
+    """A run of consecutive windows in which one gate was not ok."""
+
+    gate: str
+    windows: List[int]  # in order
+    severity: str  # the worst verdict of the run
+    worst_window: int  # the window of the run with the fewest effective experts (the worst verdict first)
+    reasons: List[str]  # the reasons of worst_window, from the dump's timeline
+    t_start: float = math.nan  # Unix seconds: the first window opened
+    t_end: float = math.nan  # ... the last one closed
+
+    @property
+    def span(self) -> str:
+        first, last = self.windows[0], self.windows[-1]
+        return f"window {first}" if first == last else f"windows {first}-{last}"
 
 
 @dataclass
@@ -33,13 +53,14 @@ class GateSummary:
     num_experts: int
     severity: str  # worst verdict in the timeline
     first_bad: Optional[int]  # first window not ok
-    reasons: List[str]  # reasons of its worst window
-    worst_window: Optional[int]  # the window with the fewest effective experts
+    reasons: List[str]  # reasons of worst_window (the same window as the expert findings)
+    worst_window: Optional[int]  # the worst incident's worst window; without one, fewest effective experts
     min_effective: float
     max_top_share: float
     max_dead: int
     max_drop_rate: float
     max_logit_std: float
+    incidents: List[Incident] = field(default_factory=list)
 
     @property
     def sort_key(self) -> tuple:
@@ -55,6 +76,31 @@ def _fmt(value: Optional[float], spec: str = ".3g") -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     return format(value, spec)
+
+
+def band_digits(lo: float, hi: float, *values: float) -> int:
+    """Significant digits (3 to 9) that tell apart every two different numbers of ``lo``, ``hi``
+    and ``values``, so a narrow band never prints as ``2.07-2.07`` and a value just outside it
+    never prints as its edge."""
+    numbers = [v for v in (lo, hi, *values) if v is not None and math.isfinite(v)]
+    pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:] if a != b]
+    for digits in range(3, 10):
+        if all(format(a, f".{digits}g") != format(b, f".{digits}g") for a, b in pairs):
+            return digits
+    return 9
+
+
+def band_text(lo: float, hi: float, digits: Optional[int] = None) -> str:
+    """``lo-hi`` at :func:`band_digits` (or ``digits``); a band of one value says so."""
+    if lo == hi:
+        return f"{_fmt(lo)} in every baseline window"
+    digits = digits or band_digits(lo, hi)
+    return f"{lo:.{digits}g}-{hi:.{digits}g}"
+
+
+def clock(t: float) -> str:
+    """Unix seconds -> ``HH:MM:SS`` UTC (the dump's times are UTC)."""
+    return time.strftime("%H:%M:%S", time.gmtime(t)) if math.isfinite(t) else "?"
 
 
 # -- the baseline a dump carries (Baseline.to_dict()) ---------------------------------------
@@ -86,12 +132,51 @@ def baseline_shares(baseline: Optional[dict], gate: str) -> Optional[np.ndarray]
 
 
 # -- analysis -------------------------------------------------------------------------------
-def _timeline_by_gate(dump: Dump) -> Dict[str, List[Tuple[int, str, List[str]]]]:
-    out: Dict[str, List[Tuple[int, str, List[str]]]] = {}
+def _timeline_by_gate(dump: Dump) -> Dict[str, Dict[int, Tuple[str, List[str]]]]:
+    """{gate: {window: (severity, reasons)}} of the windows in which the gate was not ok."""
+    out: Dict[str, Dict[int, Tuple[str, List[str]]]] = {}
     for entry in dump.timeline:
+        window = entry.get("window")
+        if window is None:
+            continue
         for name, gate in (entry.get("gates") or {}).items():
-            out.setdefault(name, []).append((entry.get("window"), gate.get("severity", "ok"),
-                                             list(gate.get("reasons") or [])))
+            severity = gate.get("severity", "ok")
+            if severity != "ok":
+                out.setdefault(name, {})[int(window)] = (severity, list(gate.get("reasons") or []))
+    return out
+
+
+def _rows(dump: Dump, gate: str):
+    frame = dump.windows
+    return frame[frame["gate"] == gate].sort_values("window")
+
+
+def incidents(dump: Dump, gate: str, flagged: Optional[Dict[int, Tuple[str, List[str]]]] = None) -> List[Incident]:
+    """The runs of consecutive windows (in the dump) in which ``gate`` was not ok, in order."""
+    flagged = _timeline_by_gate(dump).get(gate, {}) if flagged is None else flagged
+    rows = _rows(dump, gate)
+    order = [int(w) for w in rows["window"]]
+    known = set(order)
+    order += sorted(w for w in flagged if w not in known)  # verdicts whose window left the ring
+    effective = dict(zip(rows["window"].astype(int), rows["effective_experts"].astype(float)))
+    times = dict(zip(rows["window"].astype(int), zip(rows["t_start"].astype(float), rows["t_end"].astype(float))))
+    runs: List[List[int]] = []
+    previous_flagged = False
+    for w in order:
+        if w in flagged:
+            if previous_flagged:
+                runs[-1].append(w)
+            else:
+                runs.append([w])
+        previous_flagged = w in flagged
+    out = []
+    for run in runs:
+        severity = max((flagged[w][0] for w in run), key=lambda s: SEVERITY_RANK.get(s, 0))
+        candidates = [w for w in run if flagged[w][0] == severity]
+        worst = min(candidates, key=lambda w: (_finite(effective.get(w, math.nan), math.inf), w))
+        out.append(Incident(gate=gate, windows=run, severity=severity, worst_window=worst,
+                            reasons=flagged[worst][1], t_start=times.get(run[0], (math.nan,))[0],
+                            t_end=times.get(run[-1], (math.nan, math.nan))[1]))
     return out
 
 
@@ -102,13 +187,19 @@ def gate_summaries(dump: Dump) -> List[GateSummary]:
     out = []
     names = [g["name"] for g in dump.gates] or list(dict.fromkeys(frame["gate"]))
     for name in names:
-        rows = frame[frame["gate"] == name]
-        events = bad.get(name, [])
-        severity = max((s for _, s, _ in events), key=lambda s: SEVERITY_RANK.get(s, 0), default="ok")
-        worst_events = [e for e in events if e[1] == severity]
+        rows = _rows(dump, name)
+        flagged = bad.get(name, {})
+        runs = incidents(dump, name, flagged)
+        severity = max((s for s, _ in flagged.values()), key=lambda s: SEVERITY_RANK.get(s, 0), default="ok")
         effective = rows["effective_experts"].to_numpy(dtype=float)
         has = np.isfinite(effective)
-        worst_window = int(rows["window"].to_numpy()[has][np.argmin(effective[has])]) if has.any() else None
+        if runs:  # the worst incident's worst window: findings and reasons of one window
+            worst = min((r for r in runs if r.severity == severity),
+                        key=lambda r: _finite(_value(rows, r.worst_window, "effective_experts"), math.inf))
+            worst_window, reasons = worst.worst_window, worst.reasons
+        else:
+            worst_window = int(rows["window"].to_numpy()[has][np.argmin(effective[has])]) if has.any() else None
+            reasons = []
         info = next((g for g in dump.gates if g["name"] == name), {})
         num_experts = int(info.get("num_experts") or (rows["num_experts"].iloc[0] if len(rows) else 0))
 
@@ -119,25 +210,35 @@ def gate_summaries(dump: Dump) -> List[GateSummary]:
 
         out.append(GateSummary(
             name=name, num_experts=num_experts, severity=severity,
-            first_bad=min((w for w, _, _ in events if w is not None), default=None),
-            reasons=worst_events[-1][2] if worst_events else [],
-            worst_window=worst_window,
+            first_bad=min(flagged, default=None), reasons=reasons, worst_window=worst_window,
             min_effective=float(effective[has].min()) if has.any() else float("nan"),
             max_top_share=top("top_share"), max_dead=int(rows["dead_experts"].max()) if len(rows) else 0,
-            max_drop_rate=top("drop_rate"), max_logit_std=top("logit_std"),
+            max_drop_rate=top("drop_rate"), max_logit_std=top("logit_std"), incidents=runs,
         ))
     return sorted(out, key=lambda g: g.sort_key)
 
 
-def expert_findings(dump: Dump, gate: GateSummary, limit: int = 3) -> List[str]:
-    """The overloaded and dead experts of ``gate`` in its worst window, against the baseline."""
-    if gate.worst_window is None:
-        return []
+def _value(rows, window: int, column: str) -> float:
+    hit = rows[rows["window"] == window]
+    return float(hit.iloc[0][column]) if len(hit) else math.nan
+
+
+def _row(dump: Dump, gate: str, window: Optional[int]):
+    if window is None:
+        return None
     frame = dump.windows
-    row = frame[(frame["gate"] == gate.name) & (frame["window"] == gate.worst_window)].iloc[0]
+    hit = frame[(frame["gate"] == gate) & (frame["window"] == window)]
+    return hit.iloc[0] if len(hit) else None
+
+
+def expert_findings(dump: Dump, gate: str, window: Optional[int], limit: int = 3) -> List[str]:
+    """The most loaded and the dead experts of ``gate`` in ``window``, against the baseline."""
+    row = _row(dump, gate, window)
+    if row is None:
+        return ["(this window is no longer in the dump's ring)"] if window is not None else []
     share = np.asarray(row["expert_share"], dtype=float)
     counts = np.asarray(row["expert_counts"], dtype=np.int64)
-    base = baseline_shares(dump.baseline, gate.name)
+    base = baseline_shares(dump.baseline, gate)
     tokens = max(int(row["tokens"]), 1)
     lines = []
     for e in np.argsort(-np.nan_to_num(share, nan=-1.0), kind="stable")[:limit]:
@@ -145,7 +246,7 @@ def expert_findings(dump: Dump, gate: GateSummary, limit: int = 3) -> List[str]:
             break
         text = f"expert {e}: {share[e]:.1%} of assignments, chosen by {counts[e] / tokens:.0%} of tokens"
         if base is not None and e < base.size and math.isfinite(base[e]):
-            text += f" (baseline {base[e]:.1%})"
+            text += f" (baseline {base[e]:.1%} of assignments)"
         lines.append(text)
     dead = np.flatnonzero(counts == 0)
     if dead.size:
@@ -169,22 +270,24 @@ def _ranges(values: Sequence[int]) -> str:
 
 BASELINE_STATS = (("effective_experts", "effective experts"), ("entropy_mean", "token entropy"),
                   ("logit_std", "router-logit std"), ("top1_prob_mean", "top-1 probability"),
-                  ("top_share", "top expert share"), ("drop_rate", "drop rate"))
+                  ("top_share", "top expert share of assignments"), ("drop_rate", "drop rate"))
 
 
-def baseline_changes(dump: Dump, gate: GateSummary) -> List[str]:
-    """Statistics of the gate's worst window outside the baseline's 5-95% band."""
-    if dump.baseline is None or gate.worst_window is None:
+def baseline_changes(dump: Dump, gate: str, window: Optional[int]) -> List[str]:
+    """Statistics of ``gate`` in ``window`` outside the baseline's 5-95% band."""
+    row = _row(dump, gate, window)
+    if dump.baseline is None or row is None:
         return []
-    frame = dump.windows
-    row = frame[(frame["gate"] == gate.name) & (frame["window"] == gate.worst_window)].iloc[0]
     out = []
     for stat, label in BASELINE_STATS:
-        band = baseline_band(dump.baseline, gate.name, stat)
+        band = baseline_band(dump.baseline, gate, stat)
         value = float(row[stat])
         if band is None or not math.isfinite(value) or band[0] <= value <= band[2]:
             continue
-        out.append(f"{label} {_fmt(value)} (baseline median {_fmt(band[1])}, 5-95% {_fmt(band[0])}-{_fmt(band[2])})")
+        digits = band_digits(band[0], band[2], value)  # value, median and band equally precise
+        spec = f".{digits}g"
+        out.append(f"{label} {_fmt(value, spec)} (baseline median {_fmt(band[1], spec)}, "
+                   f"5-95% {band_text(band[0], band[2], digits)})")
     return out
 
 
@@ -194,10 +297,12 @@ def timeline_lines(dump: Dump) -> List[str]:
     if not entries:
         windows = sorted(set(dump.windows["window"]))
         return [f"windows {windows[0]}-{windows[-1]}: no verdicts recorded"] if windows else ["no windows"]
+    ends = dict(zip(dump.windows["window"].astype(int), dump.windows["t_end"].astype(float)))
     lines: List[str] = []
     run_start = run_end = None
     for entry in entries + [None]:
-        if entry is not None and entry["severity"] == "ok" and not entry.get("gates"):
+        quiet = entry is not None and entry["severity"] == "ok" and not _flagged(entry)
+        if quiet and entry.get("monitoring", "ok") == "ok":
             run_start = entry["window"] if run_start is None else run_start
             run_end = entry["window"]
             continue
@@ -207,13 +312,30 @@ def timeline_lines(dump: Dump) -> List[str]:
             run_start = None
         if entry is None:
             break
-        gates = entry.get("gates") or {}
-        detail = "; ".join(f"{name} {g['severity']}: {(g.get('reasons') or ['-'])[0]}" for name, g in gates.items())
-        lines.append(f"window {entry['window']}: {entry['severity'].upper()}" + (f"  {detail}" if detail else ""))
+        at = f" ({clock(ends[entry['window']])})" if entry["window"] in ends else ""
+        if entry.get("monitoring", "ok") != "ok" and entry["severity"] == "ok":
+            state = "MONITORING FAILING" if entry["monitoring"] == "failing" else "NO DATA"
+            lines.append(f"window {entry['window']}{at}: {state}  {entry.get('note', '')}".rstrip())
+            continue
+        detail = "; ".join(f"{name} {g['severity']}: {(g.get('reasons') or ['-'])[0]}"
+                           for name, g in (entry.get("gates") or {}).items() if g.get("severity", "ok") != "ok")
+        lines.append(f"window {entry['window']}{at}: {entry['severity'].upper()}" + (f"  {detail}" if detail else ""))
     if len(lines) > MAX_TIMELINE_LINES:
         hidden = len(lines) - MAX_TIMELINE_LINES
         lines = lines[:MAX_TIMELINE_LINES // 2] + [f"... {hidden} more ..."] + lines[-MAX_TIMELINE_LINES // 2:]
     return lines
+
+
+def _flagged(entry: dict) -> bool:
+    return any(g.get("severity", "ok") != "ok" for g in (entry.get("gates") or {}).values())
+
+
+def _incident_header(n: int, incident: Incident) -> str:
+    span = incident.t_end - incident.t_start
+    when = (f"{clock(incident.t_start)}-{clock(incident.t_end)} UTC, {span:.0f} s"
+            if math.isfinite(span) else "times not in the dump")
+    return (f"    incident {n}: {incident.span} ({when}), {incident.severity}; "
+            f"examined in window {incident.worst_window}:")
 
 
 def summary_text(dump: Dump, plots: Sequence[str] = ()) -> str:
@@ -229,10 +351,10 @@ def summary_text(dump: Dump, plots: Sequence[str] = ()) -> str:
                f"schema v{meta.get('schema_version')}")
     if len(frame):
         tokens = int(frame.groupby("window")["tokens"].max().sum())
-        span = float(frame["t_end"].max() - frame["t_start"].min())
+        start, end = float(frame["t_start"].min()), float(frame["t_end"].max())
         out.append(f"{frame['window'].nunique()} windows ({frame['window'].min()}-{frame['window'].max()}, "
-                   f"{span:.0f} s, ~{tokens} tokens), {frame['gate'].nunique()} gates, "
-                   f"{len(dump.decisions)} sampled decisions")
+                   f"{clock(start)}-{clock(end)} UTC, {end - start:.0f} s, ~{tokens} tokens), "
+                   f"{frame['gate'].nunique()} gates, {len(dump.decisions)} sampled decisions")
     else:
         out.append("no windows in this dump")
     out.append("baseline: " + ("yes" if dump.baseline else "none (verdicts from absolute rules)"))
@@ -241,132 +363,55 @@ def summary_text(dump: Dump, plots: Sequence[str] = ()) -> str:
 
     gates = gate_summaries(dump)
     out += ["", "Worst gates"]
-    out.append(f"  {'gate':<36} {'verdict':<9} {'from':>5} {'eff.min':>8} {'top.max':>8} {'dead':>5} "
-               f"{'drop.max':>9} {'std.max':>8}")
+    out.append(f"  {'gate':<36} {'verdict':<9} {'from':>5} {'incid.':>6} {'eff.min':>8} {'top.max':>8} "
+               f"{'dead':>5} {'drop.max':>9} {'std.max':>8}")
     for g in gates[:5]:
         out.append(f"  {g.name:<36} {g.severity:<9} {'' if g.first_bad is None else g.first_bad:>5} "
-                   f"{_fmt(g.min_effective, '.2f'):>8} {_fmt(g.max_top_share, '.1%'):>8} {g.max_dead:>5} "
-                   f"{_fmt(g.max_drop_rate, '.2%'):>9} {_fmt(g.max_logit_std):>8}")
+                   f"{len(g.incidents):>6} {_fmt(g.min_effective, '.2f'):>8} {_fmt(g.max_top_share, '.1%'):>8} "
+                   f"{g.max_dead:>5} {_fmt(g.max_drop_rate, '.2%'):>9} {_fmt(g.max_logit_std):>8}")
 
-    flagged = [g for g in gates if g.severity != "ok"] or gates[:1]
-    out += ["", "Worst experts (in each gate's window with the fewest effective experts)"]
-    for g in flagged[:5]:
-        out.append(f"  {g.name} (window {g.worst_window}, {g.severity}):")
-        out += [f"    {line}" for line in expert_findings(dump, g)]
-        out += [f"    reason: {r}" for r in g.reasons[:3]]
+    flagged = [g for g in gates if g.severity != "ok"]
+    out += ["", "Worst experts (each incident in its window with the fewest effective experts; "
+                "reasons from the same window)"]
+    if not flagged and gates:
+        g = gates[0]
+        out.append(f"  no gate was flagged; {g.name} in window {g.worst_window} (fewest effective experts):")
+        out += [f"    {line}" for line in expert_findings(dump, g.name, g.worst_window)]
+    for g in flagged[:MAX_GATES_EXAMINED]:
+        out.append(f"  {g.name}: {len(g.incidents)} incident(s), worst {g.severity}")
+        for n, incident in enumerate(g.incidents[:MAX_INCIDENTS_PER_GATE], start=1):
+            out.append(_incident_header(n, incident))
+            out += [f"      {line}" for line in expert_findings(dump, g.name, incident.worst_window)]
+            out += [f"      reason: {r}" for r in incident.reasons[:3]]
+        if len(g.incidents) > MAX_INCIDENTS_PER_GATE:
+            out.append(f"  ... {len(g.incidents) - MAX_INCIDENTS_PER_GATE} more incident(s) of {g.name}")
 
-    out += ["", "Against the baseline"]
+    out += ["", "Against the baseline (each incident's examined window, outside the baseline's 5-95% band)"]
     if dump.baseline is None:
         out.append("  no baseline in this dump (attach with baseline= to compare)")
+    elif not flagged:
+        out.append("  no gate was flagged against the baseline")
     else:
-        # the flagged gates' worst windows, statistic by statistic, outside the baseline's band
-        changed = [(g, baseline_changes(dump, g)) for g in gates if g.severity != "ok"]
-        changed = [(g, c) for g, c in changed if c]
-        if not changed:
-            out.append("  no flagged gate left the baseline's 5-95% band" if any(g.severity != "ok" for g in gates)
-                       else "  no gate was flagged against the baseline")
-        for g, lines in changed[:8]:
-            out.append(f"  {g.name} (window {g.worst_window}):")
-            out += [f"    {line}" for line in lines]
+        shown = 0
+        for g in flagged[:MAX_GATES_EXAMINED]:
+            for n, incident in enumerate(g.incidents[:MAX_INCIDENTS_PER_GATE], start=1):
+                lines = baseline_changes(dump, g.name, incident.worst_window)
+                if lines:
+                    out.append(f"  {g.name}, incident {n} (window {incident.worst_window}):")
+                    out += [f"    {line}" for line in lines]
+                    shown += 1
+        if not shown:
+            out.append("  no flagged window left the baseline's 5-95% band")
     if plots:
         out += ["", "Plots"] + [f"  {p}" for p in plots]
     return "\n".join(out)
 
 
-# -- plots ----------------------------------------------------------------------------------
-_SLUG = frozenset(string.ascii_letters + string.digits + "._-")
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch in _SLUG else "_" for ch in name).strip("._") or "gate"
-
-
-def _severity_marks(dump: Dump, gate: str) -> Dict[int, str]:
-    return {w: s for w, s, _ in _timeline_by_gate(dump).get(gate, []) if w is not None and s != "ok"}
-
-
-_MARK_COLORS = {"drift": "#e69f00", "collapse": "#cc0000"}
-
-
-def _save(fig, path: str) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def plot_load_heatmap(dump: Dump, gate: str, path: str) -> str:
-    """Share of assignments per expert (rows) and window (columns) for one gate."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    rows = dump.windows[dump.windows["gate"] == gate].sort_values("window")
-    windows = rows["window"].to_numpy()
-    share = np.stack([np.asarray(s, dtype=float) for s in rows["expert_share"]]).T  # [E, W]
-    fig = Figure(figsize=(min(4 + 0.15 * len(windows), 16), min(2 + 0.25 * share.shape[0], 12)))
-    ax = fig.add_subplot()
-    image = ax.imshow(share, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
-                      vmin=0.0, vmax=max(float(np.nanmax(share)) if np.isfinite(share).any() else 1.0, 1e-9),
-                      extent=(windows[0] - 0.5, windows[-1] + 0.5, -0.5, share.shape[0] - 0.5))
-    fig.colorbar(image, ax=ax, label="share of assignments")
-    for window, severity in _severity_marks(dump, gate).items():  # a marker above the column
-        ax.plot([window], [share.shape[0] - 0.5], marker="v", markersize=8, clip_on=False,
-                color=_MARK_COLORS.get(severity, "red"))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("window (marks: orange drift, red collapse)")
-    ax.set_ylabel("expert")
-    ax.set_title(f"expert load: {gate}")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _panel(ax, dump: Dump, gate: str, stat: str, label: str) -> None:
-    rows = dump.windows[dump.windows["gate"] == gate].sort_values("window")
-    ax.plot(rows["window"], rows[stat], marker="o", markersize=3, linewidth=1.2, label="windows")
-    band = baseline_band(dump.baseline, gate, stat)
-    if band is not None:
-        ax.axhspan(band[0], band[2], color="#009e73", alpha=0.2, label="baseline 5-95%")
-        ax.axhline(band[1], color="#009e73", linestyle="--", linewidth=1.0, label="baseline median")
-    for window, severity in _severity_marks(dump, gate).items():
-        ax.axvline(window, color=_MARK_COLORS.get(severity, "red"), linewidth=0.8, alpha=0.6)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{gate}", fontsize=8)
-    ax.set_ylabel(label, fontsize=8)
-    ax.tick_params(labelsize=7)
-
-
-def plot_stats(dump: Dump, gates: Sequence[str], stats: Sequence[Tuple[str, str]], path: str) -> str:
-    """One row of panels per gate, one column per statistic, with the baseline band."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.5 * len(stats), 2.2 * len(gates) + 0.6))
-    axes = fig.subplots(len(gates), len(stats), squeeze=False)
-    for r, gate in enumerate(gates):
-        for c, (stat, label) in enumerate(stats):
-            _panel(axes[r][c], dump, gate, stat, label)
-    axes[0][0].legend(fontsize=7, loc="best")
-    for c in range(len(stats)):
-        axes[-1][c].set_xlabel("window")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
 def write_plots(dump: Dump, out_dir: str) -> List[str]:
     """Write the report's PNGs into ``out_dir`` (created); returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    if dump.windows.empty:
-        return []
-    ranked = [g.name for g in gate_summaries(dump)]
-    paths = [plot_load_heatmap(dump, gate, os.path.join(out_dir, f"load_{_slug(gate)}.png")) for gate in ranked]
-    shown = ranked[:MAX_PANELS]
-    paths.append(plot_stats(dump, shown, [("effective_experts", "effective experts")],
-                            os.path.join(out_dir, "effective_experts.png")))
-    paths.append(plot_stats(dump, shown, [("entropy_mean", "token entropy (nats)"), ("logit_std", "router-logit std")],
-                            os.path.join(out_dir, "entropy_logit_std.png")))
-    return paths
+    from .report_plots import write_plots as write
+
+    return write(dump, out_dir)
 
 
 def report(path: str, out_dir: Optional[str] = None) -> Tuple[str, List[str]]:
@@ -382,4 +427,3 @@ def default_out_dir(path: str) -> str:
     if stem.endswith(".parquet"):
         stem = stem[: -len(".parquet")]
     return f"{stem}-report"
-
