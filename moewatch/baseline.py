@@ -204,8 +204,12 @@ class Baseline:
         from .baseline_file import read
         from .filekind import refuse_dump_as_baseline
 
-        refuse_dump_as_baseline(path)  # a Parquet dump passed for a baseline: say so, and what to do
-        return read(path)
+        try:
+            return read(path)
+        except BaselineError:
+            if os.path.isfile(path):  # a regular file only: never open a FIFO or a device again
+                refuse_dump_as_baseline(path)  # a Parquet dump passed for a baseline: say so, and what to do
+            raise
 
     def __repr__(self) -> str:
         windows = min((g.windows for g in self.gates.values()), default=0)

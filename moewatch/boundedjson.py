@@ -147,12 +147,29 @@ def _constant(name: str) -> Any:
     return _SLOT
 
 
+def open_regular(path: "str | os.PathLike"):
+    """A binary file object for ``path``, refusing anything but a regular file.
+
+    O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; a device
+    (``/dev/zero``) or a directory is refused before a byte is read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory", os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise JsonLimitError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes(path: "str | os.PathLike", max_bytes: int) -> bytes:
     """The file's bytes, refusing anything but a regular file of at most ``max_bytes``."""
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise JsonLimitError("not a regular file")
         if info.st_size > max_bytes:
             raise JsonLimitError(f"{info.st_size:,} bytes; the limit is {max_bytes:,}")
         data = fh.read(max_bytes + 1)  # a file growing while it is read is still bounded

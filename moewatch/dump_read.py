@@ -20,7 +20,6 @@ Anything wrong is a :class:`~moewatch.dump.DumpFormatError` naming the file and 
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -28,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from .boundedjson import JsonLimitError, open_regular
 
 MAGIC = b"PAR1"
 
@@ -70,11 +71,12 @@ class Refused(Exception):
 
 def check_footer(path: str, limits: DumpLimits) -> int:
     """The file's size, after checking that its footer is a Parquet footer of bounded length."""
-    with open(path, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise Refused("not a regular file")
-        size = info.st_size
+    try:
+        fh = open_regular(path)  # never waits on a FIFO
+    except JsonLimitError:
+        raise Refused("not a regular file") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
         if size < 12:
             raise Refused(f"{size} bytes: too short for a Parquet file (truncated?)")
         fh.seek(size - 8)
