@@ -122,3 +122,12 @@ def test_reason_percentages_match_the_window(mode):
             # the old wording called a share of assignments "of tokens", baseline included
             assert not re.search(r"% of tokens \(baseline [0-9.]+%\)", reason), reason
     assert checked >= 3
+
+
+def test_dashboard_says_what_a_share_of_assignments_is():
+    import json
+
+    with open(DASHBOARD) as fh:
+        panels = {p["title"]: p for p in json.load(fh)["panels"]}
+    text = panels["Busiest expert share"]["description"]
+    assert "Share of a gate's assignments" in text and "1/N is balanced" in text and "k/N is balanced" not in text
