@@ -192,7 +192,9 @@ def test_would_be_drops_of_a_dropless_gate_are_drift_not_collapse(fitted):
 def test_new_traffic_mix_is_drift_not_collapse(fitted):
     sim, _ = fitted
     other = np.random.default_rng(11).dirichlet(np.full(8, 8.0), size=len(sim.gates))
-    verdicts = _run(fitted, windows=3, shares=0.4 * sim.shares + 0.6 * other)
+    # 65% of the way to another mix: at 60% the persistence score sits within a few percent of
+    # its threshold on this over-dispersed traffic, so which window fires depends on noise
+    verdicts = _run(fitted, windows=3, shares=0.35 * sim.shares + 0.65 * other)
     assert any(v.severity == "drift" for v in verdicts)
     assert all(v.severity != "collapse" for v in verdicts)
 

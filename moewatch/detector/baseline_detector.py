@@ -1,16 +1,19 @@
 """The calibrated detector: every gate of every closed window against the baseline."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import dataclasses
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..health import GateHealth, Health, worst
+from ..stats import NONFINITE, TOKENS
 from . import rules
 from .calibrate import sidak, thresholds
 from .features import Features, baseline_features, window_features
 from .nullmodel import (CHECKS, CONCENTRATION, DROP_RATE, ENTROPY, LOAD, LOGIT_STD, OVERLOAD, TOP1_PROB,
                         UNDERLOAD, Params, fit, scores, tested)
+from .pooling import Pool, Pooled
 
 FOLDS = 10
 
@@ -82,6 +85,8 @@ class BaselineDetector:
             h1.append(a)
             hr.append(b)
             self.calibration[gate.name] = {"windows": int(f.tokens.shape[0]), "phi": float(params["phi"]),
+                                           "assignments_per_window": float(params["n0"]),
+                                           "dispersion": round(float(params["dispersion"]), 3),
                                            "h1": dict(zip(CHECKS, a.round(3).tolist())),
                                            "h_persist": dict(zip(CHECKS, b.round(3).tolist())),
                                            "tail_scale": dict(zip(CHECKS, c.round(3).tolist())),
@@ -90,11 +95,20 @@ class BaselineDetector:
         self.h1 = np.array(h1)  # [G, K]
         self.hr = np.array(hr)  # [G, K]
         self._history = np.zeros((max(persistence - 1, 0), len(gates), len(CHECKS)), dtype=bool)
+        # The evidence rule: windows are judged alone, or pooled until they carry enough (pooling.py).
+        self._pool = Pool(self.params, self.top_k)
+        self._judged: Optional[Dict[str, GateHealth]] = None  # the last judgement, per gate
+        self._judged_note = ""
+        self._judged_on = ""  # which windows the last judgement covered, for the note of later ones
 
     # -- per window ----------------------------------------------------------------------
     def update(self, window, gates: Sequence) -> Health:
-        f = window_features(window, self.experts)
-        s = scores(self.params, f)  # [G, K]
+        nonfinite = self._nonfinite(window)  # [G], judged in every window, pooled or not
+        pooled = self._pool.add(window)
+        if pooled is None:
+            return self._waiting(window, nonfinite)
+        f = window_features(pooled.window, self.experts)
+        s = scores(self.params, f, kappa=pooled.kappa)  # [G, K]
         active = f.tokens > 0
         s[~active] = -np.inf
         p = self.params
@@ -106,10 +120,42 @@ class BaselineDetector:
         if self._history.shape[0]:
             self._history = np.roll(self._history, 1, axis=0)
             self._history[0] = over_r
-        with np.errstate(invalid="ignore", divide="ignore"):
-            nonfinite = (f.nonfinite > 0) & (f.nonfinite / np.maximum(f.tokens, 1) > 2 * p["nonfinite_rate_max"])
         collapse = self._collapse(f) & fire
-        return self._verdict(window, f, s, fire, collapse, nonfinite, active)
+        self._judged = self._verdict(f, s, fire, collapse, active)
+        self._judged_note = _pool_note(pooled)
+        self._judged_on = (f"window {pooled.first}" if pooled.count == 1
+                           else f"windows {pooled.first}-{pooled.window.index}")
+        self._pool.settle(~fire.any(1))  # only traffic judged healthy teaches the live dispersion
+        return self._health(window, nonfinite, self._judged_note)
+
+    def _nonfinite(self, window) -> np.ndarray:
+        """[G]: non-finite router logits in this window, over twice the baseline's worst rate."""
+        bad, tokens = window.sums[:, NONFINITE], window.sums[:, TOKENS]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (bad > 0) & (bad / np.maximum(tokens, 1) > 2 * self.params["nonfinite_rate_max"])
+
+    def _waiting(self, window, nonfinite: np.ndarray) -> Health:
+        """A window too small to judge alone went into the pool: the last verdict stands."""
+        waiting = (f"waiting for evidence: windows {self._pool.first}-{window.index} hold "
+                   f"{self._pool.tokens:,.0f} tokens, a verdict needs about {self._pool.tokens_needed():,.0f}")
+        note = waiting + (f"; the verdict is that of {self._judged_on}" if self._judged is not None
+                          else "; no verdict yet")
+        return self._health(window, nonfinite, note)
+
+    def _health(self, window, nonfinite: np.ndarray, note: str) -> Health:
+        """The last judgement's gates (copies), with this window's non-finite logits."""
+        gates: Dict[str, GateHealth] = {}
+        for i, name in enumerate(self.names):
+            last = self._judged[name] if self._judged is not None else GateHealth()
+            gate = dataclasses.replace(last, reasons=list(last.reasons), checks=dict(last.checks))
+            if nonfinite[i]:
+                gate.checks["nonfinite"] = "collapse"
+                gate.reasons.append(f"{int(window.sums[i, NONFINITE])} non-finite router logits in "
+                                    f"{int(window.sums[i, TOKENS])} tokens")
+                gate.severity = "collapse"
+            gates[name] = gate
+        return Health(severity=worst(g.severity for g in gates.values()), gates=gates, window=window.index,
+                      has_baseline=True, detector=True, note=note)
 
     def _collapse(self, f: Features) -> np.ndarray:
         """[G, K]: the window is far enough from the baseline to call it a collapse."""
@@ -133,9 +179,10 @@ class BaselineDetector:
                 rules.DROP_COLLAPSE_RATE, rules.DROP_COLLAPSE_RATIO * p["drop_rate_hi"]))
         return out
 
-    def _verdict(self, window, f, s, fire, collapse, nonfinite, active) -> Health:
+    def _verdict(self, f, s, fire, collapse, active) -> Dict[str, GateHealth]:
+        """Per gate, the verdict of the judged (possibly pooled) window."""
         gates: Dict[str, GateHealth] = {}
-        alarmed = fire.any(1) | nonfinite
+        alarmed = fire.any(1)
         for i, name in enumerate(self.names):
             if not alarmed[i]:
                 gates[name] = GateHealth(checks=dict.fromkeys(CHECKS + ("nonfinite",), "ok") if active[i] else {})
@@ -144,12 +191,8 @@ class BaselineDetector:
                       for k, c in enumerate(CHECKS)}
             checks["nonfinite"] = "ok"
             reasons = [self._reason(i, k, f, s) for k in range(len(CHECKS)) if fire[i, k]]
-            if nonfinite[i]:
-                checks["nonfinite"] = "collapse"
-                reasons.append(f"{int(f.nonfinite[i])} non-finite router logits in {int(f.tokens[i])} tokens")
             gates[name] = GateHealth(severity=worst(checks.values()), reasons=reasons, checks=checks)
-        return Health(severity=worst(g.severity for g in gates.values()), gates=gates, window=window.index,
-                      has_baseline=True, detector=True)
+        return gates
 
     # -- reasons ---------------------------------------------------------------------------
     def _reason(self, i: int, k: int, f: Features, s: np.ndarray) -> str:
@@ -196,6 +239,14 @@ class BaselineDetector:
         what, note = ("drop rate", "") if self.real_drops[i] else ("would-be drop rate", rules.WOULD_BE)
         return (f"{what} {f.drop_rate[i]:.2%} of assignments{note} (baseline 99th percentile "
                 f"{p['drop_rate_hi']:.2%}) {score}")
+
+
+def _pool_note(pooled: Pooled) -> str:
+    """What the verdict was judged on, when that was more than the window that just closed."""
+    if pooled.count == 1:
+        return ""
+    return (f"windows {pooled.first}-{pooled.window.index} judged together ({pooled.count} windows, "
+            f"{pooled.tokens:,.0f} tokens): one alone carries less evidence than the calibration supports")
 
 
 def _experts(ids) -> str:

@@ -5,10 +5,13 @@ healthy traffic (as the baseline saw it) ``P(score > h) ~= Phi(-h)``. The calibr
 (:mod:`.calibrate`) then corrects what this approximation gets wrong, from the baseline's own
 windows.
 
-Variances are taken at the baseline's typical window size n0 and inflated by ``n0 / n`` for
-smaller windows: the excess dispersion of real traffic may come from correlated tokens (which
-scales like 1/n) or from a changing mix (which does not), and we cannot tell them apart, so we
-assume whichever is larger at each window size. Small windows therefore never look alarming.
+Variances are taken at the baseline's typical window size n0 and inflated by ``kappa * n0 / n``
+for smaller windows, where ``kappa`` (at least 1) is how much more clustered the live traffic is
+than the baseline's (:mod:`.dispersion`): the excess dispersion of real traffic may come from
+correlated tokens (which scales like 1/n) or from a changing mix (which does not), and we cannot
+tell them apart, so we assume whichever is larger at each window size. This extrapolation is
+only trusted over a short range: windows that carry much less evidence than a baseline window
+are pooled before they are scored (:mod:`.pooling`).
 
 Scalar statistics are not normal: the effective number of experts is a quadratic in the shares
 (its low tail falls like a chi-square's), a drop rate is an overflow past a capacity (mostly
@@ -24,7 +27,9 @@ from typing import Dict
 import numpy as np
 from scipy import special
 
+from .dispersion import baseline_dispersion
 from .features import Features
+from .pooling import EVIDENCE_QUANTILE
 
 CHECKS = ("load", "overload", "underload", "concentration", "logit_std", "top1_prob", "entropy", "drop_rate")
 LOAD, OVERLOAD, UNDERLOAD, CONCENTRATION, LOGIT_STD, TOP1_PROB, ENTROPY, DROP_RATE = range(len(CHECKS))
@@ -105,7 +110,11 @@ def fit(f: Features) -> Params:
     else:
         var = sampling
     params: Params = {"p": p, "alive": alive, "var": var, "n0": np.float64(n0), "t0": np.float64(t0),
-                      "phi": np.float64(1.0)}
+                      "phi": np.float64(1.0),
+                      # the evidence rule (pooling.py): a small baseline window's assignments, and how
+                      # clustered the baseline's traffic is (with the relative standard error of that)
+                      "n_floor": np.float64(np.quantile(f.assignments, EVIDENCE_QUANTILE))}
+    params["dispersion"], params["dispersion_se"] = map(np.float64, baseline_dispersion(counts, p, alive))
     rate = max(float(np.nanmean(f.drop_rate)) if np.isfinite(f.drop_rate).any() else 0.0, 1.0 / grand)
     floors = {"effective": 0.0, "logit_std": 0.0, "top1": 0.0, "entropy": 0.0,
               "drop_rate": float(np.sqrt(rate * (1 - rate) / n0))}
@@ -124,14 +133,16 @@ def fit(f: Features) -> Params:
     return params
 
 
-def expert_z(params: Params, f: Features) -> np.ndarray:
+def expert_z(params: Params, f: Features, kappa=1.0) -> np.ndarray:
     """Per-expert standardised share deviation [..., E] (0 for experts the baseline never used).
+
+    ``kappa`` [...]: how much more clustered the window's traffic is than the baseline's.
 
     An expert's share across windows is skewed like a gamma variable (a small share cannot go
     below 0 but can jump up), so a plain (s - p) / sd has a long upper tail. The cube root
     (Wilson-Hilferty) of s / p, with the gamma shape a = p^2 / var, is close to normal.
     """
-    inflate = np.maximum(1.0, params["n0"] / np.maximum(f.assignments, 1.0))[..., None]
+    inflate = np.maximum(1.0, kappa * params["n0"] / np.maximum(f.assignments, 1.0))[..., None]
     shape = params["p"] ** 2 / (params["var"] * inflate)  # [..., E]
     c = 1.0 / (9.0 * shape)
     z = (np.cbrt(f.share / params["p"]) - (1 - c)) / np.sqrt(c)
@@ -150,13 +161,17 @@ def _tail_score(p: np.ndarray) -> np.ndarray:
     return -special.ndtri(np.clip(p, 0.0, 1.0))
 
 
-def scores(params: Params, f: Features, raw_load: bool = False) -> np.ndarray:
+def scores(params: Params, f: Features, raw_load: bool = False, kappa=1.0) -> np.ndarray:
     """Scores [..., K] of windows ``f`` against ``params`` (columns: :data:`CHECKS`).
+
+    ``kappa`` [...] (at least 1): the live traffic's dispersion over the baseline's; a window's
+    variances are the baseline's times max(1, kappa * n0 / n).
 
     With ``raw_load`` the load column holds the dispersion statistic D / df before scaling by
     the fitted dispersion (the calibration estimates that scale from these).
     """
-    z = expert_z(params, f)  # [..., E]
+    kappa = np.asarray(kappa, dtype=np.float64)
+    z = expert_z(params, f, kappa)  # [..., E]
     alive = tested(params, f)  # [..., E]
     n_alive = alive.sum(-1).astype(np.float64)
     out = np.empty(f.tokens.shape + (len(CHECKS),))
@@ -178,11 +193,11 @@ def scores(params: Params, f: Features, raw_load: bool = False) -> np.ndarray:
     # Too few assignments for the load of this gate to mean anything (~MIN_EXPECTED per expert).
     thin = f.assignments < MIN_EXPECTED * np.maximum(params["alive"].sum(-1), 1)
     # The scalar checks, all at once ([..., S]): a smaller window is a sum of fewer parts, with
-    # more variance (n0 / n) and more skewness (its square root).
+    # more variance (kappa n0 / n) and more skewness (its square root).
     cols = list(SCALARS)
     x = np.stack([getattr(f, SCALARS[k][0]) for k in cols], -1)
     n = np.stack([f.assignments if SCALARS[k][0] in _PER_ASSIGNMENT else f.tokens for k in cols], -1)
-    inflate = np.maximum(1.0, params["scalar_n0"] / np.maximum(n, 1.0))
+    inflate = np.maximum(1.0, kappa[..., None] * params["scalar_n0"] / np.maximum(n, 1.0))
     root = np.sqrt(inflate)
     y = (x - params["scalar_mu"]) / (params["scalar_s"] * root)
     hi, lo = _skewed_tails(y, params["scalar_g"] * root)

@@ -1,0 +1,130 @@
+"""How clustered routing is: the dispersion of expert shares per assignment, baseline and live.
+
+Tokens of one request route alike, so a window's expert shares vary more between windows than
+independent assignments would: ``Var(share_e) = phi * p_e (1 - p_e) / n`` for a window of n
+assignments, with a dispersion ``phi`` of 1 for independent assignments and about the number of
+assignments per independent unit (a request, or part of one) for clustered traffic. ``n / phi``
+is the window's *evidence*: how many independent assignments it is worth.
+
+The baseline's dispersion is measured around its own mean, as its variances are. The live
+traffic's is measured from the differences of consecutive windows (von Neumann's successive
+differences): for two windows of n_a and n_b assignments with the same mean shares p,
+
+    E[ sum_e (s_a,e - s_b,e)^2 / p_e ] = phi * (E - 1) * (1/n_a + 1/n_b)
+
+whatever their sizes, and neither a live mean that sits a little off the baseline's nor a slow
+change of the mix enters a difference of neighbours much.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def pair_dispersion(a: np.ndarray, b: np.ndarray, p: np.ndarray, alive: np.ndarray):
+    """Dispersion estimates from consecutive windows' counts ``a``, ``b`` [..., E].
+
+    ``p`` [..., E]: expected shares (the baseline's), ``alive`` [..., E]: experts to use.
+    Returns (phi [...], valid [...]): valid where both windows have assignments and at least
+    two experts are in use; phi is an unbiased estimate of the dispersion there.
+    """
+    a = np.where(alive, a, 0.0)
+    b = np.where(alive, b, 0.0)
+    na, nb = a.sum(-1), b.sum(-1)
+    used = alive.sum(-1)
+    valid = (na > 0) & (nb > 0) & (used >= 2)
+    q = np.where(alive, p, 0.0)
+    q = q / np.maximum(q.sum(-1, keepdims=True), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff = a / np.maximum(na, 1)[..., None] - b / np.maximum(nb, 1)[..., None]
+        num = np.where(alive, diff * diff / np.where(alive, q, 1.0), 0.0).sum(-1)
+        den = np.maximum(used - 1, 1) * (1.0 / np.maximum(na, 1) + 1.0 / np.maximum(nb, 1))
+    return np.where(valid, num / den, np.nan), valid
+
+
+def baseline_dispersion(counts: np.ndarray, p: np.ndarray, alive: np.ndarray):
+    """The dispersion of a gate's baseline windows ``counts`` [W, E], and its relative standard error.
+
+    Measured around the baseline's mean shares ``p`` (each window's Pearson ratio), the way the
+    baseline's variances are: a baseline whose mix wanders has larger variances and a larger
+    dispersion alike. The standard error says how far the estimate from W windows can be trusted.
+    """
+    n = np.where(alive, counts, 0.0).sum(-1)  # [W]
+    used = int(alive.sum())
+    keep = n > 0
+    if keep.sum() < 2 or used < 2:
+        return 1.0, 1.0
+    share = np.where(alive, counts, 0.0)[keep] / n[keep, None]
+    q = np.where(alive, p, 0.0) / max(float(np.where(alive, p, 0.0).sum()), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = n[keep] * np.where(alive, (share - q) ** 2 / np.where(alive, q, 1.0), 0.0).sum(-1) / (used - 1)
+    w = terms.size
+    phi = float(terms.mean()) * w / (w - 1)  # the mean was estimated from the same windows
+    se = float(terms.std(ddof=1) / np.sqrt(w) / max(terms.mean(), 1e-300))
+    return max(phi, 1e-9), se
+
+
+class LiveDispersion:
+    """The live traffic's dispersion per gate, learned from consecutive windows.
+
+    Two views of the same pairs, each an exponentially weighted mean over about ``memory`` of
+    them:
+
+    * :meth:`estimate` starts from the baseline's dispersion, worth ``prior`` pairs: until live
+      traffic shows otherwise, it is taken to be like the baseline's;
+    * :meth:`upper` is an upper confidence bound from the live pairs alone: with few of them it
+      is large (pair estimates are heavy-tailed), so it stays cautious until there is data.
+
+    Pairs are folded in as windows arrive, provisionally, and kept only for gates the detector
+    then judged healthy, so a fault never teaches the detector that routing is noisier than it
+    is (which would make it wait longer before judging). One pair counts at most ``clip`` times
+    the current estimate: a single abrupt change between two windows cannot move it far.
+    """
+
+    def __init__(self, phi0: np.ndarray, p: np.ndarray, alive: np.ndarray, memory: float = 1024.0,
+                 prior: float = 64.0, clip: float = 10.0):
+        self.phi0 = np.asarray(phi0, dtype=np.float64)  # [G]
+        self.p, self.alive = p, alive  # [G, E]
+        self.decay = 1.0 - 1.0 / memory
+        self.clip = clip
+        zero = np.zeros_like(self.phi0)
+        # [G] each: the prior's weight, then the live pairs' weighted sum, sum of squares and
+        # weight; as kept after the last judgement, and with the pairs since then
+        self.kept = (np.full_like(self.phi0, prior), zero, zero, zero)
+        self.now = self.kept
+        self.last = np.zeros(p.shape)  # [G, E] counts of the last window with assignments
+        self.has_last = np.zeros(self.phi0.shape, dtype=bool)
+
+    def estimate(self) -> np.ndarray:
+        """[G] the dispersion: the baseline's, replaced by the live traffic's as pairs arrive."""
+        prior, total, _, weight = self.now
+        return (prior * self.phi0 + total) / (prior + weight)
+
+    def upper(self, z: float = 2.0) -> np.ndarray:
+        """[G] ``z`` standard errors over the live pairs' mean (infinite before two pairs), and
+        never below :meth:`estimate`."""
+        _, total, squares, weight = self.now
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / weight
+            sd = np.sqrt(np.maximum(squares / weight - mean ** 2, 0.0))
+            bound = np.where(weight >= 2.0, mean + z * sd / np.sqrt(weight), np.inf)
+        return np.maximum(bound, self.estimate())
+
+    def observe(self, counts: np.ndarray) -> None:
+        """A window's assignment counts [G, E]: fold in its pair with the previous window."""
+        counts = np.asarray(counts, dtype=np.float64)
+        phi, valid = pair_dispersion(self.last, counts, self.p, self.alive)
+        valid &= self.has_last
+        phi = np.minimum(np.nan_to_num(phi), self.clip * self.estimate())
+        d = self.decay
+        prior, total, squares, weight = self.now
+        self.now = tuple(np.where(valid, new, old) for new, old in zip(
+            (d * prior, d * total + phi, d * squares + phi * phi, d * weight + 1.0), self.now))
+        seen = counts.sum(-1) > 0
+        self.last = np.where(seen[:, None], counts, self.last)
+        self.has_last |= seen
+
+    def settle(self, healthy: np.ndarray) -> None:
+        """After a judgement: keep the pairs since the last one for ``healthy`` gates [G] only."""
+        self.kept = tuple(np.where(healthy, now, kept) for now, kept in zip(self.now, self.kept))
+        self.now = self.kept
+        self.has_last &= healthy  # nor does the step from an alarmed window to the next one

@@ -1,0 +1,116 @@
+"""The evidence rule: never judge on less evidence than the calibration supports.
+
+The calibration (:mod:`.calibrate`) measured how the scores of the *baseline's* windows are
+distributed: windows of about n0 assignments, of traffic as clustered as the baseline's
+(dispersion phi0, :mod:`.dispersion`), each worth about n0 / phi0 independent assignments. A
+live window worth much less is a different statistical object, not a noisier copy of one: a
+window of one or two requests is dominated by what those requests happen to be about, its
+statistics are skewed and biased (a request favours a few experts, so a window of one looks
+concentrated), and no scaling of the baseline's variances describes it. Judged alone, such
+windows page on healthy traffic.
+
+So consecutive windows are pooled (their sums add up exactly: a pool is the window the monitor
+would have closed had it waited) until every gate with traffic has
+
+    assignments >= n_floor * kappa
+
+where n_floor is the assignments of a small baseline window (the ``EVIDENCE_QUANTILE`` of
+them) and kappa (at least 1) how much more clustered the live traffic is than the baseline's:
+longer requests route alike for longer, so a window of the baseline's size then carries less
+evidence than a baseline window did. kappa compares the live dispersion with the baseline's
+allowing for the baseline's own uncertainty (two standard errors): only traffic measurably
+more clustered than the baseline's makes windows of the baseline's size wait.
+
+A window with enough evidence of its own (the usual case at the baseline's window size) is
+judged alone, at once. A pool is scored with the baseline's variances scaled by
+max(1, kappa * n0 / n) (:func:`.nullmodel.scores`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..windows import Window
+from .dispersion import LiveDispersion
+
+# The evidence of a baseline window is that of its smaller ones (this quantile of their
+# assignments): the calibration scored them all, and live windows closed by the same rule are as
+# often smaller than the median as larger.
+EVIDENCE_QUANTILE = 0.1
+# Standard errors of the baseline's dispersion the live one must exceed before it counts as more
+# clustered.
+TOLERANCE_SE = 3.0
+# Live traffic counts as at most this many times as clustered as the baseline's: a pool never has
+# to grow past MAX_KAPPA small baseline windows' worth of assignments.
+MAX_KAPPA = 16.0
+
+
+@dataclass
+class Pooled:
+    """A pool ready to be judged."""
+
+    window: Window  # the sum of the pooled windows (index and end of the last one)
+    kappa: np.ndarray  # [G] how much more clustered the live traffic is (1 to MAX_KAPPA)
+    first: int  # index of the first window in the pool
+    count: int  # windows in the pool
+    tokens: float  # tokens in the pool (the busiest gate's)
+
+
+class Pool:
+    """Consecutive windows, summed until they carry enough evidence to be judged."""
+
+    def __init__(self, params, top_k: np.ndarray):
+        """``params``: the detector's stacked per-gate model (n_floor, dispersion, p, alive [G, ...])."""
+        self.n_floor = np.asarray(params["n_floor"], dtype=np.float64)  # [G]
+        self.top_k = np.maximum(np.asarray(top_k, dtype=np.float64), 1.0)  # [G]
+        self.phi0 = np.asarray(params["dispersion"], dtype=np.float64)  # [G]
+        self.phi0_bound = self.phi0 * (1.0 + TOLERANCE_SE * np.asarray(params["dispersion_se"], dtype=np.float64))
+        self.dispersion = LiveDispersion(self.phi0, params["p"], params["alive"])
+        self._window: Optional[Window] = None
+        self.first = 0
+        self.count = 0
+
+    def kappa(self) -> np.ndarray:
+        """[G] how much more clustered the live traffic is than the baseline's (at least 1): the
+        factor on the baseline's variances when a pool is scored."""
+        return np.clip(self.dispersion.estimate() / self.phi0, 1.0, MAX_KAPPA)
+
+    def needed(self) -> np.ndarray:
+        """[G] assignments the pool needs before it is judged (see the module's docstring)."""
+        live = self.dispersion.upper() if self.count > 1 else self.dispersion.estimate()
+        return self.n_floor * np.clip(live / self.phi0_bound, 1.0, MAX_KAPPA)
+
+    def add(self, window: Window) -> Optional[Pooled]:
+        """Add a closed window; returns the pool when it is ready to be judged (and starts anew)."""
+        self.dispersion.observe(window.counts[:, 0, :self.dispersion.p.shape[1]])
+        if self._window is None:
+            self._window, self.first, self.count = window, window.index, 1
+        else:
+            w = self._window
+            self._window = Window(index=window.index, t_start=w.t_start, t_end=window.t_end,
+                                  sums=w.sums + window.sums, counts=w.counts + window.counts,
+                                  absmax=np.maximum(w.absmax, window.absmax))
+            self.count += 1
+        assignments = self._window.counts[:, 0].sum(-1)  # [G]
+        seen = assignments > 0
+        if not seen.any() or (assignments < self.needed())[seen].any():
+            return None
+        pooled = Pooled(window=self._window, kappa=self.kappa(), first=self.first, count=self.count,
+                        tokens=float(self._window.tokens.max()))
+        self._window, self.count = None, 0
+        return pooled
+
+    def settle(self, healthy: np.ndarray) -> None:
+        """After a judgement: what the healthy gates [G] saw teaches the live dispersion."""
+        self.dispersion.settle(healthy)
+
+    @property
+    def tokens(self) -> float:
+        """Tokens waiting in the pool (the busiest gate's)."""
+        return 0.0 if self._window is None else float(self._window.tokens.max())
+
+    def tokens_needed(self) -> float:
+        """About how many tokens a pool needs (the most demanding gate)."""
+        return float((self.needed() / self.top_k).max())
