@@ -57,10 +57,10 @@ def _incident_spans(dump: Dump, gate: str) -> List[Tuple[float, float, str]]:
     return out
 
 
-def _severity_handles(severities) -> list:
+def _severity_handles(severities, alpha: float = 0.35) -> list:
     from matplotlib.patches import Patch
 
-    return [Patch(facecolor=SEVERITY_COLORS.get(s, "red"), alpha=0.35, label=f"{s} (incident)")
+    return [Patch(facecolor=SEVERITY_COLORS.get(s, "red"), alpha=alpha, label=f"{s} (incident)")
             for s in ("drift", "collapse") if s in severities]
 
 
@@ -94,7 +94,7 @@ def load_figure(dump: Dump, gate: str):
     ax.set_xlabel("time (UTC)")
     ax.set_ylabel("expert")
     ax.set_title(f"expert load: {gate}", pad=14)
-    handles = _severity_handles({s for _, _, s in spans})
+    handles = _severity_handles({s for _, _, s in spans}, alpha=1.0)  # as solid as the bars
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.18, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
