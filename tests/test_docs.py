@@ -109,7 +109,29 @@ def _collapse_dump(ns: dict, workdir: Path) -> dict:
     return ns
 
 
-SETUPS = {"custom-gates": _custom_gates, "collapse-dump": _collapse_dump}
+def _model_dir(ns: dict, workdir: Path) -> dict:
+    """my-moe/ (the tiny Mixtral and a word-level tokenizer, as save_pretrained writes them) and
+    data.txt / more.jsonl (moewatch's own docs as text)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "\n".join((ROOT / "docs" / name).read_text(encoding="utf-8") for name in ("api.md", "dumps.md"))
+    ns["model"].save_pretrained(workdir / "my-moe")
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=128, special_tokens=["[PAD]", "[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+        workdir / "my-moe")
+    half = len(text) // 2
+    (workdir / "data.txt").write_text(text[:half], encoding="utf-8")
+    (workdir / "more.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in text[half:].split("\n\n")),
+                                        encoding="utf-8")
+    return ns
+
+
+SETUPS = {"custom-gates": _custom_gates, "collapse-dump": _collapse_dump, "model-dir": _model_dir}
 
 
 def _detach_all(ns: dict) -> None:
@@ -162,6 +184,7 @@ def _run_commands(s: Snippet, workdir: Path) -> None:
             _check_benchmark(line)
         else:
             assert line.startswith("moewatch "), f"{s.doc}:{s.line}: unknown command {line!r}"
+            line = line.split("   #")[0]
             done = subprocess.run(["bash", "-c", line], cwd=workdir, env=_env(), capture_output=True, text=True,
                                   timeout=600)
             assert done.returncode == 0, f"{s.doc}:{s.line}: {line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
