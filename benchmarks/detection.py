@@ -1,7 +1,8 @@
 """Detection benchmark: the calibrated detector on the trained router model (moewatch.pretrained).
 
-    python benchmarks/detection.py            # ~3-6 min on 2 busy CPU cores
-    python benchmarks/detection.py --quick    # fewer windows and trials (~1-2 min)
+    python benchmarks/detection.py                 # ~20-30 min on 2 busy CPU cores (traffic shapes: most)
+    python benchmarks/detection.py --quick         # fewer windows, trials and seeds (~3-5 min)
+    python benchmarks/detection.py --shapes-only   # the traffic-shape tables only
 
 What it does (see docs/detection.md for the method and the results):
 
@@ -22,6 +23,10 @@ What it does (see docs/detection.md for the method and the results):
    the injection until the faulted gate is flagged (1 = the first faulted window).
 4. Domain shift: English prose instead of code; it may be called drift, never collapse.
 5. The detector's cost per window for 64 gates x 256 experts (synthetic over-dispersed traffic).
+6. Traffic shapes (detection_shapes.py): the same baseline, healthy held-out traffic served as
+   requests of 64-512 tokens, windows of one request to 16k tokens and windows closed by the
+   clock; false alarms per 10,000 windows for each, over several seeds. Then the detection
+   delay of each fault when every window holds one request, in windows and in tokens.
 
 The monitor counts would-be drops with ``capacity_factor=1.25`` (Mixtral is dropless), so the
 baseline, the healthy traffic and the capacity squeeze all carry a drop rate.
@@ -40,6 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import moewatch  # noqa: E402
 from moewatch import faults, pretrained  # noqa: E402
@@ -50,6 +56,8 @@ from moewatch.routing import GateInfo  # noqa: E402
 from moewatch.stats import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, NUM_SCALARS, TOKENS,  # noqa: E402
                             TOP1)
 from moewatch.windows import Window, windows_frame  # noqa: E402
+import detection_shapes as shapes  # noqa: E402
+from detection_shapes import compose  # noqa: E402
 
 CAPACITY_FACTOR = 1.25
 
@@ -65,6 +73,13 @@ class Setup:
     fault_windows: int = 4  # live windows with the fault in
     prose_windows: int = 12
     layers: Sequence[int] = (0, 1, 2, 3)
+    # traffic shapes
+    shape_seeds: Sequence[int] = (0, 1, 2)
+    shape_windows: int = 10_000
+    shape_requests: Dict[int, int] = field(default_factory=lambda: {64: 600, 128: 1000, 512: 300})
+    small_lengths: Sequence[int] = (128, 512)  # one request per window, for the fault delays
+    small_warmup: int = 24  # healthy windows before the fault
+    small_limit: int = 48  # faulted windows at most
 
 
 FAULTS: Dict[str, Callable] = {
@@ -95,13 +110,6 @@ def record_chunks(model, kind: str, forwards: int, batch_size: int, seed: int):
             mon.flush()
         gates = mon.gates
     return chunks, gates
-
-
-def compose(index: int, parts: Sequence[Window]) -> Window:
-    """The window the monitor would close after ``parts`` ran back to back (sums add up)."""
-    return Window(index=index, t_start=parts[0].t_start, t_end=parts[-1].t_end,
-                  sums=np.sum([p.sums for p in parts], axis=0), counts=np.sum([p.counts for p in parts], axis=0),
-                  absmax=np.max([p.absmax for p in parts], axis=0))
 
 
 def build_baseline(chunks: List[Window], gates: Sequence[GateInfo], per_window: int) -> Baseline:
@@ -260,11 +268,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", default=str(pretrained.ASSET_DIR), help="a trained router model")
+    parser.add_argument("--shapes-only", action="store_true", help="only the traffic-shape tables")
+    parser.add_argument("--shape-seeds", default=None, help="comma-separated seeds of the traffic-shape table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = Setup()
     if args.quick:
-        setup = Setup(baseline_windows=32, healthy_chunks=96, layers=(1, 2), prose_windows=6)
+        setup = Setup(baseline_windows=32, healthy_chunks=96, layers=(1, 2), prose_windows=6, shape_seeds=(0,),
+                      shape_windows=2000, shape_requests={64: 200, 128: 400, 512: 120}, small_lengths=(128,))
+    if args.shape_seeds is not None:
+        setup.shape_seeds = tuple(int(x) for x in args.shape_seeds.split(","))
     started = time.time()
     model, _ = pretrained.load_router_model(directory=Path(args.model_dir))
     per = setup.forwards_per_window
@@ -279,6 +292,11 @@ def main() -> int:
     healthy_chunks, _ = record_chunks(model, "heldout", setup.healthy_chunks, setup.batch_size, args.seed + 1)
     print(f"baseline: {setup.baseline_windows} windows of training-distribution traffic; "
           f"healthy pool: {setup.healthy_chunks} forwards of held-out files ({time.time() - started:.0f} s)")
+
+    if args.shapes_only:
+        run_shapes(model, gates, baseline, setup, args.seed)
+        print(f"total {time.time() - started:.0f} s")
+        return 0
 
     for name, gate in baseline.gates.items():
         frame = gate.frame()
@@ -350,8 +368,34 @@ def main() -> int:
             print("    first alarm: " + " | ".join(run["reasons"]))
     if healthy["checks"]:
         print(f"replayed false alarms by check: {healthy['checks']}")
-    print(f"total {elapsed:.0f} s")
+    print(f"({elapsed:.0f} s)")
+    run_shapes(model, gates, baseline, setup, args.seed)
+    print(f"total {time.time() - started:.0f} s")
     return 0
+
+
+SMALL_FAULTS = ("two-expert collapse", "dead expert", "saturation (logits x8)")
+
+
+def run_shapes(model, gates, baseline: Baseline, setup: Setup, seed: int) -> None:
+    """The traffic-shape table, then fault delays with one request per window (a baseline of
+    its own: one request per forward pass, as the live requests are)."""
+    print()
+    started = time.time()
+    baseline, gates = shapes.request_baseline(model, setup.baseline_windows, 16, seed + 11, CAPACITY_FACTOR)
+    print(f"traffic shapes: baseline of {setup.baseline_windows} windows of 16 training requests of "
+          f"{pretrained.SEQ_LEN} tokens, one forward pass each ({time.time() - started:.0f} s)")
+    results = shapes.shape_table(model, gates, baseline, setup.shape_seeds, setup.shape_windows,
+                                 setup.shape_requests, CAPACITY_FACTOR)
+    print()
+    shapes.print_shape_table(results, setup.shape_seeds)
+    started = time.time()
+    trials = [shapes.small_window_trial(model, baseline, FAULTS, name, layer, length, setup.small_warmup,
+                                        setup.small_limit, seed=500 + 10 * n + layer + length, capacity_factor=CAPACITY_FACTOR)
+              for length in setup.small_lengths for n, name in enumerate(SMALL_FAULTS) for layer in setup.layers]
+    print()
+    shapes.print_small_trials(trials, SMALL_FAULTS)
+    print(f"(fault trials with one request per window: {time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":
