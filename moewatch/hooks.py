@@ -28,24 +28,23 @@ class GateHook:
         self.on_device = isinstance(bank, DeviceBank)
 
     def __call__(self, module, args, kwargs, output):
+        # No no_grad() here: staging runs no autograd op, and the device backend's op
+        # implementation sets it itself; the context manager alone costs microseconds.
         try:
-            with torch.no_grad():
-                self._observe(module, args, kwargs, output)
+            routing = self.extract(module, args, kwargs, output)
+            logits = routing.logits.detach()  # [T, E]
+            probs = routing.probs.detach() if routing.probs is not None else None  # [T, E] or None
+            grid = routing.grid or 0
+            if self.on_device:
+                bank = self.bank
+                ops.observe(logits, routing.indices, probs, routing.dropped, routing.valid, routing.positions,
+                            bank.sums, bank.counts, bank.absmax, self.bank_id, self.row, grid)
+            else:
+                ops.stage(logits, routing.indices, probs, routing.dropped, routing.valid, routing.positions,
+                          self.bank.token, self.bank_id, self.row, grid)
         except Exception as error:  # never raise into the model's forward
             self.errors.record("hook", error, where=self.name)
         return None
-
-    def _observe(self, module, args, kwargs, output) -> None:
-        routing = self.extract(module, args, kwargs, output)
-        logits = routing.logits.detach()  # [T, E]
-        grid = routing.grid or 0
-        if self.on_device:
-            bank = self.bank
-            ops.observe(logits, routing.indices, routing.probs, routing.dropped, routing.valid,
-                        routing.positions, bank.sums, bank.counts, bank.absmax, self.bank_id, self.row, grid)
-        else:
-            ops.stage(logits, routing.indices, routing.probs, routing.dropped, routing.valid,
-                      routing.positions, self.bank.calls, self.bank_id, self.row, grid)
 
 
 class CompanionHook:

@@ -22,6 +22,7 @@ from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
 from .hotpath.banks import Banks
+from . import forksafety
 from .liveness import MonitoringStatus
 from .options import Options
 from .postmortem import Postmortem
@@ -90,9 +91,24 @@ class Monitor:
         self._stop = threading.Event()
         self._reader = None
         if self.options.background:
-            self._reader = threading.Thread(target=_reader_loop, args=(weakref.ref(self), self._stop,
-                                            self._poll_seconds()), name="moewatch-reader", daemon=True)
-            self._reader.start()
+            self._start_reader()
+        forksafety.track(self)
+
+    def _start_reader(self) -> None:
+        self._reader = threading.Thread(target=_reader_loop, args=(weakref.ref(self), self._stop,
+                                        self._poll_seconds()), name="moewatch-reader", daemon=True)
+        self._reader.start()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: new locks everywhere (any could have been held), a new reader."""
+        parts = [self, self.errors, self._status, self._banks, self._postmortem, *self._banks.banks,
+                 *self._exporters]
+        if self._decisions is not None:
+            parts += list(self._decisions.rings.values())
+        forksafety.renew_locks(parts)
+        if self._reader is not None and self._hooks:
+            self._stop = threading.Event()
+            self._start_reader()
 
     # -- set-up ---------------------------------------------------------------------------
     @staticmethod

@@ -67,5 +67,5 @@ def first_tensor(output: Any) -> torch.Tensor:
 
 
 def flat_tokens(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[..., width] -> [T, width] (a view when possible)."""
-    return t.reshape(-1, width)
+    """[..., width] -> [T, width] (a view when possible; the tensor itself when already 2-D)."""
+    return t if t.dim() == 2 and t.shape[1] == width else t.reshape(-1, width)

@@ -32,7 +32,10 @@ _REGISTRY_LOCK = threading.Lock()
 _CALL_ARGS = "Tensor logits, Tensor? indices, Tensor? probs, Tensor? dropped, Tensor? valid, Tensor? positions"
 
 _LIB = torch.library.Library("moewatch", "DEF")
-_LIB.define(f"stage({_CALL_ARGS}, Tensor(a!) calls, int bank, int row, int grid) -> ()")
+# stage's declared mutation is the bank's token: the call's statistics reach the accumulators
+# later, on the reader's thread, so the accumulators themselves must not be handed to compiled
+# code that could copy them back over the reader's adds.
+_LIB.define(f"stage({_CALL_ARGS}, Tensor(a!) token, int bank, int row, int grid) -> ()")
 _LIB.define(f"observe({_CALL_ARGS}, Tensor(a!) sums, Tensor(b!) counts, Tensor(c!) absmax, int bank, int row, "
             "int grid) -> ()")
 _LIB.define("forward_begin(Tensor? mask, Tensor? decoder_mask, Tensor(a!) ticks, int bank) -> ()")
@@ -57,10 +60,10 @@ def _bank(bank_id: int):
 
 
 # -- implementations (also called directly by the eager hooks) --------------------------------
-def _stage_impl(logits, indices, probs, dropped, valid, positions, calls, bank, row, grid, copy=True):
+def _stage_impl(logits, indices, probs, dropped, valid, positions, token, bank, row, grid, copy=True):
     target = _BANKS.get(bank)
     if target is not None:  # detached: compiled code may still call in; it counts nothing
-        target.stage(row, logits, indices, probs, dropped, valid, positions, grid, calls, copy)
+        target.stage(row, logits, indices, probs, dropped, valid, positions, grid, copy)
 
 
 def _observe_impl(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank, row, grid):
@@ -96,11 +99,11 @@ for _name in ("stage", "observe", "forward_begin", "forward_end"):
 
 
 # -- what the hooks call ------------------------------------------------------------------------
-def stage(logits, indices, probs, dropped, valid, positions, calls, bank: int, row: int, grid: int) -> None:
+def stage(logits, indices, probs, dropped, valid, positions, token, bank: int, row: int, grid: int) -> None:
     if torch.compiler.is_compiling():  # traced: one opaque node; its buffers may be reused, so copied
-        torch.ops.moewatch.stage(logits, indices, probs, dropped, valid, positions, calls, bank, row, grid)
+        torch.ops.moewatch.stage(logits, indices, probs, dropped, valid, positions, token, bank, row, grid)
     else:  # eager: the tensors stay alive and their version counters say if they change
-        _stage_impl(logits, indices, probs, dropped, valid, positions, calls, bank, row, grid, copy=False)
+        _stage_impl(logits, indices, probs, dropped, valid, positions, token, bank, row, grid, copy=False)
 
 
 def observe(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank: int, row: int,

@@ -60,12 +60,10 @@ def _versions(tensors) -> Optional[tuple]:
     """Version counters of the tensors, or None when one of them has none (inference tensors)."""
     out = []
     for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        if t.is_inference():
-            return None
-        out.append(t._version)
+        if t is not None:
+            if t.is_inference():
+                return None
+            out.append(t._version)
     return tuple(out)
 
 
@@ -87,8 +85,7 @@ class StagedBank:
         self.sums = torch.zeros(num_gates, NUM_SCALARS + max_experts, dtype=torch.float64)
         self.counts = torch.zeros(num_gates, 2, max_experts, dtype=torch.int64)
         self.absmax = torch.zeros(num_gates, dtype=torch.float64)  # since the last cut
-        self.calls = torch.zeros(num_gates, dtype=torch.int64)  # gate calls staged, per gate
-        self._calls = self.calls.numpy()  # the same memory
+        self.token = torch.zeros(1, dtype=torch.int64)  # the stage op's declared mutation (see ops)
         self.errors = errors
         self.sampler_of = sampler_of or (lambda row: None)
         self.mask_of = mask_of  # the padding mask of this thread's root forward, by key
@@ -110,23 +107,25 @@ class StagedBank:
             self._committed.append((time.time(), state.pending))
             state.pending = []
 
-    def stage(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int,
-              calls: torch.Tensor, copy: bool) -> None:
+    def stage(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int, copy: bool) -> None:
         """Record one gate call (the body of the ``moewatch::stage`` op on CPU tensors).
 
-        ``calls`` is the op's declared mutation: the per-gate call counter it bumps.
+        ``copy``: the tensors' buffers may be reused after the call (compiled code): copy them.
+        Eager callers pass False: the tensors are kept alive by reference instead.
         """
-        # a host add on a cached view (the bank's own counter, unless compiled code passed a copy)
-        (self._calls if calls is self.calls else calls.numpy())[row] += 1
-        mask = None if valid is not None else mask_tail(self.mask_of(self.gates[row].mask_key), logits.shape[0],
-                                                        positions, grid)
+        mask = None
+        if valid is None:
+            mask = self.mask_of(self.gates[row].mask_key)
+            if mask is not None:
+                mask = mask_tail(mask, logits.shape[0], positions, grid)  # [B, S] view or None
         call = Call()
         call.row = row
         call.grid = grid
         call.reduced = None
         tensors = (logits, indices, probs, dropped, valid, mask, positions)
         call.versions = None if copy else _versions(tensors)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        # logits (and probs) dominate; the small tensors are not worth counting on this path
+        nbytes = logits.numel() * logits.element_size() * (1 if probs is None else 2)
         if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
             # Reduce now (a big call amortises the ops; bounded memory when the reader lags).
             call.reduced = self._reduce_one(row, tensors, grid)
