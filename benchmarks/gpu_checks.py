@@ -1,12 +1,20 @@
-"""GPU checks of the no-host-sync design (issue: core, point 6). Needs a CUDA device.
+"""GPU checks of the hot path. Needs a CUDA device (and Triton for the fused kernel).
 
-    python benchmarks/gpu_checks.py
+    python benchmarks/gpu_checks.py            # checks, then the overhead table
+    python benchmarks/gpu_checks.py --checks   # checks only
 
 1. sync-free hooks: ``torch.cuda.set_sync_debug_mode("error")`` around monitored forwards of a
    model whose own forward does not sync (a from-scratch MoE), and around the gate calls of a
    transformers Mixtral (its expert dispatch syncs by itself, so only its gates are run there);
 2. CUDA graphs: one capture, then 10 replays count exactly 10x one eager forward;
-3. torch.compile: a compiled model counts what the eager model counts.
+3. torch.compile: a compiled model counts what the eager model counts;
+4. torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs through inductor) counts
+   exactly;
+5. one kernel per gate call: the profiler sees exactly one launch of the fused kernel per gate
+   call of a forward;
+then an overhead table: a Mixtral-shaped model in bf16, forwards of B tokens (decode-shaped, B =
+1, 8, 64) and a prefill, eager and CUDA-graph replays, with and without moewatch, medians of
+interleaved rounds with their min-max ratio. Targets: <= 3% eager, <= 1% with CUDA graphs.
 Prints one line per check and exits 1 if any fails.
 """
 from __future__ import annotations
@@ -108,6 +116,96 @@ def check_compile(device) -> str:
     return "torch.compile (inductor): counts equal eager"
 
 
+def check_reduce_overhead(device) -> str:
+    model = tiny_mixtral(layers=2).to(device)
+    ids = torch.randint(0, 128, (4, 16), device=device)
+    mon = moewatch.attach(model, background=False)
+    with torch.no_grad():
+        model(ids)
+        eager = mon.counts()
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(5):  # warm-up runs, then recorded CUDA graphs replay
+            compiled(ids)
+        torch.cuda.synchronize()
+    got = _delta(mon.counts(), eager)
+    mon.detach()
+    torch._dynamo.reset()
+    for name in eager:
+        np.testing.assert_array_equal(got[name], 5 * eager[name])
+    return "torch.compile(mode='reduce-overhead', fullgraph=True): 5 calls = 5 x eager counts"
+
+
+def check_one_kernel_per_gate_call(device) -> str:
+    from moewatch.hotpath import triton_backend
+
+    if not triton_backend.AVAILABLE:
+        raise RuntimeError("Triton is not installed: the torch reference runs instead of the fused kernel")
+    torch.manual_seed(2)
+    model = TinyMoELM().to(device).eval()
+    ids = torch.randint(0, 64, (8, 32), device=device)
+    mon = moewatch.attach(model, gates="*.router", top_k=2, capacity_factor=1.25, background=False)
+    with torch.no_grad():
+        model(ids)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(ids)
+            torch.cuda.synchronize()
+    gates = len(mon.gates)
+    mon.detach()
+    launches = sum(e.count for e in prof.key_averages() if "_observe_kernel" in e.key)
+    assert launches == gates, f"{launches} fused-kernel launches for {gates} gate calls"
+    return f"one fused kernel per gate call ({launches} launches for {gates} gates)"
+
+
+def overhead_table(device, repeats: int = 7) -> None:
+    import statistics
+    import time
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from overhead import mixtral_shaped
+
+    model = mixtral_shaped(1024, 4, 8, 2, 8192, dtype=torch.bfloat16).to(device)
+    print("\noverhead, Mixtral-shaped hidden 1024, 4 layers, 8 experts, top-2, bf16 "
+          f"(median of {repeats} interleaved rounds; min-max of the per-round ratio)")
+    print(f"  {'workload':<22}{'mode':<8}{'alone ms':>10}{'moewatch ms':>13}{'ratio':>8}{'range':>15}")
+    for label, shape in [("decode-shaped B=1", (1, 1)), ("decode-shaped B=8", (8, 1)),
+                         ("decode-shaped B=64", (64, 1)), ("prefill 8 x 512", (8, 512))]:
+        ids = torch.randint(0, 8192, shape, device=device)
+        for mode in ("eager", "graphs"):
+            times = {"alone": [], "moewatch": []}
+            for _ in range(repeats + 1):
+                for setup in ("alone", "moewatch"):
+                    mon = moewatch.attach(model, background=False) if setup == "moewatch" else None
+                    with torch.no_grad():
+                        run = lambda: model(ids)  # noqa: E731
+                        if mode == "graphs":
+                            side = torch.cuda.Stream()
+                            side.wait_stream(torch.cuda.current_stream())
+                            with torch.cuda.stream(side):
+                                for _ in range(3):
+                                    model(ids)
+                            torch.cuda.current_stream().wait_stream(side)
+                            graph = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(graph):
+                                model(ids)
+                            run = graph.replay
+                        for _ in range(3):
+                            run()
+                        torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        for _ in range(20):
+                            run()
+                        torch.cuda.synchronize()
+                        times[setup].append((time.perf_counter() - start) / 20)
+                    if mon is not None:
+                        mon.detach()
+            alone, watched = times["alone"][1:], times["moewatch"][1:]
+            ratios = [w / a for w, a in zip(watched, alone)]
+            print(f"  {label:<22}{mode:<8}{statistics.median(alone) * 1e3:>10.3f}"
+                  f"{statistics.median(watched) * 1e3:>13.3f}{statistics.median(watched) / statistics.median(alone):>8.3f}"
+                  f"{f'{min(ratios):.3f}-{max(ratios):.3f}':>15}")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing checked")
@@ -115,12 +213,15 @@ def main() -> int:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     failed = 0
-    for check in (check_sync_free, check_cuda_graph, check_compile):
+    for check in (check_sync_free, check_cuda_graph, check_compile, check_reduce_overhead,
+                  check_one_kernel_per_gate_call):
         try:
             print(f"PASS {check(device)}")
         except Exception as error:  # report every check, then fail
             failed += 1
             print(f"FAIL {check.__name__}: {type(error).__name__}: {error}")
+    if "--checks" not in sys.argv:
+        overhead_table(device)
     return 1 if failed else 0
 
 

@@ -1,11 +1,13 @@
 """Overhead of moewatch on a Mixtral-shaped model, measured side by side in one run.
 
-Four set-ups run interleaved round by round (so drifting machine load hits them alike):
+Six set-ups run interleaved round by round (so drifting machine load hits them alike):
   none      the model alone
   moewatch  moewatch.attach(model) with its background reader
   naive     a forward hook per gate copying the routing to the host every call (.tolist(),
             as hand-written monitors do)
   router    output_router_logits=True and statistics computed on the host from the outputs
+  compiled  torch.compile(model) (inductor, dynamic shapes), alone
+  comp+mw   the same with moewatch attached before compiling (its ops traced into the graph)
 
 Prefill (batch 8 x 512 tokens) and decode with a KV cache (batch 1, 8, 64). Prints, per set-up,
 tokens/s and the medians of wall time and process CPU time with their ratios to the model alone,
@@ -14,6 +16,9 @@ so it does not depend on the machine's load); then host memory after many small 
 
     python benchmarks/overhead.py                 # the full run (several minutes on 2 cores)
     python benchmarks/overhead.py --quick         # fewer repeats, smaller decode batches
+    python benchmarks/overhead.py --no-compiled   # without the two compiled set-ups
+
+Also printed: ATen ops dispatched per gate call with moewatch (eager), from one forward.
 """
 from __future__ import annotations
 
@@ -79,8 +84,8 @@ def host_router_stats(router_logits, top_k: int) -> None:
         -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1).mean()
 
 
-def setups(model, experts: int, top_k: int) -> Dict[str, tuple]:
-    """name -> (enter, exit, forward kwargs, after-forward callback)."""
+def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, tuple]:
+    """name -> (enter, exit, forward kwargs, after-forward callback, the module to call)."""
     state = {}
 
     def attach_moewatch():
@@ -89,13 +94,24 @@ def setups(model, experts: int, top_k: int) -> Dict[str, tuple]:
     def attach_naive():
         state["naive"] = NaiveHostMonitor(model, experts)
 
-    return {
-        "none": (lambda: None, lambda: None, {}, None),
-        "moewatch": (attach_moewatch, lambda: state.pop("mon").detach(), {}, None),
-        "naive": (attach_naive, lambda: state.pop("naive").remove(), {}, None),
-        "router": (lambda: None, lambda: None, {"output_router_logits": True},
-                   lambda out: host_router_stats(out.router_logits, top_k)),
+    nothing = (lambda: None, lambda: None)
+    cases = {
+        "none": (*nothing, {}, None, model),
+        "moewatch": (attach_moewatch, lambda: state.pop("mon").detach(), {}, None, model),
+        "naive": (attach_naive, lambda: state.pop("naive").remove(), {}, None, model),
+        "router": (*nothing, {"output_router_logits": True},
+                   lambda out: host_router_stats(out.router_logits, top_k), model),
     }
+    if compiled:
+        import copy
+
+        # A copy of the model, monitored for the whole run and compiled with the monitor's ops in
+        # its graph; the model itself compiled alone (its eager set-ups detach before it traces).
+        twin = copy.deepcopy(model)
+        cases["compiled"] = (*nothing, {}, None, torch.compile(model, dynamic=True))
+        state["twin"] = moewatch.attach(twin, window_tokens=1 << 30, window_seconds=1.0)
+        cases["comp+mw"] = (*nothing, {}, None, torch.compile(twin, dynamic=True))
+    return cases
 
 
 class Clock:
@@ -139,12 +155,12 @@ def time_prefill(model, cases, batch: int, length: int, repeats: int, vocab: int
     times = {name: [] for name in cases}
     timer = HookTimer()
     try:
-        for _ in range(repeats + 1):  # the first round warms up and is dropped
-            for name, (enter, leave, kwargs, after) in cases.items():
+        for _ in range(repeats + 1):  # the first round warms up (and compiles) and is dropped
+            for name, (enter, leave, kwargs, after, module) in cases.items():
                 enter()
                 timer.total = 0.0
                 with torch.no_grad(), Clock() as clock:
-                    out = model(ids, **kwargs)
+                    out = module(ids, **kwargs)
                     if after:
                         after(out)
                 times[name].append((clock.wall, clock.cpu, timer.total))
@@ -161,10 +177,10 @@ def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int,
     times = {name: [] for name in cases}
     timer = HookTimer()
     try:
-        for _ in range(repeats + 1):
-            for name, (enter, leave, kwargs, after) in cases.items():
+        for round_ in range(repeats + 2):  # two warm-up rounds: compiled code settles its shapes
+            for name, (enter, leave, kwargs, after, module) in cases.items():
                 with torch.no_grad():
-                    out = model(ids, use_cache=True)
+                    out = module(ids, use_cache=True)
                 past = out.past_key_values
                 token = out.logits[:, -1:].argmax(-1)
                 mask = torch.ones(batch, prompt + steps, dtype=torch.long)
@@ -176,7 +192,7 @@ def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int,
                 with torch.no_grad(), Clock() as clock:
                     for step in range(steps):
                         step_mask = {"attention_mask": mask[:, :prompt + step + 1]} if masked else {}
-                        out = model(token, past_key_values=past, use_cache=True, **step_mask, **kwargs)
+                        out = module(token, past_key_values=past, use_cache=True, **step_mask, **kwargs)
                         if after:
                             after(out)
                         past = out.past_key_values
@@ -185,7 +201,7 @@ def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int,
                 leave()
     finally:
         timer.close()
-    return {name: t[1:] for name, t in times.items()}
+    return {name: t[2:] for name, t in times.items()}
 
 
 def report(title: str, times: Dict[str, List[tuple]], tokens: int) -> None:
@@ -193,15 +209,51 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int) -> None:
     def med(name, i):
         return statistics.median(t[i] for t in times[name])
 
-    base_wall, base_cpu = med("none", 0), med("none", 1)
+    def spread(name, base):
+        """min-max over rounds of the round's wall ratio to the same round's baseline"""
+        ratios = [t[0] / b[0] for t, b in zip(times[name], times[base])]
+        return min(ratios), max(ratios)
+
     print(f"\n{title}")
-    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'vs none':>9}{'cpu ms':>10}{'vs none':>9}{'in hooks':>10}")
+    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'vs base':>9}{'per-round range':>17}"
+          f"{'cpu ms':>10}{'vs base':>9}{'in hooks':>10}")
     for name in times:
+        base = "compiled" if name == "comp+mw" else "none"
         wall, cpu = med(name, 0), med(name, 1)
         share = statistics.median(t[2] / t[0] for t in times[name]) if name == "moewatch" else None
         hooks = f"{share:>9.2%}" if share is not None else f"{'':>9}"
-        print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{wall / base_wall:>9.3f}"
-              f"{cpu * 1e3:>10.2f}{cpu / base_cpu:>9.3f} {hooks}")
+        low, high = spread(name, base)
+        print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{wall / med(base, 0):>9.3f}"
+              f"{f'{low:.3f}-{high:.3f}':>17}{cpu * 1e3:>10.2f}{cpu / med(base, 1):>9.3f} {hooks}")
+    print("  (vs base: moewatch, naive, router and compiled against none; comp+mw against compiled)")
+
+
+def dispatch_report(model, experts: int, top_k: int) -> None:
+    """ATen ops dispatched per gate call by moewatch in eager mode, from one decode-shaped forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.zeros(8, 1, dtype=torch.long)
+    counts = []
+    for attached in (False, True):
+        mon = moewatch.attach(model, background=False) if attached else None
+        with torch.no_grad(), Count() as count:
+            model(ids)
+        counts.append(count.ops)
+        if mon is not None:
+            gates = len(mon.gates)
+            mon.detach()
+    print(f"ATen ops per forward (8 tokens): model alone {counts[0]}, with moewatch {counts[1]}: "
+          f"{(counts[1] - counts[0]) / gates:.1f} added per gate call (eager; the reader's batched "
+          "reduction runs on its own thread)")
 
 
 def rss_mib() -> float:
@@ -251,6 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-forwards", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="3 repeats, decode batch 1 and 8, 10k soak")
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="leave out the two torch.compile set-ups (their compilation takes minutes)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.decode_batches, args.memory_forwards = 3, [1, 8], 10_000
@@ -262,7 +316,8 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"Mixtral-shaped: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
           f"top-{args.top_k}, vocab {args.vocab}, {params:.0f}M parameters, float32; medians of {args.repeats} rounds")
-    cases = setups(model, args.experts, args.top_k)
+    dispatch_report(model, args.experts, args.top_k)
+    cases = setups(model, args.experts, args.top_k, args.compiled)
     vocab = args.vocab
     batch, length = args.prefill
     report(f"prefill {batch} x {length}", time_prefill(model, cases, batch, length, args.repeats, vocab),

@@ -62,6 +62,12 @@ class DeviceBank:
         self._seen = 0  # cuts the reader has taken (host)
         self._lock = threading.Lock()  # reader-side only
         self._fused = fused_kernel_for(self.device)
+        if self._fused is not None:  # scratch of the would-be-drops phase, before any graph capture
+            from . import triton_backend
+
+            for gate in self.gates:
+                if gate.capacity_factor > 0:
+                    triton_backend.reserve(self.device, gate.num_experts)
 
     # -- the forward ----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -72,6 +78,12 @@ class DeviceBank:
         """Add one gate call into ``sums``/``counts``/``absmax`` (device ops only)."""
         gate = self.gates[row]
         mask = None if valid is not None else self.mask_of(gate.mask_key)  # [B, L] or None
+        with torch.no_grad():  # the hook runs outside any grad context of its own
+            self._observe(gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
+                          sums, counts, absmax)
+
+    def _observe(self, gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
+                 sums, counts, absmax) -> None:
         if self._fused is not None:
             self._fused(logits, indices, probs, dropped, valid, mask, positions, grid, sums, counts, absmax,
                         row, gate.top_k, gate.scoring, gate.capacity_factor)
