@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters.base import GateSpec
+from .adapters.base import AdapterError, GateSpec
 from .errors import ErrorLog
 from .hotpath import ops
 from .hotpath.device import DeviceBank
@@ -27,12 +27,23 @@ class GateHook:
         self.errors = errors
         self.on_device = isinstance(bank, DeviceBank)
 
+    def _refuse_width(self, width: int) -> None:
+        """A gate whose logits do not match its attached width: counted on every call (the
+        verdict says monitoring is failing), with what to do, and nothing staged."""
+        self.errors.record("hook", AdapterError(
+            f"gate {self.name!r} returned router logits {width} wide, but it was attached with "
+            f"num_experts={self.num_experts}: it is not monitored. Attach with num_experts={width}, "
+            "or point gates= at the router module itself"), where=self.name)
+
     def __call__(self, module, args, kwargs, output):
         # No no_grad() here: staging runs no autograd op, and the device backend's op
         # implementation sets it itself; the context manager alone costs microseconds.
         try:
             routing = self.extract(module, args, kwargs, output)
             logits = routing.logits.detach()  # [T, E]
+            if logits.shape[-1] != self.num_experts:  # a shape, not a value: traceable
+                self._refuse_width(logits.shape[-1])
+                return None
             probs = routing.probs.detach() if routing.probs is not None else None  # [T, E] or None
             grid = routing.grid or 0
             if self.on_device:

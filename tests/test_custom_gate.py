@@ -46,3 +46,24 @@ def test_list_of_exact_names():
     model = TinyMoELM()
     with moewatch.attach(model, gates=["blocks.1.router"], top_k=2, background=False) as mon:
         assert [g.name for g in mon.gates] == ["blocks.1.router"]
+
+
+def test_a_gate_attached_with_the_wrong_width_is_refused_with_a_clear_error():
+    """num_experts=64 given for a router whose logits are 8 wide: every call is refused and
+    counted, the message says what to do, the verdict says monitoring is failing."""
+    torch.manual_seed(0)
+    model = TinyMoELM().eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        plain = model(ids)
+    mon = moewatch.attach(model, gates="*.router", top_k=2, num_experts=64, background=False)
+    with torch.no_grad():
+        watched = model(ids)
+        model(ids)
+    assert torch.equal(plain, watched)
+    assert mon.error_counts() == {"hook": 4}  # 2 gates x 2 calls
+    message = mon.errors.last()["hook"]
+    assert "logits 8 wide" in message and "num_experts=64" in message and "num_experts=8" in message
+    assert all(int(c.sum()) == 0 for c in mon.counts().values())
+    assert mon.health().monitoring == "failing"
+    mon.detach()
