@@ -2,6 +2,8 @@
 exported metrics and the dump timeline (the alert rules are tested with promtool)."""
 from __future__ import annotations
 
+import time
+
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -89,3 +91,27 @@ def test_a_gate_without_tokens_in_a_window_has_no_data():
     assert health.gates["blocks.0.router"].monitoring == "ok"
     assert health.gates["blocks.1.router"].monitoring == "no_data"
     mon.detach()
+
+
+def test_opentelemetry_exports_the_state_too():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    def states(reader):
+        out = {}
+        for resource in reader.get_metrics_data().resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "moewatch_monitoring_state":
+                        out.update({p.attributes["state"]: p.value for p in metric.data.data_points})
+        return out
+
+    model = tiny_mixtral()
+    reader = InMemoryMetricReader()
+    with moewatch.attach(model, background=False, meter_provider=MeterProvider(metric_readers=[reader])) as mon:
+        assert states(reader) == {"ok": 0, "no_data": 1, "failing": 0}
+        with torch.no_grad():
+            model(torch.randint(0, 128, (2, 16)))
+        mon.flush()
+        time.sleep(0.6)  # one read of the monitor serves a collection cycle (0.5 s)
+        assert states(reader) == {"ok": 1, "no_data": 0, "failing": 0}
