@@ -92,3 +92,47 @@ def test_a_gate_called_outside_a_monitored_forward_counts_as_a_forward_of_its_ow
     mon.detach()
     gate0 = frame[frame["gate"] == "blocks.0.router"]["tokens"].tolist()
     assert gate0 == [12, 12]
+
+
+def test_a_compiled_model_on_four_threads_counts_exactly_and_never_splits_a_forward(one_thread):
+    """fullgraph-compiled forwards on four threads, each with its own padding: the masks reach
+    each thread's gate ops, counts are exact, and no window splits a forward."""
+    model = tiny_mixtral(layers=3)
+    batches = [padded_batch(seed=s, batch=2, length=6 + s) for s in range(4)]
+    mon = moewatch.attach(model, window_tokens=9, window_seconds=0.01, ring_windows=100_000)
+    single = []
+    for ids, mask in batches:  # eager, one at a time: the expected counts
+        before = mon.counts()
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        single.append({k: v - before[k] for k, v in mon.counts().items()})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for ids, mask in batches:  # compile every shape before the threads race
+            compiled(ids, attention_mask=mask)
+    start = mon.counts()
+    errors = []
+
+    def worker(ids, mask):
+        try:
+            for _ in range(10):
+                with torch.no_grad():
+                    compiled(ids, attention_mask=mask)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=b) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mon.flush()
+    got = {k: v - start[k] for k, v in mon.counts().items()}
+    tokens = _tokens_by_window(mon)
+    mon.detach()
+    torch._dynamo.reset()
+    assert not errors and mon.error_counts() == {}
+    for name in got:
+        np.testing.assert_array_equal(got[name], 10 * sum(s[name] for s in single))
+    assert (tokens == tokens[:, :1]).all()
