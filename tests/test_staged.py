@@ -1,0 +1,105 @@
+"""The CPU backend stages gate calls for the reader: what it keeps, and how it stays exact.
+
+Eager forwards are kept by reference with their version counters; inference tensors (no
+version counter) and compiled code are copied. A gate output modified in place before the
+reader reduced it is detected, counted and not counted as traffic. Big calls are reduced on
+the forward's thread (bounded staged memory).
+"""
+import numpy as np
+import torch
+from torch import nn
+
+import moewatch
+from moewatch.hotpath import staged
+from tests.conftest import padded_batch, tiny_mixtral
+
+
+def _expected(model, ids, mask):
+    mon = moewatch.attach(model, background=False)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    counts = mon.counts()
+    mon.detach()
+    return counts
+
+
+def test_inference_mode_forwards_are_copied_and_count_exactly(one_thread):
+    model = tiny_mixtral()
+    ids, mask = padded_batch()
+    expected = _expected(model, ids, mask)
+    mon = moewatch.attach(model, background=False)
+    with torch.inference_mode():
+        model(ids, attention_mask=mask)
+        model(ids, attention_mask=mask)
+    got = mon.counts()
+    mon.detach()
+    assert mon.error_counts() == {}
+    for name in expected:
+        np.testing.assert_array_equal(got[name], 2 * expected[name])
+
+
+class InPlaceAfterRouter(nn.Module):
+    """A model that scales its router logits in place after routing (the hook saw them first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        logits = self.router(x)  # [T, 8]
+        chosen = torch.topk(logits, 2, dim=-1).indices
+        logits.mul_(0.5)  # in place, after the gate's hook ran
+        return chosen
+
+
+def test_a_gate_output_modified_in_place_before_the_reader_is_detected_not_miscounted(one_thread):
+    torch.manual_seed(0)
+    model = InPlaceAfterRouter()
+    mon = moewatch.attach(model, gates="router", top_k=2, background=False)
+    with torch.no_grad():
+        model(torch.randn(5, 16))
+    counts = mon.counts()
+    mon.detach()
+    assert mon.error_counts() == {"hook": 1}
+    assert "modified in place" in mon.errors.last()["hook"]
+    assert int(counts["router"].sum()) == 0
+
+
+def test_calls_beyond_the_staging_budget_are_reduced_on_the_forward_thread(one_thread, monkeypatch):
+    model = tiny_mixtral()
+    ids, mask = padded_batch()
+    expected = _expected(model, ids, mask)
+    monkeypatch.setattr(staged, "MAX_STAGED_BYTES", 64)  # every call is over budget
+    mon = moewatch.attach(model, background=False)
+    bank = mon._banks.banks[0]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert bank._staged_bytes == 0  # nothing held: reduced where it happened
+    got = mon.counts()
+    mon.detach()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_staged_and_device_backends_report_the_same_windows(one_thread):
+    """The batched reduction of the staged backend equals the per-call device path (reference)."""
+    model = tiny_mixtral(layers=2)
+    frames = []
+    for backend in ("staged", "device"):
+        mon = moewatch.attach(model, background=False, backend=backend, window_tokens=30, capacity_factor=1.0)
+        for seed in range(6):
+            ids, mask = padded_batch(seed=seed, batch=3, length=5 + seed)
+            with torch.no_grad():
+                model(ids, attention_mask=mask)
+        mon.flush()
+        frames.append(mon.windows())
+        mon.detach()
+    a, b = frames
+    assert len(a) == len(b) > 2
+    for column in ("tokens", "assignments", "dropped", "dead_experts"):
+        assert a[column].tolist() == b[column].tolist()
+    for column in ("entropy_mean", "logit_mean", "logit_std", "logit_absmax", "top1_prob_mean", "margin_mean",
+                   "zloss_mean", "effective_experts"):
+        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-6, atol=1e-9)
+    for x, y in zip(a["expert_counts"], b["expert_counts"]):
+        np.testing.assert_array_equal(x, y)
