@@ -45,13 +45,13 @@ def routing_probs(logits: torch.Tensor, scoring) -> torch.Tensor:
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
-def mask_weights(mask: Optional[torch.Tensor], num_tokens: int, positions: Optional[torch.Tensor] = None,
-                 grid: int = 0) -> Optional[torch.Tensor]:
-    """[T] float32 weights (1 = real token, 0 = padding) from the root call's padding mask.
+def mask_columns(mask: Optional[torch.Tensor], num_tokens: int, positions: Optional[torch.Tensor] = None,
+                 grid: int = 0) -> Optional[int]:
+    """S: the gate saw the last S positions of each row of the padding mask [B, L]; None: no mask applies.
 
-    mask [B, L] over past + current positions; the gate saw B*S tokens, the last S of each row
-    (or, with ``positions`` [T], a gathered subset of a grid of ``grid`` = B*S tokens). None when
-    there is no mask or it does not fit the call's shape: then every token counts.
+    The gate saw B*S tokens (or, with ``positions`` [T], a gathered subset of a grid of
+    ``grid`` = B*S tokens). A mask that does not fit the call's shape does not apply: then every
+    token counts. Shapes only: the fused backends make the same decision on the host.
     """
     if mask is None or mask.dim() != 2:
         return None
@@ -59,11 +59,7 @@ def mask_weights(mask: Optional[torch.Tensor], num_tokens: int, positions: Optio
     width = grid if positions is not None else num_tokens
     if batch == 0 or width % batch or width // batch > length:
         return None
-    seq = width // batch
-    weights = (mask[:, length - seq:] != 0).reshape(-1).to(torch.float32)  # [B*S]
-    if positions is not None:
-        weights = weights.index_select(0, positions.to(weights.device).long())  # [T]
-    return weights
+    return width // batch
 
 
 def mask_tail(mask: Optional[torch.Tensor], num_tokens: int, positions: Optional[torch.Tensor] = None,
@@ -73,13 +69,21 @@ def mask_tail(mask: Optional[torch.Tensor], num_tokens: int, positions: Optional
     Long contexts make the mask wide while a decode call covers one column; keeping the tail
     only keeps staged copies small. :func:`mask_weights` gives the same weights for the tail.
     """
-    if mask is None or mask.dim() != 2:
+    seq = mask_columns(mask, num_tokens, positions, grid)
+    return None if seq is None else mask[:, mask.shape[1] - seq:]
+
+
+def mask_weights(mask: Optional[torch.Tensor], num_tokens: int, positions: Optional[torch.Tensor] = None,
+                 grid: int = 0) -> Optional[torch.Tensor]:
+    """[T] float32 weights (1 = real token, 0 = padding) from the root call's padding mask [B, L],
+    or None (no mask applies: every token counts); see :func:`mask_columns`."""
+    tail = mask_tail(mask, num_tokens, positions, grid)  # [B, S] or None
+    if tail is None:
         return None
-    batch, length = mask.shape
-    width = grid if positions is not None else num_tokens
-    if batch == 0 or width % batch or width // batch > length:
-        return None
-    return mask[:, length - width // batch:]
+    weights = (tail != 0).reshape(-1).to(torch.float32)  # [B*S]
+    if positions is not None:
+        weights = weights.index_select(0, positions.to(weights.device).long())  # [T]
+    return weights
 
 
 def gate_sums(

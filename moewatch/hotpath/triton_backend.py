@@ -47,7 +47,7 @@ import torch
 
 from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, SIGMOID,
                      SOFTMAX, TOKENS, TOP1, ZLOSS)
-from .reference import scoring_code
+from .reference import mask_columns, scoring_code
 
 try:
     import triton
@@ -298,14 +298,11 @@ def _mask_plan(mask: Optional[torch.Tensor], num_tokens: int, positions: Optiona
 
     Shapes only, the same decision as ``reference.mask_weights``.
     """
-    if mask is None or mask.dim() != 2:
+    seq = mask_columns(mask, num_tokens, positions, grid)
+    if seq is None:
         return None
-    batch, length = mask.shape
     width = grid if positions is not None else num_tokens
-    if batch == 0 or width % batch or width // batch > length:
-        return None
-    seq = width // batch
-    return max(seq, 1), length - seq, width  # seq 0 only with an empty grid, where no place is on it
+    return max(seq, 1), mask.shape[1] - seq, width  # seq 0 only with an empty grid, where no place is on it
 
 
 def _as_loadable(t: torch.Tensor) -> torch.Tensor:
