@@ -10,6 +10,7 @@ The window listener only updates a table of alerts (bounded: one row per gate an
 and wakes the sender thread; the sender posts the whole table in one request when something
 changed or a resend is due. A down, slow or failing Alertmanager delays only that thread:
 requests time out, retries back off exponentially, and failures are counted in ``mon.errors``.
+Only a 2xx answer counts as delivered; redirects are not followed (a POST would become a GET).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..health import Health
 from ..windows import Window
+from .labels import encodable
 from .rank import process_rank
 
 COLLAPSE = "MoewatchGateCollapse"
@@ -32,6 +34,20 @@ DRIFT = "MoewatchGateDrift"
 # verdict severity -> (alert name, alert severity label)
 ALERTS: Dict[str, Tuple[str, str]] = {"collapse": (COLLAPSE, "critical"), "drift": (DRIFT, "warning")}
 _MAX_BACKOFF_SECONDS = 60.0
+
+
+class AlertmanagerError(RuntimeError):
+    """The alerts API did not accept a batch (a redirect, or any status but 2xx)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise AlertmanagerError(f"{req.full_url} answered HTTP {code}, a redirect to {newurl}: not followed "
+                                "for a POST (point alertmanager_url at the final address)")
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 def _iso(t: float) -> str:
@@ -79,7 +95,7 @@ class AlertmanagerExporter:
         self.runbook_url = runbook_url
         self._monitor = weakref.ref(monitor)
         self._errors = monitor.errors
-        self._base_labels = {"model": str(monitor.model_name),
+        self._base_labels = {"model": encodable(str(monitor.model_name)),
                              "rank": str(process_rank(monitor.options).rank)}
         self._table = _Table()
         self._lock = threading.Lock()
@@ -127,7 +143,7 @@ class AlertmanagerExporter:
 
     def _new_alert(self, gate: str, severity: str, reasons: List[str], window: int, now: float) -> Alert:
         alertname, level = ALERTS[severity]
-        labels = {"alertname": alertname, "severity": level, **self._base_labels, "layer": gate}
+        labels = {"alertname": alertname, "severity": level, **self._base_labels, "layer": encodable(gate)}
         what = "Router collapse" if severity == "collapse" else "Routing drift"
         annotations = {
             "summary": f"{what} at gate {gate} of {labels['model']} (rank {labels['rank']})",
@@ -196,8 +212,13 @@ class AlertmanagerExporter:
         body = json.dumps([payload for _, payload in batch]).encode()
         request = urllib.request.Request(self.url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
-            response.read()
+        # Redirects are not followed: urllib turns a POST into a GET on 301/302/303, and
+        # Alertmanager answers a GET of /api/v2/alerts with 200, so the alerts would be lost
+        # while counted as sent. A redirect is an error naming where it pointed.
+        with _NO_REDIRECTS.open(request, timeout=self.timeout_seconds) as response:
+            response.read(1 << 16)  # Alertmanager answers with a few bytes; never read without bound
+            if not 200 <= response.status < 300:  # anything but 2xx is not delivered
+                raise AlertmanagerError(f"{self.url} answered HTTP {response.status}; alerts not delivered")
 
     # -- introspection and shutdown ----------------------------------------------------------
     def active(self) -> List[Dict[str, str]]:

@@ -21,6 +21,7 @@ from opentelemetry.sdk.resources import Resource
 
 from .. import __version__
 from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, METRICS, Metric
+from .labels import encodable
 from .rank import process_rank
 from .samples import Sample, admitted_expert_families, samples
 from .state import StateReader
@@ -133,7 +134,7 @@ def otlp_provider(monitor, endpoint: str, interval_seconds: float, timeout_secon
         export_interval_millis=interval_seconds * 1000.0,
         export_timeout_millis=timeout_seconds * 1000.0,
     )
-    resource = Resource.create({"service.name": "moewatch", "moewatch.model": str(monitor.model_name),
+    resource = Resource.create({"service.name": "moewatch", "moewatch.model": encodable(str(monitor.model_name)),
                                 "moewatch.rank": process_rank(monitor.options).rank})
     # No exit hook: a final export to a hanging endpoint must not hold up the process's exit.
     return MeterProvider(metric_readers=[reader], resource=resource, shutdown_on_exit=False)

@@ -2,17 +2,19 @@
 
 Nothing is kept in prometheus-client metric objects between scrapes: each ``collect()`` reads the
 monitor's latest state (:mod:`moewatch.export.state`) and turns it into families named by
-:mod:`moewatch.schema`. Scrapes run on the HTTP server's thread, never on the model's.
+:mod:`moewatch.schema`. Scrapes run on the HTTP server's thread (:mod:`moewatch.export.http`),
+never on the model's. Label values are encodable (:mod:`moewatch.export.labels`), and a scrape
+that fails is counted, never a silent HTTP 500.
 """
 from __future__ import annotations
 
-import threading
 from typing import Iterator, Optional
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric as PromMetric
 
 from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, METRICS, Metric
+from .http import MetricsServer
 from .rank import process_rank
 from .samples import admitted_expert_families, samples
 from .state import StateReader
@@ -49,40 +51,39 @@ class MonitorCollector:
 
     def collect(self) -> Iterator[PromMetric]:
         try:
-            state = self._reader.read()
+            families = self._families()
         except Exception as error:  # a failed scrape is counted; the next one tries again
             self._errors.record("prometheus", error)
             return
+        yield from families
+
+    def _families(self) -> list:
+        state = self._reader.read()
         if state is None:  # the monitor is gone
-            return
+            return []
         values = samples(state, self.expert_families)
+        out = []
         for metric in self._metrics:
             family = _family(metric)
             for labels, value in values[metric.name]:
                 family.add_metric(list(labels), value)
-            yield family
+            out.append(family)
+        return out
 
 
 class PrometheusEndpoint:
     """An HTTP /metrics endpoint serving one registry; stopped by :meth:`close` (on detach)."""
 
-    def __init__(self, registry: CollectorRegistry, collector: MonitorCollector, port: int, addr: str):
+    def __init__(self, registry: CollectorRegistry, collector: MonitorCollector, port: int, addr: str,
+                 errors=None):
         self.registry = registry
         self.collector = collector
-        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        self._server = MetricsServer(registry, addr, port, errors=errors)
         self.port: int = self._server.server_port
         self.addr = addr
 
     def close(self) -> None:
-        # shutdown() waits for the serve loop; run it off the caller's thread so detach never waits.
-        server = self._server
-        threading.Thread(target=_stop_server, args=(server,), name="moewatch-prometheus-stop",
-                         daemon=True).start()
-
-
-def _stop_server(server) -> None:
-    server.shutdown()
-    server.server_close()
+        self._server.close()
 
 
 def serve(monitor, port: int = 9400, addr: str = "127.0.0.1",
@@ -102,7 +103,7 @@ def serve(monitor, port: int = 9400, addr: str = "127.0.0.1",
     collector = MonitorCollector(monitor)
     registry.register(collector)
     try:
-        return PrometheusEndpoint(registry, collector, port, addr)
+        return PrometheusEndpoint(registry, collector, port, addr, errors=monitor.errors)
     except OSError as error:  # in use, no such address, not allowed: name what and where
         registry.unregister(collector)
         raise OSError(error.errno, f"cannot serve Prometheus metrics on {addr}:{port}: {error.strerror or error}; "

@@ -6,6 +6,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 from .. import __version__
 from ..health import MONITORING_STATES
 from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, EXPERT_FAMILIES, METRICS, PREFIX
+from .labels import encodable
 from .state import ExportState, GateState, severity_value
 
 # (label values in the metric's label order, value)
@@ -49,7 +50,7 @@ def admitted_expert_families(experts_per_gate: Sequence[int], budget: int = DEFA
 
 
 def _gate_samples(gate: GateState, base: Tuple[str, ...]) -> Dict[str, List[Sample]]:
-    labels = base + (gate.name,)
+    labels = base + (encodable(gate.name),)
     out: Dict[str, List[Sample]] = {
         "gate_tokens_total": [(labels, gate.tokens_total)],
         "gate_assignments_total": [(labels, float(gate.assignments_total.sum()))],
@@ -81,7 +82,7 @@ def _gate_samples(gate: GateState, base: Tuple[str, ...]) -> Dict[str, List[Samp
 
 def samples(state: ExportState, expert_families: Iterable[str]) -> Dict[str, List[Sample]]:
     """{metric name: samples} for every metric of the schema (per-expert ones only if admitted)."""
-    base = state.process_labels
+    base = tuple(encodable(v) for v in state.process_labels)  # names from odd directories too
     out: Dict[str, List[Sample]] = {m.name: [] for m in METRICS}
     admitted = set(expert_families)
     out[PREFIX + "up"] = [(base, 1.0 if state.up else 0.0)]

@@ -1,0 +1,313 @@
+"""A small HTTP server for ``/metrics`` that a hostile client cannot starve.
+
+prometheus-client's server spends a thread and a descriptor on every connection, with no
+timeout, so a few hundred connections held open stop real scrapes and can use up the
+process's descriptors. This one runs one thread per endpoint, an event loop over non-blocking
+sockets:
+
+* at most ``max_connections`` connections are open; past the cap a newcomer closes the
+  connection that has waited longest for the rest of its request, so holding connections (or
+  reopening them as fast as they are closed) cannot lock scrapers out: a scraper sends its
+  request with the connection and is answered as soon as it is accepted;
+* a request must arrive whole within ``request_timeout`` seconds and fit in
+  ``max_request_bytes``; a response must be taken within ``write_timeout`` seconds;
+* one request per connection (``Connection: close``), ``GET`` and ``HEAD`` only.
+
+The body is the registry rendered by prometheus-client's own exposition (text or OpenMetrics by
+the ``Accept`` header, gzip when asked, ``name[]`` filtering). A failure to render is counted
+(``moewatch_internal_errors_total{component="prometheus"}``) and answered with a 500.
+"""
+from __future__ import annotations
+
+import gzip
+import selectors
+import socket
+import threading
+import time
+from typing import Dict, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client.exposition import choose_encoder
+
+MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT = 10.0
+WRITE_TIMEOUT = 30.0
+MAX_REQUEST_BYTES = 16 * 1024
+MIN_AGE = 0.1  # seconds a connection that has sent nothing yet keeps its place
+BACKLOG = 128
+PATHS = ("/metrics", "/")
+
+_LISTENER, _WAKE = object(), object()
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+
+
+class _Connection:
+    """One client: the request bytes so far, then the response bytes left to send."""
+
+    __slots__ = ("sock", "opened", "deadline", "inbox", "outbox")
+
+    def __init__(self, sock: socket.socket, now: float):
+        self.sock = sock
+        self.opened = now
+        self.deadline = now + REQUEST_TIMEOUT
+        self.inbox = bytearray()
+        self.outbox: Optional[memoryview] = None
+
+
+def _family(addr: str, port: int) -> socket.AddressFamily:
+    infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]
+
+
+class MetricsServer:
+    """Serves ``registry`` at ``http://addr:port/metrics`` from one daemon thread; :meth:`close` stops it."""
+
+    def __init__(self, registry, addr: str, port: int, errors=None, max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float = REQUEST_TIMEOUT, write_timeout: float = WRITE_TIMEOUT,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
+        self.registry = registry
+        self.errors = errors
+        self.max_connections = max(1, int(max_connections))
+        self.request_timeout = float(request_timeout)
+        self.write_timeout = float(write_timeout)
+        self.max_request_bytes = int(max_request_bytes)
+        self.served = 0  # responses sent whole (200 or not)
+        self.evicted = 0  # connections closed to make room under the cap
+        self.timed_out = 0  # connections closed at their deadline
+        self._listener = socket.create_server((addr, port), family=_family(addr, port), backlog=BACKLOG)
+        self._listener.setblocking(False)
+        self.server_address: Tuple = self._listener.getsockname()[:2]
+        self.server_port: int = self.server_address[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._conns: Dict[int, _Connection] = {}  # fd -> connection, in the order they were accepted
+        self._accept_paused_until = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moewatch-prometheus", daemon=True)
+        self._thread.start()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (at most ``max_connections``)."""
+        return len(self._conns)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                accept = False
+                for key, mask in self._selector.select(self._next_timeout()):
+                    if key.data is _LISTENER:
+                        accept = True
+                    elif key.data is _WAKE:
+                        self._drain_wake()
+                    elif mask & selectors.EVENT_READ:
+                        self._read(key.data)
+                    elif mask & selectors.EVENT_WRITE:
+                        self._write(key.data)
+                if accept:  # after the reads: a request that arrived is answered before anyone is evicted
+                    self._accept()
+                self._expire()
+        except Exception as error:  # never a traceback from a thread in the model's process
+            self._record(error)
+        finally:
+            self._close_all()
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        nearest = min((c.deadline for c in self._conns.values()), default=now + 1.0)
+        if self._accept_paused_until:
+            nearest = min(nearest, self._accept_paused_until)
+        return max(0.0, min(1.0, nearest - now))
+
+    def _accept(self) -> None:
+        # a bounded batch per turn, so that requests already read are answered between batches
+        for _ in range(self.max_connections):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # out of descriptors (EMFILE): make room and pause accepting
+                self._record(error)
+                self._evict(self._victim())
+                self._pause_accepting(0.1)
+                return
+            if len(self._conns) >= self.max_connections:
+                self._evict(self._victim())  # the cap holds
+            sock.setblocking(False)
+            conn = _Connection(sock, time.monotonic())
+            conn.deadline = conn.opened + self.request_timeout
+            self._conns[sock.fileno()] = conn
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+            # a scraper sends its request with the connection: answer it now
+            self._read(conn)
+
+    def _victim(self) -> Optional[_Connection]:
+        """The connection a newcomer past the cap replaces: the one waiting longest for the rest
+        of its request. A connection that has sent nothing yet keeps its place for MIN_AGE
+        seconds (a scraper accepted a moment before its request arrives is not pushed out by a
+        flood behind it); one being answered goes only if nothing else can."""
+        now = time.monotonic()
+
+        def fresh(c: _Connection) -> bool:
+            return not c.inbox and c.outbox is None and now - c.opened < MIN_AGE
+
+        conns = list(self._conns.values())  # oldest first
+        return (next((c for c in conns if c.outbox is None and not fresh(c)), None)
+                or next((c for c in conns if not fresh(c)), None)
+                or (conns[0] if conns else None))
+
+    def _pause_accepting(self, seconds: float) -> None:
+        if not self._accept_paused_until:
+            self._selector.unregister(self._listener)
+        self._accept_paused_until = time.monotonic() + max(seconds, 0.001)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _read(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not data:  # the client went away before sending a whole request
+            self._drop(conn)
+            return
+        conn.inbox += data
+        end = conn.inbox.find(b"\r\n\r\n")
+        if end < 0:
+            if len(conn.inbox) > self.max_request_bytes:
+                self._respond(conn, 431, b"request too large\n", "text/plain; charset=utf-8")
+            return
+        if end + 4 > self.max_request_bytes:
+            self._respond(conn, 431, b"request too large\n", "text/plain; charset=utf-8")
+            return
+        self._handle(conn, bytes(conn.inbox[:end]))
+
+    def _write(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        conn.outbox = conn.outbox[sent:]
+        if not len(conn.outbox):
+            self.served += 1
+            self._drop(conn)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        for conn in [c for c in self._conns.values() if c.deadline <= now]:
+            self.timed_out += 1
+            self._drop(conn)
+
+    def _evict(self, conn: Optional[_Connection]) -> None:
+        if conn is not None:
+            self.evicted += 1
+            self._drop(conn)
+
+    def _drop(self, conn: _Connection) -> None:
+        fd = conn.sock.fileno()
+        if self._conns.pop(fd, None) is None:
+            return
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    # -- one request --------------------------------------------------------------------------
+    def _handle(self, conn: _Connection, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            self._respond(conn, 400, b"bad request\n", "text/plain; charset=utf-8")
+            return
+        method, target = parts[0], parts[1].decode("latin-1")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if sep:
+                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        if method not in (b"GET", b"HEAD"):
+            self._respond(conn, 405, b"only GET and HEAD\n", "text/plain; charset=utf-8", allow=True)
+            return
+        url = urlsplit(target)
+        if url.path not in PATHS:
+            self._respond(conn, 404, b"not found: metrics are at /metrics\n", "text/plain; charset=utf-8")
+            return
+        try:
+            registry = self.registry
+            names = parse_qs(url.query).get("name[]")
+            if names:
+                registry = registry.restricted_registry(names)
+            encoder, content_type = choose_encoder(headers.get("accept", ""))
+            body = encoder(registry)
+        except Exception as error:  # a collector that fails (or text that cannot be encoded)
+            self._record(error)
+            self._respond(conn, 500, b"moewatch: rendering the metrics failed; it is counted in "
+                                     b"moewatch_internal_errors_total{component=\"prometheus\"}\n",
+                          "text/plain; charset=utf-8")
+            return
+        gzipped = "gzip" in headers.get("accept-encoding", "")
+        if gzipped:
+            body = gzip.compress(body)
+        self._respond(conn, 200, body, content_type, gzipped=gzipped, head_only=method == b"HEAD")
+
+    def _respond(self, conn: _Connection, status: int, body: bytes, content_type: str, gzipped: bool = False,
+                 head_only: bool = False, allow: bool = False) -> None:
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}", f"Content-Type: {content_type}",
+                f"Content-Length: {len(body)}", "Connection: close"]
+        if gzipped:
+            head.append("Content-Encoding: gzip")
+        if allow:
+            head.append("Allow: GET, HEAD")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+        conn.inbox = bytearray()
+        conn.outbox = memoryview(data)
+        conn.deadline = time.monotonic() + self.write_timeout
+        self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        self._write(conn)  # most responses fit the socket buffer: sent at once
+
+    def _record(self, error: BaseException) -> None:
+        if self.errors is not None:
+            self.errors.record("prometheus", error, where="http")
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def _close_all(self) -> None:
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        self._selector.close()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop serving and close every socket (waits at most ``timeout`` seconds for the loop)."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
