@@ -84,3 +84,45 @@ class HealthyTraffic:
     def frame(self, windows: int):
         """A windows frame (as Monitor.windows() returns) of ``windows`` healthy windows."""
         return windows_frame([self.window() for _ in range(windows)], self.gates)
+
+
+class ClusteredTraffic:
+    """Traffic made of requests whose tokens route alike: each request draws its own expert mix
+    around the gate's shares (a Dirichlet of total ``concentration`` per expert) and its own
+    level of the scalar statistics, and all of its ``tokens`` follow them. A few requests
+    (``specialists``, as a block of whitespace or of digits is in code) send ``focus`` of their
+    assignments to one expert of each gate. A window is the sum of the requests it holds, so its
+    evidence is closer to its number of requests than to its number of tokens: in a window of
+    16 requests a specialist is diluted, alone in a window it is the whole window."""
+
+    def __init__(self, num_gates: int, experts: int, top_k: int = 2, concentration: float = 4.0,
+                 seed: int = 0, specialists: float = 0.01, focus: float = 0.8):
+        self.rng = np.random.default_rng(seed)
+        self.gates = make_gates(num_gates, experts, top_k)
+        self.top_k, self.concentration = top_k, concentration
+        self.specialists, self.focus = specialists, focus
+        self.shares = self.rng.dirichlet(np.full(experts, 8.0), size=num_gates)  # [G, E]
+        self.index = 0
+
+    def window(self, requests: int, tokens: int = 128, shares: Optional[np.ndarray] = None) -> Window:
+        """A window of ``requests`` requests of ``tokens`` tokens each."""
+        base = self.shares if shares is None else shares
+        g, e = base.shape
+        # each request's own expert mix per gate (a Dirichlet, drawn as normalised gammas) ...
+        mix = self.rng.gamma(self.concentration * e * np.maximum(base, 1e-9), size=(requests, g, e))
+        mix /= mix.sum(-1, keepdims=True)
+        special = self.rng.random(requests) < self.specialists  # [R]
+        if special.any():
+            favourite = np.eye(e)[self.rng.integers(0, e, size=(int(special.sum()), g))]  # [S, G, E]
+            mix[special] = self.focus * favourite + (1 - self.focus) * mix[special]
+        counts = self.rng.multinomial(tokens * self.top_k, mix).sum(0)  # [G, E]
+        # ... and its own level of each scalar statistic, which all of its tokens share
+        level = 1 + 0.05 * self.rng.normal(0.0, 1.0, (requests, g, 3)).mean(0)  # [G, 3]
+        w = make_window(self.index, counts, np.full(g, float(tokens * requests)), 1.2 * level[:, 0],
+                        1.5 * level[:, 1], 0.45 * level[:, 2])
+        self.index += 1
+        return w
+
+    def frame(self, windows: int, requests: int = 16, tokens: int = 128):
+        """A baseline's windows frame: ``windows`` windows of ``requests`` requests each."""
+        return windows_frame([self.window(requests, tokens) for _ in range(windows)], self.gates)

@@ -20,25 +20,28 @@ from __future__ import annotations
 import numpy as np
 
 
-def pair_dispersion(a: np.ndarray, b: np.ndarray, p: np.ndarray, alive: np.ndarray):
+def expert_weights(p: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """[..., E] 1 / p_e over the experts in use (``p`` renormalised over them), 0 elsewhere."""
+    q = np.where(alive, p, 0.0)
+    q = q / np.maximum(q.sum(-1, keepdims=True), 1e-300)
+    return np.where(alive, 1.0 / np.where(alive, q, 1.0), 0.0)
+
+
+def pair_dispersion(a: np.ndarray, b: np.ndarray, weights: np.ndarray):
     """Dispersion estimates from consecutive windows' counts ``a``, ``b`` [..., E].
 
-    ``p`` [..., E]: expected shares (the baseline's), ``alive`` [..., E]: experts to use.
+    ``weights`` [..., E]: :func:`expert_weights` of the expected shares (the baseline's).
     Returns (phi [...], valid [...]): valid where both windows have assignments and at least
     two experts are in use; phi is an unbiased estimate of the dispersion there.
     """
-    a = np.where(alive, a, 0.0)
-    b = np.where(alive, b, 0.0)
-    na, nb = a.sum(-1), b.sum(-1)
-    used = alive.sum(-1)
-    valid = (na > 0) & (nb > 0) & (used >= 2)
-    q = np.where(alive, p, 0.0)
-    q = q / np.maximum(q.sum(-1, keepdims=True), 1e-300)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        diff = a / np.maximum(na, 1)[..., None] - b / np.maximum(nb, 1)[..., None]
-        num = np.where(alive, diff * diff / np.where(alive, q, 1.0), 0.0).sum(-1)
-        den = np.maximum(used - 1, 1) * (1.0 / np.maximum(na, 1) + 1.0 / np.maximum(nb, 1))
-    return np.where(valid, num / den, np.nan), valid
+    use = weights > 0
+    a, b = a * use, b * use
+    na, nb = np.maximum(a.sum(-1), 1e-300), np.maximum(b.sum(-1), 1e-300)
+    used = use.sum(-1)
+    diff = a / na[..., None] - b / nb[..., None]
+    phi = (diff * diff * weights).sum(-1) / (np.maximum(used - 1, 1) * (1.0 / na + 1.0 / nb))
+    valid = (na >= 1) & (nb >= 1) & (used >= 2)
+    return np.where(valid, phi, np.nan), valid
 
 
 def baseline_dispersion(counts: np.ndarray, p: np.ndarray, alive: np.ndarray):
@@ -48,15 +51,17 @@ def baseline_dispersion(counts: np.ndarray, p: np.ndarray, alive: np.ndarray):
     baseline's variances are: a baseline whose mix wanders has larger variances and a larger
     dispersion alike. The standard error says how far the estimate from W windows can be trusted.
     """
-    n = np.where(alive, counts, 0.0).sum(-1)  # [W]
-    used = int(alive.sum())
+    weights = expert_weights(p, alive)  # [E]
+    use = weights > 0
+    counts = counts * use
+    n = counts.sum(-1)  # [W]
+    used = int(use.sum())
     keep = n > 0
     if keep.sum() < 2 or used < 2:
         return 1.0, 1.0
-    share = np.where(alive, counts, 0.0)[keep] / n[keep, None]
-    q = np.where(alive, p, 0.0) / max(float(np.where(alive, p, 0.0).sum()), 1e-300)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = n[keep] * np.where(alive, (share - q) ** 2 / np.where(alive, q, 1.0), 0.0).sum(-1) / (used - 1)
+    q = np.where(use, 1.0 / np.where(use, weights, 1.0), 0.0)  # the expected shares over the experts in use
+    share = counts[keep] / n[keep, None]
+    terms = n[keep] * ((share - q) ** 2 * weights).sum(-1) / (used - 1)  # [W] Pearson ratios
     w = terms.size
     phi = float(terms.mean()) * w / (w - 1)  # the mean was estimated from the same windows
     se = float(terms.std(ddof=1) / np.sqrt(w) / max(terms.mean(), 1e-300))
@@ -75,34 +80,38 @@ class LiveDispersion:
       is large (pair estimates are heavy-tailed), so it stays cautious until there is data.
 
     Pairs are folded in as windows arrive, provisionally, and kept only for gates the detector
-    then judged healthy, so a fault never teaches the detector that routing is noisier than it
-    is (which would make it wait longer before judging). One pair counts at most ``clip`` times
-    the current estimate: a single abrupt change between two windows cannot move it far.
+    then judged healthy: a fault never teaches the detector that routing is noisier than it is
+    (which would make it wait longer, and score more leniently, just when a fault begins). Both
+    views therefore use the kept pairs only, except that :meth:`upper` also counts the pending
+    ones while fewer than ``warmup`` pairs are kept: right after attach, the first small windows
+    are all there is to learn from. One pair counts at most ``clip`` times the estimate: a single
+    abrupt change between two windows cannot move it far.
     """
 
     def __init__(self, phi0: np.ndarray, p: np.ndarray, alive: np.ndarray, memory: float = 1024.0,
-                 prior: float = 64.0, clip: float = 10.0):
+                 prior: float = 64.0, clip: float = 10.0, warmup: float = 16.0):
         self.phi0 = np.asarray(phi0, dtype=np.float64)  # [G]
-        self.p, self.alive = p, alive  # [G, E]
+        self.weights = expert_weights(p, alive)  # [G, E]
         self.decay = 1.0 - 1.0 / memory
-        self.clip = clip
+        self.clip, self.warmup = clip, warmup
         zero = np.zeros_like(self.phi0)
         # [G] each: the prior's weight, then the live pairs' weighted sum, sum of squares and
         # weight; as kept after the last judgement, and with the pairs since then
         self.kept = (np.full_like(self.phi0, prior), zero, zero, zero)
         self.now = self.kept
-        self.last = np.zeros(p.shape)  # [G, E] counts of the last window with assignments
+        self.last = np.zeros(self.weights.shape)  # [G, E] counts of the last window with assignments
         self.has_last = np.zeros(self.phi0.shape, dtype=bool)
 
     def estimate(self) -> np.ndarray:
-        """[G] the dispersion: the baseline's, replaced by the live traffic's as pairs arrive."""
-        prior, total, _, weight = self.now
+        """[G] the dispersion: the baseline's, replaced by the live traffic's as pairs are kept."""
+        prior, total, _, weight = self.kept
         return (prior * self.phi0 + total) / (prior + weight)
 
     def upper(self, z: float = 2.0) -> np.ndarray:
         """[G] ``z`` standard errors over the live pairs' mean (infinite before two pairs), and
         never below :meth:`estimate`."""
-        _, total, squares, weight = self.now
+        warming = self.kept[3] < self.warmup
+        _, total, squares, weight = (np.where(warming, now, kept) for now, kept in zip(self.now, self.kept))
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = total / weight
             sd = np.sqrt(np.maximum(squares / weight - mean ** 2, 0.0))
@@ -112,7 +121,7 @@ class LiveDispersion:
     def observe(self, counts: np.ndarray) -> None:
         """A window's assignment counts [G, E]: fold in its pair with the previous window."""
         counts = np.asarray(counts, dtype=np.float64)
-        phi, valid = pair_dispersion(self.last, counts, self.p, self.alive)
+        phi, valid = pair_dispersion(self.last, counts, self.weights)
         valid &= self.has_last
         phi = np.minimum(np.nan_to_num(phi), self.clip * self.estimate())
         d = self.decay

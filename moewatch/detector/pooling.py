@@ -71,6 +71,7 @@ class Pool:
         self._window: Optional[Window] = None
         self.first = 0
         self.count = 0
+        self._needed = self.n_floor  # [G] as of the last window added
 
     def kappa(self) -> np.ndarray:
         """[G] how much more clustered the live traffic is than the baseline's (at least 1): the
@@ -84,7 +85,7 @@ class Pool:
 
     def add(self, window: Window) -> Optional[Pooled]:
         """Add a closed window; returns the pool when it is ready to be judged (and starts anew)."""
-        self.dispersion.observe(window.counts[:, 0, :self.dispersion.p.shape[1]])
+        self.dispersion.observe(window.counts[:, 0, :self.dispersion.weights.shape[1]])
         if self._window is None:
             self._window, self.first, self.count = window, window.index, 1
         else:
@@ -95,7 +96,8 @@ class Pool:
             self.count += 1
         assignments = self._window.counts[:, 0].sum(-1)  # [G]
         seen = assignments > 0
-        if not seen.any() or (assignments < self.needed())[seen].any():
+        self._needed = self.needed()
+        if not seen.any() or (assignments < self._needed)[seen].any():
             return None
         pooled = Pooled(window=self._window, kappa=self.kappa(), first=self.first, count=self.count,
                         tokens=float(self._window.tokens.max()))
@@ -113,4 +115,4 @@ class Pool:
 
     def tokens_needed(self) -> float:
         """About how many tokens a pool needs (the most demanding gate)."""
-        return float((self.needed() / self.top_k).max())
+        return float((self._needed / self.top_k).max())
