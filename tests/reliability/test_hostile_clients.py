@@ -359,3 +359,37 @@ def test_alerts_are_delivered_only_by_a_2xx_and_redirects_are_not_followed(statu
         mon.detach()
         front.stop()
         target.stop()
+
+
+def test_a_redirect_in_front_of_a_real_alertmanager_is_an_error_not_a_lost_alert(request):
+    """Before: the 301 was followed as a GET, the real Alertmanager answered 200 with its list
+    of alerts, and moewatch counted the alert as sent while Alertmanager never had it."""
+    from tests.export_helpers import start_stack
+
+    stack = start_stack(request, prometheus=False)
+    front = Receiver(301, location=stack.alertmanager_url + "/api/v2/alerts")
+    model = ToyMoE(skew=True)
+    mon = moewatch.attach(model, gates="routers.*", top_k=2, background=False, window_tokens=10,
+                          alertmanager_url=front.url, model_name="redirected")
+    try:
+        collapse(model, mon)
+        exporter = next(e for e in mon._exporters if isinstance(e, AlertmanagerExporter))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(front.requests) < 2:
+            time.sleep(0.05)
+        assert exporter.sent == 0 and mon.error_counts()["alertmanager"] >= 2
+        assert "301" in mon.errors.last()["alertmanager"]
+        assert [a for a in stack.alerts() if a["labels"].get("model") == "redirected"] == []
+    finally:
+        mon.detach()
+        front.stop()
+    # the same alerts, posted to the real Alertmanager's own address, arrive
+    model = ToyMoE(skew=True)
+    mon = moewatch.attach(model, gates="routers.*", top_k=2, background=False, window_tokens=10,
+                          alertmanager_url=stack.alertmanager_url, model_name="direct")
+    try:
+        collapse(model, mon)
+        fired = stack.wait_alerts(lambda alerts: any(a["labels"].get("model") == "direct" for a in alerts))
+        assert {a["labels"]["layer"] for a in fired if a["labels"].get("model") == "direct"} == {"routers.g0", "routers.g1"}
+    finally:
+        mon.detach()
