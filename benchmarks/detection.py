@@ -114,7 +114,7 @@ def record_chunks(model, kind: str, forwards: int, batch_size: int, seed: int):
 
 def build_baseline(chunks: List[Window], gates: Sequence[GateInfo], per_window: int) -> Baseline:
     windows = [compose(i, chunks[i * per_window:(i + 1) * per_window]) for i in range(len(chunks) // per_window)]
-    return Baseline.from_frame(windows_frame(windows, gates), model_name="moewatch router model")
+    return Baseline.from_frame(windows_frame(windows, gates), model_name=shapes.MODEL_NAME)
 
 
 # -- healthy replay -----------------------------------------------------------------------
@@ -157,7 +157,8 @@ class Trial:
 def run_trial(model, baseline: Baseline, name: str, layer: int, setup: Setup, seed: int) -> Trial:
     trial = Trial(name, layer)
     traffic = pretrained.heldout_batches(setup.batch_size, seed=seed)
-    with moewatch.attach(model, baseline=baseline, background=False, capacity_factor=CAPACITY_FACTOR) as mon:
+    with moewatch.attach(model, baseline=baseline, background=False, capacity_factor=CAPACITY_FACTOR,
+                         model_name=shapes.MODEL_NAME) as mon:
         gate = mon.gates[layer].name
         for _ in range(setup.healthy_before):
             for _ in range(setup.forwards_per_window):
@@ -192,7 +193,8 @@ def run_prose(model, baseline: Baseline, setup: Setup, seed: int, capacity_facto
     checks: Counter = Counter()  # (check, severity) over alarmed gates
     reasons: List[str] = []
     first_flag = None
-    with moewatch.attach(model, baseline=baseline, background=False, capacity_factor=capacity_factor) as mon:
+    with moewatch.attach(model, baseline=baseline, background=False, capacity_factor=capacity_factor,
+                         model_name=shapes.MODEL_NAME) as mon:
         traffic = pretrained.prose_batches(setup.batch_size, seed=seed)
         for w in range(1, setup.prose_windows + 1):
             for _ in range(setup.forwards_per_window):

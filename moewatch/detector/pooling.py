@@ -12,18 +12,25 @@ windows page on healthy traffic.
 So consecutive windows are pooled (their sums add up exactly: a pool is the window the monitor
 would have closed had it waited) until every gate with traffic has
 
-    assignments >= n_floor * kappa
+    assignments >= EVIDENCE_FRACTION * n_floor * kappa
 
 where n_floor is the assignments of a small baseline window (the ``EVIDENCE_QUANTILE`` of
 them) and kappa (at least 1) how much more clustered the live traffic is than the baseline's:
 longer requests route alike for longer, so a window of the baseline's size then carries less
-evidence than a baseline window did. kappa compares the live dispersion with the baseline's
-allowing for the baseline's own uncertainty (two standard errors): only traffic measurably
-more clustered than the baseline's makes windows of the baseline's size wait.
+evidence than a baseline window did. For this test kappa compares the live dispersion with the
+baseline's allowing for the baseline's own uncertainty (``TOLERANCE_SE`` standard errors), and
+a pool built of several small windows uses an upper bound of the live dispersion (cautious
+right after attach, when it rests on a few pairs).
+
+The pool is scored with the baseline's variances scaled by max(1, kappa * n0 / n), kappa here
+being the plain ratio of the two dispersions (:func:`.nullmodel.scores`). That scaling is the
+one extrapolation left, and ``EVIDENCE_FRACTION`` bounds it: a pool holds at least 80% of a
+baseline window's evidence, where the scores' tails were measured to be those of full windows
+(docs/detection.md, "Traffic shapes"), while the chance wobble of the dispersion estimates
+(a few percent, on any of many gates) cannot make windows of the baseline's size wait.
 
 A window with enough evidence of its own (the usual case at the baseline's window size) is
-judged alone, at once. A pool is scored with the baseline's variances scaled by
-max(1, kappa * n0 / n) (:func:`.nullmodel.scores`).
+judged alone, at once.
 """
 from __future__ import annotations
 
@@ -39,9 +46,11 @@ from .dispersion import LiveDispersion
 # assignments): the calibration scored them all, and live windows closed by the same rule are as
 # often smaller than the median as larger.
 EVIDENCE_QUANTILE = 0.1
+# A pool is judged once it holds this fraction of a small baseline window's evidence.
+EVIDENCE_FRACTION = 0.8
 # Standard errors of the baseline's dispersion the live one must exceed before it counts as more
 # clustered.
-TOLERANCE_SE = 3.0
+TOLERANCE_SE = 2.0
 # Live traffic counts as at most this many times as clustered as the baseline's: a pool never has
 # to grow past MAX_KAPPA small baseline windows' worth of assignments.
 MAX_KAPPA = 16.0
@@ -81,7 +90,7 @@ class Pool:
     def needed(self) -> np.ndarray:
         """[G] assignments the pool needs before it is judged (see the module's docstring)."""
         live = self.dispersion.upper() if self.count > 1 else self.dispersion.estimate()
-        return self.n_floor * np.clip(live / self.phi0_bound, 1.0, MAX_KAPPA)
+        return EVIDENCE_FRACTION * self.n_floor * np.clip(live / self.phi0_bound, 1.0, MAX_KAPPA)
 
     def add(self, window: Window) -> Optional[Pooled]:
         """Add a closed window; returns the pool when it is ready to be judged (and starts anew)."""
