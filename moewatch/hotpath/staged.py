@@ -266,27 +266,27 @@ class StagedBank:
 
     def _reduce_many(self, row: int, group: List[Call]):
         gate = self.gates[row]
-        logits, indices, probs, dropped, valid, call_ids = [], [], [], [], [], []
         masks: dict = {}
-        for n, call in enumerate(group):
+        for call in group:
             self._check_width(gate, call.logits)
-            tokens = call.logits.shape[0]
-            logits.append(call.logits)
-            indices.append(call.indices)
-            probs.append(call.probs)
-            dropped.append(call.dropped)
-            weights = self._weights(call, masks)
-            valid.append(weights if weights is not None else torch.ones(tokens, dtype=torch.float32))
-            call_ids.append(torch.full((tokens,), n, dtype=torch.int64))
         # A batch mixes calls with and without the router's own indices/probs/drops only in
         # odd models; reduce those one by one rather than guess.
-        for column in (indices, probs, dropped):
+        columns = [[getattr(call, name) for call in group] for name in ("indices", "probs", "dropped")]
+        for column in columns:
             if any(t is None for t in column) and not all(t is None for t in column):
                 raise _Mixed()
-        cat = lambda ts: None if ts[0] is None else torch.cat([t.reshape(t.shape[0], -1) for t in ts])  # noqa: E731
-        return gate_sums(torch.cat(logits).float(), cat(indices), torch.cat([v.float() for v in valid]),
-                         gate.scoring, gate.top_k, cat(probs), cat(dropped), gate.capacity_factor,
-                         torch.cat(call_ids), len(group))
+        lengths = [call.logits.shape[0] for call in group]
+        weights = [self._weights(call, masks) for call in group]
+        valid = None  # [sum T] float, or None when no call has padding
+        if any(w is not None for w in weights):
+            valid = torch.cat([torch.ones(n) if w is None else w.float() for w, n in zip(weights, lengths)])
+        call_ids = None  # [sum T] which call each token came from: only the would-be drops need it
+        if gate.capacity_factor > 0:
+            call_ids = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        return gate_sums(torch.cat([call.logits for call in group]), cat(columns[0]), valid,
+                         gate.scoring, gate.top_k, cat(columns[1]), cat(columns[2]), gate.capacity_factor,
+                         call_ids, len(group))
 
     @staticmethod
     def _check_width(gate: GateParams, logits) -> None:
