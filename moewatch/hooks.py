@@ -12,7 +12,7 @@ import torch
 
 from .adapters.base import AdapterError, GateSpec
 from .errors import ErrorLog
-from .hotpath import ops
+from .hotpath import ops  # noqa: F401  (registers the moewatch:: ops)
 from .hotpath.device import DeviceBank
 
 
@@ -46,13 +46,21 @@ class GateHook:
                 return None
             probs = routing.probs.detach() if routing.probs is not None else None  # [T, E] or None
             grid = routing.grid or 0
-            if self.on_device:
-                bank = self.bank
-                ops.observe(logits, routing.indices, probs, routing.dropped, routing.valid, routing.positions,
-                            bank.sums, bank.counts, bank.absmax, self.bank_id, self.row, grid)
-            else:
-                ops.stage(logits, routing.indices, probs, routing.dropped, routing.valid, routing.positions,
-                          self.bank.token, self.bank_id, self.row, grid)
+            bank = self.bank
+            if torch.compiler.is_compiling():  # traced: exactly one opaque op in the graph
+                if self.on_device:
+                    torch.ops.moewatch.observe(logits, routing.indices, probs, routing.dropped, routing.valid,
+                                               routing.positions, bank.sums, bank.counts, bank.absmax,
+                                               self.bank_id, self.row, grid)
+                else:
+                    torch.ops.moewatch.stage(logits, routing.indices, probs, routing.dropped, routing.valid,
+                                             routing.positions, bank.token, self.bank_id, self.row, grid)
+            elif self.on_device:  # eager: the ops' implementations, without the dispatcher's round trip
+                bank.observe(self.row, logits, routing.indices, probs, routing.dropped, routing.valid,
+                             routing.positions, grid, bank.sums, bank.counts, bank.absmax)
+            else:  # eager tensors stay alive, and their version counters tell if they change
+                bank.stage(self.row, logits, routing.indices, probs, routing.dropped, routing.valid,
+                           routing.positions, grid, False)
         except Exception as error:  # never raise into the model's forward
             self.errors.record("hook", error, where=self.name)
         return None

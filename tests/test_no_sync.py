@@ -81,15 +81,15 @@ def test_monitored_forward_makes_no_host_sync(backend):
 
 def test_tracer_catches_a_sync_in_the_hook_path(monkeypatch):
     """The tracer itself can fail: a hook path that calls .item() is reported."""
-    from moewatch.hotpath import ops
+    from moewatch.hotpath.staged import StagedBank
 
-    original = ops._stage_impl
+    original = StagedBank.stage
 
-    def syncing(logits, *args, **kwargs):
+    def syncing(bank, row, logits, *args, **kwargs):
         logits.sum().item()
-        return original(logits, *args, **kwargs)
+        return original(bank, row, logits, *args, **kwargs)
 
-    monkeypatch.setattr(ops, "_stage_impl", syncing)
+    monkeypatch.setattr(StagedBank, "stage", syncing)
     model = tiny_mixtral(layers=1)
     ids, mask = padded_batch()
     mon = moewatch.attach(model, background=False)

@@ -14,8 +14,8 @@ from their thread's state (the root module's hooks run outside the compiled fram
 cannot reach the gates as a value of the forward's graph). The banks live in a registry keyed by an integer, because an op's
 arguments are tensors and scalars only.
 
-In eager mode the hooks call the same implementations directly (:func:`stage` and friends):
-the dispatcher round trip would cost the forward microseconds for nothing.
+In eager mode the hooks call the banks' implementations directly: the dispatcher's round trip
+would cost the forward microseconds for nothing.
 """
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ def _bank(bank_id: int):
 
 
 # -- implementations (also called directly by the eager hooks) --------------------------------
-def _stage_impl(logits, indices, probs, dropped, valid, positions, token, bank, row, grid, copy=True):
+def _stage_impl(logits, indices, probs, dropped, valid, positions, token, bank, row, grid):
     target = _BANKS.get(bank)
     if target is not None:  # detached: compiled code may still call in; it counts nothing
-        target.stage(row, logits, indices, probs, dropped, valid, positions, grid, copy)
+        # compiled code reuses its buffers after the op returns: the bank copies the tensors
+        target.stage(row, logits, indices, probs, dropped, valid, positions, grid, True)
 
 
 def _observe_impl(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank, row, grid):
@@ -96,23 +97,6 @@ def _no_output(*args, **kwargs) -> None:
 
 for _name in ("stage", "observe", "forward_begin", "forward_end"):
     torch.library.register_fake(f"moewatch::{_name}", _no_output, lib=_LIB)
-
-
-# -- what the hooks call ------------------------------------------------------------------------
-def stage(logits, indices, probs, dropped, valid, positions, token, bank: int, row: int, grid: int) -> None:
-    if torch.compiler.is_compiling():  # traced: one opaque node; its buffers may be reused, so copied
-        torch.ops.moewatch.stage(logits, indices, probs, dropped, valid, positions, token, bank, row, grid)
-    else:  # eager: the tensors stay alive and their version counters say if they change
-        _stage_impl(logits, indices, probs, dropped, valid, positions, token, bank, row, grid, copy=False)
-
-
-def observe(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank: int, row: int,
-            grid: int) -> None:
-    if torch.compiler.is_compiling():
-        torch.ops.moewatch.observe(logits, indices, probs, dropped, valid, positions, sums, counts, absmax,
-                                   bank, row, grid)
-    else:
-        _observe_impl(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank, row, grid)
 
 
 def registered(bank_id: int) -> Optional[object]:
