@@ -214,10 +214,11 @@ def from_tree(data: Any, source: str):
     """A :class:`~moewatch.baseline.Baseline` from a parsed file; raises BaselineError."""
     from .baseline import FORMAT, MIN_WINDOWS, SERIES, VERSION, Baseline, BaselineError
 
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    # type checks first: any value may be an array here (a list of numbers reads as one)
+    if not isinstance(data, dict) or not isinstance(data.get("format"), str) or data["format"] != FORMAT:
         raise BaselineError(f"{source} is not a moewatch baseline (no \"format\": \"{FORMAT}\")")
     version = data.get("version")
-    if version != VERSION or isinstance(version, bool):
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
         raise BaselineError(f"{source} is baseline format version {_show(version)}; this moewatch "
                             f"reads version {VERSION} (rebuild it with this version)")
     try:

@@ -258,8 +258,13 @@ class Dump:
         return list(self.metadata.get("timeline", []))
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's text on one line (Arrow's messages span several)."""
+    return " ".join(str(error).split())
+
+
 def _refused(path: str, error: Exception) -> DumpFormatError:
-    return DumpFormatError(f"{path}: {error}")
+    return DumpFormatError(f"{path}: {_one_line(error)}")
 
 
 def _checked_metadata(path: str, schema: pa.Schema) -> dict:
@@ -272,9 +277,9 @@ def _checked_metadata(path: str, schema: pa.Schema) -> dict:
     try:
         meta = boundedjson.loads(raw, dump_meta.JSON_LIMITS, arrays=dump_meta._arrays)
     except boundedjson.JsonLimitError as error:
-        raise DumpFormatError(f"{path}: the moewatch metadata is refused: {error}") from None
+        raise DumpFormatError(f"{path}: the moewatch metadata is refused: {_one_line(error)}") from None
     except (ValueError, RecursionError) as error:  # json.JSONDecodeError, UnicodeDecodeError
-        raise DumpFormatError(f"{path}: the moewatch metadata is not valid JSON: {error}") from None
+        raise DumpFormatError(f"{path}: the moewatch metadata is not valid JSON: {_one_line(error)}") from None
     version = meta.get("schema_version") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(version, int) \
             or isinstance(version, bool):
@@ -289,18 +294,26 @@ def _checked_metadata(path: str, schema: pa.Schema) -> dict:
     return meta
 
 
-def _open(path: str, limits: DumpLimits, dictionary=None) -> pq.ParquetFile:
+def _open(path: str, limits: DumpLimits, dictionary=None):
+    """(footer counts, ParquetFile): the footer checked first, without pyarrow."""
     from . import dump_read
 
     try:
-        dump_read.check_footer(path, limits)
-        return dump_read.open_file(path, limits, dictionary)
+        footer = dump_read.check_footer(path, limits)
+        return footer, dump_read.open_file(path, limits, dictionary)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except dump_read.Refused as error:
-        raise DumpFormatError(f"{path}: not a readable Parquet file: {error}") from None
-    except (pa.ArrowException, OSError) as error:
-        raise DumpFormatError(f"{path}: not a readable Parquet file (truncated or not a moewatch dump): {error}") from None
+        raise DumpFormatError(f"{path}: not a readable Parquet file: {_one_line(error)}") from None
+    except (pa.ArrowException, OSError, ValueError) as error:  # ValueError: names that are not UTF-8
+        raise DumpFormatError(f"{path}: not a readable Parquet file (truncated or not a moewatch dump): {_one_line(error)}") from None
+
+
+def _schema(path: str, pf: pq.ParquetFile) -> pa.Schema:
+    try:
+        return pf.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as error:  # ValueError: names that are not UTF-8
+        raise DumpFormatError(f"{path}: not a readable Parquet schema: {_one_line(error)}") from None
 
 
 def read_metadata(path: str, limits: Optional[DumpLimits] = None) -> dict:
@@ -309,8 +322,8 @@ def read_metadata(path: str, limits: Optional[DumpLimits] = None) -> dict:
     Reads the footer only (its length checked first), and checks every field the readers use.
     """
     path = os.fspath(path)
-    pf = _open(path, limits or DEFAULT_LIMITS)
-    return _checked_metadata(path, pf.schema_arrow)
+    _, pf = _open(path, limits or DEFAULT_LIMITS)
+    return _checked_metadata(path, _schema(path, pf))
 
 
 def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
@@ -327,8 +340,9 @@ def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
 
     limits = limits or DEFAULT_LIMITS
     path = os.fspath(path)
-    pf = _open(path, limits)
-    meta = _checked_metadata(path, pf.schema_arrow)
+    footer, pf = _open(path, limits)
+    schema = _schema(path, pf)
+    meta = _checked_metadata(path, schema)
     columns = list(meta.get("window_columns") or WINDOW_COLUMNS)
     # list column -> (values a row, values in all rows of its kind)
     lists = {**{c: (limits.max_experts, limits.max_expert_values) for c in dump_read.EXPERT_LISTS},
@@ -338,13 +352,13 @@ def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
         if (claimed.get("windows") or 0) > limits.max_window_rows or (claimed.get("decisions") or 0) > limits.max_decisions:
             raise dump_read.Refused(f"its metadata says {claimed}; the limits are {limits.max_window_rows:,} "
                                     f"window rows and {limits.max_decisions:,} decisions (DumpLimits)")
-        dump_read.check_schema(pf.schema_arrow, columns, WINDOW_TYPES, DECISION_COLUMNS, DECISION_TYPES)
-        dump_read.check_row_groups(pf.metadata, lists, limits)
+        dump_read.check_schema(schema, columns, WINDOW_TYPES, DECISION_COLUMNS, DECISION_TYPES)
+        dump_read.check_row_groups(footer, lists, limits)
     except dump_read.Refused as error:
         raise _refused(path, error) from None
-    strings = [c for c in dump_read.STRING_COLUMNS if c in pf.schema_arrow.names]
-    pf = _open(path, limits, dictionary=strings)  # strings stay encoded until their size is checked
-    schema = pf.schema_arrow
+    strings = [c for c in dump_read.STRING_COLUMNS if c in schema.names]
+    _, pf = _open(path, limits, dictionary=strings)  # strings stay encoded until their size is checked
+    schema = _schema(path, pf)
     gates = dump_read.gate_experts(meta)
 
     def count(kind: str, table: pa.Table) -> None:  # rows removed or added behind the metadata's back
@@ -363,8 +377,8 @@ def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
         dump_read.check_decisions(dec, gates, limits)
     except dump_read.Refused as error:
         raise _refused(path, error) from None
-    except (pa.ArrowException, OSError) as error:
-        raise DumpFormatError(f"{path}: the dump's data is corrupt or truncated: {error}") from None
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise DumpFormatError(f"{path}: the dump's data is corrupt or truncated: {_one_line(error)}") from None
     if win.num_rows:
         windows = win.to_pandas()
     else:  # no rows: the exact empty frame Monitor.windows() returns

@@ -29,9 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .boundedjson import JsonLimitError, open_regular
-
-MAGIC = b"PAR1"
-
+from .parquet_footer import Footer, FooterError, footer_bytes, parse as parse_footer
 
 @dataclass(frozen=True)
 class DumpLimits:
@@ -69,25 +67,18 @@ class Refused(Exception):
     """What is wrong with the file (turned into DumpFormatError by the caller)."""
 
 
-def check_footer(path: str, limits: DumpLimits) -> int:
-    """The file's size, after checking that its footer is a Parquet footer of bounded length."""
+def check_footer(path: str, limits: DumpLimits) -> Footer:
+    """The footer's counts, read by :mod:`moewatch.parquet_footer` (never by pyarrow's metadata
+    objects, which abort the process on some malformed footers), its length bounded."""
     try:
         fh = open_regular(path)  # never waits on a FIFO
     except JsonLimitError:
         raise Refused("not a regular file") from None
     with fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < 12:
-            raise Refused(f"{size} bytes: too short for a Parquet file (truncated?)")
-        fh.seek(size - 8)
-        tail = fh.read(8)
-    length = int.from_bytes(tail[:4], "little")
-    if tail[4:] != MAGIC:
-        raise Refused("no Parquet footer (truncated, or not a Parquet file)")
-    if length > limits.max_footer_bytes or length > size - 12:
-        raise Refused(f"a footer of {length:,} bytes (the limit is {limits.max_footer_bytes:,}; "
-                      f"the file has {size:,})")
-    return size
+        try:
+            return parse_footer(footer_bytes(fh, limits.max_footer_bytes))
+        except FooterError as error:
+            raise Refused(str(error)) from None
 
 
 def check_schema(schema: pa.Schema, window_columns: Sequence[str], window_types: Dict[str, pa.DataType],
@@ -114,28 +105,26 @@ def check_schema(schema: pa.Schema, window_columns: Sequence[str], window_types:
             raise Refused(f"column {c!r} is {got}, expected {kind}")
 
 
-def check_row_groups(meta: pq.FileMetaData, lists: Dict[str, tuple], limits: DumpLimits) -> None:
+def check_row_groups(footer: Footer, lists: Dict[str, tuple], limits: DumpLimits) -> None:
     """From the footer alone: rows, and values per column chunk. ``lists`` maps a list column
     to (values a row, values in all): a chunk holds at most that many values (plus one slot a
-    row for a null list); any other column one value a row."""
-    if meta.num_rows > limits.max_rows:
-        raise Refused(f"{meta.num_rows:,} rows; the limit is {limits.max_rows:,} (DumpLimits.max_rows)")
+    row for a null list); any other column one value a row. The reader never decodes more
+    values of a chunk than its footer declares."""
+    if footer.num_rows > limits.max_rows:
+        raise Refused(f"{footer.num_rows:,} rows; the limit is {limits.max_rows:,} (DumpLimits.max_rows)")
     total = 0
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
+    for g, group in enumerate(footer.row_groups):
         rows = group.num_rows
         total += rows
-        for c in range(group.num_columns):
-            chunk = group.column(c)
-            top = chunk.path_in_schema.split(".")[0]
+        for top, values in group.columns:
             per_row, overall = lists.get(top, (1, rows))
             # a batch can hold a whole chunk (one row can hold all its values): bound the chunk
             cap = min(rows * max(per_row, 1), overall + rows)
-            if not 0 <= chunk.num_values <= cap:
-                raise Refused(f"column {top!r} of row group {g} holds {chunk.num_values:,} values in "
-                              f"{rows:,} rows (at most {cap:,})")
-    if total != meta.num_rows:
-        raise Refused(f"the row groups hold {total:,} rows, the footer says {meta.num_rows:,}")
+            if values > cap:
+                raise Refused(f"column {top!r} of row group {g} holds {values:,} values in {rows:,} rows "
+                              f"(at most {cap:,})")
+    if total != footer.num_rows:
+        raise Refused(f"the row groups hold {total:,} rows, the footer says {footer.num_rows:,}")
 
 
 def _matches(column: pa.Array, value: str) -> pa.Array:
