@@ -185,6 +185,33 @@ def test_requests_time_out_and_bad_requests_get_an_answer():
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_a_client_that_never_reads_its_answer_is_dropped_at_the_write_deadline():
+    registry = CollectorRegistry()
+    family = GaugeMetricFamily("demo_series", "many series", labels=["i"])
+    for i in range(300_000):  # about 9 MiB of exposition: more than the socket buffers hold
+        family.add_metric([str(i)], float(i))
+
+    class Many:
+        def collect(self):
+            yield family
+
+    registry.register(Many())
+    server = MetricsServer(registry, "127.0.0.1", 0, write_timeout=0.5)
+    try:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", server.server_port))
+        reader.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # and never reads
+        deadline = time.monotonic() + 10
+        while server.timed_out == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.timed_out == 1 and server.connections == 0 and server.served == 0
+        assert "demo_series" in scrape(server.server_port, timeout=10)  # the next client is served
+        reader.close()
+    finally:
+        server.close()
+
+
 CHILD = r'''
 import json, os, resource, sys, threading
 sys.path.insert(0, sys.argv[1])
