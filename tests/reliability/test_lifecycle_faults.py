@@ -176,7 +176,7 @@ def test_attach_with_a_bad_baseline_fails_clearly_and_leaves_the_model_as_it_was
             path.write_text(text[: len(text) // 2])
         json.loads(text)  # the untouched file was valid
     threads_before = moewatch_threads()
-    words = {"corrupt": ["is corrupt", "four"], "truncated": ["is corrupt", "not valid JSON"],
+    words = {"corrupt": ["num_experts", "four"], "truncated": ["is corrupt", "not valid JSON"],
              "mismatched": ["does not match", "has 8 experts, the baseline 4"],
              "missing": ["does not exist", "Baseline.save()"]}[problem]
     with pytest.raises(moewatch.BaselineError) as info:
