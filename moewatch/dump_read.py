@@ -188,7 +188,12 @@ def read_kind(pf: pq.ParquetFile, record: str, columns: Sequence[str], schema: p
         if seen != rows:
             raise Refused(f"column {c!r} has {seen} {record} rows, the others {rows}")
     arrays = [pa.chunked_array(parts[c], type=schema.field(c).type) for c in columns]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    try:  # every string valid UTF-8, every offset in range: pandas reads strings lazily, later
+        table.validate(full=True)
+    except pa.ArrowInvalid as error:
+        raise Refused(f"the {record} rows hold invalid values: {error}") from None
+    return table
 
 
 def _nulls(table: pa.Table, columns: Sequence[str], what: str) -> None:

@@ -68,6 +68,16 @@ def edit_scalar_row(table: pa.Table, name: str, row: int, new) -> pa.Table:
     return with_column(table, name, pa.array(values, table.schema.field(name).type))
 
 
+def invalid_utf8(table: pa.Table, name: str) -> pa.Table:
+    """``name`` with one value whose bytes are not UTF-8 (Parquet writers do not check)."""
+    values = [v.encode() if v is not None else b"" for v in table.column(name).to_pylist()]
+    values[0] = b"caf\xe9"
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
+    array = pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()),
+                                                              pa.py_buffer(b"".join(values))])
+    return with_column(table, name, array)
+
+
 def deep(depth: int) -> str:
     return '{"a": ' * depth + "1" + "}" * depth
 
@@ -101,6 +111,7 @@ CRAFTED = {
     "null gate": lambda t, m: (edit_scalar_row(t, "gate", int(window_rows(t)[0]), None), m),
     "negative expert count": lambda t, m: (edit_list_row(t, "expert_counts", int(window_rows(t)[1]), [-5, 1, 1, 1]), m),
     "zero experts": lambda t, m: (edit_scalar_row(t, "num_experts", int(window_rows(t)[0]), 0), m),
+    "a family name that is not UTF-8": lambda t, m: (invalid_utf8(t, "family"), m),
     "a gate the metadata does not list": lambda t, m: (edit_scalar_row(t, "gate", int(window_rows(t)[0]), "routers.x"), m),
     "a decision naming an expert the gate lacks": lambda t, m: (
         edit_list_row(t, "experts", int(np.flatnonzero(t.column("record").to_numpy(zero_copy_only=False) == "decision")[0]),
