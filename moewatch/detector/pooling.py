@@ -9,8 +9,7 @@ statistics are skewed and biased (a request favours a few experts, so a window o
 concentrated), and no scaling of the baseline's variances describes it. Judged alone, such
 windows page on healthy traffic.
 
-So consecutive windows are pooled (their sums add up exactly: a pool is the window the monitor
-would have closed had it waited) until every gate with traffic has
+A window is judged alone, at once, when every gate with traffic has
 
     assignments >= EVIDENCE_FRACTION * n_floor * kappa
 
@@ -19,21 +18,25 @@ them) and kappa (at least 1) how much more clustered the live traffic is than th
 longer requests route alike for longer, so a window of the baseline's size then carries less
 evidence than a baseline window did. For this test kappa compares the live dispersion with the
 baseline's allowing for the baseline's own uncertainty (``TOLERANCE_SE`` standard errors), and
-a pool built of several small windows uses an upper bound of the live dispersion (cautious
-right after attach, when it rests on a few pairs).
+the fraction lets the chance wobble of the estimates (a few percent, on any of many gates) pass
+without making windows of the baseline's size wait. That is the usual case at the baseline's
+window size, and nothing changes there.
 
-The pool is scored with the baseline's variances scaled by max(1, kappa * n0 / n), kappa here
-being the plain ratio of the two dispersions (:func:`.nullmodel.scores`). That scaling is the
-one extrapolation left, and ``EVIDENCE_FRACTION`` bounds it: a pool holds at least 80% of a
-baseline window's evidence, where the scores' tails were measured to be those of full windows
-(docs/detection.md, "Traffic shapes"), while the chance wobble of the dispersion estimates
-(a few percent, on any of many gates) cannot make windows of the baseline's size wait.
+A smaller window starts a pool: consecutive windows are summed (their sums add up exactly: a
+pool is the window the monitor would have closed had it waited) until every gate with traffic
+has ``POOL_EVIDENCE`` small baseline windows' worth, with kappa from an upper bound of the live
+dispersion (cautious right after attach, when it rests on a few pairs). A pool can afford the
+margin a window of the baseline's size cannot: low traffic waits anyway, and at one baseline
+window of evidence the trained router model's held-out requests still paged about once in
+10,000 verdicts (their tails are heavier than the training baseline's), at two none did
+(docs/detection.md, "Traffic shapes").
 
-A window with enough evidence of its own (the usual case at the baseline's window size) is
-judged alone, at once.
+A judged window or pool is scored with the baseline's variances scaled by max(1, kappa * n0 / n),
+kappa here being the plain ratio of the two dispersions (:func:`.nullmodel.scores`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,8 +49,10 @@ from .dispersion import LiveDispersion
 # assignments): the calibration scored them all, and live windows closed by the same rule are as
 # often smaller than the median as larger.
 EVIDENCE_QUANTILE = 0.1
-# A pool is judged once it holds this fraction of a small baseline window's evidence.
+# A window is judged alone when it holds this fraction of a small baseline window's evidence ...
 EVIDENCE_FRACTION = 0.8
+# ... and a pool of smaller windows once it holds this many small baseline windows' evidence.
+POOL_EVIDENCE = 2.0
 # Standard errors of the baseline's dispersion the live one must exceed before it counts as more
 # clustered.
 TOLERANCE_SE = 2.0
@@ -89,8 +94,9 @@ class Pool:
 
     def needed(self) -> np.ndarray:
         """[G] assignments the pool needs before it is judged (see the module's docstring)."""
-        live = self.dispersion.upper() if self.count > 1 else self.dispersion.estimate()
-        return EVIDENCE_FRACTION * self.n_floor * np.clip(live / self.phi0_bound, 1.0, MAX_KAPPA)
+        if self.count > 1:
+            return POOL_EVIDENCE * self.n_floor * np.clip(self.dispersion.upper() / self.phi0_bound, 1.0, MAX_KAPPA)
+        return EVIDENCE_FRACTION * self.n_floor * np.clip(self.dispersion.estimate() / self.phi0_bound, 1.0, MAX_KAPPA)
 
     def add(self, window: Window) -> Optional[Pooled]:
         """Add a closed window; returns the pool when it is ready to be judged (and starts anew)."""
@@ -99,9 +105,9 @@ class Pool:
             self._window, self.first, self.count = window, window.index, 1
         else:
             w = self._window
-            self._window = Window(index=window.index, t_start=w.t_start, t_end=window.t_end,
-                                  sums=w.sums + window.sums, counts=w.counts + window.counts,
-                                  absmax=np.maximum(w.absmax, window.absmax))
+            self._window = dataclasses.replace(w, index=window.index, t_end=window.t_end,
+                                               sums=w.sums + window.sums, counts=w.counts + window.counts,
+                                               absmax=np.maximum(w.absmax, window.absmax))
             self.count += 1
         assignments = self._window.counts[:, 0].sum(-1)  # [G]
         seen = assignments > 0
