@@ -57,6 +57,7 @@ _I64, _F64, _STR = pa.int64(), pa.float64(), pa.string()
 EXPERT_LISTS = ("expert_counts", "expert_share", "expert_prob_mean", "expert_dropped")
 # Window columns that are counts (never negative).
 COUNT_COLUMNS = ("window", "tokens", "assignments", "dropped", "nonfinite_logits", "dead_experts")
+MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 # Columns stored dictionary-encoded while they are checked.
 STRING_COLUMNS = ("record", "gate", "family")
 # Types a window column unknown to this version may have (a newer writer's scalar statistics).
@@ -226,6 +227,10 @@ def check_windows(table: pa.Table, known: Sequence[str], gates: Dict[str, int], 
     for c in COUNT_COLUMNS:
         if c in table.column_names and (_array(table, c) < 0).any():
             raise Refused(f"column {c!r} holds negative values")
+    for c in ("t_start", "t_end"):  # Unix seconds a clock can show (the report prints them)
+        seconds = _array(table, c)
+        if not (np.isfinite(seconds) & (seconds >= 0) & (seconds <= MAX_UNIX_SECONDS)).all():
+            raise Refused(f"column {c!r} holds a time that is not Unix seconds between 1970 and 9999")
     if (_array(table, "dead_experts") > experts).any():
         raise Refused("dead_experts exceeds num_experts")
     for c in EXPERT_LISTS:

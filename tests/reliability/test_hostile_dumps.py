@@ -111,6 +111,7 @@ CRAFTED = {
     "null gate": lambda t, m: (edit_scalar_row(t, "gate", int(window_rows(t)[0]), None), m),
     "negative expert count": lambda t, m: (edit_list_row(t, "expert_counts", int(window_rows(t)[1]), [-5, 1, 1, 1]), m),
     "zero experts": lambda t, m: (edit_scalar_row(t, "num_experts", int(window_rows(t)[0]), 0), m),
+    "a window that ends in the year 10**292": lambda t, m: (edit_scalar_row(t, "t_end", int(window_rows(t)[0]), 1e300), m),
     "a family name that is not UTF-8": lambda t, m: (invalid_utf8(t, "family"), m),
     "a gate the metadata does not list": lambda t, m: (edit_scalar_row(t, "gate", int(window_rows(t)[0]), "routers.x"), m),
     "a decision naming an expert the gate lacks": lambda t, m: (
