@@ -79,7 +79,7 @@ class Setup:
     shape_requests: Dict[int, int] = field(default_factory=lambda: {64: 600, 128: 1000, 512: 300})
     small_lengths: Sequence[int] = (128, 512)  # one request per window, for the fault delays
     small_warmup: int = 24  # healthy windows before the fault
-    small_limit: int = 48  # faulted windows at most
+    small_limit: int = 120  # faulted windows at most
 
 
 FAULTS: Dict[str, Callable] = {

@@ -116,10 +116,14 @@ class BaselineDetector:
             effect[:, DROP_RATE] = f.drop_rate > p["drop_rate_hi"] + rules.DROP_MIN_EFFECT
         over_r = (s > self.hr) & effect
         fire = ((s > self.h1) & effect) | (over_r & self._history.all(0))
+        collapse = self._collapse(f) & fire
+        if not pooled.final:
+            if not collapse.any():  # an early look at a pool: only a collapse is reported this soon
+                return self._waiting(window, nonfinite)
+            self._pool.take()
         if self._history.shape[0]:
             self._history = np.roll(self._history, 1, axis=0)
             self._history[0] = over_r
-        collapse = self._collapse(f) & fire
         self._judged = self._verdict(f, s, fire, collapse, active)
         self._judged_note = _pool_note(pooled)
         self._judged_on = (f"window {pooled.first}" if pooled.count == 1

@@ -31,6 +31,13 @@ window of evidence the trained router model's held-out requests still paged abou
 10,000 verdicts (their tails are heavier than the training baseline's), at two none did
 (docs/detection.md, "Traffic shapes").
 
+One thing does not wait for the margin: once a pool holds ``EARLY_EVIDENCE`` small baseline
+window's worth (as much as a window judged alone), it is looked at after every window, and a
+*collapse* (a significant change that is also past the collapse effect sizes: half the
+effective experts, a dead expert, logits twice as spread, ...) is reported at once. Healthy
+traffic with a baseline window's evidence never came near those effect sizes; what the margin
+guards against are moderate, drift-sized excursions.
+
 A judged window or pool is scored with the baseline's variances scaled by max(1, kappa * n0 / n),
 kappa here being the plain ratio of the two dispersions (:func:`.nullmodel.scores`).
 """
@@ -51,8 +58,10 @@ from .dispersion import LiveDispersion
 EVIDENCE_QUANTILE = 0.1
 # A window is judged alone when it holds this fraction of a small baseline window's evidence ...
 EVIDENCE_FRACTION = 0.8
-# ... and a pool of smaller windows once it holds this many small baseline windows' evidence.
+# ... and a pool of smaller windows once it holds this many small baseline windows' evidence;
 POOL_EVIDENCE = 2.0
+# from this many on, a pool is looked at for a collapse after every window.
+EARLY_EVIDENCE = 1.0
 # Standard errors of the baseline's dispersion the live one must exceed before it counts as more
 # clustered.
 TOLERANCE_SE = 2.0
@@ -70,6 +79,7 @@ class Pooled:
     first: int  # index of the first window in the pool
     count: int  # windows in the pool
     tokens: float  # tokens in the pool (the busiest gate's)
+    final: bool = True  # False: an early look (only a collapse is reported; else the pool goes on)
 
 
 class Pool:
@@ -92,11 +102,15 @@ class Pool:
         factor on the baseline's variances when a pool is scored."""
         return np.clip(self.dispersion.estimate() / self.phi0, 1.0, MAX_KAPPA)
 
-    def needed(self) -> np.ndarray:
-        """[G] assignments the pool needs before it is judged (see the module's docstring)."""
-        if self.count > 1:
-            return POOL_EVIDENCE * self.n_floor * np.clip(self.dispersion.upper() / self.phi0_bound, 1.0, MAX_KAPPA)
-        return EVIDENCE_FRACTION * self.n_floor * np.clip(self.dispersion.estimate() / self.phi0_bound, 1.0, MAX_KAPPA)
+    def needed(self, evidence: Optional[float] = None) -> np.ndarray:
+        """[G] assignments the pool needs before it is judged (see the module's docstring), or
+        before it holds ``evidence`` small baseline windows' worth."""
+        if self.count > 1 or evidence is not None:
+            live = self.dispersion.upper()
+            evidence = POOL_EVIDENCE if evidence is None else evidence
+        else:
+            live, evidence = self.dispersion.estimate(), EVIDENCE_FRACTION
+        return evidence * self.n_floor * np.clip(live / self.phi0_bound, 1.0, MAX_KAPPA)
 
     def add(self, window: Window) -> Optional[Pooled]:
         """Add a closed window; returns the pool when it is ready to be judged (and starts anew)."""
@@ -111,13 +125,24 @@ class Pool:
             self.count += 1
         assignments = self._window.counts[:, 0].sum(-1)  # [G]
         seen = assignments > 0
-        self._needed = self.needed()
-        if not seen.any() or (assignments < self._needed)[seen].any():
+        if not seen.any():
             return None
-        pooled = Pooled(window=self._window, kappa=self.kappa(), first=self.first, count=self.count,
-                        tokens=float(self._window.tokens.max()))
+        self._needed = self.needed()
+        if (assignments >= self._needed)[seen].all():
+            pooled = self._pooled(final=True)
+            self.take()
+            return pooled
+        if self.count > 1 and (assignments >= self.needed(EARLY_EVIDENCE))[seen].all():
+            return self._pooled(final=False)
+        return None
+
+    def _pooled(self, final: bool) -> Pooled:
+        return Pooled(window=self._window, kappa=self.kappa(), first=self.first, count=self.count,
+                      tokens=float(self._window.tokens.max()), final=final)
+
+    def take(self) -> None:
+        """Start a new pool (the current one was judged)."""
         self._window, self.count = None, 0
-        return pooled
 
     def settle(self, healthy: np.ndarray) -> None:
         """After a judgement: what the healthy gates [G] saw teaches the live dispersion."""
