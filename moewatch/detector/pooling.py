@@ -9,34 +9,38 @@ statistics are skewed and biased (a request favours a few experts, so a window o
 concentrated), and no scaling of the baseline's variances describes it. Judged alone, such
 windows page on healthy traffic.
 
-A window is judged alone, at once, when every gate with traffic has
+A window is judged alone, at once, when its traffic is not measurably more clustered than the
+baseline's (the live dispersion is within ``TOLERANCE_SE`` standard errors of the baseline's
+estimate of its own) and every gate with traffic has
 
-    assignments >= EVIDENCE_FRACTION * n_floor * kappa
+    assignments >= EVIDENCE_FRACTION * n_floor
 
-where n_floor is the assignments of a small baseline window (the ``EVIDENCE_QUANTILE`` of
-them) and kappa (at least 1) how much more clustered the live traffic is than the baseline's:
-longer requests route alike for longer, so a window of the baseline's size then carries less
-evidence than a baseline window did. For this test kappa compares the live dispersion with the
-baseline's allowing for the baseline's own uncertainty (``TOLERANCE_SE`` standard errors), and
-the fraction lets the chance wobble of the estimates (a few percent, on any of many gates) pass
-without making windows of the baseline's size wait. That is the usual case at the baseline's
-window size, and nothing changes there.
+n_floor being the assignments of a small baseline window (the ``EVIDENCE_QUANTILE`` of them).
+That is the usual case at the baseline's window size, and nothing changes there; the fraction
+lets windows a little smaller than the baseline's pass, the scaling of the variances (below)
+covering the difference.
 
-A smaller window starts a pool: consecutive windows are summed (their sums add up exactly: a
+Any other window starts a pool: consecutive windows are summed (their sums add up exactly: a
 pool is the window the monitor would have closed had it waited) until every gate with traffic
-has ``POOL_EVIDENCE`` small baseline windows' worth, with kappa from an upper bound of the live
-dispersion (cautious right after attach, when it rests on a few pairs). A pool can afford the
-margin a window of the baseline's size cannot: low traffic waits anyway, and at one baseline
-window of evidence the trained router model's held-out requests still paged about once in
-10,000 verdicts (their tails are heavier than the training baseline's), at two none did
-(docs/detection.md, "Traffic shapes").
+has
+
+    assignments >= POOL_EVIDENCE * n_floor * kappa
+
+kappa (at least 1) being how much more clustered the live traffic is than the baseline's, from
+an upper bound of the live dispersion (cautious right after attach, when it rests on a few
+pairs). Traffic more clustered than the baseline's (longer requests route alike for longer) is
+pooled even when its windows are as large as the baseline's: a window of four long requests
+holds fewer, heavier units than a baseline window of sixteen short ones, with heavier tails at
+the same variance. A pool can afford the margin a window of the baseline's size cannot: at low
+traffic verdicts wait anyway, and on the trained router model, pools and windows of about one
+baseline window's evidence of held-out requests still paged about once in 10,000 verdicts, twice
+that evidence never did (docs/detection.md, "Traffic shapes").
 
 One thing does not wait for the margin: once a pool holds ``EARLY_EVIDENCE`` small baseline
-window's worth (as much as a window judged alone), it is looked at after every window, and a
-*collapse* (a significant change that is also past the collapse effect sizes: half the
-effective experts, a dead expert, logits twice as spread, ...) is reported at once. Healthy
-traffic with a baseline window's evidence never came near those effect sizes; what the margin
-guards against are moderate, drift-sized excursions.
+windows' worth, it is looked at after every window, and a *collapse* (a significant change that
+is also past the collapse effect sizes: half the effective experts, a dead expert, logits twice
+as spread, ...) is reported at once. Healthy traffic with a baseline window's evidence never
+came near those effect sizes; what the margin guards against are drift-sized excursions.
 
 A judged window or pool is scored with the baseline's variances scaled by max(1, kappa * n0 / n),
 kappa here being the plain ratio of the two dispersions (:func:`.nullmodel.scores`).
@@ -56,7 +60,8 @@ from .dispersion import LiveDispersion
 # assignments): the calibration scored them all, and live windows closed by the same rule are as
 # often smaller than the median as larger.
 EVIDENCE_QUANTILE = 0.1
-# A window is judged alone when it holds this fraction of a small baseline window's evidence ...
+# A window of traffic like the baseline's is judged alone when it holds this fraction of a small
+# baseline window's assignments ...
 EVIDENCE_FRACTION = 0.8
 # ... and a pool of smaller windows once it holds this many small baseline windows' evidence;
 POOL_EVIDENCE = 2.0
@@ -64,7 +69,7 @@ POOL_EVIDENCE = 2.0
 EARLY_EVIDENCE = 1.0
 # Standard errors of the baseline's dispersion the live one must exceed before it counts as more
 # clustered.
-TOLERANCE_SE = 2.0
+TOLERANCE_SE = 3.0
 # Live traffic counts as at most this many times as clustered as the baseline's: a pool never has
 # to grow past MAX_KAPPA small baseline windows' worth of assignments.
 MAX_KAPPA = 16.0
@@ -102,15 +107,15 @@ class Pool:
         factor on the baseline's variances when a pool is scored."""
         return np.clip(self.dispersion.estimate() / self.phi0, 1.0, MAX_KAPPA)
 
-    def needed(self, evidence: Optional[float] = None) -> np.ndarray:
+    def needed(self, evidence: float = POOL_EVIDENCE) -> np.ndarray:
         """[G] assignments the pool needs before it is judged (see the module's docstring), or
         before it holds ``evidence`` small baseline windows' worth."""
-        if self.count > 1 or evidence is not None:
-            live = self.dispersion.upper()
-            evidence = POOL_EVIDENCE if evidence is None else evidence
-        else:
-            live, evidence = self.dispersion.estimate(), EVIDENCE_FRACTION
-        return evidence * self.n_floor * np.clip(live / self.phi0_bound, 1.0, MAX_KAPPA)
+        pooled = evidence * self.n_floor * np.clip(self.dispersion.upper() / self.phi0_bound, 1.0, MAX_KAPPA)
+        if self.count > 1 or evidence != POOL_EVIDENCE:
+            return pooled
+        # one window, of traffic not measurably more clustered than the baseline's: judged alone
+        alike = self.dispersion.estimate() <= self.phi0_bound
+        return np.where(alike, EVIDENCE_FRACTION * self.n_floor, pooled)
 
     def add(self, window: Window) -> Optional[Pooled]:
         """Add a closed window; returns the pool when it is ready to be judged (and starts anew)."""
@@ -132,7 +137,7 @@ class Pool:
             pooled = self._pooled(final=True)
             self.take()
             return pooled
-        if self.count > 1 and (assignments >= self.needed(EARLY_EVIDENCE))[seen].all():
+        if (assignments >= self.needed(EARLY_EVIDENCE))[seen].all():
             return self._pooled(final=False)
         return None
 
