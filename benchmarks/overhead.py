@@ -6,10 +6,11 @@ Six set-ups run interleaved round by round (so drifting machine load hits them a
   naive     a forward hook per gate copying the routing to the host every call (.tolist(),
             as hand-written monitors do)
   router    output_router_logits=True and statistics computed on the host from the outputs
-  compiled  torch.compile(model) (inductor, dynamic shapes), alone
+  compiled  torch.compile(model, fullgraph=True) (inductor, static shapes), alone
   comp+mw   the same with moewatch attached before compiling (its ops traced into the graph)
 
-Prefill (batch 8 x 512 tokens) and decode with a KV cache (batch 1, 8, 64). Prints, per set-up,
+Prefill (batch 8 x 512 tokens) and decode with a static KV cache (transformers' StaticCache, the
+cache compiled decoding uses; batch 1, 8, 64), every set-up alike. Prints, per set-up,
 tokens/s and the medians of wall time and process CPU time with their ratios to the model alone,
 and for moewatch the share of each forward spent inside its hooks (measured in the same forward,
 so it does not depend on the machine's load); then host memory after many small monitored forwards.
@@ -108,9 +109,11 @@ def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, 
         # A copy of the model, monitored for the whole run and compiled with the monitor's ops in
         # its graph; the model itself compiled alone (its eager set-ups detach before it traces).
         twin = copy.deepcopy(model)
-        cases["compiled"] = (*nothing, {}, None, torch.compile(model, dynamic=True))
+        # one graph per shape (prefill, each batch's prompt and step): raise Dynamo's limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cases["compiled"] = (*nothing, {}, None, torch.compile(model, fullgraph=True))
         state["twin"] = moewatch.attach(twin, window_tokens=1 << 30, window_seconds=1.0)
-        cases["comp+mw"] = (*nothing, {}, None, torch.compile(twin, dynamic=True))
+        cases["comp+mw"] = (*nothing, {}, None, torch.compile(twin, fullgraph=True))
     return cases
 
 
@@ -137,6 +140,8 @@ class HookTimer:
         timer = self
 
         def timed(hook, *args):
+            if torch.compiler.is_compiling():  # traced into a graph: nothing to time here
+                return timer._original(hook, *args)
             start = time.perf_counter()
             try:
                 return timer._original(hook, *args)
@@ -171,7 +176,9 @@ def time_prefill(model, cases, batch: int, length: int, repeats: int, vocab: int
 
 
 def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int, vocab: int) -> Dict[str, List[tuple]]:
-    """(wall, cpu, in-hook) seconds per decode step (one token per sequence, KV cache)."""
+    """(wall, cpu, in-hook) seconds per decode step (one token per sequence, static KV cache)."""
+    from transformers import StaticCache
+
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, vocab, (batch, prompt), generator=gen)
     times = {name: [] for name in cases}
@@ -179,23 +186,19 @@ def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int,
     try:
         for round_ in range(repeats + 2):  # two warm-up rounds: compiled code settles its shapes
             for name, (enter, leave, kwargs, after, module) in cases.items():
+                # No attention mask (there is no padding): a static cache's mask is its full length.
+                cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 1)
                 with torch.no_grad():
-                    out = module(ids, use_cache=True)
-                past = out.past_key_values
+                    out = module(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt))
                 token = out.logits[:, -1:].argmax(-1)
-                mask = torch.ones(batch, prompt + steps, dtype=torch.long)
-                # transformers' load-balancing loss cannot take a KV-cache-length mask: the
-                # output_router_logits set-up decodes without one (there is no padding here)
-                masked = "output_router_logits" not in kwargs
                 enter()
                 timer.total = 0.0
                 with torch.no_grad(), Clock() as clock:
                     for step in range(steps):
-                        step_mask = {"attention_mask": mask[:, :prompt + step + 1]} if masked else {}
-                        out = module(token, past_key_values=past, use_cache=True, **step_mask, **kwargs)
+                        out = module(token, past_key_values=cache, use_cache=True,
+                                     cache_position=torch.tensor([prompt + step]), **kwargs)
                         if after:
                             after(out)
-                        past = out.past_key_values
                         token = out.logits[:, -1:].argmax(-1)
                 times[name].append((clock.wall / steps, clock.cpu / steps, timer.total / steps))
                 leave()
@@ -210,21 +213,22 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int) -> None:
         return statistics.median(t[i] for t in times[name])
 
     def spread(name, base):
-        """min-max over rounds of the round's wall ratio to the same round's baseline"""
+        """median and min-max over rounds of the round's wall ratio to the same round's baseline
+        (paired: a round's set-ups ran one after another, under the same machine load)"""
         ratios = [t[0] / b[0] for t, b in zip(times[name], times[base])]
-        return min(ratios), max(ratios)
+        return statistics.median(ratios), min(ratios), max(ratios)
 
     print(f"\n{title}")
-    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'vs base':>9}{'per-round range':>17}"
+    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'vs base':>9}{'paired: median [min-max]':>27}"
           f"{'cpu ms':>10}{'vs base':>9}{'in hooks':>10}")
     for name in times:
         base = "compiled" if name == "comp+mw" else "none"
         wall, cpu = med(name, 0), med(name, 1)
         share = statistics.median(t[2] / t[0] for t in times[name]) if name == "moewatch" else None
         hooks = f"{share:>9.2%}" if share is not None else f"{'':>9}"
-        low, high = spread(name, base)
+        mid, low, high = spread(name, base)
         print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{wall / med(base, 0):>9.3f}"
-              f"{f'{low:.3f}-{high:.3f}':>17}{cpu * 1e3:>10.2f}{cpu / med(base, 1):>9.3f} {hooks}")
+              f"{f'{mid:.3f} [{low:.3f}-{high:.3f}]':>27}{cpu * 1e3:>10.2f}{cpu / med(base, 1):>9.3f} {hooks}")
     print("  (vs base: moewatch, naive, router and compiled against none; comp+mw against compiled)")
 
 
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
            batch * length)
     for b in args.decode_batches:
         t = time_decode(model, cases, b, prompt=32, steps=args.decode_steps, repeats=args.repeats, vocab=vocab)
-        report(f"decode, batch {b}, KV cache (per step)", t, b)
+        report(f"decode, batch {b}, static KV cache (per step)", t, b)
     if args.memory_forwards:
         memory_soak(args.memory_forwards)
     return 0
