@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .hotpath.layout import NUM_SCALARS
+from .hotpath.layout import COUNT_ROWS, NUM_SCALARS
 
 
 @dataclass
@@ -19,11 +19,11 @@ class Snapshot:
 
     time: float
     sums: np.ndarray  # float64 [G, NUM_SCALARS + E_max]: scalar sums, then router-prob sums
-    counts: np.ndarray  # int64 [G, 2, E_max]: assignments, dropped assignments
+    counts: np.ndarray  # int64 [G, COUNT_ROWS, E_max]: assignments, dropped, tokens per rank (layout)
     absmax: np.ndarray  # float64 [G]: max |logit| in the window that ends here
 
     @classmethod
     def zeros(cls, num_gates: int, max_experts: int) -> "Snapshot":
         """The state at attach: nothing counted yet."""
         return cls(time=time.time(), sums=np.zeros((num_gates, NUM_SCALARS + max_experts)),
-                   counts=np.zeros((num_gates, 2, max_experts), dtype=np.int64), absmax=np.zeros(num_gates))
+                   counts=np.zeros((num_gates, COUNT_ROWS, max_experts), dtype=np.int64), absmax=np.zeros(num_gates))

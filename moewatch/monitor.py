@@ -18,6 +18,7 @@ from .context import MaskTracker
 from .baseline import as_baseline
 from .decisions import DecisionRecorder
 from .discovery import resolve_gates
+from .engines import engine_for
 from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
@@ -57,13 +58,17 @@ class Monitor:
 
     def __init__(self, model: nn.Module, baseline=None, **options):
         self.options = Options.from_kwargs(options)
-        specs = resolve_gates(model, self.options.gates, self.options.top_k, self.options.scoring,
-                              self.options.num_experts)
-        self.model_name = self.options.model_name or _model_name(model)
+        engine = engine_for(model)  # a serving engine's model (moewatch.engines), or None
+        specs = engine.gates(model, self.options) if engine is not None else resolve_gates(
+            model, self.options.gates, self.options.top_k, self.options.scoring, self.options.num_experts)
+        self.model_name = self.options.model_name or (engine.model_name(model) if engine is not None else None) \
+            or _model_name(model)
+        # expert placement (moewatch.placement): checked against the gates before anything starts
+        self._placement = _resolve_placement(self.options, specs)
         self._model = weakref.ref(model)
         self._gates: List[GateInfo] = [s.info for s in specs]
         self.errors = ErrorLog()
-        self._masks = MaskTracker(model)
+        self._masks = MaskTracker(model, real_tokens=engine.real_tokens if engine is not None else None)
         self._lock = threading.RLock()  # snapshot + window close
         self._listeners: List[Listener] = []
         self._ring: deque = deque(maxlen=self.options.ring_windows)
@@ -86,6 +91,7 @@ class Monitor:
                             self._decisions.sampler if self._decisions else (lambda name: None),
                             self.options.backend)
         self._masks.banks = self._banks
+        self._place_experts()
         self._hooks = self._install(model, specs)
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._stop = threading.Event()
@@ -93,6 +99,18 @@ class Monitor:
         if self.options.background:
             self._start_reader()
         forksafety.track(self)
+
+    def _place_experts(self) -> None:
+        from .placement.balance import home_rank
+        from .placement.history import CoselectionHistory
+
+        self._coselection = CoselectionHistory(len(self._gates), max(g.num_experts for g in self._gates),
+                                               self.options.ring_windows)
+        self._home_rank = None
+        if self._placement is not None:
+            self._home_rank = home_rank(self.options, self._placement.num_ranks)
+            for index, gate in enumerate(self._gates):
+                self._banks.set_ranks(index, self._placement.ranks[gate.name])
 
     def _start_reader(self) -> None:
         self._reader = threading.Thread(target=_reader_loop, args=(weakref.ref(self), self._stop,
@@ -128,7 +146,10 @@ class Monitor:
                 register = (companion.module.register_forward_pre_hook if companion.pre
                             else companion.module.register_forward_hook)
                 handles.append(register(CompanionHook(companion.hook, hook), with_kwargs=True))
-            handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
+            if spec.install is not None:  # an engine's seam (e.g. vLLM's router capture callback)
+                handles.append(spec.install(hook))
+            else:
+                handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
         return handles
 
     # -- seams to the parts that read windows (each lives in a module of its own) ----------
@@ -159,6 +180,10 @@ class Monitor:
         """
         with self._lock:
             self._banks.take(force, self._on_cut, idle)
+            try:
+                self._coselection.collect(self._banks.coselection)
+            except Exception as error:  # the windows go on without the co-selection
+                self.errors.record("reader", error, where="coselection")
 
     def _on_cut(self, when: float, sums: np.ndarray, counts: np.ndarray, absmax: np.ndarray) -> None:
         self._close(Snapshot(time=when, sums=sums, counts=counts, absmax=absmax))
@@ -177,6 +202,7 @@ class Monitor:
             return None
         self._next_window += 1
         self._ring.append(window)
+        self._coselection.on_window(window.index)
         self._health = self._status.on_close(self._judge(window), window)
         for listener in list(self._listeners):
             try:
@@ -223,6 +249,36 @@ class Monitor:
             self._take(force=False)
             return self._banks.live()
 
+    def coselection(self) -> Dict[str, np.ndarray]:
+        """{gate name: int64 [E, E]} co-selection since attach: ``[i, j]`` tokens (padding excluded)
+        that chose experts i and j together, ``[i, i]`` tokens that chose i (symmetric)."""
+        with self._lock:
+            self._take(force=False)
+            matrices = self._banks.coselection()
+        return {g.name: matrices[i, :g.num_experts, :g.num_experts].copy() for i, g in enumerate(self._gates)}
+
+    def coselection_spans(self) -> pd.DataFrame:
+        """The co-selection kept for postmortems: one row per (span of windows, gate), columns gate,
+        window_first, window (the span's last), coselection (E x E counts, row-major); the windows
+        closed since the last span included (see ``moewatch.placement.history``)."""
+        with self._lock:
+            return self._coselection.frame(self._gates, tail=self._banks.coselection)
+
+    @property
+    def placement(self):
+        """The expert placement attached with (``moewatch.placement.Placement``), or None."""
+        return self._placement
+
+    def expert_parallel(self) -> pd.DataFrame:
+        """Expert-parallel balance per (window, gate) under ``expert_placement=`` (empty without one):
+        ep_rank_share (share of assignments per rank), ep_load_imbalance (max/mean rank load),
+        alltoall_sends (token copies sent to other ranks), alltoall_sends_per_token."""
+        from .placement.balance import expert_parallel_frame
+
+        with self._lock:
+            ring = list(self._ring)
+        return expert_parallel_frame(ring, self._gates, self._placement, self._home_rank)
+
     def windows(self) -> pd.DataFrame:
         """The ring buffer: one row per (window, gate); see ``docs/api.md`` for the columns."""
         with self._lock:
@@ -267,16 +323,18 @@ class Monitor:
         """Call ``listener(window, health)`` after every closed window (errors are counted)."""
         self._listeners.append(listener)
 
-    def serve_prometheus(self, port: int = 9400, addr: str = "127.0.0.1", registry=None) -> int:
+    def serve_prometheus(self, port: int = 9400, addr: str = "127.0.0.1", registry=None,
+                         local_rank: Optional[int] = None) -> int:
         """Serve this monitor's metrics at ``http://addr:port/metrics``; returns the bound port.
 
-        ``port`` is a base: rank ``LOCAL_RANK`` listens on ``port + LOCAL_RANK``; ``port=0`` takes any
-        free port. ``registry``: a prometheus-client ``CollectorRegistry`` of yours to add the
-        moewatch collector to (and serve); a new one by default. Stopped on detach.
+        ``port`` is a base: rank ``LOCAL_RANK`` listens on ``port + LOCAL_RANK`` (``local_rank=``
+        overrides it, e.g. from a serving engine's worker); ``port=0`` takes any free port.
+        ``registry``: a prometheus-client ``CollectorRegistry`` of yours to add the moewatch
+        collector to (and serve); a new one by default. Stopped on detach.
         """
         from .export.prometheus import serve
 
-        endpoint = serve(self, port=port, addr=addr, registry=registry)
+        endpoint = serve(self, port=port, addr=addr, registry=registry, local_rank=local_rank)
         self._exporters.append(endpoint)
         return endpoint.port
 
@@ -322,6 +380,12 @@ class Monitor:
 
     def __repr__(self) -> str:
         return f"<moewatch.Monitor {self.model_name!r}: {len(self._gates)} gates, {len(self._ring)} windows>"
+
+
+def _resolve_placement(options, specs):
+    from .placement.spec import resolve_placement
+
+    return resolve_placement(options.expert_placement, [s.info for s in specs])
 
 
 def _reader_loop(monitor_ref, stop: threading.Event, interval: float) -> None:

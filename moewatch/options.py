@@ -40,6 +40,8 @@ class Options:
     # Detector (moewatch.detector).
     ert_windows: float = 100_000  # expected windows between false alarms, all gates together
     persistence: int = 2  # a moderate change must show in this many consecutive windows
+    # Expert placement (moewatch.placement): "contiguous:R", a list of ranks, or a placement file.
+    expert_placement: Any = None
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "Options":
@@ -86,6 +88,9 @@ class Options:
                 or not 0.0 <= self.sample_decisions <= 1.0:
             raise ValueError(f"sample_decisions={self.sample_decisions!r} must be a fraction in [0, 1]")
         _check_gates(self.gates)
+        from .placement.spec import check_option
+
+        check_option(self.expert_placement)
         for name in ("model_name", "runbook_url"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

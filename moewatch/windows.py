@@ -31,7 +31,7 @@ class Window:
     t_start: float
     t_end: float
     sums: np.ndarray  # float64 [G, NUM_SCALARS + E_max]
-    counts: np.ndarray  # int64 [G, 2, E_max]
+    counts: np.ndarray  # int64 [G, 3, E_max]: assignments, dropped, tokens per rank (hotpath.layout)
     absmax: np.ndarray  # float64 [G]
 
     @property

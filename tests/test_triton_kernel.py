@@ -33,6 +33,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,7 @@ if str(ROOT) not in sys.path:  # the child runs this file as a script
     sys.path.insert(0, str(ROOT))
 
 from moewatch.hotpath import layout, reference  # noqa: E402
+from tests.coselection_numpy import numpy_coselection, numpy_rank_tokens  # noqa: E402
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -367,9 +369,33 @@ class LaunchCounter:
 def _accumulators(g) -> tuple:
     # integer-valued starting sums (the integer columns then stay exact), absmax > 0 on a row
     sums = torch.randint(0, 1000, (G, layout.NUM_SCALARS + E_MAX), generator=g).double()  # [G, C]
-    counts = torch.randint(0, 1000, (G, 2, E_MAX), generator=g)  # [G, 2, E_MAX]
+    counts = torch.randint(0, 1000, (G, layout.COUNT_ROWS, E_MAX), generator=g)  # [G, 3, E_MAX]
     absmax = torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64)  # [G]
     return sums, counts, absmax
+
+
+def _placement(g, experts: int) -> tuple:
+    """Co-selection accumulators [G, E_MAX, E_MAX] (random start) and ranks [G, E_MAX]: R random
+    ranks for the gate's E experts on every row (R from 1 to E)."""
+    cosel = torch.triu(torch.randint(0, 50, (G, E_MAX, E_MAX), generator=g))  # [G, E_MAX, E_MAX]
+    num_ranks = int(torch.randint(1, experts + 1, (1,), generator=g))
+    ranks = torch.full((G, E_MAX), -1, dtype=torch.int64)  # [G, E_MAX]
+    ranks[:, :experts] = torch.randint(0, num_ranks, (G, experts), generator=g)
+    return cosel, ranks
+
+
+def _chosen(c: dict) -> Optional[torch.Tensor]:
+    """[T, k] the experts each token chose, as the kernel picks them (the reference's top-k when
+    the call has no indices; cases with exact ties carry none)."""
+    if c["indices"] is not None:
+        return c["indices"].long()
+    p = c["probs"]
+    if p is None:
+        x = torch.nan_to_num(c["logits"].float(), nan=0.0, posinf=0.0, neginf=0.0)
+        p = reference.routing_probs(x, c["scoring"])
+    else:
+        p = torch.nan_to_num(p.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.topk(p, c["top_k"], dim=-1).indices
 
 
 def _reference_weights(c: dict) -> Optional[torch.Tensor]:
@@ -388,6 +414,12 @@ def run_case(name: str, tb) -> dict:
     tokens = torch.zeros(G, dtype=torch.float64)  # [G] weighted tokens per row
     counter = LaunchCounter(tb._observe_kernel)
     tb._kernel = counter
+    # placement statistics: checked against the numpy reference (tests/coselection_numpy.py)
+    placed = "ties" not in spec and all(c["logits"].shape[1] == spec["calls"][0]["logits"].shape[1]
+                                        for c in spec["calls"])
+    cosel, ranks = _placement(g, spec["calls"][0]["logits"].shape[1]) if placed else (None, None)
+    want_cosel = None if cosel is None else layout.symmetric(cosel.numpy()).copy()  # [G, E_MAX, E_MAX]
+    want_rank_tokens = counts[:, layout.RANK_TOKENS].numpy().copy()  # [G, E_MAX]
     tiles = dict(tb._TILE)
     if spec.get("tiles") == "cuda":  # CUDA's partition: small blocks, several per program
         tb._TILE["cpu"] = tb._TILE["cuda"]
@@ -396,8 +428,15 @@ def run_case(name: str, tb) -> dict:
     try:
         for c in spec["calls"]:
             tb.observe(c["logits"], c["indices"], c["probs"], c["dropped"], c["valid"], c["mask"], c["positions"],
-                       c["grid"], sums, counts, absmax, c["row"], c["top_k"], c["scoring"], c["capacity_factor"])
+                       c["grid"], sums, counts, absmax, c["row"], c["top_k"], c["scoring"], c["capacity_factor"],
+                       cosel=cosel, ranks=ranks)
             w = _reference_weights(c)
+            if placed and c["logits"].shape[0]:
+                chosen, experts = _chosen(c).numpy(), c["logits"].shape[1]
+                weights = None if w is None else w.numpy() != 0
+                want_cosel[c["row"], :experts, :experts] += numpy_coselection(chosen, weights, experts)
+                want_rank_tokens[c["row"], :experts] += numpy_rank_tokens(chosen, weights,
+                                                                          ranks[c["row"], :experts].numpy())
             part = reference.gate_sums(c["logits"], c["indices"], w, c["scoring"], c["top_k"], c["probs"],
                                        c["dropped"], c["capacity_factor"])
             if "ties" in spec:
@@ -411,6 +450,17 @@ def run_case(name: str, tb) -> dict:
         tb._TILE.clear()
         tb._TILE.update(tiles)
     problems = []
+    if placed:
+        if not (torch.tril(cosel, -1) == 0).all():
+            problems.append("co-selection written below the diagonal")
+        got = layout.symmetric(cosel.numpy())
+        if not (got == want_cosel).all():
+            bad = np.argwhere(got != want_cosel)[:3].tolist()
+            problems.append(f"co-selection differs from numpy at {bad}")
+        if not (counts[:, layout.RANK_TOKENS].numpy() == want_rank_tokens).all():
+            problems.append(f"tokens per rank differ from numpy: {counts[:, layout.RANK_TOKENS, :8].tolist()} "
+                            f"vs {want_rank_tokens[:, :8].tolist()}")
+        want[1][:, layout.RANK_TOKENS] = counts[:, layout.RANK_TOKENS]  # checked just above
     expected_launches = sum(1 for c in spec["calls"] if c["logits"].shape[0] > 0)
     if counter.launches != expected_launches:
         problems.append(f"{counter.launches} launches for {expected_launches} calls with tokens")
@@ -564,7 +614,8 @@ def test_host_plan_is_shapes_only(stub_backend):
     tb.observe(x, None, None, None, None, torch.ones(5, 5), None, 0, sums, counts, absmax, 1, 6, 1, 0.0)  # 12 % 5
     (grid, args, kw), (_, args2, kw2) = launches
     assert grid == (1,) and kw["E_PAD"] == 64 and kw["K_SLOTS"] == 6 and kw["SCORING"] == layout.SIGMOID
-    assert kw["WEIGHTS"] == 2 and args[-3:] == (3, 2, 12)  # S = 3, first column L - S = 2, grid 12
+    assert kw["WEIGHTS"] == 2 and args[-8:-5] == (3, 2, 12)  # S = 3, first column L - S = 2, grid 12
+    assert not kw["COSEL"] and not kw["RANKS"]  # placement statistics only when asked for
     assert kw["CAPACITY"] and not kw["SHARED_DROPS"] and kw["CF"] == 1.0
     assert kw2["WEIGHTS"] == 0 and not kw2["CAPACITY"]
 

@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .device import DeviceBank
-from .layout import SCORING_CODES
+from .layout import SCORING_CODES, symmetric
 from .staged import GateParams, StagedBank
 from ..context import skip_top_level_frames
 
@@ -113,7 +113,7 @@ class Banks:
         width = max(c[1].shape[1] for c in cuts)
         experts = max(c[2].shape[2] for c in cuts)
         sums = np.zeros((self.num_gates, width))
-        counts = np.zeros((self.num_gates, 2, experts), dtype=np.int64)
+        counts = np.zeros((self.num_gates, cuts[0][2].shape[1], experts), dtype=np.int64)
         absmax = np.zeros(self.num_gates)
         for (_, s, c, a), members in zip(cuts, self.members):
             sums[members, :s.shape[1]] = s
@@ -129,11 +129,26 @@ class Banks:
         width = max(p[0].shape[1] for p in parts)
         experts = max(p[1].shape[2] for p in parts)
         sums = np.zeros((self.num_gates, width))
-        counts = np.zeros((self.num_gates, 2, experts), dtype=np.int64)
+        counts = np.zeros((self.num_gates, parts[0][1].shape[1], experts), dtype=np.int64)
         for (s, c), members in zip(parts, self.members):
             sums[members, :s.shape[1]] = s
             counts[members, :, :c.shape[2]] = c
         return sums, counts
+
+    def coselection(self) -> np.ndarray:
+        """int64 [G, E_max, E_max] co-selection counts since attach, in gate order, symmetric
+        (see ``layout``): every forward reduced (CPU) or run (devices) so far."""
+        parts = [bank.coselection() for bank in self.banks]
+        experts = max(p.shape[1] for p in parts)
+        out = np.zeros((self.num_gates, experts, experts), dtype=np.int64)
+        for part, members in zip(parts, self.members):
+            out[members, :part.shape[1], :part.shape[2]] = part
+        return symmetric(out)
+
+    def set_ranks(self, gate_index: int, ranks) -> None:
+        """Place the experts of gate ``gate_index``: int64 [E] rank of each expert, or None."""
+        bank, row = self.rows[gate_index]
+        self.banks[bank].set_ranks(row, ranks)
 
     def close(self) -> None:
         for bank in self.banks:

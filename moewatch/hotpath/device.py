@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .layout import NUM_SCALARS, TOKENS
+from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_weights
 
 CUT_SLOTS = 64  # cuts the reader may fall behind by before one is lost (counted)
@@ -49,11 +49,15 @@ class DeviceBank:
         f64 = dict(dtype=torch.float64, device=self.device)
         i64 = dict(dtype=torch.int64, device=self.device)
         self.sums = torch.zeros(num_gates, NUM_SCALARS + max_experts, **f64)  # [G, C]
-        self.counts = torch.zeros(num_gates, 2, max_experts, **i64)  # [G, 2, E]
+        self.counts = torch.zeros(num_gates, COUNT_ROWS, max_experts, **i64)  # [G, 3, E]
         self.absmax = torch.zeros(num_gates, **f64)  # [G] since the last cut
+        # co-selection (upper triangle, see layout): read live by the reader, never cut per window
+        self.cosel = torch.zeros(num_gates, max_experts, max_experts, **i64)  # [G, E, E]
+        self.ranks = torch.full((num_gates, max_experts), -1, **i64)  # [G, E] rank of each expert, -1: none
+        self._placed = [False] * num_gates  # host: which rows have a placement
         # the ring of cuts: cumulative copies taken at forward ends
         self.cut_sums = torch.zeros(CUT_SLOTS, num_gates, NUM_SCALARS + max_experts, **f64)  # [S, G, C]
-        self.cut_counts = torch.zeros(CUT_SLOTS, num_gates, 2, max_experts, **i64)  # [S, G, 2, E]
+        self.cut_counts = torch.zeros(CUT_SLOTS, num_gates, COUNT_ROWS, max_experts, **i64)  # [S, G, 3, E]
         self.cut_absmax = torch.zeros(CUT_SLOTS, num_gates, **f64)  # [S, G]
         self.cut_ptr = torch.zeros(1, **i64)  # [1] cuts made since attach
         self.base_tokens = torch.zeros(num_gates, **f64)  # [G] tokens at the last cut
@@ -68,6 +72,18 @@ class DeviceBank:
             for gate in self.gates:
                 if gate.capacity_factor > 0:
                     triton_backend.reserve(self.device, gate.num_experts)
+
+    def set_ranks(self, row: int, ranks) -> None:
+        """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None.
+        Call it at attach, before any forward (and before any graph capture)."""
+        if ranks is None:
+            self.ranks[row].fill_(-1)
+            self._placed[row] = False
+            return
+        ranks = torch.as_tensor(ranks, dtype=torch.int64)
+        self.ranks[row].fill_(-1)
+        self.ranks[row, :ranks.shape[0]].copy_(ranks.to(self.device))
+        self._placed[row] = True
 
     # -- the forward ----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -84,15 +100,18 @@ class DeviceBank:
 
     def _observe(self, gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
                  sums, counts, absmax) -> None:
+        placed = self._placed[row]
         if self._fused is not None:
             self._fused(logits, indices, probs, dropped, valid, mask, positions, grid, sums, counts, absmax,
-                        row, gate.top_k, gate.scoring, gate.capacity_factor)
+                        row, gate.top_k, gate.scoring, gate.capacity_factor, cosel=self.cosel,
+                        ranks=self.ranks if placed else None)
         else:
             if valid is None:
                 valid = mask_weights(mask, logits.shape[0], positions, grid)
             part = gate_sums(logits, indices, valid, gate.scoring, gate.top_k, probs, dropped,
-                             gate.capacity_factor)
-            accumulate(sums, counts, absmax, row, part)
+                             gate.capacity_factor, ranks=self.ranks[row, :gate.num_experts] if placed else None,
+                             coselect=True)
+            accumulate(sums, counts, absmax, row, part, self.cosel)
         sampler = self.sampler_of(row)
         if sampler is not None:
             sampler.record(logits, indices, probs, valid if valid is not None else
@@ -151,3 +170,9 @@ class DeviceBank:
         """Host copies (numpy) of the live sums and counts (counts since attach)."""
         with self._lock:
             return self._host(self.sums).numpy(), self._host(self.counts).numpy()
+
+    def coselection(self):
+        """Host copy (numpy int64 [G, E_max, E_max], upper triangle) of the live co-selection counts:
+        every call the device has run so far, read on a side stream (not cut at a forward end)."""
+        with self._lock:
+            return self._host(self.cosel).numpy()

@@ -7,6 +7,10 @@ Every per-token quantity is stacked into one [C, T] table and reduced with one w
 It is used three ways: as the oracle the fused backends are tested against, as the fallback on
 devices without a fused kernel, and by the CPU backend's reader, which runs it once over many
 gate calls at a time (``call_ids`` keeps per-call quantities, the would-be drops, per call).
+
+Expert placement (``moewatch.placement``) adds two per-token quantities, both from the chosen
+experts of each traffic token as a set: the co-selection pairs (:func:`coselection`) and the
+ranks a token must be sent to under a placement (:func:`rank_tokens`).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import NUM_SCALARS, SIGMOID, SOFTMAX
+from .layout import NUM_SCALARS, RANK_TOKENS, SIGMOID, SOFTMAX
 
 
 class GateSums(NamedTuple):
@@ -25,6 +29,8 @@ class GateSums(NamedTuple):
     counts: torch.Tensor  # int64 [E] assignments
     drops: Optional[torch.Tensor]  # int64 [E] dropped assignments, or None
     absmax: torch.Tensor  # float64 [] max |finite logit| over traffic tokens
+    cosel: Optional[torch.Tensor] = None  # int64 [E, E] co-selection, upper triangle (see layout)
+    rank_tokens: Optional[torch.Tensor] = None  # int64 [E] traffic tokens with an expert on rank r (r < R)
 
 
 def scoring_code(scoring) -> int:
@@ -97,6 +103,8 @@ def gate_sums(
     capacity_factor: float = 0.0,
     call_ids: Optional[torch.Tensor] = None,
     num_calls: int = 1,
+    ranks: Optional[torch.Tensor] = None,
+    coselect: bool = False,
 ) -> GateSums:
     """Reduce one gate call (or a batch of calls of one gate) to fixed-size sums.
 
@@ -104,7 +112,9 @@ def gate_sums(
     (1 = traffic) or None; probs [T, E] or None (then derived from the logits with ``scoring``);
     dropped [T, k] bool or None. With ``capacity_factor`` > 0 and no ``dropped``, the drops are
     the would-be drops of a capacity-limited layer, per call: ``call_ids`` [T] int64 says which
-    of ``num_calls`` calls each token came from (None: one call).
+    of ``num_calls`` calls each token came from (None: one call). ``coselect``: also the
+    co-selection counts [E, E]; ``ranks`` [E] int64 (each expert's rank, in [0, E)) or None:
+    also the traffic tokens per rank [E].
 
     The work is done in an expert-major [E, T] layout: reductions over the few experts then
     run as element-wise ops across E rows, vectorised over tokens, which on CPU is several
@@ -168,7 +178,44 @@ def gate_sums(
             0, slots.reshape(-1), (slot_weight * dropped.to(torch.int64)).reshape(-1))  # [E]
     elif capacity_factor > 0:
         drops = would_be_drops(slots, token_weight, top_k, capacity_factor, call_ids, num_calls, num_experts)
-    return GateSums(total[:NUM_SCALARS], total[NUM_SCALARS:], counts, drops, absmax.double())
+    cosel = coselection(slots, token_weight, num_experts) if coselect else None
+    touched = rank_tokens(slots, token_weight, ranks) if ranks is not None else None
+    return GateSums(total[:NUM_SCALARS], total[NUM_SCALARS:], counts, drops, absmax.double(), cosel, touched)
+
+
+def coselection(slots: torch.Tensor, token_weight: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Co-selection of the traffic tokens: int64 [E, E], upper triangle with the diagonal.
+
+    slots [T, k] int64 expert ids, token_weight [T] int64 (0 = padding). ``[i, j]`` (i < j): tokens
+    whose experts include i and j; ``[i, i]``: tokens that chose i. A token's experts are a set:
+    an id named twice counts once. One ``index_add_`` over the k(k+1)/2 slot pairs of the sorted ids.
+    """
+    num_tokens, k = slots.shape
+    device = slots.device
+    ids = slots.sort(dim=1).values  # [T, k] ascending
+    first = torch.ones_like(ids, dtype=torch.bool)  # [T, k] the first slot naming its expert
+    if k > 1:
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    keep = first & (token_weight != 0).unsqueeze(1)  # [T, k]
+    a, b = torch.triu_indices(k, k, device=device)  # [P] slot pairs a <= b
+    flat = ids[:, a] * num_experts + ids[:, b]  # [T, P] < E*E: ids[a] < ids[b] where both are kept
+    weight = (keep[:, a] & keep[:, b]).to(torch.int64)  # [T, P]
+    out = torch.zeros(num_experts * num_experts, dtype=torch.int64, device=device)  # [E*E]
+    return out.index_add_(0, flat.reshape(-1), weight.reshape(-1)).view(num_experts, num_experts)
+
+
+def rank_tokens(slots: torch.Tensor, token_weight: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """int64 [E]: per rank r (< R <= E), the traffic tokens with at least one expert on rank r.
+
+    slots [T, k] int64, token_weight [T] int64 (0 = padding), ranks [E] int64 in [0, E). Summed
+    over ranks: the number of (token, rank) sends of an all-to-all dispatch.
+    """
+    num_experts = ranks.shape[0]
+    on = ranks.to(slots.device).long()[slots]  # [T, k] rank of each chosen expert
+    real = (token_weight != 0).to(torch.int64).unsqueeze(1).expand_as(on)  # [T, k]
+    hit = torch.zeros(slots.shape[0], num_experts, dtype=torch.int64, device=slots.device)  # [T, R<=E]
+    hit.scatter_reduce_(1, on, real, reduce="amax")
+    return hit.sum(dim=0)  # [E]
 
 
 def would_be_drops(slots: torch.Tensor, token_weight: torch.Tensor, top_k: int, capacity_factor: float,
@@ -191,8 +238,10 @@ def would_be_drops(slots: torch.Tensor, token_weight: torch.Tensor, top_k: int, 
     return over.sum(dim=0).to(torch.int64)  # [E]
 
 
-def accumulate(sums: torch.Tensor, counts: torch.Tensor, absmax: torch.Tensor, row: int, part: GateSums) -> None:
-    """Add one :class:`GateSums` into gate ``row`` of the accumulators (see ``layout``)."""
+def accumulate(sums: torch.Tensor, counts: torch.Tensor, absmax: torch.Tensor, row: int, part: GateSums,
+               cosel: Optional[torch.Tensor] = None) -> None:
+    """Add one :class:`GateSums` into gate ``row`` of the accumulators (see ``layout``);
+    ``cosel`` int64 [G, E_max, E_max] or None."""
     num_experts = part.prob_sum.shape[0]
     sums[row, :NUM_SCALARS].add_(part.scalars)
     sums[row, NUM_SCALARS:NUM_SCALARS + num_experts].add_(part.prob_sum)
@@ -200,3 +249,7 @@ def accumulate(sums: torch.Tensor, counts: torch.Tensor, absmax: torch.Tensor, r
     if part.drops is not None:
         counts[row, 1, :num_experts].add_(part.drops)
     absmax[row:row + 1] = torch.maximum(absmax[row:row + 1], part.absmax.reshape(1))
+    if part.rank_tokens is not None:
+        counts[row, RANK_TOKENS, :num_experts].add_(part.rank_tokens)
+    if cosel is not None and part.cosel is not None:
+        cosel[row, :num_experts, :num_experts].add_(part.cosel)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .layout import NUM_SCALARS, TOKENS
+from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_tail, mask_weights
 
 # Staged bytes across all threads above which the forward's thread reduces a call itself
@@ -83,7 +83,9 @@ class StagedBank:
         max_experts = max(g.num_experts for g in self.gates)
         self.device = torch.device("cpu")
         self.sums = torch.zeros(num_gates, NUM_SCALARS + max_experts, dtype=torch.float64)
-        self.counts = torch.zeros(num_gates, 2, max_experts, dtype=torch.int64)
+        self.counts = torch.zeros(num_gates, COUNT_ROWS, max_experts, dtype=torch.int64)
+        self.cosel = torch.zeros(num_gates, max_experts, max_experts, dtype=torch.int64)  # [G, E, E] upper
+        self.ranks: List[Optional[torch.Tensor]] = [None] * num_gates  # per gate: int64 [E] or None
         self.absmax = torch.zeros(num_gates, dtype=torch.float64)  # since the last cut
         self.token = torch.zeros(1, dtype=torch.int64)  # the stage op's declared mutation (see ops)
         self.errors = errors
@@ -95,6 +97,10 @@ class StagedBank:
         self._drain = threading.Lock()  # one reducer at a time (reader, flush, counts)
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         self._window_gate_tokens = torch.zeros(num_gates, dtype=torch.float64)
+
+    def set_ranks(self, row: int, ranks: Optional[torch.Tensor]) -> None:
+        """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None."""
+        self.ranks[row] = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int64).clone()
 
     # -- the forward's thread ------------------------------------------------------------------
     def begin(self) -> None:
@@ -214,7 +220,7 @@ class StagedBank:
         by_row: Dict[int, List[Call]] = {}
         for call in calls:
             if call.reduced is not None:
-                accumulate(self.sums, self.counts, self.absmax, call.row, call.reduced)
+                accumulate(self.sums, self.counts, self.absmax, call.row, call.reduced, self.cosel)
             elif self._unchanged(call):
                 by_row.setdefault(call.row, []).append(call)
         for row, group in by_row.items():
@@ -253,7 +259,7 @@ class StagedBank:
             part = self._reduce_one(row, call.tensors(), call.grid)
         else:
             part = self._reduce_many(row, group)
-        accumulate(self.sums, self.counts, self.absmax, row, part)
+        accumulate(self.sums, self.counts, self.absmax, row, part, self.cosel)
 
     def _reduce_one(self, row: int, tensors, grid: int):
         logits, indices, probs, dropped, valid, mask, positions = tensors
@@ -262,7 +268,7 @@ class StagedBank:
         if valid is None:
             valid = mask_weights(mask, logits.shape[0], positions, grid)
         return gate_sums(logits.reshape(-1, gate.num_experts), indices, valid, gate.scoring, gate.top_k,
-                         probs, dropped, gate.capacity_factor)
+                         probs, dropped, gate.capacity_factor, ranks=self.ranks[row], coselect=True)
 
     def _reduce_many(self, row: int, group: List[Call]):
         gate = self.gates[row]
@@ -286,7 +292,7 @@ class StagedBank:
         cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
         return gate_sums(torch.cat([call.logits for call in group]), cat(columns[0]), valid,
                          gate.scoring, gate.top_k, cat(columns[1]), cat(columns[2]), gate.capacity_factor,
-                         call_ids, len(group))
+                         call_ids, len(group), ranks=self.ranks[row], coselect=True)
 
     @staticmethod
     def _check_width(gate: GateParams, logits) -> None:
@@ -300,6 +306,12 @@ class StagedBank:
         """Host copies (numpy) of the sums and counts (call after ``take``)."""
         with self._drain:
             return self.sums.numpy().copy(), self.counts.numpy().copy()
+
+    def coselection(self):
+        """Host copy (numpy int64 [G, E_max, E_max], upper triangle) of the co-selection counts of
+        every forward reduced so far (call after ``take``)."""
+        with self._drain:
+            return self.cosel.numpy().copy()
 
 
 class _Mixed(Exception):

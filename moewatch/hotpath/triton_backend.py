@@ -77,17 +77,19 @@ if AVAILABLE:
     # Shape-dependent integers are not specialised (no recompile when T or the row changes
     # divisibility); strides are (a unit stride makes loads vectorisable).
     @triton.jit(do_not_specialize=["num_tokens", "blocks_per_program", "sums_off", "counts_off", "absmax_off",
-                                   "seq", "mask_col0", "grid_width"])
+                                   "seq", "mask_col0", "grid_width", "cosel_off", "ranks_off"])
     def _observe_kernel(
         logits_ptr, probs_ptr, idx_ptr, drop_ptr, valid_ptr, mask_ptr, pos_ptr,
-        sums_ptr, counts_ptr, absmax_bits_ptr, scratch_ptr,
+        sums_ptr, counts_ptr, absmax_bits_ptr, scratch_ptr, cosel_ptr, ranks_ptr,
         num_tokens, num_experts, blocks_per_program,
         s_lt, s_le, s_pt, s_pe, s_it, s_ik, s_dt, s_dk, s_v, s_mb, s_ml, s_pos,
         sums_off, s_sc, counts_off, s_ck, s_ce, absmax_off,
         seq, mask_col0, grid_width,
+        cosel_off, s_xi, s_xj, ranks_off, s_r,
         SCORING: tl.constexpr, HAS_PROBS: tl.constexpr, HAS_INDICES: tl.constexpr, HAS_DROPPED: tl.constexpr,
         WEIGHTS: tl.constexpr, HAS_POSITIONS: tl.constexpr, K_SLOTS: tl.constexpr, TOP_K: tl.constexpr,
         CAPACITY: tl.constexpr, SHARED_DROPS: tl.constexpr, CF: tl.constexpr,
+        COSEL: tl.constexpr, RANKS: tl.constexpr,
         BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -112,6 +114,8 @@ if AVAILABLE:
         psum = tl.full([E_PAD], 0, tl.float64)  # [EP] weighted probability sums
         cnt = tl.full([E_PAD], 0, tl.int32)  # [EP] assignments of traffic tokens
         drp = tl.full([E_PAD], 0, tl.int32)  # [EP] native drops of traffic tokens
+        chosen_by = tl.full([E_PAD], 0, tl.int32)  # [EP] traffic tokens that chose the expert (co-selection diagonal)
+        on_rank = tl.full([E_PAD], 0, tl.int32)  # [EP] traffic tokens with an expert on rank r (column r)
 
         for i in range(0, blocks_per_program):
             toks = (pid + i * nprog) * BLOCK_T + lanes  # [BT] token ids (blocks past T are fully masked)
@@ -212,6 +216,29 @@ if AVAILABLE:
             if HAS_DROPPED:
                 drp += tl.sum(dhits, axis=0)  # [EP]
 
+            # -- placement statistics, from each traffic token's chosen experts as a set --
+            if COSEL or RANKS:
+                rest = (hits > 0) & in_col[None, :]  # [BT, EP] chosen experts not yet visited
+                if COSEL:
+                    chosen_by += tl.sum(rest.to(tl.int32), axis=0)  # [EP]
+                if RANKS:
+                    seen = tl.full([BLOCK_T, E_PAD], 0, tl.int32)  # [BT, EP] 1: the token reaches rank (column)
+                # visit each token's experts in ascending order (k rounds of min): the pairs (e, later)
+                # are the co-selection's upper triangle, added by one masked atomic per pair
+                for j in tl.static_range(K_SLOTS):
+                    e = tl.min(tl.where(rest, cols[None, :], E_PAD), axis=1)  # [BT] E_PAD: none left
+                    has = e < E_PAD  # [BT]
+                    rest = rest & (cols[None, :] != e[:, None])  # [BT, EP]
+                    if COSEL:
+                        if j < K_SLOTS - 1:
+                            tl.atomic_add(cosel_ptr + cosel_off + e.to(tl.int64)[:, None] * s_xi + cols[None, :] * s_xj,
+                                          tl.full([BLOCK_T, E_PAD], 1, tl.int64), mask=rest & has[:, None])  # [BT, EP]
+                    if RANKS:
+                        r = tl.load(ranks_ptr + ranks_off + e.to(tl.int64) * s_r, mask=has, other=-1)  # [BT]
+                        seen = tl.maximum(seen, ((cols[None, :] == r[:, None]) & has[:, None]).to(tl.int32))  # [BT, EP]
+                if RANKS:
+                    on_rank += tl.sum(seen, axis=0)  # [EP]
+
         # -- one set of atomics per program --
         s16 = tl.arange(0, 16)  # [16] scalar-column ids, layout order (9 used)
         scal = tl.where(s16 == 0, c_tokens, tl.where(s16 == 1, c_entropy, tl.where(s16 == 2, c_lsum, tl.where(
@@ -222,6 +249,10 @@ if AVAILABLE:
         tl.atomic_add(counts_ptr + counts_off + cols * s_ce, cnt.to(tl.int64), mask=in_col)  # [EP] assignments
         if HAS_DROPPED:
             tl.atomic_add(counts_ptr + counts_off + s_ck + cols * s_ce, drp.to(tl.int64), mask=in_col)  # [EP]
+        if COSEL:  # the diagonal: [e, e] at e * (s_xi + s_xj)
+            tl.atomic_add(cosel_ptr + cosel_off + cols * (s_xi + s_xj), chosen_by.to(tl.int64), mask=in_col)  # [EP]
+        if RANKS:  # counts row 2 (RANK_TOKENS), column r
+            tl.atomic_add(counts_ptr + counts_off + 2 * s_ck + cols * s_ce, on_rank.to(tl.int64), mask=in_col)  # [EP]
         top = c_amax.to(tl.float64)  # [] >= 0
         tl.atomic_max(absmax_bits_ptr + absmax_off, top.to(tl.int64, bitcast=True))  # int order == float order
 
@@ -313,7 +344,8 @@ def _as_loadable(t: torch.Tensor) -> torch.Tensor:
 def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Optional[torch.Tensor],
             dropped: Optional[torch.Tensor], valid: Optional[torch.Tensor], mask: Optional[torch.Tensor],
             positions: Optional[torch.Tensor], grid: int, sums: torch.Tensor, counts: torch.Tensor,
-            absmax: torch.Tensor, row: int, top_k: int, scoring: int, capacity_factor: float) -> None:
+            absmax: torch.Tensor, row: int, top_k: int, scoring: int, capacity_factor: float,
+            cosel: Optional[torch.Tensor] = None, ranks: Optional[torch.Tensor] = None) -> None:
     """Add one gate call's statistics into gate ``row`` of the accumulators with one kernel launch.
 
     logits [T, E] fp16/bf16/fp32 (any strides); indices [T, k] int32/int64 or None (then the
@@ -321,7 +353,10 @@ def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Option
     dropped [T, k] bool or None; valid [T] bool / 0-1 float or None (overrides the mask); mask
     [B, L] of the root call or None, with positions [T] int64 or None into a grid of ``grid``
     tokens; sums float64 [G, NUM_SCALARS + E_max], counts int64 [G, 2, E_max], absmax float64
-    [G] (all on the logits' device). T = 0 launches nothing.
+    [G] (all on the logits' device). cosel int64 [G, E_max, E_max] or None: the co-selection
+    (upper triangle, see ``layout``) is added there too; ranks int64 [G, E_max] or None: the rank
+    of each expert of gate ``row`` (in [0, E)), and the traffic tokens per rank go into counts row
+    2 (which counts must then have). T = 0 launches nothing.
     """
     if not AVAILABLE:
         raise RuntimeError("moewatch's Triton backend needs triton, which is not importable here")
@@ -332,6 +367,13 @@ def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Option
         raise TypeError("accumulators must be sums float64, counts int64, absmax float64 (see moewatch.hotpath.layout)")
     if num_experts > min(sums.shape[1] - NUM_SCALARS, counts.shape[2]) or not 0 <= row < sums.shape[0]:
         raise ValueError(f"gate row {row} with {num_experts} experts does not fit the accumulators")
+    if cosel is not None and (cosel.dtype != torch.int64 or cosel.dim() != 3 or row >= cosel.shape[0]
+                              or num_experts > min(cosel.shape[1], cosel.shape[2])):
+        raise ValueError(f"cosel must be int64 [G, E_max, E_max] with room for gate row {row} and {num_experts} experts")
+    if ranks is not None and (ranks.dtype != torch.int64 or ranks.dim() != 2 or row >= ranks.shape[0]
+                              or num_experts > ranks.shape[1] or counts.shape[1] < 3):
+        raise ValueError(f"ranks must be int64 [G, E_max] with room for gate row {row} and {num_experts} experts, "
+                         "and counts must have the rank row (see moewatch.hotpath.layout)")
     k_slots = top_k if indices is None else indices.shape[1]
     if not 1 <= k_slots <= MAX_SLOTS or (indices is None and top_k > num_experts):
         raise ValueError(f"top-k must be 1..min({MAX_SLOTS}, E), not {k_slots} with E = {num_experts}")
@@ -369,18 +411,23 @@ def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Option
     va, (s_v,) = ptr(valid, 1)
     ma, (s_mb, s_ml) = ptr(mask if weights == _W_MASK else None, 2)
     po, (s_pos,) = ptr(positions if use_pos else None, 1)
+    xs, (s_xi, s_xj) = (cosel, cosel.stride()[1:]) if cosel is not None else (counts, (0, 0))
+    rk, s_r = (ranks, ranks.stride(1)) if ranks is not None else (counts, 0)
     elems = block_t * e_pad
     _kernel[(programs,)](
         logits, pr, ix, dr, va, ma, po,
-        sums, counts, absmax.view(torch.int64), scratch,
+        sums, counts, absmax.view(torch.int64), scratch, xs, rk,
         num_tokens, num_experts, triton.cdiv(blocks, programs),
         logits.stride(0), logits.stride(1), s_pt, s_pe, s_it, s_ik, s_dt, s_dk, s_v, s_mb, s_ml, s_pos,
         row * sums.stride(0), sums.stride(1), row * counts.stride(0), counts.stride(1), counts.stride(2),
         row * absmax.stride(0),
         seq, col0, width,
+        row * cosel.stride(0) if cosel is not None else 0, s_xi, s_xj,
+        row * ranks.stride(0) if ranks is not None else 0, s_r,
         SCORING=SIGMOID if scoring_code(scoring) == SIGMOID else SOFTMAX, HAS_PROBS=probs is not None,
         HAS_INDICES=indices is not None, HAS_DROPPED=dropped is not None, WEIGHTS=weights,
         HAS_POSITIONS=use_pos, K_SLOTS=k_slots, TOP_K=int(top_k) if capacity else 0, CAPACITY=capacity,
-        SHARED_DROPS=shared, CF=capacity_factor if capacity else 0.0, BLOCK_T=block_t, E_PAD=e_pad,
+        SHARED_DROPS=shared, CF=capacity_factor if capacity else 0.0, COSEL=cosel is not None,
+        RANKS=ranks is not None, BLOCK_T=block_t, E_PAD=e_pad,
         num_warps=max(1, min(4, elems // 256)),
     )
