@@ -14,7 +14,7 @@ the code below is traceable (no thread-local, no lock, no branch on a tensor's v
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -26,8 +26,11 @@ MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 class MaskTracker:
     """Root-module hooks: the padding masks of the call and the forward boundary, to the hot path."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, real_tokens: Optional[Callable[[tuple, dict], Optional[torch.Tensor]]] = None):
         self.banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
+        # A serving engine's model has no attention_mask: the engine says which of the call's
+        # token rows are real (moewatch.engines), as a [1, T] mask read at run time, or None.
+        self._real_tokens = real_tokens
         forward = getattr(root, "forward", None)
         self._positions: Dict[str, int] = {}
         try:
@@ -49,7 +52,10 @@ class MaskTracker:
         banks = self.banks
         if banks is None:
             return None
-        mask, decoder_mask = self._mask(MASK_KEYS[0], args, kwargs), self._mask(MASK_KEYS[1], args, kwargs)
+        if self._real_tokens is not None:
+            mask, decoder_mask = self._real_tokens(args, kwargs), None
+        else:
+            mask, decoder_mask = self._mask(MASK_KEYS[0], args, kwargs), self._mask(MASK_KEYS[1], args, kwargs)
         if torch.compiler.is_compiling():  # inlined into a bigger compiled graph: one opaque op
             torch.ops.moewatch.forward_begin(mask, decoder_mask, banks.ticks, banks.bank_id)
         else:

@@ -30,8 +30,11 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from types import SimpleNamespace
+
 from .adapters.hf_families import TRIPLE_FAMILIES
 from .discovery import GatesOption, resolve_gates
+from .engines import engine_for
 
 # transform(logits [T, E] float32) -> [T, E] float32
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -67,8 +70,11 @@ class Fault:
         return f"<moewatch.Fault {self.name} ({state}) on {len(self.gates)} gate(s): {self.description}>"
 
 
-# Gates whose output _reroute understands: logits alone, or (logits, weights, indices, ...).
-FAULTABLE_FAMILIES = frozenset(TRIPLE_FAMILIES) | {"custom", "dbrx"}
+# Gates whose output _reroute understands: logits alone, (logits, weights, indices, ...), or
+# (logits, extra) pairs such as vLLM's (logits, None) (the engine routes the faulted logits).
+FAULTABLE_FAMILIES = frozenset(TRIPLE_FAMILIES) | {"custom", "dbrx", "vllm"}
+# Families whose gate returns its own decision, recomputed here from the faulted logits (softmax).
+_REROUTED_FAMILIES = frozenset(TRIPLE_FAMILIES) | {"dbrx"}
 
 
 def _logit_scale(logits: torch.Tensor) -> torch.Tensor:
@@ -80,10 +86,16 @@ def _reroute(output, logits: torch.Tensor, top_k: int):
     """The gate's output with ``logits`` [T, E] in place of its own, decisions recomputed."""
     if isinstance(output, torch.Tensor):
         return logits.reshape(output.shape).to(output.dtype)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor) and (
+            len(output) < 3 or not isinstance(output[2], torch.Tensor)):
+        # (logits, None), (logits, bias): whoever routes downstream routes the faulted logits
+        first = logits.reshape(output[0].shape).to(output[0].dtype)
+        return type(output)((first,) + tuple(output[1:])) if isinstance(output, tuple) else [first, *output[1:]]
     if not (isinstance(output, (tuple, list)) and len(output) >= 3):
         raise TypeError(f"cannot inject a fault into a gate returning {type(output).__name__}; "
-                        "supported: logits, or (logits, weights, indices, ...)")
+                        "supported: logits, (logits, extra), or (logits, weights, indices, ...)")
     old_logits, old_weights, old_indices = output[0], output[1], output[2]
+    top_k = old_indices.shape[-1] if old_indices.dim() else top_k  # the gate's own k
     probs = torch.softmax(logits, dim=-1)  # [T, E]
     weights, indices = torch.topk(probs, top_k, dim=-1)  # [T, k]
     # Keep the family's convention: renormalised top-k weights when the gate renormalises.
@@ -96,15 +108,30 @@ def _reroute(output, logits: torch.Tensor, top_k: int):
     return type(output)(new + tuple(output[3:])) if isinstance(output, tuple) else list(new) + list(output[3:])
 
 
+def _fault_specs(model: nn.Module, gates: GatesOption, top_k: Optional[int], num_experts: Optional[int]):
+    """The gates a fault can go on: a serving engine's, known router classes, or ``gates=``
+    modules (their k and width are not needed to fault their logits)."""
+    engine = engine_for(model)
+    if engine is not None:
+        return engine.gates(model, SimpleNamespace(gates=gates))
+    return resolve_gates(model, gates, top_k if top_k is not None else 1, "softmax", num_experts)
+
+
 def logit_fault(model: nn.Module, transform: LogitTransform, name: str = "logit_fault",
                 description: str = "", gates: GatesOption = None,
-                layers: Optional[Sequence[int]] = None) -> Fault:
+                layers: Optional[Sequence[int]] = None, top_k: Optional[int] = None,
+                num_experts: Optional[int] = None) -> Fault:
     """Apply ``transform`` to the logits of the model's gates (all, or ``gates=`` / ``layers=``).
 
-    ``gates`` is a pattern or names as for :func:`moewatch.attach`; ``layers`` picks gates by
-    their position in the model (0 = first gate). Softmax top-k routers only.
+    ``gates`` is a pattern or names as for :func:`moewatch.attach` (your own gate modules
+    included: their output, or its first element, is faulted, e.g. ``(logits, None)``);
+    ``layers`` picks gates by their position in the model (0 = first gate). ``num_experts``:
+    only for gates= modules whose width cannot be read (``top_k`` is accepted and unused: a
+    returned decision is recomputed with the gate's own k, with softmax). On a vLLM model the
+    fault goes on each MoE layer's gate module and vLLM routes the faulted logits; with
+    compilation on, inject before the engine compiles (a hook added later is not in its graph).
     """
-    specs = resolve_gates(model, gates)
+    specs = _fault_specs(model, gates, top_k, num_experts)
     if layers is not None:
         wanted = set(layers)
         bad = sorted(wanted - set(range(len(specs))))
@@ -112,8 +139,9 @@ def logit_fault(model: nn.Module, transform: LogitTransform, name: str = "logit_
             raise ValueError(f"layers={sorted(wanted)}: the model has {len(specs)} gates (0..{len(specs) - 1})")
         specs = [s for i, s in enumerate(specs) if i in wanted]
     for spec in specs:
-        if spec.info.scoring != "softmax":
-            raise ValueError(f"gate {spec.info.name!r} scores with {spec.info.scoring}; faults support softmax routers")
+        if spec.info.scoring != "softmax" and spec.info.family in _REROUTED_FAMILIES:
+            raise ValueError(f"gate {spec.info.name!r} scores with {spec.info.scoring} and returns its own "
+                             "decision, which faults recompute with softmax: faults support softmax routers there")
         if spec.info.family not in FAULTABLE_FAMILIES:
             raise ValueError(
                 f"gate {spec.info.name!r} ({spec.info.family}) does not return its logits first, or "

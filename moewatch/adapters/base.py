@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,6 +41,10 @@ class GateSpec:
     mask_key: str = "attention_mask"
     # Extra hooks the gate needs (run before the gate hook in the same forward).
     companions: Tuple[Companion, ...] = ()
+    # Where the gate hook goes when the decision is not a module's output (a serving engine's
+    # capture callback): ``install(hook)`` wires ``hook(module, args, kwargs, output)`` in and
+    # returns a handle whose ``remove()`` takes it out. None: a forward hook on ``module``.
+    install: Optional[Callable[[Callable[..., None]], Any]] = None
 
 
 @dataclass(frozen=True)

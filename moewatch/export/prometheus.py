@@ -87,18 +87,23 @@ class PrometheusEndpoint:
 
 
 def serve(monitor, port: int = 9400, addr: str = "127.0.0.1",
-          registry: Optional[CollectorRegistry] = None) -> PrometheusEndpoint:
+          registry: Optional[CollectorRegistry] = None, local_rank: Optional[int] = None) -> PrometheusEndpoint:
     """Register a :class:`MonitorCollector` (in ``registry`` or a new one) and serve it over HTTP.
 
-    ``port`` is the base port: the process listens on ``port + LOCAL_RANK`` so that every rank
-    on a host has its own endpoint; ``port=0`` takes any free port.
+    ``port`` is the base port: the process listens on ``port + local rank`` so that every rank
+    on a host has its own endpoint (``local_rank``: given by an engine that knows it, else
+    ``LOCAL_RANK``); ``port=0`` takes any free port.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port={port!r} must be an integer in 0-65535 (0 takes any free port)")
     if not isinstance(addr, str) or not addr:
         raise ValueError(f"addr={addr!r} must be a host address to listen on, such as '127.0.0.1'")
+    if local_rank is not None and (isinstance(local_rank, bool) or not isinstance(local_rank, int) or local_rank < 0):
+        raise ValueError(f"local_rank={local_rank!r} must be a non-negative integer")
     if port:
-        port += process_rank(monitor.options).local_rank
+        port += process_rank(monitor.options).local_rank if local_rank is None else local_rank
+        if port > 65535:
+            raise ValueError(f"port {port} (base + local rank) is above 65535: pick a lower base port")
     registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
     collector = MonitorCollector(monitor)
     registry.register(collector)

@@ -1,0 +1,34 @@
+"""What a serving engine tells the monitor about the model it runs (engine-neutral)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..adapters.base import GateSpec
+
+
+class Engine:
+    """One serving engine's view of a model: its gates, its real tokens, its name.
+
+    Subclasses (``moewatch.engines.vllm.VllmEngine``) implement :meth:`gates` and
+    :meth:`real_tokens`; the monitor calls them at attach and on every root forward.
+    """
+
+    name = "engine"
+
+    def gates(self, model: nn.Module, options) -> List[GateSpec]:
+        """Every MoE gate of ``model``, each with the seam that hands the hook the engine's
+        own routing decision (``GateSpec.install``). Raises ``AdapterError`` when none fits."""
+        raise NotImplementedError
+
+    def real_tokens(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """At each root forward: a [1, T] mask of the forward's token rows (nonzero = a real
+        token, zero = padding or a warm-up run), or None when every row is real. Runs at run
+        time, outside compiled code."""
+        return None
+
+    def model_name(self, model: nn.Module) -> Optional[str]:
+        """The ``model`` label the engine serves the model under, or None."""
+        return None

@@ -1,0 +1,272 @@
+"""vLLM: its fused-MoE layers as gates, its own routing decision, its real tokens.
+
+vLLM builds every MoE layer as a ``MoERunner`` (``FusedMoEFactory``) holding a router
+(``BaseRouter`` subclasses: top-k, grouped top-k, bias-corrected...) and, beside or inside it,
+the gate module that computes the router logits (``GateLinear``, returning ``(logits, None)``).
+For each layer this engine reads from the layer itself: the global number of logical experts,
+top-k, the scoring function, grouped top-k (groups kept of groups) and whether a score
+correction bias is applied. The expert ids counted are the router's own selection, handed
+over by its capture seam (``router.set_capture_fn``: logical ids, before any EPLB remapping),
+so grouped and biased routing is exact without replaying it; the logits come from a forward
+hook on the gate module, held until the router's callback of the same layer.
+
+Real tokens: vLLM pads a batch to a captured size and says which rows are padding in its
+forward context (``is_padding``); the root forward's hook reads it at run time. Forwards run
+before :attr:`VllmEngine.armed` is set (the engine's own profiling and warm-up runs, when
+attached by the plugin) count no token.
+
+Compiled models: on the CPU vLLM calls the MoE layer's Python code inside its compiled
+graph, so the capture callback and the gate hook are traced into it as one
+``moewatch::stage`` op per layer call. Attach before vLLM compiles (the plugin does); a
+monitor attached to an already compiled model would be blind, and :func:`attach` says so.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+import weakref
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..adapters.base import AdapterError, Companion, GateSpec
+from ..routing import SCORINGS, GateInfo, Routing
+from .base import Engine
+
+logger = logging.getLogger("moewatch.vllm")
+
+
+class EngineAttachWarning(UserWarning):
+    """moewatch attached where it cannot see the engine's routing (e.g. after compilation)."""
+
+
+def _moe_runner_class():
+    try:
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    except ImportError:  # older layouts
+        from vllm.model_executor.layers.fused_moe.layer import MoERunner  # type: ignore
+    return MoERunner
+
+
+def moe_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, layer) of every vLLM fused-MoE layer in ``model``, in model order."""
+    runner = _moe_runner_class()
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, runner)]
+
+
+def _logits_width(module: nn.Module) -> Optional[int]:
+    for attr in ("output_size", "out_features"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.numel():
+        return int(weight.shape[0])
+    return None
+
+
+def find_gate(model: nn.Module, name: str, layer: nn.Module, num_experts: int) -> Tuple[str, nn.Module]:
+    """The module computing ``layer``'s router logits: the layer's own ``gate``, else the
+    sibling module named ``gate`` (or the only sibling ``num_experts`` wide)."""
+    gate = getattr(layer, "gate", None)
+    if isinstance(gate, nn.Module):
+        return f"{name}.gate", gate
+    parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+    parent = model.get_submodule(parent_name) if parent_name else model
+    children = dict(parent.named_children())
+    prefix = f"{parent_name}." if parent_name else ""
+    if isinstance(children.get("gate"), nn.Module) and children["gate"] is not layer:
+        return prefix + "gate", children["gate"]
+    wide = [(n, m) for n, m in children.items() if m is not layer and _logits_width(m) == num_experts]
+    if len(wide) == 1:
+        return prefix + wide[0][0], wide[0][1]
+    raise AdapterError(
+        f"cannot find the gate (router logits module) of vLLM MoE layer {name!r}: neither the layer "
+        f"nor its parent has a 'gate' module, and {len(wide)} siblings are {num_experts} wide")
+
+
+class _LogitsTap:
+    """A layer's router logits, from the gate's hook to the router's capture callback."""
+
+    __slots__ = ("logits",)
+
+    def __init__(self) -> None:
+        self.logits: Optional[torch.Tensor] = None
+
+    def gate_hook(self, module, args, kwargs, output) -> None:
+        self.logits = output[0] if isinstance(output, (tuple, list)) else output  # [T, E]
+
+    def take(self) -> Optional[torch.Tensor]:
+        logits, self.logits = self.logits, None
+        return logits
+
+
+class _CaptureHandle:
+    """Takes moewatch's callback off a router, putting back what was there before."""
+
+    def __init__(self, router, capture, previous) -> None:
+        self._router, self._capture, self._previous = router, capture, previous
+
+    def remove(self) -> None:
+        router = self._router
+        if router is not None and router.capture_fn is self._capture:
+            router.set_capture_fn(self._previous)
+        self._router = None
+
+
+def _route_notes(router) -> str:
+    parts = [f"vLLM {type(router).__name__}: counts are the engine's selected logical expert ids"]
+    groups, kept = getattr(router, "num_expert_group", None), getattr(router, "topk_group", None)
+    grouped = getattr(router, "use_grouped_topk", None)
+    if groups and kept and (grouped is None or grouped) and int(groups) > 1:
+        parts.append(f"grouped top-k ({int(kept)} of {int(groups)} groups)")
+    if getattr(router, "e_score_correction_bias", None) is not None:
+        parts.append("score correction bias (selection only)")
+    return "; ".join(parts)
+
+
+def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
+    """The GateSpec of one vLLM MoE layer (see the module docstring)."""
+    router = getattr(layer, "router", None)
+    if router is None or not callable(getattr(router, "set_capture_fn", None)):
+        raise AdapterError(f"vLLM MoE layer {name!r} has a router ({type(router).__name__}) without a "
+                           "capture seam (set_capture_fn): moewatch cannot see its routing")
+    if getattr(layer, "is_monolithic", False):
+        raise AdapterError(f"vLLM MoE layer {name!r} routes inside a monolithic kernel, which does not "
+                           "call the router's capture seam: moewatch cannot see its routing")
+    config = getattr(layer, "moe_config", None)
+    num_experts = int(getattr(config, "num_logical_experts", 0) or router.global_num_experts)
+    top_k = int(router.top_k)
+    scoring = str(getattr(router, "scoring_func", "softmax"))
+    notes = _route_notes(router)
+    if scoring not in SCORINGS:
+        notes += f"; scoring {scoring!r} is summarised as softmax"
+        scoring = "softmax"
+    gate_name, gate = find_gate(model, name, layer, num_experts)
+    tap = _LogitsTap()
+
+    def extract(module, args, kwargs, topk_ids) -> Routing:
+        logits = tap.take()
+        if logits is None:
+            raise AdapterError(f"the gate {gate_name!r} did not run before the router of {name!r} "
+                               "(fused gate weights?): no logits to go with its decision")
+        return Routing(logits=logits, indices=topk_ids.to(torch.int64))  # [T, E], [T, k]
+
+    def install(hook: Callable[..., None]) -> _CaptureHandle:
+        previous = router.capture_fn  # another capturer (vLLM's routed-experts replay) keeps working
+
+        def capture(topk_ids: torch.Tensor) -> None:  # topk_ids [T, k] logical expert ids
+            if previous is not None:
+                previous(topk_ids)
+            hook(layer, (), {}, topk_ids)
+
+        router.set_capture_fn(capture)
+        return _CaptureHandle(router, capture, previous)
+
+    info = GateInfo(name=gate_name, num_experts=num_experts, top_k=top_k, family="vllm", scoring=scoring,
+                    notes=notes)
+    return GateSpec(info=info, module=gate, extract=extract, companions=(Companion(gate, tap.gate_hook),),
+                    install=install)
+
+
+def _matches(names: Tuple[str, ...], patterns) -> bool:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    return any(n == p or fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+class VllmEngine(Engine):
+    """vLLM's view of one model (one per model; see :func:`engine_of`)."""
+
+    name = "vllm"
+
+    def __init__(self) -> None:
+        self.armed = True  # False: forwards count no token (the plugin, until warm-up is over)
+        self.served_name: Optional[str] = None
+
+    def gates(self, model: nn.Module, options) -> List[GateSpec]:
+        specs = []
+        for name, layer in moe_layers(model):
+            spec = layer_spec(model, name, layer)
+            if options.gates is None or _matches((name, spec.info.name), options.gates):
+                specs.append(spec)
+        if not specs:
+            raise AdapterError(
+                f"found no vLLM MoE layer in {type(model).__name__}" +
+                (f" matching gates={options.gates!r} (patterns match the layer's or its gate's name, "
+                 "e.g. 'model.layers.*.mlp.gate')" if options.gates is not None else ""))
+        return specs
+
+    def real_tokens(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """[1, T] bool (True = a real token) from vLLM's forward context; None: all real."""
+        padding = None
+        try:
+            from vllm.forward_context import get_forward_context, is_forward_context_available
+
+            if is_forward_context_available():
+                padding = get_forward_context().is_padding  # [T] bool, True = padding, or None
+        except ImportError:
+            pass
+        if not self.armed:
+            rows = padding.shape[0] if padding is not None else _token_rows(args, kwargs)
+            device = padding.device if padding is not None else None
+            return torch.zeros(1, rows, dtype=torch.bool, device=device) if rows is not None else None
+        if padding is None:
+            return None
+        return torch.logical_not(padding).view(1, -1)  # [1, T]
+
+    def model_name(self, model: nn.Module) -> Optional[str]:
+        if self.served_name:
+            return self.served_name
+        config = getattr(model, "config", None)
+        value = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        return value if isinstance(value, str) and value else None
+
+
+def _token_rows(args: tuple, kwargs: dict) -> Optional[int]:
+    """T of a vLLM root forward: input_ids [T] or positions [T] / [3, T]."""
+    for key, pos in (("input_ids", 0), ("positions", 1)):
+        value = kwargs.get(key, args[pos] if len(args) > pos else None)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[-1])
+    return None
+
+
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, VllmEngine]" = weakref.WeakKeyDictionary()
+
+
+def engine_of(model: nn.Module) -> VllmEngine:
+    """The :class:`VllmEngine` of ``model`` (one per model, kept as long as the model)."""
+    engine = _ENGINES.get(model)
+    if engine is None:
+        engine = _ENGINES[model] = VllmEngine()
+    return engine
+
+
+def compiled_already(model: nn.Module) -> bool:
+    """True when vLLM has already compiled a part of ``model`` (``@support_torch_compile``
+    sets ``compiled`` after its first compiled call): hooks added now are not in its graph."""
+    return any(getattr(module, "compiled", None) is True or getattr(module, "aot_compiled_fn", None) is not None
+               for module in model.modules())
+
+
+def attach(model: nn.Module, baseline=None, **options) -> Any:
+    """``moewatch.attach`` for a model run by vLLM (the plugin calls this; so may you, in the
+    worker, e.g. through ``LLM.apply_model``). Warns with :class:`EngineAttachWarning` when
+    vLLM has compiled the model already: the compiled graph does not call moewatch."""
+    import moewatch
+
+    late = compiled_already(model)
+    if late:
+        message = ("moewatch attached to a vLLM model that is already compiled: the compiled graph "
+                   "does not call moewatch's hooks, so its counts stay at zero. Attach before vLLM "
+                   "compiles: set MOEWATCH_PORT and let the vLLM plugin attach, or run with "
+                   "enforce_eager=True")
+        logger.warning(message)
+        warnings.warn(message, EngineAttachWarning, stacklevel=2)
+    return moewatch.attach(model, baseline, **options)
+
+
+__all__ = ["EngineAttachWarning", "VllmEngine", "attach", "compiled_already", "engine_of", "find_gate",
+           "layer_spec", "moe_layers"]

@@ -1,0 +1,150 @@
+"""The vLLM plugin: ``MOEWATCH_PORT=9400 vllm serve MODEL`` watches every MoE layer.
+
+Registered as a ``vllm.general_plugins`` entry point (``moewatch``), which vLLM loads in every
+process it starts. Without ``MOEWATCH_PORT`` it does nothing. With it, in each worker:
+
+1. right after the worker loads the model (``Worker.load_model``), before vLLM profiles,
+   compiles or captures anything, it attaches a monitor (:func:`moewatch.engines.vllm.attach`)
+   with every ``MOEWATCH_<OPTION>`` variable as an option, and serves ``/metrics`` on
+   ``MOEWATCH_PORT + local rank`` (``MOEWATCH_ADDR``, default 127.0.0.1);
+2. vLLM's own profiling and warm-up forwards count no token; once ``compile_or_warm_up_model``
+   returns, the monitor counts (``VllmEngine.armed``).
+
+A bad value is an :class:`~moewatch.engines.env.EnvOptionError` naming the variable, raised
+when the worker loads the model, so the engine does not start half-watched. vLLM's compile
+cache is switched off while the plugin is on (``VLLM_DISABLE_COMPILE_CACHE=1`` unless set): a
+graph cached by a run without moewatch would not call its hooks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, List, Optional
+
+from .env import PREFIX, EnvOptionError, options_from_env, port_from_env, unknown_variables
+
+# A child of vLLM's logger, so the messages appear with vLLM's own.
+logger = logging.getLogger("vllm.moewatch")
+
+_MONITORS: List[Any] = []  # monitors attached by the plugin in this process
+_PATCHED = "_moewatch_patched"
+
+
+def monitors() -> List[Any]:
+    """The monitors the plugin attached in this process (one per worker model)."""
+    return [m for m in _MONITORS if m.attached]
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: patch the workers when ``MOEWATCH_PORT`` is set."""
+    try:
+        port = port_from_env()
+    except EnvOptionError as error:
+        logger.error("moewatch: %s", error)
+        port = error  # the worker raises it when it loads the model
+    if port is None:
+        return
+    for name in unknown_variables():
+        logger.warning("moewatch: %s is not a moewatch option and is ignored (options: MOEWATCH_<OPTION> "
+                       "for each moewatch.attach option, see docs/vllm.md)", name)
+    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
+    _patch_workers()
+
+
+def _worker_classes() -> list:
+    classes = []
+    try:
+        from vllm.v1.worker.gpu_worker import Worker
+
+        classes.append(Worker)
+    except Exception as error:  # an engine build without it: nothing to patch there
+        logger.debug("moewatch: no GPU worker class (%s)", error)
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        classes.append(CPUWorker)
+    except Exception as error:
+        logger.debug("moewatch: no CPU worker class (%s)", error)
+    return classes
+
+
+def _patch_workers() -> None:
+    for cls in _worker_classes():
+        for method, wrap in (("load_model", _wrap_load), ("compile_or_warm_up_model", _wrap_warm_up)):
+            original = cls.__dict__.get(method)
+            if original is None or getattr(original, _PATCHED, False):
+                continue  # inherited (the base class's wrapper runs) or already patched
+            wrapped = wrap(original)
+            setattr(wrapped, _PATCHED, True)
+            wrapped.__wrapped__ = original
+            wrapped.__doc__ = original.__doc__
+            setattr(cls, method, wrapped)
+
+
+def _wrap_load(original):
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        attach_worker(self)
+        return result
+
+    return load_model
+
+
+def _wrap_warm_up(original):
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        monitor = getattr(self, "_moewatch_monitor", None)
+        if monitor is not None:
+            from .vllm import engine_of
+
+            engine_of(self.model_runner.get_model()).armed = True  # from now on, forwards count
+            logger.info("moewatch: counting from now on (%d MoE layers)", len(monitor.gates))
+        return result
+
+    return compile_or_warm_up_model
+
+
+def _served_name(worker) -> Optional[str]:
+    config = getattr(getattr(worker, "vllm_config", None), "model_config", None)
+    for attr in ("served_model_name", "model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def attach_worker(worker) -> Any:
+    """Attach a monitor to the model a vLLM worker has just loaded, and serve /metrics."""
+    port = port_from_env()  # raises EnvOptionError: the engine does not start
+    if port is None:
+        return None
+    from .vllm import attach, engine_of
+
+    options = options_from_env()
+    baseline = options.pop("baseline", None)
+    previous = getattr(worker, "_moewatch_monitor", None)
+    if previous is not None:  # the model was loaded again (weights reloaded): watch the new one
+        previous.detach()
+    model = worker.model_runner.get_model()
+    engine = engine_of(model)
+    engine.armed = False  # vLLM's profiling and warm-up runs are not traffic
+    engine.served_name = _served_name(worker)
+    monitor = attach(model, baseline, **options)
+    local_rank = int(getattr(worker, "local_rank", 0) or 0)
+    addr = os.environ.get(PREFIX + "ADDR", "").strip() or "127.0.0.1"
+    try:
+        bound = monitor.serve_prometheus(port=port, addr=addr, local_rank=local_rank)
+    except (OSError, ValueError) as error:
+        monitor.detach()
+        raise EnvOptionError(f"{PREFIX}PORT={port} ({PREFIX}ADDR={addr!r}), local rank {local_rank}: {error}") \
+            from None
+    worker._moewatch_monitor = monitor
+    _MONITORS.append(monitor)
+    logger.info("moewatch: watching %d MoE layers of %s; /metrics on %s:%d", len(monitor.gates),
+                monitor.model_name, addr, bound)
+    return monitor
+
+
+__all__ = ["attach_worker", "monitors", "register"]

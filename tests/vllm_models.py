@@ -1,0 +1,73 @@
+"""Tiny MoE checkpoints for the vLLM engine tests: random weights at a usable scale, as safetensors.
+
+vLLM's ``load_format="dummy"`` fills weights with values so small that every router logit is
+about 1e-6 and every expert ties; these checkpoints are written with transformers' own random
+initialisation (a wider ``initializer_range``), and the DeepSeek-V3 one with a random, non-zero
+score-correction bias, so that routing is decisive and the bias changes it.
+
+Run with the vLLM venv's python (its transformers): ``python vllm_models.py mixtral|deepseek_v3 DIR``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+VOCAB = 256
+
+
+def _finish(model, out_dir: str) -> str:
+    model.save_pretrained(out_dir, safe_serialization=True)
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["torch_dtype"] = "float32"
+    config["dtype"] = "float32"
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
+    return out_dir
+
+
+def mixtral(out_dir: str, seed: int = 0) -> str:
+    """8 experts, top-2, softmax: 2 layers, hidden 64 (vLLM's CPU attention needs head_dim >= 32)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=8,
+                           num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.08,
+                           tie_word_embeddings=False)
+    return _finish(MixtralForCausalLM(config).float(), out_dir)
+
+
+def deepseek_v3(out_dir: str, seed: int = 0) -> str:
+    """DeepSeek-V3 style: 8 routed experts in 4 groups (2 kept), top-2, sigmoid scoring,
+    score-correction bias, one shared expert; layer 0 dense, layers 1-2 MoE; MLA attention
+    (vLLM's CPU MLA kernel needs kv_lora_rank 512 and a rope head of 64)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=512,
+        qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, max_position_embeddings=512,
+        initializer_range=0.08, tie_word_embeddings=False, rope_scaling=None)
+    config.scoring_func = "sigmoid"
+    config.topk_method = "noaux_tc"
+    model = DeepseekV3ForCausalLM(config).float()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):  # zeros by default: make it matter
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return _finish(model, out_dir)
+
+
+MODELS = {"mixtral": mixtral, "deepseek_v3": deepseek_v3}
+
+if __name__ == "__main__":
+    print(MODELS[sys.argv[1]](sys.argv[2]))
