@@ -1,8 +1,9 @@
 """Parquet dumps: the windows ring, the sampled decisions and the metadata, in one file.
 
-Layout (``docs/dumps.md`` is the reference): one Parquet file whose rows are either windows
-(``record = 'window'``: the columns of :meth:`moewatch.Monitor.windows`) or sampled decisions
-(``record = 'decision'``); columns of the other kind are null. One file keeps a dump atomic
+Layout (``docs/dumps.md`` is the reference): one Parquet file whose rows are windows
+(``record = 'window'``: the columns of :meth:`moewatch.Monitor.windows`), sampled decisions
+(``record = 'decision'``) or co-selection spans (``record = 'coselection'``, schema version 2:
+:meth:`moewatch.Monitor.coselection_spans`); columns of the other kinds are null. One file keeps a dump atomic
 (one rename publishes it) and lets SQL read a folder of dumps with one glob. The footer's
 key-value metadata holds, under the key ``moewatch``, a JSON document: schema version, gates,
 options, baseline, the health of every window, and why the dump was written.
@@ -40,10 +41,12 @@ from .windows import WINDOW_COLUMNS, windows_frame
 if TYPE_CHECKING:  # pragma: no cover
     from .monitor import Monitor
 
-SCHEMA_VERSION = 1
+# 2: co-selection rows (record 'coselection', columns window_first and coselection). Version 1
+# dumps are read as before, with no co-selection.
+SCHEMA_VERSION = 2
 FORMAT = "moewatch-dump"
 METADATA_KEY = b"moewatch"
-RECORD_WINDOW, RECORD_DECISION = "window", "decision"
+RECORD_WINDOW, RECORD_DECISION, RECORD_COSELECTION = "window", "decision", "coselection"
 
 _I64, _F64 = pa.int64(), pa.float64()
 # Arrow types of the window columns; a column added to WINDOW_COLUMNS later is inferred.
@@ -59,6 +62,10 @@ WINDOW_TYPES: Dict[str, pa.DataType] = {
 DECISION_TYPES: Dict[str, pa.DataType] = {
     "gate": pa.string(), "window": _I64, "call": _I64, "token": _I64,
     "experts": pa.list_(pa.int32()), "expert_probs": pa.list_(pa.float32()), "valid": pa.bool_(), "seq": _I64,
+}
+# Co-selection spans: the [E, E] counts of windows window_first..window, flattened row-major.
+COSELECTION_TYPES: Dict[str, pa.DataType] = {
+    "gate": pa.string(), "window_first": _I64, "window": _I64, "coselection": pa.list_(_I64),
 }
 
 
@@ -82,8 +89,12 @@ def _records_table(frame: pd.DataFrame, types: Dict[str, pa.DataType], columns: 
     return {c: _column(frame[c].tolist(), types.get(c)) for c in columns}
 
 
-def dump_table(windows: pd.DataFrame, decisions: pd.DataFrame, metadata: dict) -> pa.Table:
-    """The dump as one Arrow table: window rows, then decision rows, metadata in the schema."""
+def dump_table(windows: pd.DataFrame, decisions: pd.DataFrame, metadata: dict,
+               coselection: Optional[pd.DataFrame] = None) -> pa.Table:
+    """The dump as one Arrow table: window rows, decision rows, then co-selection rows (omitted,
+    with their columns, when ``coselection`` is None), metadata in the schema."""
+    from .placement.history import COSELECTION_COLUMNS
+
     window_cols = list(windows.columns)
     extra = [c for c in DECISION_COLUMNS if c not in window_cols]
     win = _records_table(windows, WINDOW_TYPES, window_cols)
@@ -91,6 +102,11 @@ def dump_table(windows: pd.DataFrame, decisions: pd.DataFrame, metadata: dict) -
     fields = [pa.field("record", pa.string())]
     fields += [pa.field(c, win[c].type) for c in window_cols]
     fields += [pa.field(c, dec[c].type) for c in extra]
+    cos: Dict[str, pa.Array] = {}
+    if coselection is not None:
+        cos = _records_table(coselection, COSELECTION_TYPES, list(COSELECTION_COLUMNS))
+        fields += [pa.field(c, COSELECTION_TYPES[c]) for c in COSELECTION_COLUMNS
+                   if c not in window_cols and c not in extra]
     schema = pa.schema(fields)
     n_win, n_dec = len(windows), len(decisions)
 
@@ -100,8 +116,13 @@ def dump_table(windows: pd.DataFrame, decisions: pd.DataFrame, metadata: dict) -
             arrays.append(own[f.name].cast(f.type) if f.name in own else pa.nulls(n, f.type))
         return pa.Table.from_arrays(arrays, schema=schema)
 
-    table = pa.concat_tables([part(win, n_win, RECORD_WINDOW), part(dec, n_dec, RECORD_DECISION)])
-    meta = dict(metadata, window_columns=window_cols, rows={"windows": n_win, "decisions": n_dec})
+    parts = [part(win, n_win, RECORD_WINDOW), part(dec, n_dec, RECORD_DECISION)]
+    rows = {"windows": n_win, "decisions": n_dec}
+    if coselection is not None:
+        parts.append(part(cos, len(coselection), RECORD_COSELECTION))
+        rows["coselection"] = len(coselection)
+    table = pa.concat_tables(parts)
+    meta = dict(metadata, window_columns=window_cols, rows=rows)
     text = json.dumps(_plain_json(meta), allow_nan=False, default=str)
     return table.replace_schema_metadata({METADATA_KEY: text.encode()})
 
@@ -188,6 +209,7 @@ def dump_metadata(monitor: "Monitor", reason: str, trigger: Optional[dict] = Non
             "written": recorder.written(),
         },
         "errors": monitor.error_counts(),
+        "placement": None if getattr(monitor, "placement", None) is None else monitor.placement.to_json(),
     }
 
 
@@ -195,7 +217,8 @@ def monitor_table(monitor: "Monitor", reason: str, trigger: Optional[dict] = Non
     """Everything a dump of ``monitor`` holds, as one Arrow table."""
     recorder = getattr(monitor, "_decisions", None)
     decisions = recorder.frame() if recorder is not None else empty_decisions()
-    return dump_table(monitor.windows(), decisions, dump_metadata(monitor, reason, trigger))
+    spans = monitor.coselection_spans() if hasattr(monitor, "coselection_spans") else None
+    return dump_table(monitor.windows(), decisions, dump_metadata(monitor, reason, trigger), spans)
 
 
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
@@ -232,12 +255,20 @@ def write_dump(monitor: "Monitor", path: str, reason: str = "manual", trigger: O
 # -- reading ------------------------------------------------------------------------------
 @dataclass
 class Dump:
-    """A dump read back: ``windows`` (as ``Monitor.windows()``), ``decisions``, ``metadata``."""
+    """A dump read back: ``windows`` (as ``Monitor.windows()``), ``decisions``, ``metadata`` and
+    ``coselection`` (as ``Monitor.coselection_spans()``; no rows in a version 1 dump)."""
 
     path: str
     windows: pd.DataFrame
     decisions: pd.DataFrame
     metadata: Dict[str, Any] = field(default_factory=dict)
+    coselection: Optional[pd.DataFrame] = None
+
+    def __post_init__(self) -> None:
+        if self.coselection is None:
+            from .placement.history import coselection_frame
+
+            self.coselection = coselection_frame([])
 
     @property
     def schema_version(self) -> int:
@@ -346,13 +377,20 @@ def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
     columns = list(meta.get("window_columns") or WINDOW_COLUMNS)
     # list column -> (values a row, values in all rows of its kind)
     lists = {**{c: (limits.max_experts, limits.max_expert_values) for c in dump_read.EXPERT_LISTS},
-             **{c: (limits.max_top_k, limits.max_decisions * limits.max_top_k) for c in ("experts", "expert_probs")}}
+             **{c: (limits.max_top_k, limits.max_decisions * limits.max_top_k) for c in ("experts", "expert_probs")},
+             "coselection": (limits.max_experts ** 2, limits.max_coselection_values)}
     claimed = meta.get("rows") or {}
     try:
-        if (claimed.get("windows") or 0) > limits.max_window_rows or (claimed.get("decisions") or 0) > limits.max_decisions:
+        if (claimed.get("windows") or 0) > limits.max_window_rows or (claimed.get("decisions") or 0) > limits.max_decisions \
+                or (claimed.get("coselection") or 0) > limits.max_window_rows:
             raise dump_read.Refused(f"its metadata says {claimed}; the limits are {limits.max_window_rows:,} "
                                     f"window rows and {limits.max_decisions:,} decisions (DumpLimits)")
         dump_read.check_schema(schema, columns, WINDOW_TYPES, DECISION_COLUMNS, DECISION_TYPES)
+        has_coselection = "coselection" in schema.names  # schema version 2
+        if has_coselection:
+            from .placement.history import COSELECTION_COLUMNS
+
+            dump_read.check_schema(schema, [], {}, COSELECTION_COLUMNS, COSELECTION_TYPES)
         dump_read.check_row_groups(footer, lists, limits)
     except dump_read.Refused as error:
         raise _refused(path, error) from None
@@ -375,6 +413,13 @@ def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
                                   {c: lists[c] for c in ("experts", "expert_probs")}, limits, limits.max_decisions)
         count("decisions", dec)
         dump_read.check_decisions(dec, gates, limits)
+        cos = None
+        if has_coselection:
+            cos = dump_read.read_kind(pf, RECORD_COSELECTION, COSELECTION_COLUMNS,
+                                      _plain_schema(schema, COSELECTION_COLUMNS),
+                                      {"coselection": lists["coselection"]}, limits, limits.max_window_rows)
+            count("coselection", cos)
+            dump_read.check_coselection(cos, gates)
     except dump_read.Refused as error:
         raise _refused(path, error) from None
     except (pa.ArrowException, OSError, ValueError) as error:
@@ -384,7 +429,12 @@ def read_dump(path: str, limits: Optional[DumpLimits] = None) -> Dump:
     else:  # no rows: the exact empty frame Monitor.windows() returns
         windows = windows_frame([], [])
     decisions = dec.to_pandas() if dec.num_rows else empty_decisions()
-    return Dump(path=path, windows=windows, decisions=decisions, metadata=meta)
+    coselection = None
+    if cos is not None and cos.num_rows:
+        from .placement.history import coselection_frame
+
+        coselection = coselection_frame(cos.to_pandas().to_dict("records"))
+    return Dump(path=path, windows=windows, decisions=decisions, metadata=meta, coselection=coselection)
 
 
 def _plain_schema(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:

@@ -152,7 +152,7 @@ def check(meta: Dict[str, Any], known_columns: Sequence[str]) -> None:
     _strings(trigger.get("gates"), "trigger.gates")
     _int(trigger.get("window"), "trigger.window")
     rows = _dict(meta.get("rows"), "rows")
-    for key in ("windows", "decisions"):
+    for key in ("windows", "decisions", "coselection"):
         _int(rows.get(key), f"rows.{key}")
     if "window_columns" in meta:
         columns = _strings(meta["window_columns"], "window_columns")

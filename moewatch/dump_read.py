@@ -47,6 +47,7 @@ class DumpLimits:
     max_experts: int = 4096  # num_experts of one gate
     max_top_k: int = 64  # experts in one decision
     max_string_bytes: int = 64 * 2 ** 10  # one gate, family or record value
+    max_coselection_values: int = 2 ** 24  # co-selection counts in all rows (E x E a row; one expert list's worth)
     batch_rows: int = 8192  # rows decoded at a time
 
 
@@ -274,6 +275,30 @@ def check_decisions(table: pa.Table, gates: Dict[str, int], limits: DumpLimits) 
     bound = np.repeat(limit, chosen)
     if ids.size and ((ids < 0) | (ids >= bound)).any():
         raise Refused("a decision names an expert its gate does not have")
+
+
+def check_coselection(table: pa.Table, gates: Dict[str, int]) -> None:
+    """Co-selection rows: no nulls, known gates, E x E non-negative symmetric counts, window_first <= window."""
+    if not table.num_rows:
+        return
+    _nulls(table, table.column_names, "coselection")
+    names = table.column("gate").to_pylist()
+    unknown = sorted(set(names) - set(gates))
+    if unknown:
+        raise Refused(f"co-selection rows of gates the metadata does not list: {unknown[:3]}")
+    first, last = _array(table, "window_first"), _array(table, "window")
+    if (first < 0).any() or (first > last).any():
+        raise Refused("a co-selection row's window_first is negative or after its window")
+    lengths = pc.list_value_length(table.column("coselection")).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = pc.list_flatten(table.column("coselection")).to_numpy()
+    for i, name in enumerate(names):
+        e = gates[name]
+        if lengths[i] != e * e:
+            raise Refused(f"co-selection row {i} of gate {name!r} holds {int(lengths[i])} values, not {e} x {e}")
+        matrix = values[offsets[i]:offsets[i + 1]].reshape(e, e)
+        if (matrix < 0).any() or not (matrix == matrix.T).all():
+            raise Refused(f"co-selection row {i} of gate {name!r} is not a symmetric matrix of counts")
 
 
 def gate_experts(meta: dict) -> Dict[str, int]:

@@ -22,6 +22,9 @@ PREFIX = "moewatch_"
 PROCESS_LABELS: Tuple[str, ...] = ("model", "rank")
 GATE_LABELS: Tuple[str, ...] = PROCESS_LABELS + ("layer",)
 EXPERT_LABELS: Tuple[str, ...] = GATE_LABELS + ("expert",)
+# Per rank of the expert placement (expert_placement=): `ep_rank` is a rank of the expert-parallel
+# group the placement describes, not the `rank` of the exporting process. At most R <= E series a gate.
+EP_RANK_LABELS: Tuple[str, ...] = GATE_LABELS + ("ep_rank",)
 
 # Numeric encoding of a severity in the *_severity gauges.
 SEVERITY_VALUE: Dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
@@ -178,6 +181,22 @@ METRICS: List[Metric] = [
     _m("gate_check_severity", G, GATE_LABELS + ("check",), "severity",
        "Verdict of one detector check for the gate: 0 ok, 1 drift, 2 collapse.",
        "mon.health().gates[layer].checks"),
+    # -- per gate, expert parallelism under expert_placement= (absent without a placement) --
+    _m("gate_ep_ranks", G, GATE_LABELS, "",
+       "Ranks (R) of the expert placement given with expert_placement=.", "mon.placement.num_ranks"),
+    _m("gate_ep_rank_load_share_ratio", G, EP_RANK_LABELS, "ratio",
+       "Share of the gate's assignments that go to the experts placed on rank ep_rank, in the latest "
+       "window (1/R when balanced).", "ep_rank_share"),
+    _m("gate_ep_load_imbalance_ratio", G, GATE_LABELS, "",
+       "Max / mean rank load of the latest window under the placement: 1 when balanced, R when one rank "
+       "takes every assignment (vLLM's balancedness is its inverse).", "ep_load_imbalance"),
+    _m("gate_alltoall_sends_per_token", G, GATE_LABELS, "",
+       "Mean number of other ranks a token of the latest window is sent to under the placement: the "
+       "distinct ranks holding its experts, less its home rank when the process's rank is known.",
+       "alltoall_sends_per_token"),
+    _m("gate_alltoall_sends_total", C, GATE_LABELS, "tokens",
+       "Token copies an all-to-all dispatch sends to other ranks under the placement, since attach.",
+       "alltoall_sends"),
     # -- per expert (within the series budget) ---------------------------------------------
     _m("expert_assignments_total", C, EXPERT_LABELS, "assignments",
        "Assignments of tokens to the expert since attach (mon.counts() at the latest window close).", "mon.counts()"),
@@ -218,7 +237,8 @@ def markdown() -> str:
         "",
         "Labels: `model` (the `model_name=` option, else the model's config name), `rank` (from",
         "`torch.distributed`, else `RANK`, else `0`), `layer` (the gate's module name), `expert` (its",
-        "index), `component` (the failing part), `check` (a detector check, values below), `state` (a",
+        "index), `ep_rank` (a rank of the `expert_placement=` option, R series a gate at most),",
+        "`component` (the failing part), `check` (a detector check, values below), `state` (a",
         "monitoring state: " + ", ".join(f"`{s}`" for s in MONITORING_STATES) + "), `version`.",
         "",
         "Gauges described as *in the latest window* hold the most recently closed window; counters",

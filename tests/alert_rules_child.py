@@ -1,7 +1,8 @@
 """A monitored model serving traffic in a process of its own, for the alert-rule and dashboard
 tests: a real Prometheus scrapes it while the parent injects and removes faults.
 
-Usage: ``python alert_rules_child.py [--baseline] [--capacity-factor F] [--model-name NAME]``.
+Usage: ``python alert_rules_child.py [--baseline] [--capacity-factor F] [--model-name NAME]
+[--expert-placement contiguous:R]``.
 Serves /metrics on a free port and prints ``{"port": ..., "gates": [...]}``; then runs a forward
 and closes a window every ``--period`` seconds until told to stop. Commands on stdin, one per
 line, each answered by one JSON line once applied between two forwards:
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=None)
     parser.add_argument("--model-name", default="tiny-mixtral")
     parser.add_argument("--period", type=float, default=0.25)
+    parser.add_argument("--expert-placement", default=None, help="expert_placement= (e.g. contiguous:2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = tiny_mixtral()
@@ -54,7 +56,7 @@ def main() -> None:
                 run_forwards(model, steps=1, batch=4, seed=1000 + i)
                 recorder.flush()
             baseline = recorder.baseline()
-    mon = moewatch.attach(model, baseline=baseline, **options)
+    mon = moewatch.attach(model, baseline=baseline, expert_placement=args.expert_placement, **options)
     port = mon.serve_prometheus(port=0)
     commands: "queue.Queue[str]" = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()

@@ -38,11 +38,12 @@ def test_dump_reads_back_the_windows_frame_and_metadata(tmp_path, mixtral):
     assert_frame_equal(read_windows(path), frame)
     assert len(frame) == 6 and frame["expert_counts"].map(len).eq(8).all()
     meta = dump.metadata
-    assert meta["schema_version"] == 1 and meta["format"] == "moewatch-dump" and meta["reason"] == "manual"
+    assert meta["schema_version"] == 2 and meta["format"] == "moewatch-dump" and meta["reason"] == "manual"
     assert [g["name"] for g in meta["gates"]] == GATES and meta["model_name"] == "tiny"
     assert meta["options"]["sample_decisions"] == 0.5 and meta["baseline"] is None
     assert [e["window"] for e in meta["timeline"]] == [0, 1, 2]
-    assert meta["rows"] == {"windows": 6, "decisions": len(dump.decisions)} and len(dump.decisions) > 0
+    assert meta["rows"] == {"windows": 6, "decisions": len(dump.decisions), "coselection": len(dump.coselection)}
+    assert len(dump.decisions) > 0
     # a directory as the path: a new dump named inside it
     named = mon.dump(tmp_path)
     assert os.path.dirname(named) == str(tmp_path) and os.path.basename(named).startswith("moewatch-")
@@ -227,7 +228,7 @@ def test_truncated_corrupt_foreign_and_newer_files_are_clear_errors(tmp_path, mi
         read_dump(tmp_path / "foreign.parquet")
     table = pq.read_table(good)
     meta = dict(table.schema.metadata)
-    meta[b"moewatch"] = meta[b"moewatch"].replace(b'"schema_version": 1', b'"schema_version": 99')
+    meta[b"moewatch"] = meta[b"moewatch"].replace(b'"schema_version": 2', b'"schema_version": 99')
     pq.write_table(table.replace_schema_metadata(meta), tmp_path / "newer.parquet")
     with pytest.raises(DumpFormatError, match="newer"):
         read_dump(tmp_path / "newer.parquet")
@@ -339,3 +340,54 @@ def test_sampled_decisions_of_a_gate_that_returns_only_logits(tmp_path):
         chosen = block.last_indices.reshape(-1, 2)  # [T, k]
         assert list(mine["token"]) == list(range(0, 20, 2))
         assert [e.tolist() for e in mine["experts"]] == [chosen[t].tolist() for t in mine["token"]]
+
+
+def test_coselection_round_trips_and_sums_to_the_live_counts(tmp_path, mixtral):
+    # E = 8: a span every 2 windows; 5 windows make spans 0-1, 2-3 and the tail 4
+    mon = moewatch.attach(mixtral, background=False, expert_placement="contiguous:2")
+    _run(mixtral, mon, windows=5)
+    path = mon.dump(tmp_path / "cosel.parquet")
+    dump = read_dump(path)
+    spans = mon.coselection_spans()
+    assert_frame_equal(dump.coselection, spans)
+    assert sorted(set(zip(spans["window_first"], spans["window"]))) == [(0, 1), (2, 3), (4, 4)]
+    live = mon.coselection()
+    for gate in GATES:
+        rows = dump.coselection[dump.coselection["gate"] == gate]["coselection"]
+        total = np.sum([np.asarray(r).reshape(8, 8) for r in rows], axis=0)
+        np.testing.assert_array_equal(total, live[gate])
+        assert np.trace(total) == mon.counts()[gate].sum()  # top-2 of distinct experts: diagonal = assignments
+    assert dump.metadata["placement"]["ranks"] == 2
+    mon.detach()
+
+
+def test_version_1_dumps_stay_readable(tmp_path, mixtral):
+    from moewatch.dump import dump_metadata, dump_table, write_table_atomic
+    from moewatch.decisions import empty_decisions
+
+    mon = moewatch.attach(mixtral, background=False)
+    _run(mixtral, mon, windows=2)
+    meta = dict(dump_metadata(mon, "manual"), schema_version=1)
+    meta.pop("placement")
+    write_table_atomic(dump_table(mon.windows(), empty_decisions(), meta), str(tmp_path / "v1.parquet"))
+    dump = read_dump(tmp_path / "v1.parquet")
+    assert dump.schema_version == 1 and dump.coselection.empty
+    assert_frame_equal(dump.windows, mon.windows())
+    mon.detach()
+
+
+def test_a_coselection_row_that_is_not_a_matrix_is_refused(tmp_path, mixtral):
+    import pyarrow as pa
+
+    mon = moewatch.attach(mixtral, background=False)
+    _run(mixtral, mon, windows=2)
+    table = pq.read_table(mon.dump(tmp_path / "good.parquet"))
+    column = table.column("coselection").to_pylist()
+    row = next(i for i, v in enumerate(column) if v is not None)
+    column[row] = [1, 2, 3]  # 3 values for an 8-expert gate
+    bad = table.set_column(table.schema.get_field_index("coselection"), "coselection",
+                           pa.array(column, pa.list_(pa.int64())))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(DumpFormatError, match="co-selection row"):
+        read_dump(tmp_path / "bad.parquet")
+    mon.detach()

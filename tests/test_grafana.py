@@ -187,10 +187,11 @@ def evaluate(stack, expr: str, instant: bool):
 
 @pytest.fixture(scope="module")
 def live(request, tmp_path_factory):
-    """A monitor with a baseline and a capacity factor, scraped by a real Prometheus loading the
+    """A monitor with a baseline, a capacity factor and an expert placement, scraped by a real Prometheus loading the
     rules (the `for:` of the detector-verdict alerts shortened), with a two-expert collapse
     injected at layer 1 so that an alert fires."""
-    child = Child("--model-name", "grafana-mixtral", "--baseline", "--capacity-factor", "1.25")
+    child = Child("--model-name", "grafana-mixtral", "--baseline", "--capacity-factor", "1.25",
+                  "--expert-placement", "contiguous:2")
     request.addfinalizer(child.stop)
     rules = render_rules(str(tmp_path_factory.mktemp("rules")),
                          {"MoewatchRouterCollapse": "1s", "MoewatchRoutingDrift": "1s"})

@@ -1,6 +1,7 @@
 """ExportState -> samples of every metric in :mod:`moewatch.schema` (shared by all exporters)."""
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 from .. import __version__
@@ -72,11 +73,35 @@ def _gate_samples(gate: GateState, base: Tuple[str, ...]) -> Dict[str, List[Samp
     std = gate.window_value("logit_std")
     ratio = std / gate.baseline_logit_std if std is not None and gate.baseline_logit_std else None
     out["gate_logit_std_baseline_ratio"] = [(labels, ratio)] if ratio is not None else []
+    out.update(_expert_parallel_samples(gate, labels))
     out["expert_assignments_total"] = [(labels + (str(e),), float(c))
                                        for e, c in enumerate(gate.assignments_total)]
     shares = gate.latest["expert_share"] if gate.latest is not None and gate.latest["assignments"] else None
     out["expert_load_share_ratio"] = ([(labels + (str(e),), float(s)) for e, s in enumerate(shares)]
                                       if shares is not None else [])
+    return out
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def _expert_parallel_samples(gate: GateState, labels: Tuple[str, ...]) -> Dict[str, List[Sample]]:
+    """Series of expert parallelism under expert_placement= (none without a placement)."""
+    out: Dict[str, List[Sample]] = {"gate_ep_ranks": [], "gate_ep_rank_load_share_ratio": [],
+                                    "gate_ep_load_imbalance_ratio": [], "gate_alltoall_sends_per_token": [],
+                                    "gate_alltoall_sends_total": []}
+    if gate.ep_ranks is None:
+        return out
+    out["gate_ep_ranks"] = [(labels, float(gate.ep_ranks))]
+    out["gate_alltoall_sends_total"] = [(labels, float(gate.alltoall_sends_total or 0))]
+    balance = gate.ep_balance
+    if balance is not None:
+        out["gate_ep_rank_load_share_ratio"] = [(labels + (str(r),), float(v))
+                                                for r, v in enumerate(balance["ep_rank_share"]) if _finite(v)]
+        for name, key in (("gate_ep_load_imbalance_ratio", "ep_load_imbalance"),
+                          ("gate_alltoall_sends_per_token", "alltoall_sends_per_token")):
+            out[name] = [(labels, float(balance[key]))] if _finite(balance[key]) else []
     return out
 
 

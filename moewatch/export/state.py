@@ -39,6 +39,10 @@ class GateState:
     monitoring: str = "no_data"  # a MONITORING_STATES value (moewatch.health)
     baseline_logit_std: Optional[float] = None
     baseline_medians: Dict[str, float] = field(default_factory=dict)  # BASELINE_STATS column -> median
+    # expert parallelism under expert_placement= (None without a placement; see moewatch.placement)
+    ep_ranks: Optional[int] = None
+    ep_balance: Optional[dict] = None  # placement.balance.window_balance() of the latest window
+    alltoall_sends_total: Optional[int] = None
 
     def window_value(self, column: str) -> Optional[float]:
         """A finite scalar of the latest window, or None (no window yet, or undefined)."""
@@ -172,8 +176,27 @@ class StateReader:
                 monitoring=verdict.monitoring if verdict is not None else "no_data",
                 baseline_logit_std=logit_std_median,
                 baseline_medians=dict(medians),
+                **_expert_parallel(monitor, i, gate, last, latest),
             ))
         return out
+
+
+def _expert_parallel(monitor, row: int, gate, last, latest) -> dict:
+    """The GateState fields of expert parallelism ({} without a placement)."""
+    placement = getattr(monitor, "_placement", None)
+    if placement is None:
+        return {}
+    from ..hotpath.layout import RANK_TOKENS
+    from ..placement.balance import window_balance
+
+    home = getattr(monitor, "_home_rank", None)
+    reach = last.counts[row, RANK_TOKENS, :placement.num_ranks]  # [R] cumulative
+    out = {"ep_ranks": placement.num_ranks,
+           "alltoall_sends_total": int(reach.sum() - (reach[home] if home is not None else 0))}
+    if latest is not None:
+        out["ep_balance"] = window_balance(latest.counts[row], float(latest.sums[row, TOKENS]),
+                                           placement.ranks[gate.name], placement.num_ranks, home)
+    return out
 
 
 def _live_gate(gate: GateState, live: Health) -> GateState:
