@@ -1,4 +1,5 @@
-"""The ``moewatch`` command: ``moewatch demo``, ``moewatch baseline ...``, ``moewatch report ...``.
+"""The ``moewatch`` command: ``moewatch demo``, ``moewatch baseline ...``, ``moewatch report ...``,
+``moewatch placement ...``.
 
 Each subcommand lives in a module ``moewatch.cli_<name>`` exposing ``add_parser(subparsers)``,
 which registers its parser and sets ``func(args) -> int`` as the handler.
@@ -10,7 +11,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMANDS = ("demo", "baseline", "report")
+SUBCOMMANDS = ("demo", "baseline", "report", "placement")
 
 
 def build_parser() -> argparse.ArgumentParser:
