@@ -1,0 +1,92 @@
+"""MOEWATCH_<OPTION> variables (moewatch.engines.env) and fire drills on gates= custom gates."""
+from __future__ import annotations
+
+import pytest
+import torch
+import moewatch
+from moewatch import faults
+from moewatch.engines.env import EnvOptionError, options_from_env, port_from_env, unknown_variables, variable
+from moewatch_from_scratch_gate import PairGateLM
+
+
+def test_every_option_converts_from_its_variable(tmp_path):
+    baseline = tmp_path / "b.json"
+    baseline.write_text("{}")
+    env = {"MOEWATCH_WINDOW_TOKENS": "4096", "MOEWATCH_WINDOW_SECONDS": "2.5", "MOEWATCH_BACKGROUND": "off",
+           "MOEWATCH_GATES": "a.*.gate, b.*.gate", "MOEWATCH_TOP_K": "2", "MOEWATCH_CAPACITY_FACTOR": "none",
+           "MOEWATCH_ALERTMANAGER_URL": "http://127.0.0.1:9093", "MOEWATCH_DUMP_DIR": str(tmp_path),
+           "MOEWATCH_MODEL_NAME": "mixtral-8x7b", "MOEWATCH_BASELINE": str(baseline), "UNRELATED": "x"}
+    assert options_from_env(env) == {
+        "window_tokens": 4096, "window_seconds": 2.5, "background": False, "gates": ["a.*.gate", "b.*.gate"],
+        "top_k": 2, "capacity_factor": None, "alertmanager_url": "http://127.0.0.1:9093",
+        "dump_dir": str(tmp_path), "model_name": "mixtral-8x7b", "baseline": str(baseline)}
+    assert variable("window_tokens") == "MOEWATCH_WINDOW_TOKENS"
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("MOEWATCH_WINDOW_TOKENS", "lots", "must be an integer"),
+    ("MOEWATCH_WINDOW_TOKENS", "-5", "must be a positive number"),
+    ("MOEWATCH_WINDOW_SECONDS", "soon", "must be a number"),
+    ("MOEWATCH_BACKGROUND", "maybe", "1/0, true/false"),
+    ("MOEWATCH_ALERTMANAGER_URL", "127.0.0.1:9093", "http:// or https://"),
+    ("MOEWATCH_SCORING", "relu", "scoring="),
+    ("MOEWATCH_METER_PROVIDER", "x", "Python object"),
+    ("MOEWATCH_BASELINE", "/nonexistent/baseline.json", "no such file"),
+    ("MOEWATCH_GATES", " , ", "at least one module pattern"),
+])
+def test_a_bad_value_is_an_error_naming_the_variable(name, value, says):
+    with pytest.raises(EnvOptionError) as error:
+        options_from_env({name: value})
+    assert str(error.value).startswith(name) and says in str(error.value)
+
+
+def test_port_and_unknown_variables():
+    assert port_from_env({}) is None and port_from_env({"MOEWATCH_PORT": " 9400 "}) == 9400
+    for bad in ("http", "0", "70000"):
+        with pytest.raises(EnvOptionError, match="MOEWATCH_PORT"):
+            port_from_env({"MOEWATCH_PORT": bad})
+    assert unknown_variables({"MOEWATCH_PORT": "1", "MOEWATCH_WINDOWTOKENS": "5", "MOEWATCH_ADDR": "::1",
+                              "MOEWATCH_FUZZ_EXAMPLES": "9"}) == ["MOEWATCH_WINDOWTOKENS"]
+
+
+def test_the_plugin_does_nothing_without_moewatch_port(monkeypatch):
+    from moewatch.engines import vllm_plugin
+
+    monkeypatch.delenv("MOEWATCH_PORT", raising=False)
+    assert vllm_plugin.register() is None and vllm_plugin.monitors() == []
+
+
+def test_fire_drill_on_a_custom_gate_returning_logits_and_none():
+    torch.manual_seed(0)
+    model = PairGateLM()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = model(ids)
+    with moewatch.attach(model, gates="blocks.*.router", top_k=2, background=False) as mon:
+        with torch.no_grad():
+            model(ids)
+        assert mon.flush().severity == "ok"  # a healthy window first
+        healthy = {g: c.copy() for g, c in mon.counts().items()}
+        with faults.two_expert_collapse(model, experts=(3, 4), strength=4.0, gates="blocks.*.router") as fault:
+            assert fault.gates == ["blocks.0.router", "blocks.1.router"]
+            verdicts = []
+            for _ in range(2):  # a collapse must persist two windows
+                with torch.no_grad():
+                    faulted = model(ids)
+                verdicts.append(mon.flush().severity)
+        assert verdicts == ["ok", "collapse"]
+        assert not torch.equal(faulted, clean)  # the model routed the faulted logits
+        for gate, counts in mon.counts().items():
+            added = counts - healthy[gate]
+            assert added[[3, 4]].sum() > 0.8 * added.sum()
+    with torch.no_grad():
+        assert torch.equal(model(ids), clean)  # removed: as before
+
+
+def test_fire_drill_on_a_sigmoid_custom_gate():
+    model = PairGateLM()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    with faults.dead_expert(model, expert=5, gates="blocks.*.router"):
+        with torch.no_grad():
+            model(ids)
+        assert all((block.last_indices != 5).all() for block in model.blocks)
