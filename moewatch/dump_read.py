@@ -47,7 +47,9 @@ class DumpLimits:
     max_experts: int = 4096  # num_experts of one gate
     max_top_k: int = 64  # experts in one decision
     max_string_bytes: int = 64 * 2 ** 10  # one gate, family or record value
-    max_coselection_values: int = 2 ** 24  # co-selection counts in all rows (E x E a row; one expert list's worth)
+    # co-selection counts in all rows (E x E a row): as many as the four per-expert lists together, which
+    # holds the spans of the default ring (a span every E/4 windows) of a 64-layer, 256-expert model
+    max_coselection_values: int = 2 ** 26
     batch_rows: int = 8192  # rows decoded at a time
 
 

@@ -211,11 +211,13 @@ def rank_tokens(slots: torch.Tensor, token_weight: torch.Tensor, ranks: torch.Te
     over ranks: the number of (token, rank) sends of an all-to-all dispatch.
     """
     num_experts = ranks.shape[0]
-    on = ranks.to(slots.device).long()[slots]  # [T, k] rank of each chosen expert
-    real = (token_weight != 0).to(torch.int64).unsqueeze(1).expand_as(on)  # [T, k]
-    hit = torch.zeros(slots.shape[0], num_experts, dtype=torch.int64, device=slots.device)  # [T, R<=E]
-    hit.scatter_reduce_(1, on, real, reduce="amax")
-    return hit.sum(dim=0)  # [E]
+    on = ranks.to(slots.device).long()[slots].sort(dim=1).values  # [T, k] ranks of the chosen experts, ascending
+    first = torch.ones_like(on, dtype=torch.bool)  # [T, k] the first slot naming its rank
+    if on.shape[1] > 1:
+        first[:, 1:] = on[:, 1:] != on[:, :-1]
+    keep = (first & (token_weight != 0).unsqueeze(1)).to(torch.int64)  # [T, k]
+    out = torch.zeros(num_experts, dtype=torch.int64, device=slots.device)  # [R <= E]
+    return out.index_add_(0, on.reshape(-1), keep.reshape(-1))
 
 
 def would_be_drops(slots: torch.Tensor, token_weight: torch.Tensor, top_k: int, capacity_factor: float,
