@@ -12,7 +12,10 @@
    exactly;
 5. one kernel per gate call: the profiler sees exactly one launch of the fused kernel per gate
    call of a forward;
-then an overhead table: a Mixtral-shaped model in bf16, forwards of B tokens (decode-shaped, B =
+6. co-selection and tokens per rank on CUDA (expert placement): the kernel's counts equal the
+   numpy reference from the same indices (random shapes, padding, k up to 8), and after a CUDA
+   graph capture 10 replays add exactly 10x one forward's co-selection;
+then the fused kernel's time per gate call with and without the placement statistics, and an overhead table: a Mixtral-shaped model in bf16, forwards of B tokens (decode-shaped, B =
 1, 8, 64) and a prefill, eager and CUDA-graph replays, with and without moewatch, medians of
 interleaved rounds with their min-max ratio. Targets: <= 3% eager, <= 1% with CUDA graphs.
 Prints one line per check and exits 1 if any fails.
@@ -157,6 +160,93 @@ def check_one_kernel_per_gate_call(device) -> str:
     return f"one fused kernel per gate call ({launches} launches for {gates} gates)"
 
 
+def check_placement_statistics(device) -> str:
+    from moewatch.hotpath import layout, triton_backend
+    from tests.coselection_numpy import numpy_coselection, numpy_rank_tokens
+
+    if not triton_backend.AVAILABLE:
+        raise RuntimeError("Triton is not installed: the torch reference runs instead of the fused kernel")
+    g = torch.Generator().manual_seed(3)
+    cases = 0
+    for tokens, experts, k in [(1, 8, 2), (7, 60, 6), (300, 64, 8), (8191, 256, 8), (4096, 8, 2)]:
+        x = torch.randn(tokens, experts, generator=g)
+        idx = torch.rand(tokens, experts, generator=g).argsort(dim=1)[:, :k]  # [T, k]
+        valid = torch.rand(tokens, generator=g) < 0.8  # [T] padding excluded
+        ranks = torch.randint(0, max(1, experts // 4), (2, experts), generator=g)  # [G, E]
+        sums = torch.zeros(2, layout.NUM_SCALARS + experts, dtype=torch.float64, device=device)
+        counts = torch.zeros(2, layout.COUNT_ROWS, experts, dtype=torch.int64, device=device)
+        absmax = torch.zeros(2, dtype=torch.float64, device=device)
+        cosel = torch.zeros(2, experts, experts, dtype=torch.int64, device=device)
+        triton_backend.observe(x.to(device), idx.to(device), None, None, valid.to(device), None, None, 0, sums,
+                               counts, absmax, 1, k, 0, 0.0, cosel=cosel, ranks=ranks.to(device))
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(layout.symmetric(cosel[1].cpu().numpy()),
+                                      numpy_coselection(idx.numpy(), valid.numpy(), experts))
+        np.testing.assert_array_equal(counts[1, layout.RANK_TOKENS].cpu().numpy(),
+                                      numpy_rank_tokens(idx.numpy(), valid.numpy(), ranks[1].numpy()))
+        cases += 1
+    torch.manual_seed(1)
+    model = TinyMoELM().to(device).eval()
+    static_ids = torch.randint(0, 64, (4, 16), device=device)
+    mon = moewatch.attach(model, gates="*.router", top_k=2, background=False, expert_placement="contiguous:2")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(static_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        before = mon.coselection()
+        model(static_ids)
+        one = _delta(mon.coselection(), before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(static_ids)
+        captured = mon.coselection()
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+        replayed = _delta(mon.coselection(), captured)
+    mon.detach()
+    for name in one:
+        np.testing.assert_array_equal(replayed[name], 10 * one[name])
+    return f"co-selection and tokens per rank equal numpy ({cases} kernel cases); 10 graph replays = 10 x one forward"
+
+
+def placement_cost_table(device, repeats: int = 50) -> None:
+    """Fused kernel time per gate call without and with the placement statistics (CUDA events)."""
+    from moewatch.hotpath import layout, triton_backend
+
+    if not triton_backend.AVAILABLE:
+        return
+    print("\nfused kernel per gate call, microseconds (median of "
+          f"{repeats}): without / with co-selection / with co-selection and tokens per rank")
+    for tokens, experts, k in [(1, 8, 2), (64, 8, 2), (64, 256, 8), (8192, 8, 2), (8192, 256, 8)]:
+        x = torch.randn(tokens, experts, device=device, dtype=torch.bfloat16)
+        idx = torch.topk(x.float(), k).indices
+        sums = torch.zeros(1, layout.NUM_SCALARS + experts, dtype=torch.float64, device=device)
+        counts = torch.zeros(1, layout.COUNT_ROWS, experts, dtype=torch.int64, device=device)
+        absmax = torch.zeros(1, dtype=torch.float64, device=device)
+        cosel = torch.zeros(1, experts, experts, dtype=torch.int64, device=device)
+        ranks = (torch.arange(experts, device=device) * 4 // experts).reshape(1, experts)
+        row = []
+        for kw in ({}, {"cosel": cosel}, {"cosel": cosel, "ranks": ranks}):
+            call = lambda: triton_backend.observe(x, idx, None, None, None, None, None, 0, sums, counts,  # noqa: E731
+                                                  absmax, 0, k, 0, 0.0, **kw)
+            for _ in range(5):
+                call()
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            row.append(float(np.median(times)))
+        print(f"  T={tokens:<5} E={experts:<4} k={k}: " + " / ".join(f"{t:.1f}" for t in row))
+
+
 def overhead_table(device, repeats: int = 7) -> None:
     import statistics
     import time
@@ -214,13 +304,14 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     failed = 0
     for check in (check_sync_free, check_cuda_graph, check_compile, check_reduce_overhead,
-                  check_one_kernel_per_gate_call):
+                  check_one_kernel_per_gate_call, check_placement_statistics):
         try:
             print(f"PASS {check(device)}")
         except Exception as error:  # report every check, then fail
             failed += 1
             print(f"FAIL {check.__name__}: {type(error).__name__}: {error}")
     if "--checks" not in sys.argv:
+        placement_cost_table(device)
         overhead_table(device)
     return 1 if failed else 0
 
