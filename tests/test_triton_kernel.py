@@ -8,6 +8,11 @@ child process started with the variable set (``python tests/test_triton_kernel.p
 which prints one JSON line per case; each case is one test here. Host-side behaviour that needs
 no kernel (no triton, T = 0, argument checks, one launch per call) is tested in this process.
 
+Placement statistics. Every case (but the exact-ties one) also passes a co-selection accumulator
+and a random expert-to-rank placement (R from 1 to E); the co-selection and the tokens per rank
+must EQUAL the numpy reference of tests/coselection_numpy.py from the same indices (the call's own,
+or the reference's top-k), padding excluded.
+
 Tolerances. Counts, drops (native and capacity), absmax and the integer-valued columns (tokens,
 finite and non-finite logit counts) must be EQUAL. The other float sums: |got - want| <=
 1e-5 * scale + 1e-6 * tokens, where scale is |want - before| (every per-token value of those
