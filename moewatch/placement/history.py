@@ -15,7 +15,6 @@ make one span. Totals are exact; only the split between neighbouring spans follo
 from __future__ import annotations
 
 import math
-import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -39,7 +38,8 @@ class Span:
 
 
 class CoselectionHistory:
-    """The co-selection spans of one monitor (see the module docstring). Thread-safe."""
+    """The co-selection spans of one monitor (see the module docstring). Every method is called
+    under the monitor's lock (the one a window close holds), so it keeps no lock of its own."""
 
     def __init__(self, num_gates: int, max_experts: int, ring_windows: int):
         self.every = cadence(max_experts)
@@ -48,36 +48,32 @@ class CoselectionHistory:
         self._first: Optional[int] = None  # first window not yet in a span
         self._last: Optional[int] = None  # latest closed window
         self._due = False
-        self._lock = threading.Lock()
 
     def on_window(self, index: int) -> None:
         """A window closed (the reader, under the monitor's lock)."""
-        with self._lock:
-            if self._first is None:
-                self._first = index
-            self._last = index
-            if index - self._first + 1 >= self.every:
-                self._due = True
+        if self._first is None:
+            self._first = index
+        self._last = index
+        if index - self._first + 1 >= self.every:
+            self._due = True
 
     def collect(self, read: Callable[[], np.ndarray], force: bool = False) -> None:
         """After a pass of the reader: take a snapshot (``read()``: cumulative [G, E, E]) if one is due."""
-        with self._lock:
-            if self._first is None or not (self._due or force):
-                return
-            current = read()
-            self.spans.append(Span(self._first, self._last, current - self._base))
-            self._base = current
-            self._first, self._due = None, False
+        if self._first is None or not (self._due or force):
+            return
+        current = read()
+        self.spans.append(Span(self._first, self._last, current - self._base))
+        self._base = current
+        self._first, self._due = None, False
 
     def frame(self, gates: Sequence, tail: Optional[Callable[[], np.ndarray]] = None) -> pd.DataFrame:
         """One row per (span, gate), columns :data:`COSELECTION_COLUMNS` (``coselection``: the E x E
         counts flattened row-major). ``tail``: also the windows closed since the last snapshot,
         read now from the live accumulators."""
-        with self._lock:
-            spans: List[Span] = list(self.spans)
-            if tail is not None and self._first is not None:
-                current = tail()
-                spans.append(Span(self._first, self._last, current - self._base))
+        spans: List[Span] = list(self.spans)
+        if tail is not None and self._first is not None:
+            current = tail()
+            spans.append(Span(self._first, self._last, current - self._base))
         rows = []
         for span in spans:
             for i, gate in enumerate(gates):
