@@ -140,11 +140,14 @@ def test_cli_prints_the_table_and_writes_a_placement_that_attach_reads(planted_d
     (["--ranks", "4", "--max-imbalance", "0.5"], "at least 1"),
     (["--ranks", "4", "--current", "/nonexistent.json"], "does not exist"),
     (["--ranks", "2", "--current", "PLACEMENT4"], "on 4 ranks, not --ranks 2"),
+    (["--ranks", "4", "--current", "STRINGS"], "ranks are non-negative integers"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(planted_dump, tmp_path, capsys, argv, message):
     placement = tmp_path / "p4.json"
     placement.write_text(json.dumps({"ranks": 4, "gates": {"router": contiguous(E, 4).tolist()}}))
-    argv = [str(placement) if a == "PLACEMENT4" else a for a in argv]
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps({"ranks": 4, "gates": {"router": ["a"] * E}}))
+    argv = [{"PLACEMENT4": str(placement), "STRINGS": str(strings)}.get(a, a) for a in argv]
     assert cli.main(["placement", str(planted_dump), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .history import matrix
 from .propose import Proposal, propose
-from .spec import Placement, PlacementError, contiguous, load_placement_file
+from .spec import Placement, PlacementError, _int_list, contiguous, load_placement_file
 from .traffic import load_imbalance, pairwise_ranks_per_token, ranks_per_token
 
 MIN_DECISIONS = 50  # sampled decisions a side needs before the volume is measured exactly per token
@@ -70,7 +70,7 @@ def current_placement(current: str, gates: List[dict], num_ranks: int) -> Dict[s
         ranks = doc["gates"].get(g["name"])
         if ranks is None:
             raise PlacementError(f"--current {current!r} has no placement for gate {g['name']!r}")
-        vector = np.asarray(ranks, dtype=np.int64)
+        vector = _int_list(ranks, f"--current {current!r}, gate {g['name']!r}")
         if vector.shape != (int(g["num_experts"]),) or vector.min() < 0 or vector.max() >= num_ranks:
             raise PlacementError(f"--current {current!r}: gate {g['name']!r} needs {g['num_experts']} ranks "
                                  f"in 0..{num_ranks - 1}")
