@@ -71,8 +71,8 @@ def find_gate(model: nn.Module, name: str, layer: nn.Module, num_experts: int) -
     """The module computing ``layer``'s router logits: the layer's own ``gate``, else the
     sibling module named ``gate`` (or the only sibling ``num_experts`` wide)."""
     gate = getattr(layer, "gate", None)
-    if isinstance(gate, nn.Module):
-        return f"{name}.gate", gate
+    if isinstance(gate, nn.Module):  # held by the layer, often registered under its MoE block too
+        return _name_in(model, gate, f"{name}.gate"), gate
     parent_name = name.rsplit(".", 1)[0] if "." in name else ""
     parent = model.get_submodule(parent_name) if parent_name else model
     children = dict(parent.named_children())
@@ -85,6 +85,14 @@ def find_gate(model: nn.Module, name: str, layer: nn.Module, num_experts: int) -
     raise AdapterError(
         f"cannot find the gate (router logits module) of vLLM MoE layer {name!r}: neither the layer "
         f"nor its parent has a 'gate' module, and {len(wide)} siblings are {num_experts} wide")
+
+
+def _name_in(model: nn.Module, module: nn.Module, default: str) -> str:
+    """The name ``model.named_modules()`` gives ``module`` (its first registration)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return default
 
 
 class _LogitsTap:

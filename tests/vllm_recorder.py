@@ -1,0 +1,181 @@
+"""The test side of the vLLM engine runs, imported in every engine process (``tests/vllm_child.py``).
+
+Independently of moewatch, each router's own routing is recorded: its ``_compute_routing`` is
+wrapped (when the worker loads the model, before vLLM compiles) to hand its expert ids to a
+test op, ``moewatch_test::record``, whose implementation keeps them at run time, without
+vLLM's padding rows. Recording starts once the engine is up (:func:`arm`), after its warm-up.
+
+The functions taking ``worker`` run inside vLLM's worker through ``LLM.collective_rpc``; they
+live in this module (imported by name there) so that they see the worker's own recordings.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+RECORDED: Dict[int, List[torch.Tensor]] = {}
+STATE = {"armed": False, "rows": 0}
+
+_LIB = torch.library.Library("moewatch_test", "DEF")
+_LIB.define("record(Tensor ids, Tensor(a!) tick, int layer) -> ()")
+_TICK = torch.zeros(1, dtype=torch.int64)
+
+
+def _record_impl(ids, tick, layer):
+    if not STATE["armed"]:
+        return
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    rows = ids
+    if is_forward_context_available():
+        padding = get_forward_context().is_padding
+        if padding is not None:
+            rows = ids[torch.logical_not(padding[: ids.shape[0]])]
+    RECORDED.setdefault(layer, []).append(rows.to(torch.int64).clone())
+
+
+_LIB.impl("record", _record_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("moewatch_test::record", lambda ids, tick, layer: None, lib=_LIB)
+
+
+def _wrap_router(router, layer: int) -> None:
+    compute = router._compute_routing
+
+    def compute_routing(*args, **kwargs):
+        weights, ids = compute(*args, **kwargs)
+        torch.ops.moewatch_test.record(ids, _TICK, layer)
+        return weights, ids
+
+    router._compute_routing = compute_routing
+
+
+def install() -> None:
+    """Wrap every router of a model a worker loads (once per process)."""
+    if STATE.get("installed"):
+        return
+    STATE["installed"] = True
+    from vllm.v1.worker.gpu_worker import Worker
+
+    load = Worker.load_model
+
+    def load_model(self, *args, **kwargs):
+        out = load(self, *args, **kwargs)
+        from moewatch.engines.vllm import moe_layers
+
+        for index, (name, layer) in enumerate(moe_layers(self.model_runner.get_model())):
+            _wrap_router(layer.router, index)
+        return out
+
+    Worker.load_model = load_model
+
+
+def arm(worker) -> bool:
+    """Run in the worker once the engine is up: its warm-up forwards are over; record from now on."""
+    STATE["armed"] = True
+    return True
+
+
+def worker_report(worker) -> dict:
+    """Run in the worker: recorded counts, moewatch's counts, its verdict and gates."""
+    from moewatch.engines.vllm_plugin import monitors
+
+    model = worker.model_runner.get_model()
+    from moewatch.engines.vllm import moe_layers
+
+    layers = moe_layers(model)
+    experts = [int(layer.moe_config.num_logical_experts) for _, layer in layers]
+    recorded = {}
+    for index, (name, _) in enumerate(layers):
+        ids = RECORDED.get(index, [])
+        flat = torch.cat(ids).reshape(-1) if ids else torch.zeros(0, dtype=torch.int64)
+        recorded[name] = torch.bincount(flat, minlength=experts[index]).tolist()
+    from torch._dynamo.utils import counters
+
+    report = {"recorded": recorded, "rank": int(getattr(worker, "rank", 0)),
+              "local_rank": int(getattr(worker, "local_rank", 0)),
+              "graph_breaks": sum(counters["graph_break"].values()),
+              "unique_graphs": int(counters["stats"]["unique_graphs"])}
+    mons = monitors()
+    if mons:
+        mon = mons[0]
+        mon.flush()
+        report["counts"] = {g: c.tolist() for g, c in mon.counts().items()}
+        report["gates"] = [{"name": g.name, "num_experts": g.num_experts, "top_k": g.top_k,
+                            "scoring": g.scoring, "notes": g.notes} for g in mon.gates]
+        report["errors"] = mon.error_counts()
+        report["health"] = str(mon.health())
+        report["severity"] = mon.health().severity
+        report["monitoring"] = mon.health().monitoring
+        frame = mon.windows()
+        report["windows"] = [[int(w), int(t)] for w, t in zip(frame["window"], frame["tokens"])]
+    return report
+
+
+def fault_drill(worker) -> dict:
+    """Run in the worker (eager engines): a two-expert collapse on every gate, then removed."""
+    from moewatch import faults
+
+    model = worker.model_runner.get_model()
+    fault = faults.two_expert_collapse(model, experts=(0, 1), strength=4.0)
+    worker._moewatch_drill = fault
+    return {"gates": fault.gates}
+
+
+def end_drill(worker) -> dict:
+    fault = worker._moewatch_drill
+    fault.remove()
+    return {"active": fault.active}
+
+
+def detach(worker) -> dict:
+    """Run in the worker: detach the plugin's monitor; what is left on the routers and gates."""
+    from moewatch.engines.vllm import moe_layers, find_gate
+    from moewatch.engines.vllm_plugin import monitors
+
+    for mon in monitors():
+        mon.detach()
+    model = worker.model_runner.get_model()
+    left = 0
+    for name, layer in moe_layers(model):
+        _, gate = find_gate(model, name, layer, int(layer.moe_config.num_logical_experts))
+        left += int(layer.router.capture_fn is not None) + len(gate._forward_hooks)
+    return {"monitors": len(monitors()), "hooks_left": left + len(model._forward_hooks) +
+            len(model._forward_pre_hooks)}
+
+
+
+
+def late_attach(worker) -> dict:
+    """Run in the worker of an engine compiled without moewatch: attaching now must warn."""
+    import warnings
+
+    from moewatch.engines.vllm import EngineAttachWarning, attach, compiled_already
+
+    model = worker.model_runner.get_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = attach(model, background=False)
+    mon.detach()
+    return {"compiled": compiled_already(model),
+            "warned": [str(w.message) for w in caught if issubclass(w.category, EngineAttachWarning)]}
+
+
+def padding_seen(worker) -> dict:
+    """Run in the worker: the real-token mask moewatch reads from a forward context of vLLM's
+    that marks the last 3 of 8 rows as padding (as vLLM does for a batch padded to a captured
+    size), and before the plugin armed the monitor (warm-up: nothing is real)."""
+    from vllm.forward_context import set_forward_context
+
+    from moewatch.engines.vllm import engine_of
+
+    engine = engine_of(worker.model_runner.get_model())
+    padding = torch.tensor([False] * 5 + [True] * 3)
+    with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=padding):
+        armed = engine.real_tokens((), {}).tolist()
+        engine.armed = False
+        try:
+            warm_up = engine.real_tokens((), {}).tolist()
+        finally:
+            engine.armed = True
+    return {"armed": armed, "warm_up": warm_up}
