@@ -112,6 +112,26 @@ def test_longer_requests_count_as_more_clustered_and_pools_grow(clustered):
     assert 600 / 40 < verdicts < 600 / 14  # ~32 requests per verdict, not the 8 a token count would give
 
 
+def test_traffic_that_turns_into_fewer_longer_requests_stops_paging_once_the_pairs_show_it(clustered):
+    """Windows of the baseline's size in tokens, but of two requests of 1,024 tokens instead of
+    sixteen of 128: each window is a few heavy units, about seven times as clustered. The first
+    windows after the change look like a drift (nothing can tell them apart from one yet); from
+    the pairs of the next ones the recent view sees the make-up, and the windows are pooled.
+    Judged on the long-run dispersion alone (learned only from windows judged healthy), every
+    such window alarmed and none ever taught it otherwise: it paged on and on."""
+    sim, baseline = clustered
+    det = BaselineDetector(sim.gates, baseline, 100_000, 2)
+    _, before, _ = _judge(det, [sim.window(16) for _ in range(60)], sim.gates)
+    assert before == 0
+    healths = [det.update(sim.window(2, tokens=1024), sim.gates) for _ in range(200)]
+    alarmed = [i for i, h in enumerate(healths) if h.severity != "ok" and not h.note.startswith(WAITING)]
+    print(f"alarmed verdicts after the change: {alarmed}")
+    assert all(i < 10 for i in alarmed), alarmed  # only while the pairs of the new traffic fill in
+    assert det._pool.kappa().min() > 3.0
+    judged = sum(not h.note.startswith(WAITING) for h in healths[20:])
+    assert judged < 180 / 4  # pooled: a verdict holds several windows of such traffic
+
+
 # -- the estimators ---------------------------------------------------------------------------------
 def _dirichlet_multinomial(rng, p, alpha, n, windows):
     mix = rng.gamma(alpha * p, size=(windows, p.size))

@@ -31,7 +31,7 @@ def calibrated_scores(f: Features, params: Params) -> np.ndarray:
     out = np.empty((w, len(CHECKS)))
     for held in folds:
         rest = np.setdiff1d(np.arange(w), held)
-        out[held] = scores(fit(_take(f, rest)), _take(f, held), raw_load=True)
+        out[held] = scores(fit(_take(f, rest), evidence=False), _take(f, held), raw_load=True)
     raw = out[:, LOAD]
     params["phi"] = np.float64(max(float(np.mean(raw[np.isfinite(raw)])), 0.5))
     df = np.maximum(tested(params, f).sum(-1) - 1, 1)
@@ -45,7 +45,7 @@ def _stack(per_gate: List[Params], experts: int) -> Params:
     out: Params = {}
     for key in per_gate[0]:
         values = [p[key] for p in per_gate]
-        if key.startswith("scalar_"):  # [S] per gate: one value per scalar check
+        if key.startswith(("scalar_", "recent_")):  # [S] per gate: one value per scalar check, or per count
             out[key] = np.stack(values)
         elif np.ndim(values[0]) == 1:
             pad = {"alive": False, "p": 1.0, "var": 1.0}[key]

@@ -17,7 +17,12 @@ change of the mix enters a difference of neighbours much.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+RECENT_PAIRS = 9  # the recent view: the median of this many pairs ...
+RECENT_MIN = 3  # ... once there are this many
 
 
 def expert_weights(p: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -68,6 +73,42 @@ def baseline_dispersion(counts: np.ndarray, p: np.ndarray, alive: np.ndarray):
     return max(phi, 1e-9), se
 
 
+def pair_medians(counts: np.ndarray, p: np.ndarray, alive: np.ndarray, most: int, least: int = 1,
+                 level: float = 0.9995, draws: int = 20000, windows: int = 96):
+    """How the median of a few pair estimates (:func:`pair_dispersion`) scatters on traffic like
+    the baseline's windows ``counts`` [W, E].
+
+    Returns (the median of the baseline's consecutive pairs over their mean; [most + 1] the
+    ``level`` quantile of the median of the n pairs of n + 1 consecutive windows, for n =
+    ``least``..``most``, infinite below). Pair estimates are skewed and heavy-tailed for clustered traffic (a window that
+    holds a heavy request makes both of its pairs large), so the quantiles are a bootstrap of
+    that very statistic: sequences of n + 1 windows drawn from the baseline's own (at most
+    ``windows`` of them, every pair of which is computed once).
+    """
+    weights = expert_weights(p, alive)
+    phi, valid = pair_dispersion(counts[:-1], counts[1:], weights)
+    phi = phi[valid]
+    out = np.full(most + 1, np.inf)  # too few windows to say: never "more clustered" by them
+    if phi.size < 4 or phi.mean() <= 0:
+        return 1.0, out
+    rng = np.random.default_rng(0)
+    if counts.shape[0] > windows:
+        counts = counts[rng.choice(counts.shape[0], windows, replace=False)]
+    w = counts.shape[0]
+    step = max(1, (1 << 21) // max(w * counts.shape[1], 1))  # rows per block: ~16 MB of float64
+    table = np.concatenate([pair_dispersion(counts[i:i + step, None], counts[None], weights)[0]
+                            for i in range(0, w, step)])  # [W, W]
+    np.fill_diagonal(table, np.nan)  # a window is not paired with itself
+    for n in range(max(least, 1), most + 1):
+        seq = rng.integers(0, w, size=(draws, n + 1))
+        pairs = table[seq[:, :-1], seq[:, 1:]]  # [draws, n]
+        med = np.sort(pairs[np.isfinite(pairs).all(1)], axis=1)
+        med = 0.5 * (med[:, (n - 1) // 2] + med[:, n // 2])  # the median of each row
+        if med.size:
+            out[n] = np.quantile(med, level)
+    return float(np.clip(np.median(phi) / phi.mean(), 0.25, 1.0)), out
+
+
 class LiveDispersion:
     """The live traffic's dispersion per gate, learned from consecutive windows.
 
@@ -86,10 +127,23 @@ class LiveDispersion:
     ones while fewer than ``warmup`` pairs are kept: right after attach, the first small windows
     are all there is to learn from. One pair counts at most ``clip`` times the estimate: a single
     abrupt change between two windows cannot move it far.
+
+    A third view, :meth:`recent`, follows the traffic as it is now: the median of the last
+    ``recent_pairs`` pairs of consecutive windows, whatever their verdict, except a pair that
+    spans two judgements that disagree (scaled by the median's ratio to the mean on the
+    baseline's own pairs). The kept views cannot follow a change of
+    make-up that the detector misjudges (windows of a few long requests scored as if they were
+    the baseline's many short ones alarm, so their pairs would never be kept, and they would go
+    on alarming); the recent view can. The step into a fault and the step out are left out
+    (and a median is deaf to the few that slip through); the pairs within a fault route about
+    as alike as healthy ones (the whole window moves, not its spread). The detector uses this view only in
+    the cautious direction: to pool windows rather than judge them alone, and to widen the
+    variances it scores with.
     """
 
     def __init__(self, phi0: np.ndarray, p: np.ndarray, alive: np.ndarray, memory: float = 1024.0,
-                 prior: float = 64.0, clip: float = 10.0, warmup: float = 16.0):
+                 prior: float = 64.0, clip: float = 10.0, warmup: float = 16.0, median_ratio=1.0,
+                 recent_pairs: int = RECENT_PAIRS, recent_min: int = RECENT_MIN):
         self.phi0 = np.asarray(phi0, dtype=np.float64)  # [G]
         self.weights = expert_weights(p, alive)  # [G, E]
         self.decay = 1.0 - 1.0 / memory
@@ -99,8 +153,19 @@ class LiveDispersion:
         # weight; as kept after the last judgement, and with the pairs since then
         self.kept = (np.full_like(self.phi0, prior), zero, zero, zero)
         self.now = self.kept
+        # the recent view: [G, recent_pairs] the last pairs of each gate (a ring), how many it holds
+        self.ring = np.full((self.phi0.size, recent_pairs), np.nan)
+        self.ring_count = np.zeros(self.phi0.shape, dtype=np.int64)
+        self.recent_min = recent_min
+        # the first pair since the last judgement spans two of them: [G] its value, whether there
+        # is one; it joins the ring only where both judgements agree (not the step into a fault
+        # or out of one)
+        self.spanning = (np.zeros(self.phi0.shape), np.zeros(self.phi0.shape, dtype=bool))
+        self.judged_healthy = np.ones(self.phi0.shape, dtype=bool)  # [G] the last judgement
+        self.median_ratio = np.broadcast_to(np.asarray(median_ratio, dtype=np.float64), self.phi0.shape)
         self.last = np.zeros(self.weights.shape)  # [G, E] counts of the last window with assignments
-        self.has_last = np.zeros(self.phi0.shape, dtype=bool)
+        self.has_last = np.zeros(self.phi0.shape, dtype=bool)  # ... and it may pair for the kept views
+        self.seen = np.zeros(self.phi0.shape, dtype=bool)  # ... and there is one
 
     def estimate(self) -> np.ndarray:
         """[G] the dispersion: the baseline's, replaced by the live traffic's as pairs are kept."""
@@ -118,12 +183,26 @@ class LiveDispersion:
             bound = np.where(weight >= 2.0, mean + z * sd / np.sqrt(weight), np.inf)
         return np.maximum(bound, self.estimate())
 
+    def recent(self):
+        """([G] the dispersion of the last pairs, nan with fewer than ``recent_min`` of them;
+        [G] their median, unscaled; [G] how many pairs it rests on)."""
+        pairs = np.minimum(self.ring_count, self.ring.shape[1])
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a gate with no pair yet: nan
+            median = np.nanmedian(self.ring, axis=1)
+        median = np.where(pairs >= self.recent_min, median, np.nan)
+        return median / self.median_ratio, median, pairs
+
     def observe(self, counts: np.ndarray) -> None:
         """A window's assignment counts [G, E]: fold in its pair with the previous window."""
         counts = np.asarray(counts, dtype=np.float64)
         phi, valid = pair_dispersion(self.last, counts, self.weights)
-        valid &= self.has_last
+        valid &= self.seen
         phi = np.minimum(np.nan_to_num(phi), self.clip * self.estimate())
+        first = valid & ~self.spanning[1]
+        self.spanning = (np.where(first, phi, self.spanning[0]), self.spanning[1] | first)
+        self._ring(phi, valid & ~first)
+        valid &= self.has_last
         d = self.decay
         prior, total, squares, weight = self.now
         self.now = tuple(np.where(valid, new, old) for new, old in zip(
@@ -131,9 +210,22 @@ class LiveDispersion:
         seen = counts.sum(-1) > 0
         self.last = np.where(seen[:, None], counts, self.last)
         self.has_last |= seen
+        self.seen |= seen
+
+    def _ring(self, phi: np.ndarray, valid: np.ndarray) -> None:
+        slot = self.ring_count % self.ring.shape[1]
+        rows = np.flatnonzero(valid)
+        self.ring[rows, slot[rows]] = phi[rows]
+        self.ring_count += valid
 
     def settle(self, healthy: np.ndarray) -> None:
-        """After a judgement: keep the pairs since the last one for ``healthy`` gates [G] only."""
+        """After a judgement: keep the pairs since the last one for ``healthy`` gates [G] only (the
+        recent view keeps them all, and the pair that spans two judgements where they agree)."""
         self.kept = tuple(np.where(healthy, now, kept) for now, kept in zip(self.now, self.kept))
         self.now = self.kept
+        healthy = np.asarray(healthy, dtype=bool)
+        phi, valid = self.spanning
+        self._ring(phi, valid & (healthy == self.judged_healthy))
+        self.spanning = (np.zeros_like(phi), np.zeros_like(valid))
+        self.judged_healthy = healthy.copy()
         self.has_last &= healthy  # nor does the step from an alarmed window to the next one

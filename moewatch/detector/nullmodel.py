@@ -27,7 +27,7 @@ from typing import Dict
 import numpy as np
 from scipy import special
 
-from .dispersion import baseline_dispersion
+from .dispersion import RECENT_MIN, RECENT_PAIRS, baseline_dispersion, pair_medians
 from .features import Features
 from .pooling import EVIDENCE_QUANTILE
 
@@ -87,8 +87,11 @@ def _skewed_tails(y: np.ndarray, g: np.ndarray) -> tuple:
     return hi, lo
 
 
-def fit(f: Features) -> Params:
-    """Fit the healthy model to baseline windows ``f`` ([W] windows, [W, E] counts)."""
+def fit(f: Features, evidence: bool = True) -> Params:
+    """Fit the healthy model to baseline windows ``f`` ([W] windows, [W, E] counts).
+
+    ``evidence=False`` leaves out what only the evidence rule needs (the calibration's
+    out-of-sample fits score windows and never pool them)."""
     counts = f.counts
     total = counts.sum(0)  # [E]
     grand = max(float(total.sum()), 1.0)
@@ -115,6 +118,11 @@ def fit(f: Features) -> Params:
                       # clustered the baseline's traffic is (with the relative standard error of that)
                       "n_floor": np.float64(np.quantile(f.assignments, EVIDENCE_QUANTILE))}
     params["dispersion"], params["dispersion_se"] = map(np.float64, baseline_dispersion(counts, p, alive))
+    # how the median of a few live pairs may scatter on traffic like the baseline's
+    ratio, quantiles = (pair_medians(counts, p, alive, RECENT_PAIRS, RECENT_MIN) if evidence
+                        else (1.0, np.full(RECENT_PAIRS + 1, np.inf)))
+    params["dispersion_median_ratio"] = np.float64(ratio)
+    params["recent_median_hi"] = quantiles  # [RECENT_PAIRS + 1]
     rate = max(float(np.nanmean(f.drop_rate)) if np.isfinite(f.drop_rate).any() else 0.0, 1.0 / grand)
     floors = {"effective": 0.0, "logit_std": 0.0, "top1": 0.0, "entropy": 0.0,
               "drop_rate": float(np.sqrt(rate * (1 - rate) / n0))}

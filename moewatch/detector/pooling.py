@@ -96,7 +96,12 @@ class Pool:
         self.top_k = np.maximum(np.asarray(top_k, dtype=np.float64), 1.0)  # [G]
         self.phi0 = np.asarray(params["dispersion"], dtype=np.float64)  # [G]
         self.phi0_bound = self.phi0 * (1.0 + TOLERANCE_SE * np.asarray(params["dispersion_se"], dtype=np.float64))
-        self.dispersion = LiveDispersion(self.phi0, params["p"], params["alive"])
+        # [G, n] the 99.9% quantile of the median of n pairs on traffic like the baseline's,
+        # widened as the bound is
+        self.recent_hi = np.asarray(params["recent_median_hi"], dtype=np.float64) * (self.phi0_bound / self.phi0)[:, None]
+        self.median_ratio = np.asarray(params["dispersion_median_ratio"], dtype=np.float64)
+        self.dispersion = LiveDispersion(self.phi0, params["p"], params["alive"],
+                                         median_ratio=self.median_ratio)
         self._window: Optional[Window] = None
         self.first = 0
         self.count = 0
@@ -104,22 +109,45 @@ class Pool:
 
     def kappa(self) -> np.ndarray:
         """[G] how much more clustered the live traffic is than the baseline's (at least 1): the
-        factor on the baseline's variances when a pool is scored."""
-        return np.clip(self.dispersion.estimate() / self.phi0, 1.0, MAX_KAPPA)
+        factor on the baseline's variances when a pool is scored. The larger of the long-run
+        estimate and the recent pairs' median: traffic that has just become more clustered is
+        scored as it is now."""
+        recent = np.nan_to_num(self.dispersion.recent()[0])
+        return np.clip(np.maximum(self.dispersion.estimate(), recent) / self.phi0, 1.0, MAX_KAPPA)
+
+    def clustered(self) -> np.ndarray:
+        """[G] whether the live traffic is measurably more clustered than the baseline's: the
+        long-run estimate past the baseline's bound, or the median of the recent pairs past the
+        99.9% quantile of the median of as many pairs of the baseline's own (widened as the
+        bound is)."""
+        _, median, pairs = self.dispersion.recent()
+        hi = np.take_along_axis(self.recent_hi, np.minimum(pairs, self.recent_hi.shape[1] - 1)[:, None], 1)[:, 0]
+        with np.errstate(invalid="ignore"):
+            recent = median > hi
+        return (self.dispersion.estimate() > self.phi0_bound) | recent
 
     def needed(self, evidence: float = POOL_EVIDENCE) -> np.ndarray:
         """[G] assignments the pool needs before it is judged (see the module's docstring), or
         before it holds ``evidence`` small baseline windows' worth."""
-        pooled = evidence * self.n_floor * np.clip(self.dispersion.upper() / self.phi0_bound, 1.0, MAX_KAPPA)
+        upper = np.maximum(self.dispersion.upper(), np.nan_to_num(self.dispersion.recent()[0]))
+        pooled = evidence * self.n_floor * np.clip(upper / self.phi0_bound, 1.0, MAX_KAPPA)
         if self.count > 1 or evidence != POOL_EVIDENCE:
             return pooled
         # one window, of traffic not measurably more clustered than the baseline's: judged alone
-        alike = self.dispersion.estimate() <= self.phi0_bound
-        return np.where(alike, EVIDENCE_FRACTION * self.n_floor, pooled)
+        return np.where(self.clustered(), pooled, EVIDENCE_FRACTION * self.n_floor)
 
     def add(self, window: Window) -> Optional[Pooled]:
-        """Add a closed window; returns the pool when it is ready to be judged (and starts anew)."""
-        self.dispersion.observe(window.counts[:, 0, :self.dispersion.weights.shape[1]])
+        """Add a closed window; returns the pool when it is ready to be judged (and starts anew).
+
+        What is decided for a window (pool or judge, with which kappa) rests on the pairs of the
+        windows before it: the pair a window makes with its predecessor is folded in after, so
+        the first window of a fault is never judged on the jump the fault itself made."""
+        try:
+            return self._add(window)
+        finally:
+            self.dispersion.observe(window.counts[:, 0, :self.dispersion.weights.shape[1]])
+
+    def _add(self, window: Window) -> Optional[Pooled]:
         if self._window is None:
             self._window, self.first, self.count = window, window.index, 1
         else:
