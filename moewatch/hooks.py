@@ -16,6 +16,12 @@ from .hotpath import ops  # noqa: F401  (registers the moewatch:: ops)
 from .hotpath.device import DeviceBank
 
 
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """The tensor without its autograd history: ``detach`` only where there is one (inference
+    and decode run without grad, and a detach is one more ATen op per call)."""
+    return t.detach() if t.requires_grad else t
+
+
 class GateHook:
     def __init__(self, spec: GateSpec, bank, row: int, errors: ErrorLog):
         self.extract = spec.extract
@@ -40,11 +46,11 @@ class GateHook:
         # implementation sets it itself; the context manager alone costs microseconds.
         try:
             routing = self.extract(module, args, kwargs, output)
-            logits = routing.logits.detach()  # [T, E]
+            logits = _detached(routing.logits)  # [T, E]
             if logits.shape[-1] != self.num_experts:  # a shape, not a value: traceable
                 self._refuse_width(logits.shape[-1])
                 return None
-            probs = routing.probs.detach() if routing.probs is not None else None  # [T, E] or None
+            probs = _detached(routing.probs) if routing.probs is not None else None  # [T, E] or None
             grid = routing.grid or 0
             bank = self.bank
             if torch.compiler.is_compiling():  # traced: exactly one opaque op in the graph

@@ -18,6 +18,7 @@ from .context import MaskTracker
 from .baseline import as_baseline
 from .decisions import DecisionRecorder
 from .discovery import resolve_gates
+from .dynamo_cache import forget_compiled_code, guard_hooks, release_hooks_guard
 from .engines import engine_for
 from .errors import ErrorLog
 from .health import Health
@@ -93,6 +94,8 @@ class Monitor:
         self._masks.banks = self._banks
         self._place_experts()
         self._hooks = self._install(model, specs)
+        guard_hooks()  # code compiled from now on is not shared with unhooked instances
+        forget_compiled_code(model)  # code compiled without the hooks re-traces with them
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._stop = threading.Event()
         self._reader = None
@@ -352,6 +355,10 @@ class Monitor:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        model = self._model()
+        if model is not None:
+            forget_compiled_code(model)  # compiled code stops calling the gate ops
+        release_hooks_guard()
         try:
             self.flush()
         except Exception as error:  # the last window is lost, but detach must finish
@@ -412,10 +419,11 @@ def _compiled_parts(model: nn.Module) -> List[str]:
 
 
 _COMPILED_ADVICE = (
-    "Code compiled before attach keeps running without the hooks (Dynamo does not re-trace "
-    "for hooks added later), so those gates may not be counted. Attach before compiling "
-    "(recommended: the hooks then trace into the graph as one op per gate call), or call "
-    "torch._dynamo.reset() after attaching so the next call recompiles.")
+    "Dynamo does not re-trace for hooks added later, so moewatch dropped the compiled code of "
+    "the model's modules: the next call recompiles once, with the gate ops in the graph. Code "
+    "compiled around the model (torch.compile of your own function) cannot be found from the "
+    "model and keeps running without the hooks. Attach before compiling (recommended), or call "
+    "torch._dynamo.reset() after attaching.")
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:

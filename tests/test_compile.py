@@ -8,6 +8,7 @@ count (padding left out), and the outputs equal those of the compiled model with
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -128,6 +129,40 @@ def test_compiled_model_called_inside_a_bigger_compiled_module_stays_one_graph(o
             np.testing.assert_array_equal(got[name], 2 * eager[name])
     finally:
         mon.detach()
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("order", ["compiled-before-attach", "compiled-while-attached"])
+def test_code_compiled_for_another_instance_of_the_class_is_not_reused(order, one_thread):
+    """Dynamo compiles per class and by default does not guard on hooks: a graph traced for an
+    unmonitored instance must not run for the monitored one (outputs right, monitor blind),
+    and after detach the monitored instance's graph must stop calling the gate ops."""
+    torch._dynamo.reset()
+    plain = tiny_mixtral(layers=2)
+    watched = copy.deepcopy(plain)
+    batch = padded_batch(seed=2)
+    per_forward = int(batch["attention_mask"].sum()) * 2  # top-2 assignments of real tokens
+    recorder = GraphRecorder("eager")
+    run_plain = torch.compile(plain, backend=recorder, fullgraph=True)
+    run_watched = torch.compile(watched, backend=recorder, fullgraph=True)
+    try:
+        with torch.no_grad():
+            if order == "compiled-before-attach":
+                expected = _output(run_plain(**batch))
+            mon = moewatch.attach(watched, background=False)
+            if order == "compiled-while-attached":
+                expected = _output(run_plain(**batch))
+            assert torch.equal(_output(run_watched(**batch)), expected)
+            assert recorder.graphs[-1] == ["moewatch.stage"] * 2
+            assert torch.equal(_output(run_plain(**batch)), expected)  # the plain one is not counted
+            assert {name: int(c.sum()) for name, c in mon.counts().items()} == {
+                "model.layers.0.mlp.gate": per_forward, "model.layers.1.mlp.gate": per_forward}
+            mon.detach()
+            graphs = len(recorder.graphs)
+            assert torch.equal(_output(run_watched(**batch)), expected)
+            assert len(recorder.graphs) == graphs + 1 and recorder.graphs[-1] == []  # re-traced bare
+        assert mon.error_counts() == {}
+    finally:
         torch._dynamo.reset()
 
 
