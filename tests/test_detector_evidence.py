@@ -9,7 +9,8 @@ from scipy import stats
 
 from moewatch.baseline import Baseline
 from moewatch.detector import BaselineDetector
-from moewatch.detector.dispersion import LiveDispersion, baseline_dispersion, expert_weights, pair_dispersion
+from moewatch.detector.dispersion import (LiveDispersion, baseline_dispersion, expert_weights, pair_dispersion,
+                                          pair_medians)
 from moewatch.stats import NONFINITE
 from tests.detector_sim import ClusteredTraffic
 
@@ -178,3 +179,33 @@ def test_live_dispersion_learns_only_from_traffic_judged_healthy():
     live.settle(np.array([True]))
     assert 6 < live.estimate()[0] < 9  # 200 pairs near 9 against the baseline's 1, worth 64
     assert live.estimate()[0] <= live.upper()[0] < 15
+
+
+def test_recent_view_follows_every_window_but_not_the_steps_of_a_fault():
+    """The recent view learns from windows whatever their verdict (the long-run one only from
+    healthy ones), leaves out a pair whose two verdicts disagree, and its threshold for "more
+    clustered" is a bootstrap of the median of as many baseline pairs."""
+    rng = np.random.default_rng(5)
+    p = np.full(8, 1 / 8)
+    alive = np.ones(8, dtype=bool)
+    base = rng.multinomial(400, p, size=200).astype(np.float64)  # independent assignments: phi = 1
+    ratio, hi = pair_medians(base, p, alive, 9, 3)
+    assert 0.8 < ratio < 1.0  # a chi-square's median sits below its mean
+    assert np.isinf(hi[:3]).all() and 1.0 < hi[9] < hi[3] < 4.0  # a median of more pairs strays less
+    live = LiveDispersion(np.array([1.0]), p[None], alive[None], median_ratio=ratio)
+    for _ in range(10):  # healthy, each window judged alone
+        live.observe(rng.multinomial(400, p)[None])
+        live.settle(np.array([True]))
+    assert live.ring_count[0] == 9 and 0.7 < live.recent()[0][0] < 1.4
+    fault = np.zeros(8)
+    fault[:2] = 0.5
+    live.observe(rng.multinomial(400, fault)[None])
+    live.settle(np.array([False]))  # the step into the fault: left out
+    assert live.ring_count[0] == 9
+    live.observe(rng.multinomial(400, fault)[None])
+    live.settle(np.array([False]))  # within the fault: kept, though the long-run view forgets it
+    assert live.ring_count[0] == 10 and live.estimate()[0] < 1.1
+    for _ in range(8):  # clustered (phi = 9), every window alarmed
+        live.observe(_dirichlet_multinomial(rng, p, 49.0, 400, 1))
+        live.settle(np.array([False]))
+    assert live.recent()[0][0] > 4.0 and live.estimate()[0] < 1.1
