@@ -90,3 +90,12 @@ def test_fire_drill_on_a_sigmoid_custom_gate():
         with torch.no_grad():
             model(ids)
         assert all((block.last_indices != 5).all() for block in model.blocks)
+
+
+def test_a_plain_model_has_no_engine_and_no_engine_is_imported(mixtral):
+    import sys
+
+    from moewatch.engines import engine_for
+
+    assert engine_for(mixtral) is None and engine_for(PairGateLM()) is None
+    assert "vllm" not in sys.modules  # deciding never imports an engine the model does not use
