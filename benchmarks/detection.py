@@ -3,6 +3,7 @@
     python benchmarks/detection.py                 # ~20-30 min on 2 busy CPU cores (traffic shapes: most)
     python benchmarks/detection.py --quick         # fewer windows, trials and seeds (~3-5 min)
     python benchmarks/detection.py --shapes-only   # the traffic-shape tables only
+    python benchmarks/detection.py --skip-shapes   # everything but the traffic-shape tables
 
 What it does (see docs/detection.md for the method and the results):
 
@@ -80,6 +81,8 @@ class Setup:
     small_lengths: Sequence[int] = (128, 512)  # one request per window, for the fault delays
     small_warmup: int = 24  # healthy windows before the fault
     small_limit: int = 120  # faulted windows at most
+    shape_table: bool = True  # run the traffic-shape table ...
+    small_trials: bool = True  # ... and the fault trials with one request per window
 
 
 FAULTS: Dict[str, Callable] = {
@@ -271,7 +274,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", default=str(pretrained.ASSET_DIR), help="a trained router model")
     parser.add_argument("--shapes-only", action="store_true", help="only the traffic-shape tables")
+    parser.add_argument("--skip-shapes", action="store_true", help="everything but the traffic-shape tables")
     parser.add_argument("--shape-seeds", default=None, help="comma-separated seeds of the traffic-shape table")
+    parser.add_argument("--shape-windows", type=int, default=None, help="windows per row and seed of the traffic-shape table")
+    parser.add_argument("--shape-requests", type=float, default=1.0,
+                        help="scale the pools of recorded requests per seed (default 1: 600, 1000, 300 of 64, 128, 512 tokens)")
+    parser.add_argument("--no-small-trials", action="store_true", help="traffic shapes: leave out the fault trials")
+    parser.add_argument("--small-trials-only", action="store_true", help="traffic shapes: only the fault trials")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = Setup()
@@ -280,6 +289,11 @@ def main() -> int:
                       shape_windows=2000, shape_requests={64: 200, 128: 400, 512: 120}, small_lengths=(128,))
     if args.shape_seeds is not None:
         setup.shape_seeds = tuple(int(x) for x in args.shape_seeds.split(","))
+    if args.shape_windows is not None:
+        setup.shape_windows = args.shape_windows
+    setup.shape_requests = {k: max(1, int(round(v * args.shape_requests))) for k, v in setup.shape_requests.items()}
+    setup.shape_table = not args.small_trials_only
+    setup.small_trials = not args.no_small_trials
     started = time.time()
     model, _ = pretrained.load_router_model(directory=Path(args.model_dir))
     per = setup.forwards_per_window
@@ -289,16 +303,15 @@ def main() -> int:
           f"{per * setup.batch_size * pretrained.SEQ_LEN} tokens; capacity_factor={CAPACITY_FACTOR}; "
           f"detector defaults: ert_windows={Options().ert_windows:g}, persistence={Options().persistence}")
 
+    if args.shapes_only:
+        run_shapes(model, setup, args.seed)
+        print(f"total {time.time() - started:.0f} s")
+        return 0
     base_chunks, gates = record_chunks(model, "training", setup.baseline_windows * per, setup.batch_size, args.seed)
     baseline = build_baseline(base_chunks, gates, per)
     healthy_chunks, _ = record_chunks(model, "heldout", setup.healthy_chunks, setup.batch_size, args.seed + 1)
     print(f"baseline: {setup.baseline_windows} windows of training-distribution traffic; "
           f"healthy pool: {setup.healthy_chunks} forwards of held-out files ({time.time() - started:.0f} s)")
-
-    if args.shapes_only:
-        run_shapes(model, gates, baseline, setup, args.seed)
-        print(f"total {time.time() - started:.0f} s")
-        return 0
 
     for name, gate in baseline.gates.items():
         frame = gate.frame()
@@ -371,7 +384,8 @@ def main() -> int:
     if healthy["checks"]:
         print(f"replayed false alarms by check: {healthy['checks']}")
     print(f"({elapsed:.0f} s)")
-    run_shapes(model, gates, baseline, setup, args.seed)
+    if not args.skip_shapes:
+        run_shapes(model, setup, args.seed)
     print(f"total {time.time() - started:.0f} s")
     return 0
 
@@ -379,7 +393,7 @@ def main() -> int:
 SMALL_FAULTS = ("two-expert collapse", "dead expert", "saturation (logits x8)")
 
 
-def run_shapes(model, gates, baseline: Baseline, setup: Setup, seed: int) -> None:
+def run_shapes(model, setup: Setup, seed: int) -> None:
     """The traffic-shape table, then fault delays with one request per window (a baseline of
     its own: one request per forward pass, as the live requests are)."""
     print()
@@ -387,10 +401,13 @@ def run_shapes(model, gates, baseline: Baseline, setup: Setup, seed: int) -> Non
     baseline, gates = shapes.request_baseline(model, setup.baseline_windows, 16, seed + 11, CAPACITY_FACTOR)
     print(f"traffic shapes: baseline of {setup.baseline_windows} windows of 16 training requests of "
           f"{pretrained.SEQ_LEN} tokens, one forward pass each ({time.time() - started:.0f} s)")
-    results = shapes.shape_table(model, gates, baseline, setup.shape_seeds, setup.shape_windows,
-                                 setup.shape_requests, CAPACITY_FACTOR)
-    print()
-    shapes.print_shape_table(results, setup.shape_seeds)
+    if setup.shape_table:
+        results = shapes.shape_table(model, gates, baseline, setup.shape_seeds, setup.shape_windows,
+                                     setup.shape_requests, CAPACITY_FACTOR)
+        print()
+        shapes.print_shape_table(results, setup.shape_seeds)
+    if not setup.small_trials:
+        return
     started = time.time()
     trials = [shapes.small_window_trial(model, baseline, FAULTS, name, layer, length, setup.small_warmup,
                                         setup.small_limit, seed=500 + 10 * n + layer + length, capacity_factor=CAPACITY_FACTOR)

@@ -183,6 +183,8 @@ def shape_table(model, gates, baseline, seeds: Sequence[int], windows: int, requ
                         for n, (label, make) in enumerate(SHAPES)])
         print(f"  traffic shapes, seed {seed}: {sum(requests.values())} requests recorded in {recorded:.0f} s, "
               f"replayed in {time.time() - started - recorded:.0f} s", flush=True)
+        print_shape_table(results, seeds[:len(results)])  # so far
+        print(flush=True)
     return results
 
 

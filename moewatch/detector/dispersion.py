@@ -17,8 +17,6 @@ change of the mix enters a difference of neighbours much.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 RECENT_PAIRS = 9  # the recent view: the median of this many pairs ...
@@ -74,7 +72,7 @@ def baseline_dispersion(counts: np.ndarray, p: np.ndarray, alive: np.ndarray):
 
 
 def pair_medians(counts: np.ndarray, p: np.ndarray, alive: np.ndarray, most: int, least: int = 1,
-                 level: float = 0.9995, draws: int = 20000, windows: int = 96):
+                 level: float = 0.9995, draws: int = 10000, windows: int = 48):
     """How the median of a few pair estimates (:func:`pair_dispersion`) scatters on traffic like
     the baseline's windows ``counts`` [W, E].
 
@@ -99,13 +97,12 @@ def pair_medians(counts: np.ndarray, p: np.ndarray, alive: np.ndarray, most: int
     table = np.concatenate([pair_dispersion(counts[i:i + step, None], counts[None], weights)[0]
                             for i in range(0, w, step)])  # [W, W]
     np.fill_diagonal(table, np.nan)  # a window is not paired with itself
+    seq = rng.integers(0, w, size=(draws, most + 1))
+    pairs = table[seq[:, :-1], seq[:, 1:]]  # [draws, most]: the first n of them for n pairs
+    pairs = pairs[np.isfinite(pairs).all(1)]
     for n in range(max(least, 1), most + 1):
-        seq = rng.integers(0, w, size=(draws, n + 1))
-        pairs = table[seq[:, :-1], seq[:, 1:]]  # [draws, n]
-        med = np.sort(pairs[np.isfinite(pairs).all(1)], axis=1)
-        med = 0.5 * (med[:, (n - 1) // 2] + med[:, n // 2])  # the median of each row
-        if med.size:
-            out[n] = np.quantile(med, level)
+        med = np.sort(pairs[:, :n], axis=1)
+        out[n] = np.quantile(0.5 * (med[:, (n - 1) // 2] + med[:, n // 2]), level)
     return float(np.clip(np.median(phi) / phi.mean(), 0.25, 1.0)), out
 
 
@@ -163,6 +160,7 @@ class LiveDispersion:
         self.spanning = (np.zeros(self.phi0.shape), np.zeros(self.phi0.shape, dtype=bool))
         self.judged_healthy = np.ones(self.phi0.shape, dtype=bool)  # [G] the last judgement
         self.median_ratio = np.broadcast_to(np.asarray(median_ratio, dtype=np.float64), self.phi0.shape)
+        self._recent = None  # recent(), as of the last pair
         self.last = np.zeros(self.weights.shape)  # [G, E] counts of the last window with assignments
         self.has_last = np.zeros(self.phi0.shape, dtype=bool)  # ... and it may pair for the kept views
         self.seen = np.zeros(self.phi0.shape, dtype=bool)  # ... and there is one
@@ -186,12 +184,15 @@ class LiveDispersion:
     def recent(self):
         """([G] the dispersion of the last pairs, nan with fewer than ``recent_min`` of them;
         [G] their median, unscaled; [G] how many pairs it rests on)."""
-        pairs = np.minimum(self.ring_count, self.ring.shape[1])
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a gate with no pair yet: nan
-            median = np.nanmedian(self.ring, axis=1)
-        median = np.where(pairs >= self.recent_min, median, np.nan)
-        return median / self.median_ratio, median, pairs
+        if self._recent is None:
+            pairs = np.minimum(self.ring_count, self.ring.shape[1])
+            ordered = np.sort(self.ring, axis=1)  # [G, K] the empty slots (nan) last
+            rows = np.arange(pairs.size)
+            k = np.maximum(pairs, 1)
+            median = 0.5 * (ordered[rows, (k - 1) // 2] + ordered[rows, k // 2])
+            median = np.where(pairs >= self.recent_min, median, np.nan)
+            self._recent = (median / self.median_ratio, median, pairs)
+        return self._recent
 
     def observe(self, counts: np.ndarray) -> None:
         """A window's assignment counts [G, E]: fold in its pair with the previous window."""
@@ -213,6 +214,7 @@ class LiveDispersion:
         self.seen |= seen
 
     def _ring(self, phi: np.ndarray, valid: np.ndarray) -> None:
+        self._recent = None
         slot = self.ring_count % self.ring.shape[1]
         rows = np.flatnonzero(valid)
         self.ring[rows, slot[rows]] = phi[rows]
