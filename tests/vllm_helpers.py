@@ -75,12 +75,16 @@ def write_models(out_dir: str) -> dict:
 class EngineRun:
     """One ``tests/vllm_child.py`` run: started, its RESULT line read, then ended."""
 
-    def __init__(self, config: dict, env: Optional[dict] = None):
+    def __init__(self, config: dict, env: Optional[dict] = None, core: int = 0):
         self.config = config
         child_env = dict(os.environ, **(env or {}))
         child_env.pop("PYTHONPATH", None)
         child_env.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="moewatch-vllm-cache-"))
         child_env["OMP_NUM_THREADS"] = "1"
+        # One OpenMP thread on one core: the same float sums on every run (greedy outputs of
+        # random tiny models have near ties), and two runs at once on two cores side by side.
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+        child_env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[core % len(cores)])
         self.process = subprocess.Popen([PYTHON, CHILD, json.dumps(config)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=child_env, cwd=ROOT)
