@@ -5,7 +5,7 @@ about 1e-6 and every expert ties; these checkpoints are written with transformer
 initialisation (a wider ``initializer_range``), and the DeepSeek-V3 one with a random, non-zero
 score-correction bias, so that routing is decisive and the bias changes it.
 
-Run with the vLLM venv's python (its transformers): ``python vllm_models.py mixtral|deepseek_v3 DIR``.
+Run with the vLLM venv's python (its transformers): ``python vllm_models.py all DIR``.
 """
 from __future__ import annotations
 
@@ -69,5 +69,6 @@ def deepseek_v3(out_dir: str, seed: int = 0) -> str:
 
 MODELS = {"mixtral": mixtral, "deepseek_v3": deepseek_v3}
 
-if __name__ == "__main__":
-    print(MODELS[sys.argv[1]](sys.argv[2]))
+if __name__ == "__main__":  # python vllm_models.py all|mixtral|deepseek_v3 DIR: one subfolder per model
+    for key in (MODELS if sys.argv[1] == "all" else [sys.argv[1]]):
+        print(MODELS[key](os.path.join(sys.argv[2], key)))
