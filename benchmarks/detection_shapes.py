@@ -190,7 +190,7 @@ def shape_table(model, gates, baseline, seeds: Sequence[int], windows: int, requ
 
 def print_shape_table(results: List[List[ShapeResult]], seeds: Sequence[int]) -> None:
     print("| live traffic (baseline: 16 x 128-token sequences per window) | windows per seed | tokens per window "
-          "(median) | windows per verdict | false alarms per 10,000 windows, seeds " + ", ".join(map(str, seeds))
+          "(mean) | windows per verdict | false alarms per 10,000 windows, seeds " + ", ".join(map(str, seeds))
           + " | kappa | met |")
     print("|---|---|---|---|---|---|---|")
     for n in range(len(SHAPES)):
