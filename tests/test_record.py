@@ -68,7 +68,10 @@ def test_record_writes_a_baseline_and_its_summary(model_dir, data, tmp_path, cap
     gate = base.gates["model.layers.0.mlp.gate"]
     assert gate.windows >= MIN_WINDOWS
     tokens = int(plan_line.split(" document(s), ")[1].split(" tokens")[0].replace(",", ""))
-    assert gate.series["tokens"].sum() <= tokens and gate.series["tokens"].min() >= 512  # padding never counted
+    sizes = gate.series["tokens"]
+    assert sizes.sum() <= tokens  # padding never counted
+    # windows close after 512 real tokens; a last, shorter window is kept when at least half full
+    assert sizes[:-1].min() >= 512 and sizes[-1] >= 256
     assert base.model_name == model_dir[0]  # as attach names a model loaded from that directory
     assert f"wrote {out}" in captured.out and "model.layers.1.mlp.gate: 8 experts top-2" in captured.out
     assert "baseline:" in captured.err and "tok" in captured.err  # the progress bar
