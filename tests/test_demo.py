@@ -59,11 +59,18 @@ def test_demo_catches_every_fault_and_recovers(tmp_path):
     assert _left_behind(temp) == []  # no temporary folder left behind
 
 
+def _sigint_default() -> None:
+    """A terminal's Ctrl-C reaches the demo: undo an ignored SIGINT inherited from a runner that
+    started the tests in the background (Python turns SIGINT into KeyboardInterrupt only when it
+    starts with the default disposition)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_serve_keeps_metrics_up_until_ctrl_c(tmp_path):
     env, temp = _env(tmp_path)
     demo = subprocess.Popen([sys.executable, "-m", "moewatch", "demo", "--windows", "1", "--baseline-windows", "8",
                              "--serve", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_sigint_default)
     try:
         url = None
         lines = []
