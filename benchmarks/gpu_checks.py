@@ -39,6 +39,29 @@ def _delta(after, before):
     return {k: after[k] - before[k] for k in after}
 
 
+def _one_forward_and_ten_replays(model, static_ids, read):
+    """What ``read()`` (a monitor's cumulative counts) adds over one eager forward, and over ten
+    replays of a CUDA graph captured from the same forward."""
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+            for _ in range(3):
+                model(static_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        before = read()
+        model(static_ids)
+        one = _delta(read(), before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(static_ids)
+        captured = read()
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+        return one, _delta(read(), captured)
+
+
 def check_sync_free(device) -> str:
     torch.manual_seed(0)
     model = TinyMoELM().to(device).eval()
@@ -79,24 +102,7 @@ def check_cuda_graph(device) -> str:
     model = TinyMoELM().to(device).eval()
     static_ids = torch.randint(0, 64, (4, 16), device=device)
     mon = moewatch.attach(model, gates="*.router", top_k=2, background=False)
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-            for _ in range(3):
-                model(static_ids)
-        torch.cuda.current_stream().wait_stream(side)
-        before = mon.counts()
-        model(static_ids)
-        one = _delta(mon.counts(), before)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(static_ids)
-        captured = mon.counts()
-        for _ in range(10):
-            graph.replay()
-        torch.cuda.synchronize()
-        replayed = _delta(mon.counts(), captured)
+    one, replayed = _one_forward_and_ten_replays(model, static_ids, mon.counts)
     mon.detach()
     for name in one:
         np.testing.assert_array_equal(replayed[name], 10 * one[name])
@@ -189,24 +195,7 @@ def check_placement_statistics(device) -> str:
     model = TinyMoELM().to(device).eval()
     static_ids = torch.randint(0, 64, (4, 16), device=device)
     mon = moewatch.attach(model, gates="*.router", top_k=2, background=False, expert_placement="contiguous:2")
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(static_ids)
-        torch.cuda.current_stream().wait_stream(side)
-        before = mon.coselection()
-        model(static_ids)
-        one = _delta(mon.coselection(), before)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(static_ids)
-        captured = mon.coselection()
-        for _ in range(10):
-            graph.replay()
-        torch.cuda.synchronize()
-        replayed = _delta(mon.coselection(), captured)
+    one, replayed = _one_forward_and_ten_replays(model, static_ids, mon.coselection)
     mon.detach()
     for name in one:
         np.testing.assert_array_equal(replayed[name], 10 * one[name])

@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from .dump import DumpFormatError, read_dump
+    from .cli_dump import read_dump_or_say
     from .placement.plan import placement_json, plan, report_text
     from .placement.propose import PartitionerMissing
     from .placement.spec import PlacementError
@@ -38,13 +38,8 @@ def _run(args) -> int:
     if args.ranks < 1:
         print(f"moewatch placement: --ranks {args.ranks} must be a positive number of ranks", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        dump = read_dump(args.dump)
-    except FileNotFoundError:
-        print(f"moewatch placement: {args.dump}: no such file", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (DumpFormatError, IsADirectoryError, PermissionError) as error:
-        print(f"moewatch placement: {error}", file=sys.stderr)
+    dump = read_dump_or_say("placement", args.dump)
+    if dump is None:
         return EXIT_BAD_INPUT
     try:
         plans = plan(dump, args.ranks, args.current, args.max_imbalance, args.holdout)

@@ -21,16 +21,11 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from .dump import DumpFormatError, read_dump
+    from .cli_dump import read_dump_or_say
     from .report import default_out_dir, summary_text, write_plots
 
-    try:
-        dump = read_dump(args.dump)
-    except FileNotFoundError:
-        print(f"moewatch report: {args.dump}: no such file", file=sys.stderr)
-        return EXIT_BAD_DUMP
-    except (DumpFormatError, IsADirectoryError, PermissionError) as error:
-        print(f"moewatch report: {error}", file=sys.stderr)
+    dump = read_dump_or_say("report", args.dump)
+    if dump is None:
         return EXIT_BAD_DUMP
     plots, failure = [], None
     if not args.no_plots:
