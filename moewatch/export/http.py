@@ -34,6 +34,7 @@ REQUEST_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
 MAX_REQUEST_BYTES = 16 * 1024
 MIN_AGE = 0.1  # seconds a connection that has sent nothing yet keeps its place
+FLOOD_PAUSE = 0.002  # seconds accepting waits after a batch that pushed out a young connection
 BACKLOG = 128
 PATHS = ("/metrics", "/")
 
@@ -87,6 +88,7 @@ class MetricsServer:
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._conns: Dict[int, _Connection] = {}  # fd -> connection, in the order they were accepted
         self._accept_paused_until = 0.0
+        self._pushed_out_young = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moewatch-prometheus", daemon=True)
         self._thread.start()
@@ -126,6 +128,16 @@ class MetricsServer:
         return max(0.0, min(1.0, nearest - now))
 
     def _accept(self) -> None:
+        self._pushed_out_young = False
+        self._accept_batch()
+        if self._pushed_out_young:
+            # a flood: every slot is younger than MIN_AGE. Waiting a moment lets the clients
+            # just accepted send their requests (a scraper's is read and answered then) and
+            # bounds the time this thread takes from the model's threads while under attack;
+            # newcomers wait in the kernel's queue meanwhile
+            self._pause_accepting(FLOOD_PAUSE)
+
+    def _accept_batch(self) -> None:
         # a bounded batch per turn, so that requests already read are answered between batches
         for _ in range(self.max_connections):
             try:
@@ -148,19 +160,34 @@ class MetricsServer:
             self._read(conn)
 
     def _victim(self) -> Optional[_Connection]:
-        """The connection a newcomer past the cap replaces: the one waiting longest for the rest
-        of its request. A connection that has sent nothing yet keeps its place for MIN_AGE
-        seconds (a scraper accepted a moment before its request arrives is not pushed out by a
-        flood behind it); one being answered goes only if nothing else can."""
-        now = time.monotonic()
+        """The connection a newcomer past the cap replaces, or None once a slot came free.
 
-        def fresh(c: _Connection) -> bool:
-            return not c.inbox and c.outbox is None and now - c.opened < MIN_AGE
+        First the one waiting longest for the rest of its request. A connection that has sent
+        nothing yet keeps its place for MIN_AGE seconds (a scraper accepted a moment before its
+        request arrives is not pushed out by a flood behind it). Under a flood every slot can be
+        that young: then the oldest is read once more before it goes, since its request may have
+        come in during this accept batch (read, it is answered and keeps its place). One being
+        answered goes only if nothing else can."""
+        while self._conns:
+            now = time.monotonic()
 
-        conns = list(self._conns.values())  # oldest first
-        return (next((c for c in conns if c.outbox is None and not fresh(c)), None)
-                or next((c for c in conns if not fresh(c)), None)
-                or (conns[0] if conns else None))
+            def fresh(c: _Connection) -> bool:
+                return not c.inbox and c.outbox is None and now - c.opened < MIN_AGE
+
+            conns = list(self._conns.values())  # oldest first
+            stalled = next((c for c in conns if c.outbox is None and not fresh(c)), None)
+            if stalled is not None:
+                return stalled
+            young = next((c for c in conns if c.outbox is None), None)
+            if young is None:
+                return conns[0]  # every slot is being answered
+            self._read(young)  # answered, dropped (the client left), or still silent
+            if len(self._conns) < self.max_connections:
+                return None
+            if young.sock.fileno() in self._conns and young.outbox is None:
+                self._pushed_out_young = True
+                return young
+        return None
 
     def _pause_accepting(self, seconds: float) -> None:
         if not self._accept_paused_until:
