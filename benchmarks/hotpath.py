@@ -8,11 +8,13 @@ output is (logits, weights, indices)), measured in one run, side by side:
   inline     the torch reference computed in the forward (what the device backend does on a
              device without a fused kernel; the previous CPU hot path did the same work)
 
+Each forward calls G routers (``--gates``; a model's MoE layers without the rest), so the root
+module's per-forward hooks are shared by G gate calls as in a real model; G = 1 is the worst case.
 Per set-up: microseconds per router call on the forward's thread (minimum and median over
 repeats), the added microseconds against ``alone``, ATen ops dispatched per call, and for the
 staged backend the reader's microseconds per call (the batched reduction, amortised).
 
-    python benchmarks/hotpath.py [--repeats 7] [--calls 2000]
+    python benchmarks/hotpath.py [--repeats 7] [--calls 2000] [--gates 1 4]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+import timeit
 
 import torch
 from torch import nn
@@ -44,12 +47,17 @@ class Router(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, router):
+    """A forward that calls ``gates`` routers in turn (a model's MoE layers, without the rest)."""
+
+    def __init__(self, routers):
         super().__init__()
-        self.router = router
+        self.routers = nn.ModuleList(routers)
 
     def forward(self, x):
-        return self.router(x)
+        out = None
+        for router in self.routers:
+            out = router(x)
+        return out
 
 
 class CountOps(TorchDispatchMode):
@@ -62,42 +70,53 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def per_call_us(model, x, calls: int) -> float:
+SETUPS = ("alone", "staged", "inline")
+
+
+def per_call_us(model, x, forwards: int, gates: int) -> float:
+    """Microseconds per gate call over ``forwards`` forwards of ``gates`` calls each."""
     with torch.no_grad():
         start = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(forwards):
             model(x)
-        return (time.perf_counter() - start) / calls * 1e6
+        return (time.perf_counter() - start) / (forwards * gates) * 1e6
 
 
-def measure(tokens: int, experts: int, top_k: int, hidden: int, calls: int, repeats: int) -> dict:
+def measure(tokens: int, experts: int, top_k: int, hidden: int, gates: int, calls: int, repeats: int) -> dict:
+    """The set-ups interleaved round by round (the machine's drift hits them alike)."""
     torch.manual_seed(0)
-    model = Model(Router(hidden, experts, top_k)).eval()
+    model = Model([Router(hidden, experts, top_k) for _ in range(gates)]).eval()
     x = torch.randn(tokens, hidden)
-    out = {}
-    for name in ("alone", "staged", "inline"):
-        mon = None
-        if name != "alone":
-            backend = "staged" if name == "staged" else "device"
-            mon = moewatch.attach(model, gates="router", top_k=top_k, background=False, backend=backend,
-                                  window_tokens=1 << 40)
-        per_call_us(model, x, 50)  # warm up
-        if mon is not None:
-            mon.counts()
-        samples, reader = [], []
-        for _ in range(repeats):
-            samples.append(per_call_us(model, x, calls))
+    forwards = max(1, calls // gates)
+    samples = {name: [] for name in SETUPS}
+    reader, ops = [], {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name in SETUPS:
+            mon = None
+            if name != "alone":
+                backend = "staged" if name == "staged" else "device"
+                mon = moewatch.attach(model, gates="routers.*", top_k=top_k, background=False, backend=backend,
+                                      window_tokens=1 << 40)
+            per_call_us(model, x, 20, gates)
+            if mon is not None:
+                mon.counts()
+            took = per_call_us(model, x, forwards, gates)
+            if round_:
+                samples[name].append(took)
             if mon is not None:
                 start = time.perf_counter()
                 mon.counts()  # the reader's work for those calls (drain + reduce)
-                reader.append((time.perf_counter() - start) / calls * 1e6)
-        with CountOps() as ops, torch.no_grad():
-            model(x)
-        if mon is not None:
-            mon.detach()
-        out[name] = dict(min=min(samples), median=statistics.median(samples),
-                         reader=statistics.median(reader) if reader else 0.0, ops=ops.count)
-    return out
+                if round_ and name == "staged":
+                    reader.append((time.perf_counter() - start) / (forwards * gates) * 1e6)
+            if not round_:
+                with CountOps() as counter, torch.no_grad():
+                    model(x)
+                ops[name] = counter.count / gates
+            if mon is not None:
+                mon.detach()
+    return {name: dict(min=min(samples[name]), median=statistics.median(samples[name]),
+                       reader=statistics.median(reader) if name == "staged" else 0.0, ops=ops[name])
+            for name in SETUPS}
 
 
 def main(argv=None) -> int:
@@ -106,19 +125,27 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--gates", type=int, nargs="+", default=[1, 4],
+                        help="gate calls per forward (the root's per-forward hooks are shared by them)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"moewatch {moewatch.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s); "
           f"router hidden {args.hidden}; {args.calls} calls x {args.repeats} repeats")
-    print(f"{'T':>4}{'E':>5}{'k':>3}  {'set-up':<8}{'min us':>9}{'median':>9}{'added':>9}{'ops':>6}{'reader us':>11}")
-    for tokens, experts, top_k in [(1, 8, 2), (8, 8, 2), (64, 8, 2), (8, 64, 8), (64, 64, 8), (8, 128, 8)]:
-        res = measure(tokens, experts, top_k, args.hidden, args.calls, args.repeats)
-        base = res["alone"]["median"]
-        for name, r in res.items():
-            added = f"{r['median'] - base:>9.1f}" if name != "alone" else f"{'':>9}"
-            reader = f"{r['reader']:>11.1f}" if name == "staged" else f"{'':>11}"
-            print(f"{tokens:>4}{experts:>5}{top_k:>3}  {name:<8}{r['min']:>9.1f}{r['median']:>9.1f}{added}"
-                  f"{r['ops']:>6}{reader}")
+    calibration = min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+    print(f"calibration: python -m timeit 'sum(range(1000))' = {calibration:.1f} us on this machine now")
+    print("per gate call: us on the forward's thread (min, median over repeats), added vs alone, "
+          "ATen ops, reader us")
+    print(f"{'G':>3}{'T':>4}{'E':>5}{'k':>3}  {'set-up':<8}{'min us':>9}{'median':>9}{'added':>9}{'ops':>6}"
+          f"{'reader us':>11}")
+    for gates in args.gates:
+        for tokens, experts, top_k in [(1, 8, 2), (8, 8, 2), (64, 8, 2), (8, 64, 8), (64, 64, 8), (8, 128, 8)]:
+            res = measure(tokens, experts, top_k, args.hidden, gates, args.calls, args.repeats)
+            base = res["alone"]["median"]
+            for name, r in res.items():
+                added = f"{r['median'] - base:>9.1f}" if name != "alone" else f"{'':>9}"
+                reader = f"{r['reader']:>11.1f}" if name == "staged" else f"{'':>11}"
+                print(f"{gates:>3}{tokens:>4}{experts:>5}{top_k:>3}  {name:<8}{r['min']:>9.1f}{r['median']:>9.1f}"
+                      f"{added}{r['ops']:>6.0f}{reader}")
     return 0
 
 

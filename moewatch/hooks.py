@@ -16,10 +16,7 @@ from .hotpath import ops  # noqa: F401  (registers the moewatch:: ops)
 from .hotpath.device import DeviceBank
 
 
-def _detached(t: torch.Tensor) -> torch.Tensor:
-    """The tensor without its autograd history: ``detach`` only where there is one (inference
-    and decode run without grad, and a detach is one more ATen op per call)."""
-    return t.detach() if t.requires_grad else t
+_is_compiling = torch.compiler.is_compiling
 
 
 class GateHook:
@@ -32,6 +29,7 @@ class GateHook:
         self.row = row
         self.errors = errors
         self.on_device = isinstance(bank, DeviceBank)
+        self.stage = None if self.on_device else bank.stage
 
     def _refuse_width(self, width: int) -> None:
         """A gate whose logits do not match its attached width: counted on every call (the
@@ -44,16 +42,21 @@ class GateHook:
     def __call__(self, module, args, kwargs, output):
         # No no_grad() here: staging runs no autograd op, and the device backend's op
         # implementation sets it itself; the context manager alone costs microseconds.
+        # Every line here runs on every gate call: locals, no helper calls where a test will do.
         try:
             routing = self.extract(module, args, kwargs, output)
-            logits = _detached(routing.logits)  # [T, E]
+            logits = routing.logits  # [T, E]
+            if logits.requires_grad:  # training: keep the history out of what is held
+                logits = logits.detach()
             if logits.shape[-1] != self.num_experts:  # a shape, not a value: traceable
                 self._refuse_width(logits.shape[-1])
                 return None
-            probs = _detached(routing.probs) if routing.probs is not None else None  # [T, E] or None
+            probs = routing.probs  # [T, E] or None
+            if probs is not None and probs.requires_grad:
+                probs = probs.detach()
             grid = routing.grid or 0
-            bank = self.bank
-            if torch.compiler.is_compiling():  # traced: exactly one opaque op in the graph
+            if _is_compiling():  # traced: exactly one opaque op in the graph
+                bank = self.bank
                 if self.on_device:
                     torch.ops.moewatch.observe(logits, routing.indices, probs, routing.dropped, routing.valid,
                                                routing.positions, bank.sums, bank.counts, bank.absmax,
@@ -62,10 +65,11 @@ class GateHook:
                     torch.ops.moewatch.stage(logits, routing.indices, probs, routing.dropped, routing.valid,
                                              routing.positions, bank.token, self.bank_id, self.row, grid)
             elif self.on_device:  # eager: the ops' implementations, without the dispatcher's round trip
+                bank = self.bank
                 bank.observe(self.row, logits, routing.indices, probs, routing.dropped, routing.valid,
                              routing.positions, grid, bank.sums, bank.counts, bank.absmax)
             else:  # eager tensors stay alive, and their version counters tell if they change
-                bank.stage(self.row, logits, routing.indices, probs, routing.dropped, routing.valid,
+                self.stage(self.row, logits, routing.indices, probs, routing.dropped, routing.valid,
                            routing.positions, grid, False)
         except Exception as error:  # never raise into the model's forward
             self.errors.record("hook", error, where=self.name)

@@ -66,7 +66,7 @@ def test_the_monitor_keeps_no_autograd_graph_alive():
     try:
         ids, mask = padded_batch(seed=5)
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
-        staged = [call for bank in mon._banks.banks for _, calls in bank._committed for call in calls]
+        staged = [call for bank in mon._banks.banks for call in bank.waiting()]
         assert len(staged) == 2  # one call per gate, waiting for the reader
         for call in staged:
             for tensor in call.tensors():

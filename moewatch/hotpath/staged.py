@@ -52,19 +52,28 @@ class Call:
     __slots__ = ("row", "logits", "indices", "probs", "dropped", "valid", "mask", "positions", "grid",
                  "versions", "reduced", "nbytes")
 
+    def __init__(self, row: int, grid: int, tensors, versions: Optional[tuple], nbytes: int, reduced=None):
+        self.row = row
+        self.grid = grid
+        (self.logits, self.indices, self.probs, self.dropped, self.valid, self.mask,
+         self.positions) = tensors
+        self.versions = versions
+        self.nbytes = nbytes
+        self.reduced = reduced
+
     def tensors(self):
         return (self.logits, self.indices, self.probs, self.dropped, self.valid, self.mask, self.positions)
 
 
+_NO_TENSORS = (None,) * 7
+
+
 def _versions(tensors) -> Optional[tuple]:
     """Version counters of the tensors, or None when one of them has none (inference tensors)."""
-    out = []
-    for t in tensors:
-        if t is not None:
-            if t.is_inference():
-                return None
-            out.append(t._version)
-    return tuple(out)
+    try:
+        return tuple([t._version for t in tensors if t is not None])
+    except RuntimeError:  # an inference tensor: no version counter
+        return None
 
 
 class ThreadState(threading.local):
@@ -117,39 +126,36 @@ class StagedBank:
         """Record one gate call (the body of the ``moewatch::stage`` op on CPU tensors).
 
         ``copy``: the tensors' buffers may be reused after the call (compiled code): copy them.
-        Eager callers pass False: the tensors are kept alive by reference instead.
+        Eager callers pass False: the tensors are kept alive by reference instead, their version
+        counters prove at reduction that they were not modified in place, and nothing is
+        dispatched here (the padding mask is kept whole; the reduction reads the columns it needs).
         """
-        mask = None
-        if valid is None:
-            mask = self.mask_of(self.gates[row].mask_key)
-            if mask is not None:
-                mask = mask_tail(mask, logits.shape[0], positions, grid)  # [B, S] view or None
-        call = Call()
-        call.row = row
-        call.grid = grid
-        call.reduced = None
+        mask = None if valid is not None else self.mask_of(self.gates[row].mask_key)  # [B, L] or None
         tensors = (logits, indices, probs, dropped, valid, mask, positions)
-        call.versions = None if copy else _versions(tensors)
+        versions = None if copy else _versions(tensors)
         # logits (and probs) dominate; the small tensors are not worth counting on this path
         nbytes = logits.numel() * logits.element_size() * (1 if probs is None else 2)
+        # A call is a plain tuple here (a Call's fields, made into one by the reader): cheapest.
         if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
             # Reduce now (a big call amortises the ops; bounded memory when the reader lags).
-            call.reduced = self._reduce_one(row, tensors, grid)
-            call.logits = call.indices = call.probs = call.dropped = call.valid = call.mask = None
-            call.positions = None
-            call.nbytes = 0
+            call = (row, grid, _NO_TENSORS, None, 0, self._reduce_one(row, tensors, grid))
         else:
-            if call.versions is None:  # buffers that may be reused or modified untracked: copy
-                tensors = tuple(None if t is None else t.detach().clone() for t in tensors)
-            (call.logits, call.indices, call.probs, call.dropped, call.valid, call.mask,
-             call.positions) = tensors
-            call.nbytes = nbytes
+            if versions is None:  # buffers that may be reused or modified untracked: copy
+                if mask is not None:  # only the columns this call's tokens sit at: [B, S]
+                    mask = mask_tail(mask, logits.shape[0], positions, grid)
+                tensors = tuple([None if t is None else t.detach().clone()
+                                 for t in (logits, indices, probs, dropped, valid, mask, positions)])
+            call = (row, grid, tensors, versions, nbytes, None)
             self._staged_bytes += nbytes
         state = self._thread
         if state.depth:
             state.pending.append(call)
         else:  # a gate called outside a monitored root forward is a forward of its own
             self._committed.append((time.time(), [call]))
+
+    def waiting(self) -> List[Call]:
+        """The calls of whole forwards staged and not reduced yet, oldest first."""
+        return [Call(*fields) for _, staged in list(self._committed) for fields in staged]
 
     # -- the reader ----------------------------------------------------------------------------
     def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float = 0.0,
@@ -164,7 +170,8 @@ class StagedBank:
             segment: List[Call] = []
             last_time = None
             while self._committed:
-                commit_time, calls = self._committed.popleft()
+                commit_time, staged = self._committed.popleft()
+                calls = [Call(*fields) for fields in staged]
                 last_time = commit_time
                 segment.extend(calls)
                 self._window_tokens = self._add_tokens(calls)
