@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from .adapters.base import AdapterError, GateSpec
+from .adapters.base import GateSpec, width_error
 from .errors import ErrorLog
 from .hotpath import ops  # noqa: F401  (registers the moewatch:: ops)
 from .hotpath.device import DeviceBank
 
 
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled  # with grad, the output carries the graph: detach it now
 
 
 class GateHook:
@@ -30,20 +31,29 @@ class GateHook:
         self.errors = errors
         self.on_device = isinstance(bank, DeviceBank)
         self.stage = None if self.on_device else bank.stage
+        # Eager CPU gates whose extract reads the output alone keep the output as it is; the
+        # reader extracts it (StagedBank.stage_output): the fewest steps on the forward's thread.
+        self.stage_output = None
+        if (not self.on_device and getattr(spec.extract, "output_only", False) and not spec.companions
+                and spec.install is None):
+            bank.set_extract(row, spec.extract, self.num_experts)
+            self.stage_output = bank.stage_output
 
     def _refuse_width(self, width: int) -> None:
         """A gate whose logits do not match its attached width: counted on every call (the
         verdict says monitoring is failing), with what to do, and nothing staged."""
-        self.errors.record("hook", AdapterError(
-            f"gate {self.name!r} returned router logits {width} wide, but it was attached with "
-            f"num_experts={self.num_experts}: it is not monitored. Attach with num_experts={width}, "
-            "or point gates= at the router module itself"), where=self.name)
+        self.errors.record("hook", width_error(self.name, width, self.num_experts), where=self.name)
 
     def __call__(self, module, args, kwargs, output):
         # No no_grad() here: staging runs no autograd op, and the device backend's op
         # implementation sets it itself; the context manager alone costs microseconds.
         # Every line here runs on every gate call: locals, no helper calls where a test will do.
         try:
+            if self.stage_output is not None and not _is_compiling() and not _grad_enabled():
+                # eager inference on the CPU: the output is kept, the reader reads it (or, where
+                # it cannot be kept as it is, stage_output reads it now)
+                self.stage_output(self.row, output)
+                return None
             routing = self.extract(module, args, kwargs, output)
             logits = routing.logits  # [T, E]
             if logits.requires_grad:  # training: keep the history out of what is held

@@ -83,13 +83,18 @@ def test_tracer_catches_a_sync_in_the_hook_path(monkeypatch):
     """The tracer itself can fail: a hook path that calls .item() is reported."""
     from moewatch.hotpath.staged import StagedBank
 
-    original = StagedBank.stage
+    original, original_output = StagedBank.stage, StagedBank.stage_output
 
     def syncing(bank, row, logits, *args, **kwargs):
         logits.sum().item()
         return original(bank, row, logits, *args, **kwargs)
 
+    def syncing_output(bank, row, output):  # the eager path without grad keeps the output whole
+        output[0].sum().item()
+        return original_output(bank, row, output)
+
     monkeypatch.setattr(StagedBank, "stage", syncing)
+    monkeypatch.setattr(StagedBank, "stage_output", syncing_output)
     model = tiny_mixtral(layers=1)
     ids, mask = padded_batch()
     mon = moewatch.attach(model, background=False)

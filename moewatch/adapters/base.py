@@ -31,7 +31,12 @@ class Companion:
 
 @dataclass
 class GateSpec:
-    """A gate found in a model, and how to read its decisions."""
+    """A gate found in a model, and how to read its decisions.
+
+    An ``extract`` that reads nothing but the gate's output (not the module, its arguments or
+    what companions left) says so with ``extract.output_only = True``: on CPU gates the hook
+    then keeps the output and the reader extracts it later, off the forward's thread.
+    """
 
     info: GateInfo
     module: nn.Module
@@ -59,6 +64,14 @@ class FamilyDoc:
 
 class AdapterError(ValueError):
     """A model or gate option that moewatch cannot monitor, with what to do about it."""
+
+
+def width_error(name: str, width: int, attached: int) -> AdapterError:
+    """A gate whose logits are not as wide as it was attached with: what to do about it."""
+    return AdapterError(
+        f"gate {name!r} returned router logits {width} wide, but it was attached with "
+        f"num_experts={attached}: it is not monitored. Attach with num_experts={width}, "
+        "or point gates= at the router module itself")
 
 
 def first_tensor(output: Any) -> torch.Tensor:

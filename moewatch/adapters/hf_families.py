@@ -191,6 +191,9 @@ def extract_triple(mod: nn.Module, args: tuple, kwargs: dict, output) -> Routing
                    indices=flat_tokens(indices, indices.shape[-1]))  # [T, k]
 
 
+extract_triple.output_only = True  # reads the output alone: may run later, on the reader (hooks.py)
+
+
 def describe(family: str) -> FamilyDoc:
     """The docs entry of a standard family."""
     e_field, k_field = CONFIG_FIELDS.get(family, _DEFAULT_FIELDS)

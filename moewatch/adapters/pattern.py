@@ -43,5 +43,7 @@ def pattern_gate(name: str, module: nn.Module, top_k: Optional[int], scoring: st
         logits = first_tensor(output)
         return Routing(logits=flat_tokens(logits, logits.shape[-1]))  # [T, E]
 
+    extract.output_only = True  # reads the output alone: may run later, on the reader (hooks.py)
+
     info = GateInfo(name=name, num_experts=width, top_k=top_k, family="custom", scoring=scoring)
     return GateSpec(info=info, module=module, extract=extract)

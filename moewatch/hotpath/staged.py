@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..adapters.base import width_error
 from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_tail, mask_weights
 
@@ -68,6 +69,18 @@ class Call:
 _NO_TENSORS = (None,) * 7
 
 
+def _output_versions(output) -> Optional[tuple]:
+    """Version counters of a gate output's tensors (a tensor, or a tuple of them), or None when
+    it cannot be kept as it is (an inference tensor, a member that is not a tensor, another kind
+    of output): the caller then extracts it at once."""
+    try:
+        if type(output) is tuple:
+            return tuple([t._version for t in output])
+        return (output._version,) if isinstance(output, torch.Tensor) else None
+    except (RuntimeError, AttributeError):  # an inference tensor (no version counter), or a non-tensor
+        return None
+
+
 def _versions(tensors) -> Optional[tuple]:
     """Version counters of the tensors, or None when one of them has none (inference tensors)."""
     try:
@@ -104,6 +117,9 @@ class StagedBank:
         self._committed: deque = deque()  # (commit time, [Call]) per whole forward
         self._staged_bytes = 0  # approximate: += and -= from several threads under the GIL
         self._drain = threading.Lock()  # one reducer at a time (reader, flush, counts)
+        self._extract: List[Optional[Callable]] = [None] * num_gates  # per gate: output -> Routing
+        self._widths = [g.num_experts for g in self.gates]
+        self._mask_keys = [g.mask_key for g in self.gates]
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         self._window_gate_tokens = torch.zeros(num_gates, dtype=torch.float64)
 
@@ -121,6 +137,70 @@ class StagedBank:
         if state.depth == 0 and state.pending:
             self._committed.append((time.time(), state.pending))
             state.pending = []
+
+    def set_extract(self, row: int, extract: Callable, width: int) -> None:
+        """Gate ``row``'s outputs may be staged as they are (``stage_output``): ``extract`` reads them."""
+        self._extract[row] = extract
+        self._widths[row] = width
+
+    def stage_output(self, row: int, output) -> None:
+        """Record one gate call by its output alone (eager, without grad): the reader extracts it.
+
+        The output's tensors are held by reference and their version counters taken, as
+        ``stage`` does; an output that cannot be held so (inference tensors, another kind of
+        object) is extracted now and staged with copies.
+        """
+        versions = _output_versions(output)
+        if versions is None or not versions:
+            self._stage_extracted(row, output)
+            return
+        first = output[0] if type(output) is tuple else output  # the logits, as extract reads them
+        if first.shape[-1] != self._widths[row]:
+            raise width_error(self.gates[row].name, first.shape[-1], self._widths[row])
+        mask = self.mask_of(self._mask_keys[row])  # [B, L] or None
+        nbytes = first.numel() * first.element_size()
+        if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
+            self._stage_extracted(row, output)  # reduced now (see stage)
+            return
+        self._staged_bytes += nbytes
+        call = (row, output, versions, mask, nbytes)  # an output record: see _call
+        state = self._thread
+        if state.depth:
+            state.pending.append(call)
+        else:  # a gate called outside a monitored root forward is a forward of its own
+            self._committed.append((time.time(), [call]))
+
+    def _stage_extracted(self, row: int, output) -> None:
+        routing = self._extract[row](None, (), {}, output)
+        if routing.logits.shape[-1] != self._widths[row]:
+            raise width_error(self.gates[row].name, routing.logits.shape[-1], self._widths[row])
+        self.stage(row, routing.logits, routing.indices, routing.probs, routing.dropped, routing.valid,
+                   routing.positions, routing.grid or 0, False)
+
+    def _call(self, fields, count: bool = True) -> Optional[Call]:
+        """The Call of a staged record: a Call's own fields, or an output record (row, output,
+        versions, mask, nbytes) extracted here, on the reader's thread. None: it cannot be
+        counted (with ``count``, the error is recorded and its bytes released)."""
+        if len(fields) != 5:
+            return Call(*fields)
+        row, output, versions, mask, nbytes = fields
+        try:
+            if _output_versions(output) != versions:
+                raise _MODIFIED
+            routing = self._extract[row](None, (), {}, output)
+            if routing.logits.shape[-1] != self._widths[row]:
+                raise width_error(self.gates[row].name, routing.logits.shape[-1], self._widths[row])
+        except Exception as error:
+            if count:
+                self._staged_bytes -= nbytes
+                self.errors.record("hook", error, where=self.gates[row].name)
+            return None
+        if routing.valid is not None:
+            mask = None
+        tensors = (routing.logits, routing.indices, routing.probs, routing.dropped, routing.valid, mask,
+                   routing.positions)
+        # versions None: the output's own were checked just now, and nothing writes to it after
+        return Call(row, routing.grid or 0, tensors, None, nbytes)
 
     def stage(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int, copy: bool) -> None:
         """Record one gate call (the body of the ``moewatch::stage`` op on CPU tensors).
@@ -155,7 +235,8 @@ class StagedBank:
 
     def waiting(self) -> List[Call]:
         """The calls of whole forwards staged and not reduced yet, oldest first."""
-        return [Call(*fields) for _, staged in list(self._committed) for fields in staged]
+        calls = [self._call(fields, count=False) for _, staged in list(self._committed) for fields in staged]
+        return [call for call in calls if call is not None]
 
     # -- the reader ----------------------------------------------------------------------------
     def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float = 0.0,
@@ -171,7 +252,7 @@ class StagedBank:
             last_time = None
             while self._committed:
                 commit_time, staged = self._committed.popleft()
-                calls = [Call(*fields) for fields in staged]
+                calls = [call for call in map(self._call, staged) if call is not None]
                 last_time = commit_time
                 segment.extend(calls)
                 self._window_tokens = self._add_tokens(calls)
@@ -254,9 +335,7 @@ class StagedBank:
         if call.versions is None or _versions(call.tensors()) == call.versions:
             return True
         self._staged_bytes -= call.nbytes
-        self.errors.record("hook", RuntimeError(
-            "the gate's output was modified in place before moewatch read it; the call is not counted"),
-            where=self.gates[call.row].name)
+        self.errors.record("hook", _MODIFIED, where=self.gates[call.row].name)
         return False
 
     def _reduce_group(self, row: int, group: List[Call]) -> None:
@@ -319,6 +398,9 @@ class StagedBank:
         every forward reduced so far (call after ``take``)."""
         with self._drain:
             return self.cosel.numpy().copy()
+
+
+_MODIFIED = RuntimeError("the gate's output was modified in place before moewatch read it; the call is not counted")
 
 
 class _Mixed(Exception):
