@@ -56,13 +56,19 @@ def test_exception_inside_a_family_adapter_is_counted(model, monkeypatch):
             raise KeyError("router output layout changed")
 
         monkeypatch.setattr(hook, "extract", broken_extract)
+        assert hook.stage_output is not None  # eager without grad: the reader extracts the kept output
+        extracts = list(hook.bank._extract)
+        extracts[hook.row] = broken_extract
+        monkeypatch.setattr(hook.bank, "_extract", extracts)
         for _ in range(4):
             assert_bit_identical(forward(model, ids()), expected)
+        counts = mon.counts()  # the reader extracts here, and the broken extract fails
         assert mon.error_counts() == {"hook": 4}
         assert exported(mon, "moewatch_internal_errors_total", component="hook") == 4
-        counts = mon.counts()
         assert int(counts[GATES[0]].sum()) == 0
         np.testing.assert_array_equal(counts[GATES[1]], 4 * reference[GATES[1]])
+        model(ids())  # with grad, the hook extracts at once: the failure is counted at the call
+        assert mon.error_counts() == {"hook": 5}
     finally:
         mon.detach()
 
