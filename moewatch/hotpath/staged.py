@@ -170,10 +170,15 @@ class StagedBank:
         else:  # a gate called outside a monitored root forward is a forward of its own
             self._committed.append((time.time(), [call]))
 
-    def _stage_extracted(self, row: int, output) -> None:
+    def _extracted(self, row: int, output):
+        """The Routing of a kept output of gate ``row``, its width checked (raises as the hook would)."""
         routing = self._extract[row](None, (), {}, output)
         if routing.logits.shape[-1] != self._widths[row]:
             raise width_error(self.gates[row].name, routing.logits.shape[-1], self._widths[row])
+        return routing
+
+    def _stage_extracted(self, row: int, output) -> None:
+        routing = self._extracted(row, output)
         self.stage(row, routing.logits, routing.indices, routing.probs, routing.dropped, routing.valid,
                    routing.positions, routing.grid or 0, False)
 
@@ -184,13 +189,13 @@ class StagedBank:
         if len(fields) != 5:
             return Call(*fields)
         row, output, versions, mask, nbytes = fields
-        try:
-            if _output_versions(output) != versions:
-                raise _MODIFIED
-            routing = self._extract[row](None, (), {}, output)
-            if routing.logits.shape[-1] != self._widths[row]:
-                raise width_error(self.gates[row].name, routing.logits.shape[-1], self._widths[row])
-        except Exception as error:
+        error = _modified() if _output_versions(output) != versions else None
+        if error is None:
+            try:
+                routing = self._extracted(row, output)
+            except Exception as failure:
+                error = failure
+        if error is not None:
             if count:
                 self._staged_bytes -= nbytes
                 self.errors.record("hook", error, where=self.gates[row].name)
@@ -335,7 +340,7 @@ class StagedBank:
         if call.versions is None or _versions(call.tensors()) == call.versions:
             return True
         self._staged_bytes -= call.nbytes
-        self.errors.record("hook", _MODIFIED, where=self.gates[call.row].name)
+        self.errors.record("hook", _modified(), where=self.gates[call.row].name)
         return False
 
     def _reduce_group(self, row: int, group: List[Call]) -> None:
@@ -400,7 +405,8 @@ class StagedBank:
             return self.cosel.numpy().copy()
 
 
-_MODIFIED = RuntimeError("the gate's output was modified in place before moewatch read it; the call is not counted")
+def _modified() -> RuntimeError:
+    return RuntimeError("the gate's output was modified in place before moewatch read it; the call is not counted")
 
 
 class _Mixed(Exception):
