@@ -11,11 +11,13 @@ Printed per workload: the median tokens/s of each engine over the rounds, the sp
 and the overhead of moewatch (1 - median on / median off). Run with the vLLM venv's python::
 
     .venv-vllm/bin/python benchmarks/vllm_overhead.py                    # a tiny random Mixtral
+    .venv-vllm/bin/python benchmarks/vllm_overhead.py --size mixtral-shaped   # hidden 1024, 280M
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --rounds 9
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --eager            # enforce_eager=True
 
-Without ``--model`` it writes the tests' tiny Mixtral (``tests/vllm_models.py``): its experts are
-so small that moewatch's per-layer cost weighs far more than on a real model. On a CUDA device
+Without ``--model`` it writes a random Mixtral (``tests/vllm_models.py``): by default the tests'
+tiny one, whose experts are so small that moewatch's per-layer cost weighs far more than on a
+real model; ``--size mixtral-shaped`` one of real proportions at a CPU-sized scale. On a CUDA device
 vLLM captures CUDA graphs by default; the same script measures that set-up there.
 """
 from __future__ import annotations
@@ -91,7 +93,10 @@ class Engine:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a checkpoint directory (default: the tests' tiny random Mixtral)")
+    parser.add_argument("--model", help="a checkpoint directory (default: a random Mixtral of --size)")
+    parser.add_argument("--size", choices=("tiny", "mixtral-shaped"), default="tiny",
+                        help="without --model: the tests' tiny Mixtral (hidden 64, 2 layers), or a Mixtral of "
+                             "real proportions (hidden 1024, experts 2048 wide, 4 layers, 32k vocabulary)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds per workload (default 7)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager=True (default: compilation on)")
     parser.add_argument("--port", type=int, default=19480, help="MOEWATCH_PORT of the monitored engine")
@@ -102,9 +107,10 @@ def main() -> None:
         return
     if args.model is None:
         sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from vllm_models import mixtral
+        from vllm_models import mixtral, mixtral_shaped
 
-        args.model = mixtral(os.path.join(tempfile.mkdtemp(prefix="moewatch-bench-"), "mixtral"))
+        write = mixtral if args.size == "tiny" else mixtral_shaped
+        args.model = write(os.path.join(tempfile.mkdtemp(prefix="moewatch-bench-"), "mixtral"))
     print(f"model {args.model}, compilation {'off (enforce_eager)' if args.eager else 'on'}, "
           f"{args.rounds} rounds per workload, engines taking turns")
     engines = {"off": Engine(args.model, False, args.eager, args.port), "on": Engine(args.model, True, args.eager, args.port)}

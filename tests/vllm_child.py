@@ -41,9 +41,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     started = time.time()
+    # "compile_backend": vLLM's compilation with another Dynamo backend than its default inductor
+    extra = {"compilation_config": {"backend": config["compile_backend"]}} if config.get("compile_backend") else {}
     llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"], dtype="float32",
               max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, seed=0,
-              kv_cache_memory_bytes=64 * 2**20, enable_prefix_caching=False)
+              kv_cache_memory_bytes=64 * 2**20, enable_prefix_caching=False, **extra)
     startup = time.time() - started
     llm.collective_rpc(arm)
     params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, detokenize=False)

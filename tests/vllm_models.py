@@ -32,13 +32,27 @@ def _finish(model, out_dir: str) -> str:
 
 def mixtral(out_dir: str, seed: int = 0) -> str:
     """8 experts, top-2, softmax: 2 layers, hidden 64 (vLLM's CPU attention needs head_dim >= 32)."""
+    return _mixtral(out_dir, seed, hidden=64, intermediate=64, layers=2, heads=2, kv_heads=1, vocab=VOCAB,
+                    init=0.08)
+
+
+def mixtral_shaped(out_dir: str, seed: int = 0) -> str:
+    """A Mixtral of real proportions at a CPU-sized scale (benchmarks): 8 experts, top-2, 4 layers,
+    hidden 1024, experts 2048 wide, 16 heads of 64 (4 KV heads), a 32,000-token vocabulary;
+    about 280M parameters."""
+    return _mixtral(out_dir, seed, hidden=1024, intermediate=2048, layers=4, heads=16, kv_heads=4, vocab=32000,
+                    init=0.02)
+
+
+def _mixtral(out_dir: str, seed: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+             vocab: int, init: float) -> str:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=8,
-                           num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.08,
-                           tie_word_embeddings=False)
+    config = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           head_dim=hidden // heads, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=512, initializer_range=init, tie_word_embeddings=False)
     return _finish(MixtralForCausalLM(config).float(), out_dir)
 
 
