@@ -45,6 +45,15 @@ def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def _parallel_ranks(engine, errors: ErrorLog) -> Dict[str, int]:
+    """The engine's parallel ranks; a failure to read them is counted, never raised."""
+    try:
+        return dict(engine.parallel_ranks())
+    except Exception as error:  # the engine's state is its own: monitoring goes on without it
+        errors.record("engine", error, where="parallel ranks")
+        return {}
+
+
 def _model_name(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     for attr in ("name_or_path", "_name_or_path", "model_type"):
@@ -66,9 +75,12 @@ class Monitor:
             or _model_name(model)
         # expert placement (moewatch.placement): checked against the gates before anything starts
         self._placement = _resolve_placement(self.options, specs)
-        self._model = weakref.ref(model)
-        self._gates: List[GateInfo] = [s.info for s in specs]
         self.errors = ErrorLog()
+        self._model = weakref.ref(model)
+        # {"tp": 0, "dp": 1, ...}: the process's place in the engine's parallel groups (the
+        # parallel_rank_info metric); empty outside an engine that runs it in such groups
+        self.parallel_ranks: Dict[str, int] = _parallel_ranks(engine, self.errors) if engine is not None else {}
+        self._gates: List[GateInfo] = [s.info for s in specs]
         self._masks = MaskTracker(model, real_tokens=engine.real_tokens if engine is not None else None)
         self._lock = threading.RLock()  # snapshot + window close
         self._listeners: List[Listener] = []

@@ -21,6 +21,9 @@ PREFIX = "moewatch_"
 # Label sets by level.
 PROCESS_LABELS: Tuple[str, ...] = ("model", "rank")
 GATE_LABELS: Tuple[str, ...] = PROCESS_LABELS + ("layer",)
+# mon.parallel_ranks keys, in label order: tensor, pipeline, data, expert parallel
+PARALLEL_GROUPS: Tuple[str, ...] = ("tp", "pp", "dp", "ep")
+PARALLEL_LABELS: Tuple[str, ...] = tuple(f"{group}_rank" for group in PARALLEL_GROUPS)
 EXPERT_LABELS: Tuple[str, ...] = GATE_LABELS + ("expert",)
 # Per rank of the expert placement (expert_placement=): `ep_rank` is a rank of the expert-parallel
 # group the placement describes, not the `rank` of the exporting process. At most R <= E series a gate.
@@ -97,6 +100,11 @@ METRICS: List[Metric] = [
        "1 while the monitor is attached to its model, 0 after detach()."),
     _m("build_info", G, PROCESS_LABELS + ("version",), "",
        "Always 1; the version label is the moewatch version."),
+    _m("parallel_rank_info", G, PROCESS_LABELS + PARALLEL_LABELS, "",
+       "Always 1: the process's rank in each parallel group of the serving engine that runs it "
+       "(tensor, pipeline, data, expert parallel; a label is empty where the engine has no such "
+       "group). Only under an engine that reports them (vLLM). Join on rank to slice any series "
+       "by them.", "mon.parallel_ranks"),
     _m("windows_total", C, PROCESS_LABELS, "windows",
        "Windows closed since attach (only windows that saw traffic count)."),
     _m("last_window_timestamp_seconds", G, PROCESS_LABELS, "seconds",
@@ -237,7 +245,10 @@ def markdown() -> str:
         "",
         "Labels: `model` (the `model_name=` option, else the model's config name), `rank` (from",
         "`torch.distributed`, else `RANK`, else `0`), `layer` (the gate's module name), `expert` (its",
-        "index), `ep_rank` (a rank of the `expert_placement=` option, R series a gate at most),",
+        "index), `ep_rank` (a rank of the `expert_placement=` option, R series a gate at most; on",
+        "`moewatch_parallel_rank_info`, the process's own expert-parallel rank), `tp_rank`, `pp_rank`,",
+        "`dp_rank` (the process's tensor, pipeline and data parallel ranks, as its serving engine",
+        "reports them),",
         "`component` (the failing part), `check` (a detector check, values below), `state` (a",
         "monitoring state: " + ", ".join(f"`{s}`" for s in MONITORING_STATES) + "), `version`.",
         "",

@@ -83,7 +83,14 @@ def _scrape(stack, port: int, model: str) -> dict:
         layer, expert = row["metric"]["layer"], int(row["metric"]["expert"])
         counts.setdefault(layer, {})[expert] = int(float(row["value"][1]))
     ranks = sorted({row["metric"]["rank"] for row in rows})
-    return {"counts": counts, "ranks": ranks, "total": float(result[0]["value"][1])}
+    parallel = [{k: v for k, v in row["metric"].items() if k.endswith("_rank") or k == "rank"}
+                for row in stack.query(f'moewatch_parallel_rank_info{{model="{model}"}}')]
+    # docs/vllm.md's join of the parallel ranks onto a series (on the counter itself, not its rate)
+    joined = stack.query(f'sum by (model, dp_rank, layer) (moewatch_gate_tokens_total{{model="{model}"}} '
+                         '* on (model, rank) group_left (dp_rank, tp_rank) moewatch_parallel_rank_info{tp_rank="0"})')
+    tokens_by_dp = {(row["metric"].get("dp_rank"), row["metric"]["layer"]): float(row["value"][1]) for row in joined}
+    return {"counts": counts, "ranks": ranks, "total": float(result[0]["value"][1]), "parallel": parallel,
+            "tokens_by_dp": tokens_by_dp}
 
 
 def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
@@ -203,6 +210,19 @@ def test_prometheus_scrapes_the_counts_from_each_worker(engine_runs, name):
     assert scraped["ranks"] == [str(worker["rank"])]
     assert {layer: [c.get(e, 0) for e in range(len(worker["counts"][layer]))]
             for layer, c in scraped["counts"].items()} == worker["counts"]
+
+
+@pytest.mark.parametrize("name", ["mixtral-compile-on", "deepseek_v3-compile-mp-on"])
+def test_the_workers_parallel_ranks_are_labels_of_their_own(engine_runs, name):
+    worker = engine_runs[name]["workers"][0]
+    assert {"tp", "pp", "dp"} <= set(worker["vllm_ranks"])  # vLLM always sets these groups up
+    assert worker["parallel_ranks"] == worker["vllm_ranks"]  # read from vLLM's parallel state
+    expected = {"rank": str(worker["rank"]), **{f"{g}_rank": str(r) for g, r in worker["vllm_ranks"].items()}}
+    assert engine_runs[name]["scraped"]["parallel"] == [expected]  # as the real Prometheus scraped it
+    # the docs' join: tokens per data-parallel replica and layer, from its tensor-parallel rank 0
+    top_k = {gate["name"]: gate["top_k"] for gate in worker["gates"]}
+    assert engine_runs[name]["scraped"]["tokens_by_dp"] == {
+        (str(worker["vllm_ranks"]["dp"]), layer): sum(counts) / top_k[layer] for layer, counts in worker["counts"].items()}
 
 
 @pytest.mark.parametrize("model", ["mixtral", "deepseek_v3"])

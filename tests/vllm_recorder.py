@@ -92,7 +92,12 @@ def worker_report(worker) -> dict:
         recorded[name] = torch.bincount(flat, minlength=experts[index]).tolist()
     from torch._dynamo.utils import counters
 
+    from vllm.distributed import parallel_state
+
+    groups = {label: getattr(parallel_state, name, None) for label, name in
+              (("tp", "_TP"), ("pp", "_PP"), ("dp", "_DP"), ("ep", "_EP"))}
     report = {"recorded": recorded, "rank": int(getattr(worker, "rank", 0)),
+              "vllm_ranks": {label: group.rank_in_group for label, group in groups.items() if group is not None},
               "local_rank": int(getattr(worker, "local_rank", 0)),
               "graph_breaks": sum(counters["graph_break"].values()),
               "unique_graphs": int(counters["stats"]["unique_graphs"])}
@@ -101,6 +106,7 @@ def worker_report(worker) -> dict:
         mon = mons[0]
         mon.flush()
         report["counts"] = {g: c.tolist() for g, c in mon.counts().items()}
+        report["parallel_ranks"] = dict(mon.parallel_ranks)
         report["gates"] = [{"name": g.name, "num_experts": g.num_experts, "top_k": g.top_k,
                             "scoring": g.scoring, "notes": g.notes} for g in mon.gates]
         report["errors"] = mon.error_counts()

@@ -1,7 +1,7 @@
 """What a serving engine tells the monitor about the model it runs (engine-neutral)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -32,3 +32,9 @@ class Engine:
     def model_name(self, model: nn.Module) -> Optional[str]:
         """The ``model`` label the engine serves the model under, or None."""
         return None
+
+    def parallel_ranks(self) -> Dict[str, int]:
+        """This process's rank in each parallel group the engine runs it in, by group: ``tp``
+        (tensor), ``pp`` (pipeline), ``dp`` (data), ``ep`` (expert parallel); only the groups
+        the engine has. Read once, at attach; exported as ``moewatch_parallel_rank_info``."""
+        return {}

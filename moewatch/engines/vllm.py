@@ -26,7 +26,7 @@ import fnmatch
 import logging
 import warnings
 import weakref
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -223,6 +223,20 @@ class VllmEngine(Engine):
         if padding is None:
             return None
         return torch.logical_not(padding).view(1, -1)  # [1, T]
+
+    def parallel_ranks(self) -> Dict[str, int]:
+        """The worker's rank in vLLM's tensor, pipeline, data and expert parallel groups (those
+        vLLM has set up: its parallel state is ready before the model loads)."""
+        try:
+            from vllm.distributed import parallel_state
+        except ImportError:
+            return {}
+        ranks = {}
+        for label, group_name in (("tp", "_TP"), ("pp", "_PP"), ("dp", "_DP"), ("ep", "_EP")):
+            rank = getattr(getattr(parallel_state, group_name, None), "rank_in_group", None)
+            if isinstance(rank, int) and not isinstance(rank, bool):
+                ranks[label] = rank
+        return ranks
 
     def model_name(self, model: nn.Module) -> Optional[str]:
         if self.served_name:

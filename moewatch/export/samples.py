@@ -6,7 +6,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 from .. import __version__
 from ..health import MONITORING_STATES
-from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, EXPERT_FAMILIES, METRICS, PREFIX
+from ..schema import DEFAULT_EXPERT_SERIES_BUDGET, EXPERT_FAMILIES, METRICS, PARALLEL_GROUPS, PREFIX
 from .labels import encodable
 from .state import ExportState, GateState, severity_value
 
@@ -112,6 +112,10 @@ def samples(state: ExportState, expert_families: Iterable[str]) -> Dict[str, Lis
     admitted = set(expert_families)
     out[PREFIX + "up"] = [(base, 1.0 if state.up else 0.0)]
     out[PREFIX + "build_info"] = [(base + (__version__,), 1.0)]
+    ranks = state.parallel_ranks
+    if ranks:
+        out[PREFIX + "parallel_rank_info"] = [(base + tuple(str(ranks[g]) if g in ranks else "" for g in PARALLEL_GROUPS),
+                                               1.0)]
     out[PREFIX + "windows_total"] = [(base, float(state.windows_total))]
     out[PREFIX + "last_window_timestamp_seconds"] = [(base, float(state.last_window_time))]
     out[PREFIX + "internal_errors_total"] = [(base + (c,), float(n)) for c, n in sorted(state.errors.items())]

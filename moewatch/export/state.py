@@ -66,6 +66,7 @@ class ExportState:
     baseline_loaded: bool
     gates: List[GateState]
     monitoring: str = "no_data"  # mon.health().monitoring: ok / no_data / failing
+    parallel_ranks: Dict[str, int] = field(default_factory=dict)  # mon.parallel_ranks
 
     @property
     def process_labels(self) -> Tuple[str, str]:
@@ -156,6 +157,7 @@ class StateReader:
             alerts_sent=sum(getattr(e, "sent", 0) for e in getattr(monitor, "_exporters", ())),
             baseline_loaded=has_baseline or _baseline_of(monitor) is not None,
             gates=[_live_gate(g, live) for g in gates], monitoring=live.monitoring,
+            parallel_ranks=dict(getattr(monitor, "parallel_ranks", {})),
         )
 
     def _gates(self, monitor, last, latest, health: Health) -> List[GateState]:
