@@ -187,14 +187,14 @@ class Monitor:
         return min(0.25, self.options.window_seconds / 4)
 
     # -- reading the accumulators ----------------------------------------------------------
-    def _take(self, force: bool, idle: bool = True) -> None:
+    def _take(self, force: bool, idle: bool = True, hold: bool = False) -> None:
         """Reduce what the forwards left; close a window at every cut the hot path made.
 
         Windows are cut at forward ends only: when a window holds ``window_tokens`` tokens, or
         with ``force`` (``flush``, ``window_seconds``) after the last forward that ended.
         """
         with self._lock:
-            self._banks.take(force, self._on_cut, idle)
+            self._banks.take(force, self._on_cut, idle, hold)
             try:
                 self._coselection.collect(self._banks.coselection)
             except Exception as error:  # the windows go on without the co-selection
@@ -207,7 +207,8 @@ class Monitor:
         """Reader thread: close the windows that are due (tokens) or too old (window_seconds)."""
         aged = time.time() - self._last.time >= self.options.window_seconds
         # a device bank cuts at the next forward end; one poll later with none, it cuts itself
-        self._take(force=aged, idle=aged and self._force_asked)
+        # hold: forwards that no window cut needs yet wait for a later poll (one batched reduction)
+        self._take(force=aged, idle=aged and self._force_asked, hold=True)
         self._force_asked = aged
 
     def _close(self, current: Snapshot) -> Optional[Window]:

@@ -103,3 +103,43 @@ def test_staged_and_device_backends_report_the_same_windows(one_thread):
         np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-6, atol=1e-9)
     for x, y in zip(a["expert_counts"], b["expert_counts"]):
         np.testing.assert_array_equal(x, y)
+
+
+def test_reader_polls_hold_forwards_no_cut_needs_and_every_read_still_counts_them(one_thread, monkeypatch):
+    """The reader's polls reduce only at a window cut, at HOLD_CALLS calls, or when asked to
+    (flush, counts()): one batched reduction instead of one per poll. Windows, counts and
+    their order are those of reducing at every poll."""
+    model = tiny_mixtral(layers=2)
+    runs = []
+    for hold_calls in (1, staged.HOLD_CALLS):  # 1: every poll reduces what it took
+        monkeypatch.setattr(staged, "HOLD_CALLS", hold_calls)
+        mon = moewatch.attach(model, background=False, window_tokens=40)
+        bank = mon._banks.banks[0]
+        held = []
+        for seed in range(8):
+            ids, mask = padded_batch(seed=seed, batch=2, length=6 + seed)
+            with torch.no_grad():
+                model(ids, attention_mask=mask)
+            mon._poll()  # what the reader thread does every poll
+            held.append(len(bank.waiting()))
+        counts_mid = mon.counts()  # a read reduces every ended forward
+        assert bank.waiting() == []
+        for seed in range(8, 12):
+            ids, mask = padded_batch(seed=seed, batch=2, length=6)
+            with torch.no_grad():
+                model(ids, attention_mask=mask)
+            mon._poll()
+        mon.flush()
+        runs.append((held, counts_mid, mon.counts(), mon.windows()))
+        mon.detach()
+    (held_1, mid_1, end_1, frame_1), (held_n, mid_n, end_n, frame_n) = runs
+    assert max(held_1) == 0 and max(held_n) > 0  # held between polls, until a cut took them
+    assert len(frame_1) == len(frame_n) > 3
+    assert frame_1["tokens"].tolist() == frame_n["tokens"].tolist()
+    for x, y in zip(frame_1["expert_counts"], frame_n["expert_counts"]):
+        np.testing.assert_array_equal(x, y)
+    # float32 sums over other batches of calls: equal to rounding
+    np.testing.assert_allclose(frame_1["entropy_mean"].to_numpy(), frame_n["entropy_mean"].to_numpy(), rtol=1e-6)
+    for name in mid_1:
+        np.testing.assert_array_equal(mid_1[name], mid_n[name])
+        np.testing.assert_array_equal(end_1[name], end_n[name])

@@ -252,3 +252,4 @@ def test_padding_rows_and_warm_up_forwards_are_not_real_tokens(engine_runs):
     (seen,) = engine_runs["mixtral-eager-on"]["padding"]
     assert seen["armed"] == [[True] * 5 + [False] * 3]  # vLLM's is_padding, inverted, [1, T]
     assert seen["warm_up"] == [[False] * 8]
+    assert seen["unpadded"] is None  # no padding row: no mask

@@ -179,9 +179,12 @@ def padding_seen(worker) -> dict:
     padding = torch.tensor([False] * 5 + [True] * 3)
     with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=padding):
         armed = engine.real_tokens((), {}).tolist()
+    with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=torch.zeros(8, dtype=torch.bool)):
+        unpadded = engine.real_tokens((), {})  # None: every row real, no mask to apply
+    with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=padding):
         engine.armed = False
         try:
             warm_up = engine.real_tokens((), {}).tolist()
         finally:
             engine.armed = True
-    return {"armed": armed, "warm_up": warm_up}
+    return {"armed": armed, "warm_up": warm_up, "unpadded": unpadded}

@@ -192,6 +192,11 @@ class VllmEngine(Engine):
     def __init__(self) -> None:
         self.armed = True  # False: forwards count no token (the plugin, until warm-up is over)
         self.served_name: Optional[str] = None
+        try:  # read at every root forward: imported once, not per call
+            from vllm.forward_context import get_forward_context, is_forward_context_available
+        except ImportError:
+            get_forward_context = is_forward_context_available = None
+        self._get_context, self._has_context = get_forward_context, is_forward_context_available
 
     def gates(self, model: nn.Module, options) -> List[GateSpec]:
         specs = []
@@ -209,18 +214,17 @@ class VllmEngine(Engine):
     def real_tokens(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """[1, T] bool (True = a real token) from vLLM's forward context; None: all real."""
         padding = None
-        try:
-            from vllm.forward_context import get_forward_context, is_forward_context_available
-
-            if is_forward_context_available():
-                padding = get_forward_context().is_padding  # [T] bool, True = padding, or None
-        except ImportError:
-            pass
+        if self._has_context is not None and self._has_context():
+            padding = self._get_context().is_padding  # [T] bool, True = padding, or None
         if not self.armed:
             rows = padding.shape[0] if padding is not None else _token_rows(args, kwargs)
             device = padding.device if padding is not None else None
             return torch.zeros(1, rows, dtype=torch.bool, device=device) if rows is not None else None
         if padding is None:
+            return None
+        if padding.device.type == "cpu" and not padding.numpy().any():
+            # no padding row (a host tensor: no device sync; numpy: no op dispatched): every
+            # token is real, and calls without a mask are counted from their shape alone
             return None
         return torch.logical_not(padding).view(1, -1)  # [1, T]
 

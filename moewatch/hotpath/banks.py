@@ -88,15 +88,16 @@ class Banks:
         return self._thread.masks.get(key)
 
     # -- the reader -----------------------------------------------------------------------------
-    def take(self, force: bool, on_window: Callable, idle: bool = True) -> None:
+    def take(self, force: bool, on_window: Callable, idle: bool = True, hold: bool = False) -> None:
         """Reduce what the forwards left and call ``on_window(t, sums, counts, absmax)`` per cut.
 
         Arrays are in gate order: sums float64 [G, C], counts int64 [G, 2, E], absmax [G].
+        ``hold``: a host bank may leave forwards that no cut needs for a later take.
         """
         now = time.time()
         for index, bank in enumerate(self.banks):
             pending = self._pending[index]
-            bank.take(self.window_tokens, force, lambda *cut, q=pending: q.append(cut), now, idle)
+            bank.take(self.window_tokens, force, lambda *cut, q=pending: q.append(cut), now, idle, hold)
         if force and len(self.banks) > 1 and any(self._pending):
             # a bank without traffic since its last cut contributes its state as it stands
             for index, bank in enumerate(self.banks):

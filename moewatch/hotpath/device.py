@@ -134,7 +134,7 @@ class DeviceBank:
 
     # -- the reader -----------------------------------------------------------------------------
     def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float,
-             idle: bool) -> None:
+             idle: bool, hold: bool = False) -> None:
         """Hand every new cut to ``on_cut``; with ``force``, ask for a cut (made now when idle)."""
         with self._lock:
             if force:
