@@ -114,8 +114,8 @@ def samples(state: ExportState, expert_families: Iterable[str]) -> Dict[str, Lis
     out[PREFIX + "build_info"] = [(base + (__version__,), 1.0)]
     ranks = state.parallel_ranks
     if ranks:
-        out[PREFIX + "parallel_rank_info"] = [(base + tuple(str(ranks[g]) if g in ranks else "" for g in PARALLEL_GROUPS),
-                                               1.0)]
+        labels = tuple(str(ranks[g]) if g in ranks else "" for g in PARALLEL_GROUPS)  # "": no such group
+        out[PREFIX + "parallel_rank_info"] = [(base + labels, 1.0)]
     out[PREFIX + "windows_total"] = [(base, float(state.windows_total))]
     out[PREFIX + "last_window_timestamp_seconds"] = [(base, float(state.last_window_time))]
     out[PREFIX + "internal_errors_total"] = [(base + (c,), float(n)) for c, n in sorted(state.errors.items())]

@@ -122,6 +122,7 @@ class StateReader:
         self._monitor = weakref.ref(monitor)
         self.model = str(monitor.model_name)
         self.rank = str(process_rank(monitor.options).rank)
+        self.parallel_ranks = dict(getattr(monitor, "parallel_ranks", {}))  # read once, at attach
         self._key: Optional[tuple] = None
         self._frozen: Optional[tuple] = None  # (gates, windows_total, last_window_time, has_baseline)
         # The baseline is fixed at attach: its per-gate figures are computed once, not per window.
@@ -157,7 +158,7 @@ class StateReader:
             alerts_sent=sum(getattr(e, "sent", 0) for e in getattr(monitor, "_exporters", ())),
             baseline_loaded=has_baseline or _baseline_of(monitor) is not None,
             gates=[_live_gate(g, live) for g in gates], monitoring=live.monitoring,
-            parallel_ranks=dict(getattr(monitor, "parallel_ranks", {})),
+            parallel_ranks=self.parallel_ranks,
         )
 
     def _gates(self, monitor, last, latest, health: Health) -> List[GateState]:
