@@ -21,6 +21,7 @@ import torch
 import moewatch
 from moewatch import faults, pretrained
 
+WARMUP_WINDOWS = 8  # at most this many more healthy windows before the first verdict
 WINDOW_FORWARDS = 2  # forwards of 8 x 128 bytes per window: 2048 tokens per gate
 WINDOW_TOKENS = WINDOW_FORWARDS * 8 * pretrained.SEQ_LEN
 BASELINE_WINDOWS = 24
@@ -127,9 +128,13 @@ def _drills(model, mon: moewatch.Monitor, windows: int, seed: int) -> None:
     print(f"2. serve held-out files ({len(mon.gates)} gates watched: {', '.join(g.name for g in mon.gates)})")
     traffic = pretrained.heldout_batches(seed=seed + 1)
     index = 0
-    for health in _run_windows(model, mon, traffic, windows):
+    # a fresh monitor first measures the traffic's make-up on the pairs of its first windows:
+    # serve healthy traffic until the first verdict is in
+    for health in _run_windows(model, mon, traffic, windows + WARMUP_WINDOWS):
         print(_line(index, health, mon))
         index += 1
+        if index >= windows and not health.note.startswith("waiting"):
+            break
     layer = 2
     drills = [
         ("a router collapse: layer 2's gate sends most tokens to experts 0 and 1",

@@ -26,3 +26,13 @@ def one_thread():
 @pytest.fixture
 def mixtral():
     return tiny_mixtral()
+
+
+def until_first_verdict(window, limit: int = 12) -> int:
+    """Run ``window()`` (one window of healthy traffic, returning its Health) until a fresh
+    monitor's first verdict: it first measures the traffic's make-up on the pairs of its first
+    windows (docs/detector.md, *Evidence*). Returns how many windows that took."""
+    for n in range(1, limit + 1):
+        if not window().note.endswith("no verdict yet"):
+            return n
+    raise AssertionError(f"no verdict after {limit} healthy windows")

@@ -9,7 +9,7 @@ import torch
 import moewatch
 from moewatch import faults
 from moewatch.dump import read_dump
-from tests.conftest import tiny_mixtral
+from tests.conftest import tiny_mixtral, until_first_verdict
 
 GATES = [f"model.layers.{i}.mlp.gate" for i in range(3)]
 
@@ -29,8 +29,7 @@ def test_one_dump_per_window_naming_every_gate_that_collapsed(tmp_path):
         baseline = recorder.baseline()
     folder = tmp_path / "dumps"
     mon = moewatch.attach(model, baseline=baseline, background=False, dump_dir=str(folder))
-    for _ in range(2):
-        _window(model, mon, gen)
+    until_first_verdict(lambda: _window(model, mon, gen))
     # layers 1 and 2 together (layer 0, before them, cannot see it)
     with faults.two_expert_collapse(model, experts=(0, 1), layers=[1, 2]):
         verdicts = [_window(model, mon, gen) for _ in range(2)]

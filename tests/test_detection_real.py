@@ -12,6 +12,7 @@ import torch
 
 import moewatch
 from moewatch import faults, pretrained
+from tests.conftest import until_first_verdict
 
 BATCH = 4  # sequences of 128 bytes per forward pass
 FORWARDS = 2  # forward passes per window: 1024 tokens
@@ -34,6 +35,15 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def clean_probe(model):
+    """A sequence and the logits the model computes for it, unwatched (a probe run while watched
+    would be routed into the window the fault starts in)."""
+    probe = next(pretrained.heldout_batches(1, seed=99))
+    with torch.no_grad():
+        return probe, model(input_ids=probe).logits
+
+
+@pytest.fixture(scope="module")
 def baseline(model):
     with moewatch.attach(model, background=False) as mon:
         run_windows(model, mon, pretrained.training_batches(BATCH, seed=11), BASELINE_WINDOWS)
@@ -42,9 +52,12 @@ def baseline(model):
 
 @pytest.fixture
 def watch(model, baseline):
-    """A fresh monitor (fresh persistence state) with the baseline, on held-out traffic."""
+    """A fresh monitor (fresh persistence state) with the baseline, on held-out traffic, past
+    its first verdict."""
     mon = moewatch.attach(model, baseline=baseline, background=False)
-    yield mon, pretrained.heldout_batches(BATCH, seed=12)
+    traffic = pretrained.heldout_batches(BATCH, seed=12)
+    until_first_verdict(lambda: run_windows(model, mon, traffic, 1)[0])
+    yield mon, traffic
     mon.detach()
 
 
@@ -74,16 +87,14 @@ def test_two_expert_collapse_is_called_collapse_within_two_windows(model, watch)
     (lambda model: faults.dead_expert(model, expert=3, layers=[2]), 2),
     (lambda model: faults.saturate(model, 8.0, layers=[3]), 3),
 ], ids=["dead-expert", "saturation"])
-def test_dead_expert_and_saturation_are_flagged_within_three_windows(model, watch, inject, layer):
+def test_dead_expert_and_saturation_are_flagged_within_three_windows(model, clean_probe, watch, inject, layer):
     mon, traffic = watch
     gate = mon.gates[layer].name
-    probe = next(pretrained.heldout_batches(1, seed=99))
-    with torch.no_grad():
-        clean = model(input_ids=probe).logits
+    probe, clean = clean_probe
     with inject(model):
         verdicts = run_windows(model, mon, traffic, 3)
     called = [h.gates[gate].severity for h in verdicts]
-    assert any(s != "ok" for s in called), called
+    assert any(s != "ok" for s in called), [h.note for h in verdicts]
     with torch.no_grad():  # the fault is gone: the model computes exactly what it did before
         assert torch.equal(model(input_ids=probe).logits, clean)
 

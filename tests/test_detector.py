@@ -54,6 +54,15 @@ def _detector(sim: HealthyTraffic, windows: int = 120, ert: float = 100_000, per
     return BaselineDetector(sim.gates, baseline, ert, persistence)
 
 
+def _warm(det, sim, gates=None) -> None:
+    """Healthy windows until the first verdict: a fresh detector measures the live traffic's
+    make-up on the pairs of its first windows before it judges any."""
+    for _ in range(8):
+        if not det.update(sim.window(), gates or sim.gates).note.startswith("waiting"):
+            return
+    raise AssertionError("no verdict after 8 healthy windows")
+
+
 def test_false_alarm_rate_within_its_bound_on_overdispersed_traffic():
     """Dirichlet-multinomial routing (far from i.i.d.) with wandering scalars: the fraction of
     windows with an alarm on any gate stays under 1 / ERT (Poisson upper 99.9% bound)."""
@@ -118,7 +127,9 @@ def test_small_windows_do_not_alarm():
 @pytest.fixture(scope="module")
 def fitted():
     sim = HealthyTraffic(num_gates=4, experts=8, seed=6)
-    return sim, _detector(sim)
+    det = _detector(sim)
+    _warm(det, sim)
+    return sim, det
 
 
 def _run(fitted, windows=2, **fault):
@@ -178,7 +189,11 @@ def test_would_be_drops_of_a_dropless_gate_are_drift_not_collapse(fitted):
     sim, _ = fitted
     dropless = [dataclasses.replace(g, native_capacity=False) for g in sim.gates]
     det = BaselineDetector(dropless, Baseline.from_frame(sim.frame(120)), 100_000, 2)
-    verdict = det.update(sim.window(drop_fraction=0.12), dropless)
+    _warm(det, sim, dropless)
+    verdicts = [det.update(sim.window(drop_fraction=0.12), dropless) for _ in range(4)]
+    # a drift, not a collapse: confirmed on the make-up of the windows that show it
+    assert [v.note.startswith("waiting to confirm a drift") for v in verdicts] == [True] * 3 + [False]
+    verdict = verdicts[-1]
     gate = verdict.gates[dropless[0].name]
     assert gate.checks["drop_rate"] == "drift"
     assert any(r.startswith("would-be drop rate 1") for r in gate.reasons)
@@ -194,15 +209,22 @@ def test_new_traffic_mix_is_drift_not_collapse(fitted):
     other = np.random.default_rng(11).dirichlet(np.full(8, 8.0), size=len(sim.gates))
     # 65% of the way to another mix: at 60% the persistence score sits within a few percent of
     # its threshold on this over-dispersed traffic, so which window fires depends on noise
-    verdicts = _run(fitted, windows=3, shares=0.35 * sim.shares + 0.65 * other)
-    assert any(v.severity == "drift" for v in verdicts)
+    verdicts = _run(fitted, windows=12, shares=0.35 * sim.shares + 0.65 * other)
+    assert any(v.severity == "drift" for v in verdicts), [v.note for v in verdicts]
     assert all(v.severity != "collapse" for v in verdicts)
+    # a new drift is reported once the pairs of the windows that show it say their make-up is
+    # the baseline's (the first windows of a change into fewer, longer requests look the same):
+    # the window that first looked like one, and the three after it, judged together
+    first = next(i for i, v in enumerate(verdicts) if v.severity == "drift")
+    assert [v.note.startswith("waiting to confirm a drift") for v in verdicts[first - 3:first]] == [True] * 3
+    assert "judged together (4 windows" in verdicts[first].note
 
 
 def test_persistence_needs_consecutive_windows():
     """A change between the persistence threshold and the single-window one fires on the second window."""
     sim = HealthyTraffic(num_gates=1, experts=8, seed=8)
     det = _detector(sim)
+    _warm(det, sim)
     h1, hr = det.h1[0, 6], det.hr[0, 6]  # entropy check
     mu, sd = det.params["entropy_mu"][0], det.params["entropy_s"][0]
     w = sim.window()
@@ -220,8 +242,16 @@ def test_persistence_needs_consecutive_windows():
     w2 = sim.window()
     w2.sums[0, 1] = x * tokens
     second = det.update(w2, sim.gates)
-    assert first.gates[sim.gates[0].name].checks["entropy"] == "ok"
-    assert second.gates[sim.gates[0].name].checks["entropy"] == "drift"
+    assert first.gates[sim.gates[0].name].checks["entropy"] == "ok" and first.note == ""
+    # the second fires the persistence rule: a new drift, confirmed on the next windows' make-up
+    assert second.note.startswith("waiting to confirm a drift")
+    confirming = []
+    for _ in range(3):
+        w3 = sim.window()
+        w3.sums[0, 1] = x * w3.sums[0, 0]
+        confirming.append(det.update(w3, sim.gates))
+    assert all(v.note.startswith("waiting to confirm") for v in confirming[:-1])
+    assert confirming[-1].gates[sim.gates[0].name].checks["entropy"] == "drift"
 
 
 # -- without a baseline --------------------------------------------------------------------------

@@ -58,6 +58,14 @@ def test_clustered_traffic_in_windows_of_one_to_three_requests_keeps_its_false_a
 def test_a_window_the_size_of_a_baseline_window_is_judged_at_once(clustered):
     sim, baseline = clustered
     det = BaselineDetector(sim.gates, baseline, 100_000, 2)
+    # the first windows after attach measure the live traffic's make-up (3 pairs), then are judged
+    # together once they carry the evidence it calls for (cautious: it rests on a few pairs);
+    # from there on a window of the baseline's size is judged alone, at once
+    warm = [det.update(sim.window(16), sim.gates).note for _ in range(8)]
+    assert all("make-up is measured" in n and n.endswith("no verdict yet") for n in warm[:3]), warm
+    first = next(i for i, n in enumerate(warm) if not n.startswith(WAITING))
+    assert 3 <= first <= 6 and f"judged together ({first + 1} windows" in warm[first], warm
+    assert warm[first + 1:] == [""] * (7 - first), warm
     assert [det.update(sim.window(16), sim.gates).note for _ in range(3)] == ["", "", ""]
     shares = np.full_like(sim.shares, 0.02 / 6)
     shares[:, [2, 5]] = 0.49
@@ -113,24 +121,48 @@ def test_longer_requests_count_as_more_clustered_and_pools_grow(clustered):
     assert 600 / 40 < verdicts < 600 / 14  # ~32 requests per verdict, not the 8 a token count would give
 
 
-def test_traffic_that_turns_into_fewer_longer_requests_stops_paging_once_the_pairs_show_it(clustered):
+def test_traffic_that_turns_into_fewer_longer_requests_never_pages(clustered):
     """Windows of the baseline's size in tokens, but of two requests of 1,024 tokens instead of
     sixteen of 128: each window is a few heavy units, about seven times as clustered. The first
-    windows after the change look like a drift (nothing can tell them apart from one yet); from
-    the pairs of the next ones the recent view sees the make-up, and the windows are pooled.
-    Judged on the long-run dispersion alone (learned only from windows judged healthy), every
-    such window alarmed and none ever taught it otherwise: it paged on and on."""
+    windows after the change look like a drift, and nothing in their sums tells them apart from
+    one; the pairs of the windows that show it do. Before a new drift was confirmed on them, a
+    detector judging such windows on what it knew before the change paged in the first 1-8
+    windows after it (every one of 20 seeds); judged on the long-run dispersion alone (learned
+    only from windows judged healthy), it paged on and on."""
     sim, baseline = clustered
+    for seed in range(5):
+        sim.rng = np.random.default_rng(1000 + seed)
+        det = BaselineDetector(sim.gates, baseline, 100_000, 2)
+        _, before, _ = _judge(det, [sim.window(16) for _ in range(30)], sim.gates)
+        assert before == 0
+        healths = [det.update(sim.window(2, tokens=1024), sim.gates) for _ in range(120)]
+        alarmed = [(i, h.note) for i, h in enumerate(healths) if h.severity != "ok"]
+        assert alarmed == [], alarmed
+        assert det._pool.kappa().min() > 3.0
+        judged = sum(not h.note.startswith(WAITING) for h in healths[20:])
+        assert judged < 100 / 4  # pooled: a verdict holds several windows of such traffic
+
+
+def test_a_fresh_monitor_on_clustered_traffic_never_pages(clustered):
+    """The same traffic from the moment of attach. Judged from the first window on, on the
+    baseline's make-up (nothing else was known), a fresh detector paged in the first 1-6 windows
+    of every one of 20 attaches, now and then calling a collapse (two requests that favour the
+    same expert look like one). No verdict comes before the pairs of the first windows have
+    measured the traffic's make-up."""
+    sim, baseline = clustered
+    for seed in range(10):
+        sim.rng = np.random.default_rng(2000 + seed)
+        det = BaselineDetector(sim.gates, baseline, 100_000, 2)
+        healths = [det.update(sim.window(2, tokens=1024), sim.gates) for _ in range(40)]
+        assert [(i, h.note) for i, h in enumerate(healths) if h.severity != "ok"] == []
+        assert all("make-up is measured" in h.note for h in healths[:3])
+    # and a collapse present at attach is reported at the first verdict, once the make-up is known
+    shares = np.full_like(sim.shares, 0.02 / 6)
+    shares[:, [2, 5]] = 0.49
     det = BaselineDetector(sim.gates, baseline, 100_000, 2)
-    _, before, _ = _judge(det, [sim.window(16) for _ in range(60)], sim.gates)
-    assert before == 0
-    healths = [det.update(sim.window(2, tokens=1024), sim.gates) for _ in range(200)]
-    alarmed = [i for i, h in enumerate(healths) if h.severity != "ok" and not h.note.startswith(WAITING)]
-    print(f"alarmed verdicts after the change: {alarmed}")
-    assert all(i < 10 for i in alarmed), alarmed  # only while the pairs of the new traffic fill in
-    assert det._pool.kappa().min() > 3.0
-    judged = sum(not h.note.startswith(WAITING) for h in healths[20:])
-    assert judged < 180 / 4  # pooled: a verdict holds several windows of such traffic
+    healths = [det.update(sim.window(16, shares=shares), sim.gates) for _ in range(6)]
+    called = [h.severity for h in healths]
+    assert called[:3] == ["ok"] * 3 and "collapse" in called, called
 
 
 # -- the estimators ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ def test_every_window_column_is_documented():
 # `<!-- doc-test: NAME (...) -->` just above a fence names a set-up (SETUPS) for that snippet.
 # `moewatch ...` commands run (bash, in that directory); SQL runs on DuckDB; install lines and
 # the benchmarks (minutes to hours) are checked, not run; blocks of program output are not code.
+import itertools  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -34,6 +35,8 @@ import sys  # noqa: E402
 from typing import List, NamedTuple, Optional  # noqa: E402
 
 import pytest  # noqa: E402
+
+from tests.conftest import until_first_verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", ROOT / "SECURITY.md"] + sorted((ROOT / "docs").glob("*.md"))
@@ -101,10 +104,17 @@ def _collapse_dump(ns: dict, workdir: Path) -> dict:
 
     model = ns["model"]
     with moewatch.attach(model, baseline="baseline.json", background=False, dump_dir="dumps") as mon:
-        with torch.no_grad(), faults.two_expert_collapse(model, experts=(0, 1), layers=[1]):
-            for batch in ns["eval_batches"][:2]:
-                model(**batch)
-                mon.flush()
+        batches = itertools.cycle(ns["eval_batches"])
+
+        def window():
+            with torch.no_grad():
+                model(**next(batches))
+            return mon.flush()
+
+        until_first_verdict(window)
+        with faults.two_expert_collapse(model, experts=(0, 1), layers=[1]):
+            for _ in range(2):
+                window()
     assert any("-collapse-" in name for name in os.listdir(workdir / "dumps"))
     return ns
 

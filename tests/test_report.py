@@ -9,7 +9,7 @@ import torch
 import moewatch
 from moewatch.cli import main
 from moewatch.dump import read_dump
-from tests.conftest import tiny_mixtral
+from tests.conftest import tiny_mixtral, until_first_verdict
 
 COLLAPSING = "model.layers.1.mlp.gate"
 HEALTHY = "model.layers.0.mlp.gate"
@@ -54,12 +54,13 @@ def incident(tmp_path_factory):
 
     mon = moewatch.attach(model, baseline=baseline, background=False, sample_decisions=0.25,
                           dump_dir=str(folder / "dumps"))
+    warm = until_first_verdict(lambda: window(mon))
     verdicts = [window(mon).severity for _ in range(3)]
     _inject_collapse(model)
     verdicts += [window(mon).severity for _ in range(3)]
     listing_before_exit = sorted(os.listdir(folder / "dumps"))
     mon.detach()
-    return {"folder": folder, "mon": mon, "verdicts": verdicts, "before_exit": listing_before_exit}
+    return {"folder": folder, "mon": mon, "verdicts": verdicts, "before_exit": listing_before_exit, "warm": warm}
 
 
 def _collapse_dump(incident) -> str:
@@ -70,7 +71,7 @@ def _collapse_dump(incident) -> str:
 def test_injected_collapse_writes_one_automatic_dump(incident):
     verdicts = incident["verdicts"]
     assert verdicts[:3] == ["ok"] * 3 and "collapse" in verdicts[3:]
-    first = verdicts.index("collapse")
+    first = incident["warm"] + verdicts.index("collapse")  # the window's index
     # one dump on the first collapse (not one per collapsed window), then the shutdown dump
     assert len(incident["before_exit"]) == 1 and "collapse" in incident["before_exit"][0]
     assert COLLAPSING.replace(".", "_") in incident["before_exit"][0]
@@ -93,7 +94,7 @@ def test_report_names_the_collapsed_gate_and_experts(incident, tmp_path, capsys)
     assert main(["report", _collapse_dump(incident), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     timeline = text.split("Health timeline")[1].split("Worst gates")[0]
-    assert "window 0-2: ok" in timeline
+    assert f"window 0-{incident['warm'] + 2}: ok" in timeline
     assert f"COLLAPSE  {COLLAPSING} collapse" in timeline
     worst = text.split("Worst gates")[1].split("\n")
     assert worst[2].split()[:2] == [COLLAPSING, "collapse"]  # first row of the table

@@ -15,9 +15,12 @@ from moewatch import faults
 from moewatch.cli import main
 from moewatch.dump import read_dump
 from moewatch.report import baseline_band, band_digits, band_text, expert_findings, gate_summaries, incidents, summary_text
-from tests.conftest import tiny_mixtral
+from tests.conftest import tiny_mixtral, until_first_verdict
 
 GATE = "model.layers.1.mlp.gate"
+
+
+WARM = []  # windows the monitor took to its first verdict
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,7 @@ def dump(tmp_path_factory):
             window(recorder)
         baseline = recorder.baseline()
     mon = moewatch.attach(model, baseline=baseline, background=False, model_name="tiny")
+    WARM.append(until_first_verdict(lambda: window(mon)))
     for fault in (lambda: faults.two_expert_collapse(model, experts=(0, 1), gates=[GATE]),
                   lambda: faults.dead_expert(model, expert=3, gates=[GATE]),
                   lambda: faults.saturate(model, scale=8.0, gates=[GATE])):
@@ -52,7 +56,8 @@ def dump(tmp_path_factory):
 
 def test_every_incident_is_examined(dump):
     runs = incidents(dump, GATE)
-    assert [r.windows for r in runs] == [[2, 3], [6, 7], [10, 11]]
+    w = WARM[0]  # windows before the first verdict
+    assert [r.windows for r in runs] == [[w + 2, w + 3], [w + 6, w + 7], [w + 10, w + 11]]
     assert all(r.severity == "collapse" for r in runs)
     text = summary_text(dump)
     assert f"{GATE}: 3 incident(s), worst collapse" in text

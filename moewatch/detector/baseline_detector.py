@@ -99,6 +99,7 @@ class BaselineDetector:
         self._judged: Optional[Dict[str, GateHealth]] = None  # the last judgement, per gate
         self._judged_note = ""
         self._judged_on = ""  # which windows the last judgement covered, for the note of later ones
+        self._alarmed = np.zeros(len(gates), dtype=bool)  # [G] the last judgement fired
 
     # -- per window ----------------------------------------------------------------------
     def update(self, window, gates: Sequence) -> Health:
@@ -120,11 +121,17 @@ class BaselineDetector:
         if not pooled.final:
             if not collapse.any():  # an early look at a pool: only a collapse is reported this soon
                 return self._waiting(window, nonfinite)
-            self._pool.take()
+        elif not pooled.confirmed and not collapse.any() and (fire.any(1) & ~self._alarmed).any():
+            # A new drift: the first windows of traffic that turned into fewer, longer requests
+            # look just like one. Confirm it on the make-up of the windows that show it.
+            self._pool.hold()
+            return self._waiting(window, nonfinite)
+        self._pool.take()
         if self._history.shape[0]:
             self._history = np.roll(self._history, 1, axis=0)
             self._history[0] = over_r
         self._judged = self._verdict(f, s, fire, collapse, active)
+        self._alarmed = fire.any(1)
         self._judged_note = _pool_note(pooled)
         self._judged_on = (f"window {pooled.first}" if pooled.count == 1
                            else f"windows {pooled.first}-{pooled.window.index}")
@@ -139,8 +146,20 @@ class BaselineDetector:
 
     def _waiting(self, window, nonfinite: np.ndarray) -> Health:
         """A window too small to judge alone went into the pool: the last verdict stands."""
-        waiting = (f"waiting for evidence: windows {self._pool.first}-{window.index} hold "
-                   f"{self._pool.tokens:,.0f} tokens, a verdict needs about {self._pool.tokens_needed():,.0f}")
+        first = f"window {window.index}" if self._pool.first == window.index else f"windows {self._pool.first}-{window.index}"
+        held = f"waiting for evidence: {first} {'holds' if self._pool.count == 1 else 'hold'} {self._pool.tokens:,.0f} tokens"
+        more = self._pool.windows_to_measure()
+        if self._pool.confirming:
+            more = self._pool.windows_to_confirm()
+            waiting = (f"waiting to confirm a drift: {first} {'holds' if self._pool.count == 1 else 'hold'} "
+                       f"{self._pool.tokens:,.0f} tokens and look like one; a drift is reported once the pairs "
+                       f"of its windows show their make-up is the baseline's, {more} more "
+                       f"{'window' if more == 1 else 'windows'}")
+        elif more:
+            waiting = (f"{held}; the live traffic's make-up is measured on the pairs of its first windows, "
+                       f"{more} more {'window' if more == 1 else 'windows'} before a verdict")
+        else:
+            waiting = f"{held}, a verdict needs about {self._pool.tokens_needed():,.0f}"
         note = waiting + (f"; the verdict is that of {self._judged_on}" if self._judged is not None
                           else "; no verdict yet")
         return self._health(window, nonfinite, note)

@@ -21,6 +21,9 @@ import numpy as np
 
 RECENT_PAIRS = 9  # the recent view: the median of this many pairs ...
 RECENT_MIN = 3  # ... once there are this many
+# The last this many pairs, or more, can also say the traffic is more clustered: a median of three
+# is deaf to the one large pair a step into another mix makes, a median of fewer is not.
+LATEST_MIN = 3
 
 
 def expert_weights(p: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -164,6 +167,7 @@ class LiveDispersion:
         self.last = np.zeros(self.weights.shape)  # [G, E] counts of the last window with assignments
         self.has_last = np.zeros(self.phi0.shape, dtype=bool)  # ... and it may pair for the kept views
         self.seen = np.zeros(self.phi0.shape, dtype=bool)  # ... and there is one
+        self.judged_once = False  # before the first judgement no pair spans two of them
 
     def estimate(self) -> np.ndarray:
         """[G] the dispersion: the baseline's, replaced by the live traffic's as pairs are kept."""
@@ -194,13 +198,26 @@ class LiveDispersion:
             self._recent = (median / self.median_ratio, median, pairs)
         return self._recent
 
+    def latest(self) -> np.ndarray:
+        """[G, recent_pairs] the recent view's pairs, the newest first (nan where there are fewer)."""
+        k = self.ring.shape[1]
+        back = np.arange(k)  # [K]
+        idx = (self.ring_count[:, None] - 1 - back[None]) % k  # [G, K]
+        out = np.take_along_axis(self.ring, idx, 1)
+        return np.where(back[None] < np.minimum(self.ring_count, k)[:, None], out, np.nan)
+
+    def measured(self) -> np.ndarray:
+        """[G] whether the live traffic's make-up has been measured at all: the recent view rests
+        on at least ``recent_min`` pairs of its windows."""
+        return self.ring_count >= self.recent_min
+
     def observe(self, counts: np.ndarray) -> None:
         """A window's assignment counts [G, E]: fold in its pair with the previous window."""
         counts = np.asarray(counts, dtype=np.float64)
         phi, valid = pair_dispersion(self.last, counts, self.weights)
         valid &= self.seen
         phi = np.minimum(np.nan_to_num(phi), self.clip * self.estimate())
-        first = valid & ~self.spanning[1]
+        first = valid & ~self.spanning[1] & self.judged_once
         self.spanning = (np.where(first, phi, self.spanning[0]), self.spanning[1] | first)
         self._ring(phi, valid & ~first)
         valid &= self.has_last
@@ -230,4 +247,5 @@ class LiveDispersion:
         self._ring(phi, valid & (healthy == self.judged_healthy))
         self.spanning = (np.zeros_like(phi), np.zeros_like(valid))
         self.judged_healthy = healthy.copy()
+        self.judged_once = True
         self.has_last &= healthy  # nor does the step from an alarmed window to the next one

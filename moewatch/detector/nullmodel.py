@@ -27,7 +27,7 @@ from typing import Dict
 import numpy as np
 from scipy import special
 
-from .dispersion import RECENT_MIN, RECENT_PAIRS, baseline_dispersion, pair_medians
+from .dispersion import RECENT_PAIRS, baseline_dispersion, pair_medians
 from .features import Features
 from .pooling import EVIDENCE_QUANTILE
 
@@ -119,7 +119,7 @@ def fit(f: Features, evidence: bool = True) -> Params:
                       "n_floor": np.float64(np.quantile(f.assignments, EVIDENCE_QUANTILE))}
     params["dispersion"], params["dispersion_se"] = map(np.float64, baseline_dispersion(counts, p, alive))
     # how the median of a few live pairs may scatter on traffic like the baseline's
-    ratio, quantiles = (pair_medians(counts, p, alive, RECENT_PAIRS, RECENT_MIN) if evidence
+    ratio, quantiles = (pair_medians(counts, p, alive, RECENT_PAIRS, 1) if evidence
                         else (1.0, np.full(RECENT_PAIRS + 1, np.inf)))
     params["dispersion_median_ratio"] = np.float64(ratio)
     params["recent_median_hi"] = quantiles  # [RECENT_PAIRS + 1]

@@ -47,14 +47,16 @@ kappa here being the plain ratio of the two dispersions (:func:`.nullmodel.score
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Deque, NamedTuple, Optional
 
 import numpy as np
 
 from ..windows import Window
-from .dispersion import LiveDispersion
+from .dispersion import LATEST_MIN, RECENT_MIN, RECENT_PAIRS, LiveDispersion, expert_weights, pair_dispersion
 
 # The evidence of a baseline window is that of its smaller ones (this quantile of their
 # assignments): the calibration scored them all, and live windows closed by the same rule are as
@@ -75,6 +77,21 @@ TOLERANCE_SE = 3.0
 MAX_KAPPA = 16.0
 
 
+class OwnMakeup(NamedTuple):
+    """How clustered a pool's own windows are (:meth:`Pool.own`), each [G]."""
+
+    dispersion: np.ndarray  # the median of its pairs, scaled as the recent view's; nan below RECENT_MIN pairs
+    rough: np.ndarray  # the same from however many pairs there are (nan: none)
+    clustered: np.ndarray  # that median past what as many pairs of the baseline's traffic reach
+    steady: np.ndarray  # two pairs or more, and every one past what a single baseline pair reaches
+    pairs: np.ndarray  # how many pairs
+
+
+def _no_pairs(gates: int) -> OwnMakeup:
+    nan, no = np.full(gates, np.nan), np.zeros(gates, dtype=bool)
+    return OwnMakeup(nan, nan, no, no, np.zeros(gates, dtype=np.int64))
+
+
 @dataclass
 class Pooled:
     """A pool ready to be judged."""
@@ -85,6 +102,7 @@ class Pooled:
     count: int  # windows in the pool
     tokens: float  # tokens in the pool (the busiest gate's)
     final: bool = True  # False: an early look (only a collapse is reported; else the pool goes on)
+    confirmed: bool = False  # a suspected drift whose windows' make-up has been measured
 
 
 class Pool:
@@ -105,6 +123,13 @@ class Pool:
         self._window: Optional[Window] = None
         self.first = 0
         self.count = 0
+        # [G, E] each: the counts of the pool's last windows, for its own make-up (own())
+        self._recent_counts: Deque[np.ndarray] = collections.deque(maxlen=RECENT_PAIRS + 1)
+        self._alive = np.asarray(params["alive"], dtype=bool)  # [G, E]
+        self._own = _no_pairs(self.phi0.size)
+        self._floor = np.full(self.phi0.size, np.nan)  # [G] a confirmed suspect's own dispersion
+        self.confirming = False  # the pool holds a suspected drift, waiting for its make-up
+        self._confirmed = False  # ... which has been measured
         self._needed = self.n_floor  # [G] as of the last window added
 
     def kappa(self) -> np.ndarray:
@@ -112,8 +137,44 @@ class Pool:
         factor on the baseline's variances when a pool is scored. The larger of the long-run
         estimate and the recent pairs' median: traffic that has just become more clustered is
         scored as it is now."""
-        recent = np.nan_to_num(self.dispersion.recent()[0])
-        return np.clip(np.maximum(self.dispersion.estimate(), recent) / self.phi0, 1.0, MAX_KAPPA)
+        recent = np.fmax(self.dispersion.recent()[0], self._own_dispersion())
+        return np.clip(np.fmax(self.dispersion.estimate(), recent) / self.phi0, 1.0, MAX_KAPPA)
+
+    def own(self) -> OwnMakeup:
+        """The pool's own make-up, from the pairs of its last consecutive windows (up to
+        ``RECENT_PAIRS``). Scaled and tested as the recent view is, but measured around the
+        pool's own expert shares, not the baseline's: a pool of a collapse or of a new mix is as
+        clustered as its requests are, and shares far from the baseline's would bias a dispersion
+        measured around them."""
+        return self._own
+
+    def _own_dispersion(self) -> np.ndarray:
+        """[G] the pool's own dispersion where it can be trusted (nan elsewhere): measured on
+        ``RECENT_MIN`` pairs; or on fewer, every one of them high (a step into another mix, or
+        into a fault, makes one large pair, not two); or that of a confirmed suspect."""
+        own = self._own
+        rough = np.where(own.steady, own.rough, np.nan)
+        return np.fmax(np.fmax(own.dispersion, rough), self._floor)
+
+    def _measure_own(self):
+        if len(self._recent_counts) < 2:
+            return _no_pairs(self.phi0.size)
+        counts = np.stack(self._recent_counts)  # [W, G, E]
+        total = counts.sum(0)  # [G, E]
+        weights = expert_weights(total, self._alive & (total > 0))  # [G, E]
+        pairs, _ = pair_dispersion(counts[:-1], counts[1:], weights[None])  # [W - 1, G]
+        pairs = pairs.T  # [G, P]
+        n = np.isfinite(pairs).sum(1)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-nan rows: no pair yet
+            median = np.nanmedian(pairs, axis=1)
+            lowest = np.nanmin(pairs, axis=1)
+        hi = np.take_along_axis(self.recent_hi, np.minimum(n, self.recent_hi.shape[1] - 1)[:, None], 1)[:, 0]
+        with np.errstate(invalid="ignore"):
+            clustered = median > hi  # from the first pair on: a pool of a few heavy requests shows at once
+            steady = (n >= 2) & (lowest > self.recent_hi[:, 1])
+        rough = median / self.median_ratio
+        return OwnMakeup(np.where(n >= RECENT_MIN, rough, np.nan), rough, clustered, steady, n)
 
     def clustered(self) -> np.ndarray:
         """[G] whether the live traffic is measurably more clustered than the baseline's: the
@@ -124,12 +185,27 @@ class Pool:
         hi = np.take_along_axis(self.recent_hi, np.minimum(pairs, self.recent_hi.shape[1] - 1)[:, None], 1)[:, 0]
         with np.errstate(invalid="ignore"):
             recent = median > hi
+            # the last few pairs alone: traffic that has just turned into fewer, longer requests
+            # shows in them before it moves the median of all the recent ones
+            latest = self.dispersion.latest()  # [G, K] the newest first
+            for n in range(LATEST_MIN, latest.shape[1] + 1):
+                recent |= np.median(latest[:, :n], axis=1) > self.recent_hi[:, n]
         return (self.dispersion.estimate() > self.phi0_bound) | recent
 
     def needed(self, evidence: float = POOL_EVIDENCE) -> np.ndarray:
         """[G] assignments the pool needs before it is judged (see the module's docstring), or
         before it holds ``evidence`` small baseline windows' worth."""
-        upper = np.maximum(self.dispersion.upper(), np.nan_to_num(self.dispersion.recent()[0]))
+        # Right after attach nothing is known of the live traffic's make-up, and a window of a
+        # few heavy requests is all a collapse looks like: no verdict before it is measured.
+        return np.where(self.measured(), self._needed_by_evidence(evidence), np.inf)
+
+    def measured(self) -> np.ndarray:
+        """[G] whether the live traffic's make-up has been measured: ``RECENT_MIN`` pairs of its
+        windows, those seen before this pool or this pool's own."""
+        return self.dispersion.measured() | (self.own().pairs >= RECENT_MIN)
+
+    def _needed_by_evidence(self, evidence: float) -> np.ndarray:
+        upper = np.fmax(np.fmax(self.dispersion.upper(), self.dispersion.recent()[0]), self._own_dispersion())
         pooled = evidence * self.n_floor * np.clip(upper / self.phi0_bound, 1.0, MAX_KAPPA)
         if self.count > 1 or evidence != POOL_EVIDENCE:
             return pooled
@@ -148,6 +224,7 @@ class Pool:
             self.dispersion.observe(window.counts[:, 0, :self.dispersion.weights.shape[1]])
 
     def _add(self, window: Window) -> Optional[Pooled]:
+        counts = window.counts[:, 0, :self.dispersion.weights.shape[1]]  # [G, E]
         if self._window is None:
             self._window, self.first, self.count = window, window.index, 1
         else:
@@ -156,26 +233,51 @@ class Pool:
                                                sums=w.sums + window.sums, counts=w.counts + window.counts,
                                                absmax=np.maximum(w.absmax, window.absmax))
             self.count += 1
+        self._recent_counts.append(np.asarray(counts, dtype=np.float64))
+        self._own = self._measure_own()
         assignments = self._window.counts[:, 0].sum(-1)  # [G]
         seen = assignments > 0
         if not seen.any():
             return None
+        if self.confirming:
+            own = self.own()
+            if not own.clustered[seen].any():
+                if (own.pairs < RECENT_MIN)[seen].any():  # the suspect's make-up is not measured yet
+                    return self._pooled(final=False)  # looked at for a collapse after every window
+                self.confirming, self._confirmed = False, True
+                return self._pooled(final=True)  # as clustered as the baseline's: a drift, judged now
+            # more clustered than the baseline's: pooled on, to the evidence its make-up calls for
+            # (the suspect is the pool's first window: no step into another mix is among its pairs)
+            self.confirming, self._confirmed = False, True
+            self._floor = np.where(own.clustered, own.rough, np.nan)
         self._needed = self.needed()
         if (assignments >= self._needed)[seen].all():
-            pooled = self._pooled(final=True)
-            self.take()
-            return pooled
+            return self._pooled(final=True)
         if (assignments >= self.needed(EARLY_EVIDENCE))[seen].all():
             return self._pooled(final=False)
         return None
 
     def _pooled(self, final: bool) -> Pooled:
         return Pooled(window=self._window, kappa=self.kappa(), first=self.first, count=self.count,
-                      tokens=float(self._window.tokens.max()), final=final)
+                      tokens=float(self._window.tokens.max()), final=final, confirmed=self._confirmed)
 
     def take(self) -> None:
         """Start a new pool (the current one was judged)."""
         self._window, self.count = None, 0
+        self._recent_counts.clear()
+        self._own = _no_pairs(self.phi0.size)
+        self._floor = np.full(self.phi0.size, np.nan)
+        self.confirming = self._confirmed = False
+
+    def hold(self) -> None:
+        """The pool just judged shows a new drift: keep it, and judge it again once the pairs of
+        its windows (this one and the next ``RECENT_MIN``) have measured its make-up."""
+        self.confirming = True
+
+    def windows_to_confirm(self) -> int:
+        """While :attr:`confirming`: how many more windows its make-up needs."""
+        seen = self._window is not None and self._window.counts[:, 0].sum(-1) > 0
+        return int(np.maximum(RECENT_MIN - self.own().pairs, 0)[seen].max(initial=0))
 
     def settle(self, healthy: np.ndarray) -> None:
         """After a judgement: what the healthy gates [G] saw teaches the live dispersion."""
@@ -187,5 +289,13 @@ class Pool:
         return 0.0 if self._window is None else float(self._window.tokens.max())
 
     def tokens_needed(self) -> float:
-        """About how many tokens a pool needs (the most demanding gate)."""
+        """About how many tokens a pool needs (the most demanding gate); infinite while the live
+        traffic's make-up is not yet measured (:meth:`windows_to_measure`)."""
         return float((self._needed / self.top_k).max())
+
+    def windows_to_measure(self) -> int:
+        """How many more windows the live traffic's make-up needs before any verdict (0 once
+        measured)."""
+        d = self.dispersion
+        pairs = np.maximum(d.ring_count, self.own().pairs)
+        return int(np.maximum(d.recent_min - pairs, 0)[d.seen].max(initial=0))
