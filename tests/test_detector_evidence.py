@@ -165,6 +165,44 @@ def test_a_fresh_monitor_on_clustered_traffic_never_pages(clustered):
     assert called[:3] == ["ok"] * 3 and "collapse" in called, called
 
 
+def test_an_alarm_on_the_first_window_of_long_requests_is_withdrawn_once_the_next_show_their_make_up(clustered):
+    """Traffic turns into one request of 2,048 tokens per window, and the first one sends most
+    of its tokens to one expert: judged on what was known before, it is a collapse. The windows
+    after it are each unlike the next (about 12 times as clustered as the baseline's); scored
+    with them, at that dispersion, the window is not one: the alarm is withdrawn and stays so."""
+    sim, baseline = clustered
+    sim.rng = np.random.default_rng(7)
+    det = BaselineDetector(sim.gates, baseline, 100_000, 2)
+    _, before, _ = _judge(det, [sim.window(16) for _ in range(30)], sim.gates)
+    assert before == 0
+    focused = np.full_like(sim.shares, 0.3 / 7)
+    focused[:, 3] = 0.7
+    first = det.update(sim.window(1, tokens=2048, shares=focused), sim.gates)
+    assert first.severity == "collapse"
+    after = [det.update(sim.window(1, tokens=2048), sim.gates) for _ in range(60)]
+    withdrawn = next(i for i, h in enumerate(after) if h.severity == "ok")
+    assert withdrawn <= 6, [h.note for h in after[:8]]
+    assert "the alarm of window" in after[withdrawn].note and "was withdrawn" in after[withdrawn].note
+    assert all(h.severity == "ok" for h in after[withdrawn:]), [h.note for h in after if h.severity != "ok"]
+
+
+def test_a_collapse_on_clustered_traffic_is_not_withdrawn(clustered):
+    """The same long requests, their make-up measured, then a two-expert collapse: flagged, and
+    it stays flagged for as long as it lasts (its windows route alike)."""
+    sim, baseline = clustered
+    sim.rng = np.random.default_rng(8)
+    det = BaselineDetector(sim.gates, baseline, 100_000, 2)
+    _, before, _ = _judge(det, [sim.window(1, tokens=2048) for _ in range(120)], sim.gates)
+    assert before == 0
+    shares = np.full_like(sim.shares, 0.02 / 6)
+    shares[:, [2, 5]] = 0.49
+    faulty = [det.update(sim.window(1, tokens=2048, shares=shares), sim.gates) for _ in range(40)]
+    flagged = next(i for i, h in enumerate(faulty) if h.severity == "collapse")
+    assert flagged <= 20, [h.note for h in faulty]
+    assert all(h.severity == "collapse" for h in faulty[flagged:]), [(h.severity, h.note) for h in faulty]
+    assert not any("withdrawn" in h.note for h in faulty)
+
+
 # -- the estimators ---------------------------------------------------------------------------------
 def _dirichlet_multinomial(rng, p, alpha, n, windows):
     mix = rng.gamma(alpha * p, size=(windows, p.size))

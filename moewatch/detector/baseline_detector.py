@@ -1,7 +1,10 @@
 """The calibrated detector: every gate of every closed window against the baseline."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import collections
+import dataclasses
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -100,6 +103,9 @@ class BaselineDetector:
         self._judged_note = ""
         self._judged_on = ""  # which windows the last judgement covered, for the note of later ones
         self._alarmed = np.zeros(len(gates), dtype=bool)  # [G] the last judgement fired
+        # the state before each of the last judgements, the newest last
+        self._before: Deque[_Judgement] = collections.deque(maxlen=REJUDGE_DEPTH)
+        self._withdrawn = ""  # the note of an alarm withdrawn, until the next judgement
 
     # -- per window ----------------------------------------------------------------------
     def update(self, window, gates: Sequence) -> Health:
@@ -107,17 +113,7 @@ class BaselineDetector:
         pooled = self._pool.add(window)
         if pooled is None:
             return self._waiting(window, nonfinite)
-        f = window_features(pooled.window, self.experts)
-        s = scores(self.params, f, kappa=pooled.kappa)  # [G, K]
-        active = f.tokens > 0
-        s[~active] = -np.inf
-        p = self.params
-        effect = np.ones_like(s, dtype=bool)
-        with np.errstate(invalid="ignore"):
-            effect[:, DROP_RATE] = f.drop_rate > p["drop_rate_hi"] + rules.DROP_MIN_EFFECT
-        over_r = (s > self.hr) & effect
-        fire = ((s > self.h1) & effect) | (over_r & self._history.all(0))
-        collapse = self._collapse(f) & fire
+        f, s, over_r, fire, collapse, active = self._judge(pooled.window, pooled.kappa, self._history)
         if not pooled.final:
             if not collapse.any():  # an early look at a pool: only a collapse is reported this soon
                 return self._waiting(window, nonfinite)
@@ -127,16 +123,65 @@ class BaselineDetector:
             self._pool.hold()
             return self._waiting(window, nonfinite)
         self._pool.take()
+        self._before.append(_Judgement(pooled, self._judged, self._judged_note, self._judged_on, self._alarmed,
+                                       self._history.copy()))
         if self._history.shape[0]:
             self._history = np.roll(self._history, 1, axis=0)
             self._history[0] = over_r
         self._judged = self._verdict(f, s, fire, collapse, active)
         self._alarmed = fire.any(1)
         self._judged_note = _pool_note(pooled)
+        self._withdrawn = ""
         self._judged_on = (f"window {pooled.first}" if pooled.count == 1
                            else f"windows {pooled.first}-{pooled.window.index}")
         self._pool.settle(~fire.any(1))  # only traffic judged healthy teaches the live dispersion
         return self._health(window, nonfinite, self._judged_note)
+
+    def _judge(self, window, kappa: np.ndarray, history: np.ndarray):
+        """Score a (pooled) window with the variances widened by ``kappa`` [G]: its features,
+        scores [G, K], the persistence rule's exceedances, the checks that fire, those that are a
+        collapse, and the gates with traffic."""
+        f = window_features(window, self.experts)
+        s = scores(self.params, f, kappa=kappa)  # [G, K]
+        active = f.tokens > 0
+        s[~active] = -np.inf
+        effect = np.ones_like(s, dtype=bool)
+        with np.errstate(invalid="ignore"):
+            effect[:, DROP_RATE] = f.drop_rate > self.params["drop_rate_hi"] + rules.DROP_MIN_EFFECT
+        over_r = (s > self.hr) & effect
+        fire = ((s > self.h1) & effect) | (over_r & history.all(0))
+        collapse = self._collapse(f) & fire
+        return f, s, over_r, fire, collapse, active
+
+    def _rejudge_last(self) -> None:
+        """An alarm judged on a window whose make-up was not yet known is judged again once the
+        windows after it show it: when they are more clustered than the baseline's (twice the
+        dispersion the alarm was scored with, or more) and the alarmed window, pooled with them
+        and scored as clustered as they are, no longer fires, the alarm is withdrawn and the
+        window joins their pool. The first window of traffic that turned into a few long
+        requests can look like a collapse (one request that favours one expert is the whole
+        window); a collapse stays one in the windows after it."""
+        withdrawn = []
+        while self._before and self._alarmed.any():
+            last = self._before[-1]
+            if self._pool.first != last.pooled.window.index + 1:
+                break
+            kappa = self._pool.measured_kappa()
+            if not (kappa >= REJUDGE_KAPPA_RATIO * last.pooled.kappa)[self._alarmed].all():
+                break
+            together = _sum(last.pooled.window, self._pool.window)
+            if self._judge(together, kappa, last.history)[3].any():
+                break
+            self._before.pop()
+            self._pool.prepend(last.pooled)
+            self._judged, self._judged_note, self._judged_on = last.judged, last.note, last.judged_on
+            self._alarmed, self._history = last.alarmed, last.history
+            withdrawn.append(last.pooled)
+        if withdrawn:
+            first, end = withdrawn[-1].first, withdrawn[0].window.index
+            which = f"window {first}" if first == end else f"windows {first}-{end}"
+            self._withdrawn = (f"the alarm of {which} was withdrawn: the windows after it are more clustered "
+                               f"than the baseline's, and scored as they are it is not one")
 
     def _nonfinite(self, window) -> np.ndarray:
         """[G]: non-finite router logits in this window, over twice the baseline's worst rate."""
@@ -146,6 +191,7 @@ class BaselineDetector:
 
     def _waiting(self, window, nonfinite: np.ndarray) -> Health:
         """A window too small to judge alone went into the pool: the last verdict stands."""
+        self._rejudge_last()
         first = f"window {window.index}" if self._pool.first == window.index else f"windows {self._pool.first}-{window.index}"
         held = f"waiting for evidence: {first} {'holds' if self._pool.count == 1 else 'hold'} {self._pool.tokens:,.0f} tokens"
         more = self._pool.windows_to_measure()
@@ -162,6 +208,8 @@ class BaselineDetector:
             waiting = f"{held}, a verdict needs about {self._pool.tokens_needed():,.0f}"
         note = waiting + (f"; the verdict is that of {self._judged_on}" if self._judged is not None
                           else "; no verdict yet")
+        if self._withdrawn:
+            note += f"; {self._withdrawn}"
         return self._health(window, nonfinite, note)
 
     def _health(self, window, nonfinite: np.ndarray, note: str) -> Health:
@@ -264,6 +312,28 @@ class BaselineDetector:
 
 
 _NO_VERDICT = GateHealth()
+# An alarm is judged again when the windows after it are this many times as clustered as it was
+# scored with; as far back as this many judgements.
+REJUDGE_KAPPA_RATIO = 2.0
+REJUDGE_DEPTH = 8
+
+
+@dataclass
+class _Judgement:
+    """What the detector held before a judgement, to go back to if it is withdrawn."""
+
+    pooled: Pooled
+    judged: Optional[Dict[str, GateHealth]]
+    note: str
+    judged_on: str
+    alarmed: np.ndarray
+    history: np.ndarray
+
+
+def _sum(a, b):
+    """Two consecutive (pooled) windows as one."""
+    return dataclasses.replace(b, t_start=a.t_start, sums=a.sums + b.sums, counts=a.counts + b.counts,
+                               absmax=np.maximum(a.absmax, b.absmax))
 
 
 def _copy(gate: GateHealth) -> GateHealth:

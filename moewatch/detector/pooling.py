@@ -44,6 +44,17 @@ came near those effect sizes; what the margin guards against are drift-sized exc
 
 A judged window or pool is scored with the baseline's variances scaled by max(1, kappa * n0 / n),
 kappa here being the plain ratio of the two dispersions (:func:`.nullmodel.scores`).
+
+Two more things need the live traffic's make-up, which only pairs of windows show:
+
+* right after attach no verdict comes before it is measured (``RECENT_MIN`` pairs): the first
+  windows are pooled, and judged by the rule above once it is;
+* a window that newly looks like a drift is held (:meth:`Pool.hold`) with the next windows until
+  their own pairs, measured around their own shares (:meth:`Pool.own`), say whether they are a
+  few heavy requests (pooled on, scored as clustered as they are) or traffic like the
+  baseline's (judged together: the drift is reported). A window of two long requests looks
+  just like a drift; a changed mix moves every window alike, heavy requests make each window
+  unlike the next.
 """
 from __future__ import annotations
 
@@ -137,8 +148,13 @@ class Pool:
         factor on the baseline's variances when a pool is scored. The larger of the long-run
         estimate and the recent pairs' median: traffic that has just become more clustered is
         scored as it is now."""
+        return np.minimum(self.measured_kappa(), MAX_KAPPA)
+
+    def measured_kappa(self) -> np.ndarray:
+        """[G] :meth:`kappa` without its upper bound (which bounds how long a pool grows, not
+        how clustered traffic can be): what an alarm is judged again with."""
         recent = np.fmax(self.dispersion.recent()[0], self._own_dispersion())
-        return np.clip(np.fmax(self.dispersion.estimate(), recent) / self.phi0, 1.0, MAX_KAPPA)
+        return np.maximum(np.fmax(self.dispersion.estimate(), recent) / self.phi0, 1.0)
 
     def own(self) -> OwnMakeup:
         """The pool's own make-up, from the pairs of its last consecutive windows (up to
@@ -269,6 +285,18 @@ class Pool:
         self._floor = np.full(self.phi0.size, np.nan)
         self.confirming = self._confirmed = False
 
+    def prepend(self, pooled: Pooled) -> None:
+        """Put a judged window (or pool) back in front of this pool: its judgement was withdrawn."""
+        w, before = self._window, pooled.window
+        self._window = dataclasses.replace(w, t_start=before.t_start, sums=w.sums + before.sums,
+                                           counts=w.counts + before.counts,
+                                           absmax=np.maximum(w.absmax, before.absmax))
+        self.first, self.count = pooled.first, self.count + pooled.count
+        if pooled.count == 1 and len(self._recent_counts) < self._recent_counts.maxlen:
+            self._recent_counts.appendleft(np.asarray(before.counts[:, 0, :self.dispersion.weights.shape[1]],
+                                                      dtype=np.float64))
+            self._own = self._measure_own()
+
     def hold(self) -> None:
         """The pool just judged shows a new drift: keep it, and judge it again once the pairs of
         its windows (this one and the next ``RECENT_MIN``) have measured its make-up."""
@@ -282,6 +310,11 @@ class Pool:
     def settle(self, healthy: np.ndarray) -> None:
         """After a judgement: what the healthy gates [G] saw teaches the live dispersion."""
         self.dispersion.settle(healthy)
+
+    @property
+    def window(self) -> Optional[Window]:
+        """The windows pooled so far, summed."""
+        return self._window
 
     @property
     def tokens(self) -> float:
