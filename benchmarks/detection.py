@@ -96,6 +96,9 @@ TARGETS = {"two-expert collapse": ("collapse", 2), "dead expert": ("flag", 3),
 
 
 # -- traffic ----------------------------------------------------------------------------
+WARMUP_LIMIT = 12  # at most this many more healthy windows before a fault trial's first verdict
+
+
 def forward(model: torch.nn.Module, batch: torch.Tensor) -> None:
     with torch.no_grad():
         model(input_ids=batch)
@@ -163,10 +166,15 @@ def run_trial(model, baseline: Baseline, name: str, layer: int, setup: Setup, se
     with moewatch.attach(model, baseline=baseline, background=False, capacity_factor=CAPACITY_FACTOR,
                          model_name=shapes.MODEL_NAME) as mon:
         gate = mon.gates[layer].name
-        for _ in range(setup.healthy_before):
+        # healthy windows until the monitor's first verdict (it first measures the traffic's
+        # make-up on the pairs of its first windows), and at least healthy_before of them
+        for n in range(setup.healthy_before + WARMUP_LIMIT):
             for _ in range(setup.forwards_per_window):
                 forward(model, next(traffic))
-            trial.healthy_alarms += mon.flush().severity != "ok"
+            health = mon.flush()
+            trial.healthy_alarms += health.severity != "ok"
+            if n + 1 >= setup.healthy_before and not health.note.endswith("no verdict yet"):
+                break
         with FAULTS[name](model, layer):
             for w in range(1, setup.fault_windows + 1):
                 for _ in range(setup.forwards_per_window):
