@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence
 
@@ -15,7 +14,7 @@ from .calibrate import sidak, thresholds
 from .features import Features, baseline_features, window_features
 from .nullmodel import (CHECKS, CONCENTRATION, DROP_RATE, ENTROPY, LOAD, LOGIT_STD, OVERLOAD, TOP1_PROB,
                         UNDERLOAD, Params, fit, scores, tested)
-from .pooling import Pool, Pooled
+from .pooling import Pool, Pooled, joined
 
 FOLDS = 10
 
@@ -169,7 +168,7 @@ class BaselineDetector:
             kappa = self._pool.measured_kappa()
             if not (kappa >= REJUDGE_KAPPA_RATIO * last.pooled.kappa)[self._alarmed].all():
                 break
-            together = _sum(last.pooled.window, self._pool.window)
+            together = joined(last.pooled.window, self._pool.window)
             if self._judge(together, kappa, last.history)[3].any():
                 break
             self._before.pop()
@@ -192,20 +191,21 @@ class BaselineDetector:
     def _waiting(self, window, nonfinite: np.ndarray) -> Health:
         """A window too small to judge alone went into the pool: the last verdict stands."""
         self._rejudge_last()
-        first = f"window {window.index}" if self._pool.first == window.index else f"windows {self._pool.first}-{window.index}"
-        held = f"waiting for evidence: {first} {'holds' if self._pool.count == 1 else 'hold'} {self._pool.tokens:,.0f} tokens"
-        more = self._pool.windows_to_measure()
-        if self._pool.confirming:
-            more = self._pool.windows_to_confirm()
-            waiting = (f"waiting to confirm a drift: {first} {'holds' if self._pool.count == 1 else 'hold'} "
-                       f"{self._pool.tokens:,.0f} tokens and look like one; a drift is reported once the pairs "
-                       f"of its windows show their make-up is the baseline's, {more} more "
+        pool = self._pool
+        one = pool.first == window.index
+        held = (f"window {window.index} holds" if one else f"windows {pool.first}-{window.index} hold") + \
+            f" {pool.tokens:,.0f} tokens"
+        if pool.confirming:
+            more = pool.windows_to_confirm()
+            waiting = (f"waiting to confirm a drift: {held} and {'looks' if one else 'look'} like one; a drift is "
+                       f"reported once the pairs of its windows show their make-up is the baseline's, {more} more "
                        f"{'window' if more == 1 else 'windows'}")
-        elif more:
-            waiting = (f"{held}; the live traffic's make-up is measured on the pairs of its first windows, "
-                       f"{more} more {'window' if more == 1 else 'windows'} before a verdict")
+        elif pool.windows_to_measure():
+            more = pool.windows_to_measure()
+            waiting = (f"waiting for evidence: {held}; the live traffic's make-up is measured on the pairs of its "
+                       f"first windows, {more} more {'window' if more == 1 else 'windows'} before a verdict")
         else:
-            waiting = f"{held}, a verdict needs about {self._pool.tokens_needed():,.0f}"
+            waiting = f"waiting for evidence: {held}, a verdict needs about {pool.tokens_needed():,.0f}"
         note = waiting + (f"; the verdict is that of {self._judged_on}" if self._judged is not None
                           else "; no verdict yet")
         if self._withdrawn:
@@ -328,12 +328,6 @@ class _Judgement:
     judged_on: str
     alarmed: np.ndarray
     history: np.ndarray
-
-
-def _sum(a, b):
-    """Two consecutive (pooled) windows as one."""
-    return dataclasses.replace(b, t_start=a.t_start, sums=a.sums + b.sums, counts=a.counts + b.counts,
-                               absmax=np.maximum(a.absmax, b.absmax))
 
 
 def _copy(gate: GateHealth) -> GateHealth:

@@ -88,6 +88,12 @@ TOLERANCE_SE = 3.0
 MAX_KAPPA = 16.0
 
 
+def joined(a: Window, b: Window) -> Window:
+    """Consecutive windows (or pools) ``a`` then ``b`` as one: their sums add up exactly."""
+    return dataclasses.replace(b, t_start=a.t_start, sums=a.sums + b.sums, counts=a.counts + b.counts,
+                               absmax=np.maximum(a.absmax, b.absmax))
+
+
 class OwnMakeup(NamedTuple):
     """How clustered a pool's own windows are (:meth:`Pool.own`), each [G]."""
 
@@ -244,10 +250,7 @@ class Pool:
         if self._window is None:
             self._window, self.first, self.count = window, window.index, 1
         else:
-            w = self._window
-            self._window = dataclasses.replace(w, index=window.index, t_end=window.t_end,
-                                               sums=w.sums + window.sums, counts=w.counts + window.counts,
-                                               absmax=np.maximum(w.absmax, window.absmax))
+            self._window = joined(self._window, window)
             self.count += 1
         self._recent_counts.append(np.asarray(counts, dtype=np.float64))
         self._own = self._measure_own()
@@ -287,10 +290,8 @@ class Pool:
 
     def prepend(self, pooled: Pooled) -> None:
         """Put a judged window (or pool) back in front of this pool: its judgement was withdrawn."""
-        w, before = self._window, pooled.window
-        self._window = dataclasses.replace(w, t_start=before.t_start, sums=w.sums + before.sums,
-                                           counts=w.counts + before.counts,
-                                           absmax=np.maximum(w.absmax, before.absmax))
+        before = pooled.window
+        self._window = joined(before, self._window)
         self.first, self.count = pooled.first, self.count + pooled.count
         if pooled.count == 1 and len(self._recent_counts) < self._recent_counts.maxlen:
             self._recent_counts.appendleft(np.asarray(before.counts[:, 0, :self.dispersion.weights.shape[1]],
