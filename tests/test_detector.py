@@ -15,7 +15,7 @@ from moewatch.detector import AbsoluteDetector, BaselineDetector
 from moewatch.detector.calibrate import _run_probability, persistent_threshold, sidak
 from moewatch.detector.features import effective_experts, window_features
 from moewatch.detector.nullmodel import _skewed_tails, scores
-from tests.conftest import tiny_mixtral
+from tests.conftest import tiny_mixtral, until_first_verdict
 from tests.detector_sim import HealthyTraffic
 
 
@@ -52,15 +52,6 @@ def test_effective_experts_known_answers():
 def _detector(sim: HealthyTraffic, windows: int = 120, ert: float = 100_000, persistence: int = 2):
     baseline = Baseline.from_frame(sim.frame(windows))
     return BaselineDetector(sim.gates, baseline, ert, persistence)
-
-
-def _warm(det, sim, gates=None) -> None:
-    """Healthy windows until the first verdict: a fresh detector measures the live traffic's
-    make-up on the pairs of its first windows before it judges any."""
-    for _ in range(8):
-        if not det.update(sim.window(), gates or sim.gates).note.startswith("waiting"):
-            return
-    raise AssertionError("no verdict after 8 healthy windows")
 
 
 def test_false_alarm_rate_within_its_bound_on_overdispersed_traffic():
@@ -128,7 +119,7 @@ def test_small_windows_do_not_alarm():
 def fitted():
     sim = HealthyTraffic(num_gates=4, experts=8, seed=6)
     det = _detector(sim)
-    _warm(det, sim)
+    until_first_verdict(lambda: det.update(sim.window(), sim.gates), limit=8)
     return sim, det
 
 
@@ -189,7 +180,7 @@ def test_would_be_drops_of_a_dropless_gate_are_drift_not_collapse(fitted):
     sim, _ = fitted
     dropless = [dataclasses.replace(g, native_capacity=False) for g in sim.gates]
     det = BaselineDetector(dropless, Baseline.from_frame(sim.frame(120)), 100_000, 2)
-    _warm(det, sim, dropless)
+    until_first_verdict(lambda: det.update(sim.window(), dropless), limit=8)
     verdicts = [det.update(sim.window(drop_fraction=0.12), dropless) for _ in range(4)]
     # a drift, not a collapse: confirmed on the make-up of the windows that show it
     assert [v.note.startswith("waiting to confirm a drift") for v in verdicts] == [True] * 3 + [False]
@@ -224,7 +215,7 @@ def test_persistence_needs_consecutive_windows():
     """A change between the persistence threshold and the single-window one fires on the second window."""
     sim = HealthyTraffic(num_gates=1, experts=8, seed=8)
     det = _detector(sim)
-    _warm(det, sim)
+    until_first_verdict(lambda: det.update(sim.window(), sim.gates), limit=8)
     h1, hr = det.h1[0, 6], det.hr[0, 6]  # entropy check
     mu, sd = det.params["entropy_mu"][0], det.params["entropy_s"][0]
     w = sim.window()

@@ -195,13 +195,14 @@ class BaselineDetector:
         one = pool.first == window.index
         held = (f"window {window.index} holds" if one else f"windows {pool.first}-{window.index} hold") + \
             f" {pool.tokens:,.0f} tokens"
+        measuring = pool.windows_to_measure()
         if pool.confirming:
             more = pool.windows_to_confirm()
             waiting = (f"waiting to confirm a drift: {held} and {'looks' if one else 'look'} like one; a drift is "
                        f"reported once the pairs of its windows show their make-up is the baseline's, {more} more "
                        f"{'window' if more == 1 else 'windows'}")
-        elif pool.windows_to_measure():
-            more = pool.windows_to_measure()
+        elif measuring:
+            more = measuring
             waiting = (f"waiting for evidence: {held}; the live traffic's make-up is measured on the pairs of its "
                        f"first windows, {more} more {'window' if more == 1 else 'windows'} before a verdict")
         else:

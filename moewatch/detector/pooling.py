@@ -137,23 +137,18 @@ class Pool:
         self.median_ratio = np.asarray(params["dispersion_median_ratio"], dtype=np.float64)
         self.dispersion = LiveDispersion(self.phi0, params["p"], params["alive"],
                                          median_ratio=self.median_ratio)
-        self._window: Optional[Window] = None
-        self.first = 0
-        self.count = 0
+        self._alive = np.asarray(params["alive"], dtype=bool)  # [G, E]
         # [G, E] each: the counts of the pool's last windows, for its own make-up (own())
         self._recent_counts: Deque[np.ndarray] = collections.deque(maxlen=RECENT_PAIRS + 1)
-        self._alive = np.asarray(params["alive"], dtype=bool)  # [G, E]
-        self._own = _no_pairs(self.phi0.size)
-        self._floor = np.full(self.phi0.size, np.nan)  # [G] a confirmed suspect's own dispersion
-        self.confirming = False  # the pool holds a suspected drift, waiting for its make-up
-        self._confirmed = False  # ... which has been measured
+        self.first = 0
+        self.take()  # an empty pool: _window, count, _own, _floor, confirming, _confirmed
         self._needed = self.n_floor  # [G] as of the last window added
 
     def kappa(self) -> np.ndarray:
         """[G] how much more clustered the live traffic is than the baseline's (at least 1): the
         factor on the baseline's variances when a pool is scored. The larger of the long-run
-        estimate and the recent pairs' median: traffic that has just become more clustered is
-        scored as it is now."""
+        estimate, the recent pairs' median and the pool's own make-up (:meth:`own`): traffic that
+        has just become more clustered is scored as it is now."""
         return np.minimum(self.measured_kappa(), MAX_KAPPA)
 
     def measured_kappa(self) -> np.ndarray:
@@ -243,16 +238,15 @@ class Pool:
         try:
             return self._add(window)
         finally:
-            self.dispersion.observe(window.counts[:, 0, :self.dispersion.weights.shape[1]])
+            self.dispersion.observe(self._assignments(window))
 
     def _add(self, window: Window) -> Optional[Pooled]:
-        counts = window.counts[:, 0, :self.dispersion.weights.shape[1]]  # [G, E]
         if self._window is None:
             self._window, self.first, self.count = window, window.index, 1
         else:
             self._window = joined(self._window, window)
             self.count += 1
-        self._recent_counts.append(np.asarray(counts, dtype=np.float64))
+        self._recent_counts.append(self._assignments(window))
         self._own = self._measure_own()
         assignments = self._window.counts[:, 0].sum(-1)  # [G]
         seen = assignments > 0
@@ -282,11 +276,13 @@ class Pool:
 
     def take(self) -> None:
         """Start a new pool (the current one was judged)."""
-        self._window, self.count = None, 0
+        self._window: Optional[Window] = None
+        self.count = 0
         self._recent_counts.clear()
         self._own = _no_pairs(self.phi0.size)
-        self._floor = np.full(self.phi0.size, np.nan)
-        self.confirming = self._confirmed = False
+        self._floor = np.full(self.phi0.size, np.nan)  # [G] a confirmed suspect's own dispersion
+        self.confirming = False  # the pool holds a suspected drift, waiting for its make-up
+        self._confirmed = False  # ... which has been measured
 
     def prepend(self, pooled: Pooled) -> None:
         """Put a judged window (or pool) back in front of this pool: its judgement was withdrawn."""
@@ -294,9 +290,12 @@ class Pool:
         self._window = joined(before, self._window)
         self.first, self.count = pooled.first, self.count + pooled.count
         if pooled.count == 1 and len(self._recent_counts) < self._recent_counts.maxlen:
-            self._recent_counts.appendleft(np.asarray(before.counts[:, 0, :self.dispersion.weights.shape[1]],
-                                                      dtype=np.float64))
+            self._recent_counts.appendleft(self._assignments(before))
             self._own = self._measure_own()
+
+    def _assignments(self, window: Window) -> np.ndarray:
+        """[G, E] a window's assignments per expert, as the dispersion estimators read them."""
+        return np.asarray(window.counts[:, 0, :self.dispersion.weights.shape[1]], dtype=np.float64)
 
     def hold(self) -> None:
         """The pool just judged shows a new drift: keep it, and judge it again once the pairs of
