@@ -1,10 +1,10 @@
 """Fault injection at the gates, for drills, the detection benchmark and tests.
 
-Each fault is a forward hook on a gate module that rewrites what the gate returns: its logits
-and, for routers that return ``(logits, weights, indices, ...)``, the top-k decision recomputed
-from the faulted logits, so the model's experts really receive the faulted routing. The hooks
-are registered with ``prepend=True``: they run before moewatch's own gate hooks whenever those
-were attached, so the monitor sees the faulted output. Every fault is reversible --
+Each fault is a transform on a gate module's tap (:mod:`moewatch.taps`) that rewrites what the
+gate returns: its logits and, for routers that return ``(logits, weights, indices, ...)``, the
+top-k decision recomputed from the faulted logits, so the model's experts really receive the
+faulted routing. A tap runs its transforms before moewatch's own gate observer, whichever was
+added first, so the monitor sees the faulted output. Every fault is reversible --
 ``fault.remove()`` or leaving its ``with`` block restores the model exactly.
 
     with moewatch.faults.two_expert_collapse(model, experts=(0, 1)):
@@ -35,6 +35,7 @@ from types import SimpleNamespace
 from .adapters.hf_families import TRIPLE_FAMILIES
 from .discovery import GatesOption, resolve_gates
 from .engines import engine_for
+from .taps import add_transform
 
 # transform(logits [T, E] float32) -> [T, E] float32
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -156,7 +157,7 @@ def logit_fault(model: nn.Module, transform: LogitTransform, name: str = "logit_
             faulted = transform(logits.reshape(-1, logits.shape[-1]).float())  # [T, E]
             return _reroute(output, faulted, _top_k)
 
-        handles.append(spec.module.register_forward_hook(hook, prepend=True))
+        handles.append(add_transform(spec.module, hook))
     return Fault(name, description, [s.info.name for s in specs], handles)
 
 

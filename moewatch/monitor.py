@@ -18,6 +18,7 @@ from .context import MaskTracker
 from .baseline import as_baseline
 from .decisions import DecisionRecorder
 from .discovery import resolve_gates
+from .taps import add_observer
 from .dynamo_cache import forget_compiled_code, guard_hooks, release_hooks_guard
 from .engines import engine_for
 from .errors import ErrorLog
@@ -163,8 +164,8 @@ class Monitor:
                 handles.append(register(CompanionHook(companion.hook, hook), with_kwargs=True))
             if spec.install is not None:  # an engine's seam (e.g. vLLM's router capture callback)
                 handles.append(spec.install(hook))
-            else:
-                handles.append(spec.module.register_forward_hook(hook, with_kwargs=True))
+            else:  # a tap where it can (no hook slow path on every call), else a forward hook
+                handles.append(add_observer(spec.module, hook))
         return handles
 
     # -- seams to the parts that read windows (each lives in a module of its own) ----------

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import moewatch
+from moewatch.taps import tapped
 from tests.conftest import padded_batch, tiny_mixtral
 
 
@@ -35,16 +36,21 @@ def test_monitor_surface(mixtral):
 
 def test_outputs_bit_identical_and_detach_leaves_no_hook(mixtral):
     ids, mask = padded_batch()
-    before = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in mixtral.named_modules()}
+
+    def hooks_and_forwards():
+        return {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), m.__dict__.get("forward"))
+                for n, m in mixtral.named_modules()}
+
+    before = hooks_and_forwards()
     with torch.no_grad():
         plain = mixtral(ids, attention_mask=mask).logits
     mon = moewatch.attach(mixtral, background=False)
     with torch.no_grad():
         watched = mixtral(ids, attention_mask=mask).logits
     assert torch.equal(plain, watched)
+    assert any(tapped(m) for m in mixtral.modules())  # the gates were tapped while attached
     mon.detach()
-    after = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in mixtral.named_modules()}
-    assert before == after
+    assert hooks_and_forwards() == before
     with torch.no_grad():  # no longer counted
         mixtral(ids, attention_mask=mask)
     assert all(int(c.sum()) == 2 * int(mask.sum()) for c in mon.counts().values())

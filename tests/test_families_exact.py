@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import moewatch
+from moewatch.taps import tapped
 from hf_zoo import FAMILIES, padded_batch, router_modules, tiny_model
 
 BATCH_SEEDS = (0, 1)
@@ -57,6 +58,8 @@ def moewatch_hooks(model: nn.Module) -> List[str]:
     """Hooks on any module of ``model`` whose code lives in moewatch."""
     found = []
     for name, module in model.named_modules():
+        if tapped(module):
+            found.append(f"{name or '<root>'}.forward (tap)")
         for table in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_always_called"):
             for hook in getattr(module, table, {}).values():
                 if not callable(hook):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import moewatch
+from moewatch.taps import tapped
 from hf_zoo_special import EXPERTS, FAMILIES, padded_batch, tiny_model
 
 FAMILY_LIST = FAMILIES  # imported by tests/test_family_coverage.py
@@ -220,6 +221,8 @@ def moewatch_hooks(model: nn.Module) -> List[str]:
     """Every hook on any module of ``model`` that belongs to moewatch."""
     found = []
     for name, mod in model.named_modules():
+        if tapped(mod):
+            found.append(f"{name}.forward (tap)")
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             for hook in getattr(mod, attr).values():
                 owner = getattr(hook, "__module__", None) or type(hook).__module__

@@ -6,6 +6,7 @@ import torch
 
 import moewatch
 from moewatch import faults
+from moewatch.taps import tapped
 
 from conftest import tiny_mixtral
 
@@ -80,4 +81,4 @@ def test_faults_refuse_gates_whose_output_they_cannot_rewrite():
     model = SwitchTransformersModel(config).eval()
     with pytest.raises(ValueError, match="does not return its logits first"):
         faults.two_expert_collapse(model)
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and not tapped(m) for m in model.modules())

@@ -1,7 +1,8 @@
 """The hook path never reads a value back to the host.
 
-Host-sync calls are intercepted during a monitored forward and attributed to moewatch when a
-moewatch source file is on the Python stack (the model itself may sync as it likes).
+Host-sync calls are intercepted during a monitored forward and attributed to moewatch when the
+nearest caller outside torch is moewatch code (the model itself may sync as it likes, also when
+its gate's forward runs inside moewatch's tap).
 """
 import contextlib
 import os
@@ -19,11 +20,18 @@ SYNCING = [(torch.Tensor, n) for n in ("item", "cpu", "tolist", "numpy", "nonzer
 SYNCING += [(torch, "nonzero"), (torch, "bincount"), (torch, "argwhere")]
 
 
+TORCH_DIR = os.path.dirname(torch.__file__)
+
+
 def _moewatch_on_stack() -> bool:
+    """Whether the innermost caller that is not torch's own code (nor this file's tracer) is moewatch's."""
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        where = frame.f_code.co_filename
+        if where.startswith(PACKAGE_DIR):
             return True
+        if not where.startswith(TORCH_DIR) and where != __file__:
+            return False  # the model's own code (a gate's forward called by the tap included)
         frame = frame.f_back
     return False
 
