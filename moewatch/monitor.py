@@ -158,10 +158,12 @@ class Monitor:
         ]
         for spec, (bank, row) in zip(specs, self._banks.rows):
             hook = GateHook(spec, self._banks.banks[bank], row, self.errors)
-            for companion in spec.companions:  # before the gate hook: they feed its extract
-                register = (companion.module.register_forward_pre_hook if companion.pre
-                            else companion.module.register_forward_hook)
-                handles.append(register(CompanionHook(companion.hook, hook), with_kwargs=True))
+            for companion in spec.companions:  # before the gate observer: they feed its extract
+                helper = CompanionHook(companion.hook, hook)
+                if companion.pre:
+                    handles.append(companion.module.register_forward_pre_hook(helper, with_kwargs=True))
+                else:
+                    handles.append(add_observer(companion.module, helper))
             if spec.install is not None:  # an engine's seam (e.g. vLLM's router capture callback)
                 handles.append(spec.install(hook))
             else:  # a tap where it can (no hook slow path on every call), else a forward hook

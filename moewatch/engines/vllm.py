@@ -95,15 +95,15 @@ def _name_in(model: nn.Module, module: nn.Module, default: str) -> str:
     return default
 
 
-class _LogitsTap:
-    """A layer's router logits, from the gate's hook to the router's capture callback."""
+class _LogitsStash:
+    """A layer's router logits, from the gate's observer (in its tap) to the router's capture callback."""
 
     __slots__ = ("logits",)
 
     def __init__(self) -> None:
         self.logits: Optional[torch.Tensor] = None
 
-    def gate_hook(self, module, args, kwargs, output) -> None:
+    def gate_observer(self, module, args, kwargs, output) -> None:
         self.logits = output[0] if isinstance(output, (tuple, list)) else output  # [T, E]
 
     def take(self) -> Optional[torch.Tensor]:
@@ -153,10 +153,10 @@ def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
         notes += f"; scoring {scoring!r} is summarised as softmax"
         scoring = "softmax"
     gate_name, gate = find_gate(model, name, layer, num_experts)
-    tap = _LogitsTap()
+    stash = _LogitsStash()
 
     def extract(module, args, kwargs, topk_ids) -> Routing:
-        logits = tap.take()
+        logits = stash.take()
         if logits is None:
             raise AdapterError(f"the gate {gate_name!r} did not run before the router of {name!r} "
                                "(fused gate weights?): no logits to go with its decision")
@@ -175,7 +175,7 @@ def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
 
     info = GateInfo(name=gate_name, num_experts=num_experts, top_k=top_k, family="vllm", scoring=scoring,
                     notes=notes)
-    return GateSpec(info=info, module=gate, extract=extract, companions=(Companion(gate, tap.gate_hook),),
+    return GateSpec(info=info, module=gate, extract=extract, companions=(Companion(gate, stash.gate_observer),),
                     install=install)
 
 

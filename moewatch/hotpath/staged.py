@@ -80,6 +80,9 @@ def _output_versions(output) -> Optional[tuple]:
     of output): the caller then extracts it at once."""
     try:
         if type(output) is tuple:
+            if len(output) == 3:  # (logits, weights, indices): most routers; unrolled, every call
+                first, second, third = output
+                return (first._version, second._version, third._version)
             return tuple([t._version for t in output])
         return (output._version,) if isinstance(output, torch.Tensor) else None
     except (RuntimeError, AttributeError):  # an inference tensor (no version counter), or a non-tensor
@@ -164,7 +167,7 @@ class StagedBank:
         if first.shape[-1] != self._widths[row]:
             raise width_error(self.gates[row].name, first.shape[-1], self._widths[row])
         mask = self.mask_of(self._mask_keys[row])  # [B, L] or None
-        nbytes = first.numel() * first.element_size()
+        nbytes = first.nbytes
         if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
             self._stage_extracted(row, output)  # reduced now (see stage)
             return
