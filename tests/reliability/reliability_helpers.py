@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from moewatch.export.prometheus import MonitorCollector
+from moewatch.taps import tapped
 
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
                    torch.float64: torch.int64}
@@ -75,8 +76,8 @@ def exported(mon, name: str, **labels) -> Optional[float]:
 
 
 def no_hooks(model: nn.Module) -> bool:
-    """True when no module of ``model`` carries a forward hook or pre-hook."""
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    """True when no module of ``model`` carries a forward hook, a pre-hook or a tap."""
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not tapped(m) for m in model.modules())
 
 
 class ToyMoE(nn.Module):

@@ -77,12 +77,17 @@ def test_attach_twice_is_a_clear_error_and_the_first_monitor_keeps_counting():
     expected = forward(model, x)
     first = moewatch.attach(model, background=False)
     try:
-        hooks_before = {n: len(m._forward_hooks) for n, m in model.named_modules()}
+        def hooks_and_observers():
+            return {n: (len(m._forward_hooks), len(getattr(m.__dict__.get("forward"), "observers", ())))
+                    for n, m in model.named_modules()}
+
+        hooks_before = hooks_and_observers()
+        assert any(observers for _, observers in hooks_before.values())
         with pytest.raises(RuntimeError) as info:
             moewatch.attach(model, background=False)
         message = str(info.value)
         assert "already attached" in message and "MixtralForCausalLM" in message and "detach()" in message
-        assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == hooks_before
+        assert hooks_and_observers() == hooks_before
         assert_bit_identical(forward(model, x), expected)
         assert int(first.counts()["model.layers.0.mlp.gate"].sum()) == x.numel() * 2  # once, not twice
         assert first.error_counts() == {}

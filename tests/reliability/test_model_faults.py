@@ -50,7 +50,7 @@ def test_exception_inside_a_family_adapter_is_counted(model, monkeypatch):
         forward(model, ids())
     mon = moewatch.attach(model, background=False, model_name="tiny")
     try:
-        (hook,) = [h for h in model.model.layers[0].mlp.gate._forward_hooks.values() if isinstance(h, GateHook)]
+        (hook,) = [h for h in model.model.layers[0].mlp.gate.forward.observers if isinstance(h, GateHook)]
 
         def broken_extract(*args):
             raise KeyError("router output layout changed")
