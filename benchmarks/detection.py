@@ -173,7 +173,7 @@ def run_trial(model, baseline: Baseline, name: str, layer: int, setup: Setup, se
                 forward(model, next(traffic))
             health = mon.flush()
             trial.healthy_alarms += health.severity != "ok"
-            if n + 1 >= setup.healthy_before and not health.note.endswith("no verdict yet"):
+            if n + 1 >= setup.healthy_before and health.verdict_on is not None:
                 break
         with FAULTS[name](model, layer):
             for w in range(1, setup.fault_windows + 1):

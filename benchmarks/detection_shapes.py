@@ -33,7 +33,6 @@ from moewatch.windows import Window
 
 LENGTHS = (64, 128, 512)
 MODEL_NAME = "moewatch router model"
-WAITING = "waiting for evidence"  # how a verdict that pooled the window (and judged nothing) starts
 
 
 def compose(index: int, parts: Sequence[Window]) -> Window:
@@ -157,7 +156,7 @@ def replay_shape(label: str, shape: Shape, pools: Dict[int, List[Window]], gates
         health = detector.update(window, gates)
         out.windows += 1
         out.tokens += int(window.tokens.max())
-        judged = not health.note.startswith(WAITING)
+        judged = not health.waiting
         out.verdicts += judged
         if health.severity != "ok":
             out.alarmed_windows += 1

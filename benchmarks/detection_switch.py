@@ -49,7 +49,7 @@ def run_row(concentration: float, requests: int, tokens: int, attach: bool, runs
         alarms = sum(h.severity != "ok" for h in healths)
         alarmed_runs += alarms > 0
         alarmed_windows += alarms
-        verdicts += sum(not h.note.startswith("waiting") for h in healths)
+        verdicts += sum(not h.waiting for h in healths)
     return alarmed_runs, alarmed_windows, verdicts
 
 

@@ -133,7 +133,7 @@ def _drills(model, mon: moewatch.Monitor, windows: int, seed: int) -> None:
     for health in _run_windows(model, mon, traffic, windows + WARMUP_WINDOWS):
         print(_line(index, health, mon))
         index += 1
-        if index >= windows and not health.note.startswith("waiting"):
+        if index >= windows and not health.waiting:
             break
     layer = 2
     drills = [

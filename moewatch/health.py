@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 SEVERITIES = ("ok", "drift", "collapse")
 # Whether the verdict rests on data: "ok" (the last window was observed without failures),
@@ -10,6 +10,11 @@ SEVERITIES = ("ok", "drift", "collapse")
 # itself fails: hook, reader or detector errors). A severity of "ok" means healthy routing only
 # with monitoring "ok"; Health.healthy says both at once.
 MONITORING_STATES = ("ok", "no_data", "failing")
+# Why a baseline detector's verdict was not renewed by the window that just closed (Health.waiting;
+# "" when it was): "make-up" (a fresh monitor measures how clustered the live traffic is before its
+# first verdict), "evidence" (the window joined a pool of windows that does not yet carry a
+# verdict's evidence), "confirming" (a new drift waits for the windows that confirm it).
+WAITING_REASONS = ("make-up", "evidence", "confirming")
 
 
 def worst(severities) -> str:
@@ -33,7 +38,11 @@ class GateHealth:
 class Health:
     """``mon.health()``: ``.severity`` in {"ok", "drift", "collapse"}, ``.gates[name]``, and
     ``.monitoring`` in {"ok", "no_data", "failing"}: a severity of "ok" before any window closed,
-    or while the hooks fail, is not a healthy router. ``.healthy`` is true only for both "ok"."""
+    or while the hooks fail, is not a healthy router. ``.healthy`` is true only for both "ok".
+
+    ``.verdict_on``: the first and last window the standing verdict judged (None: no verdict
+    yet); ``.waiting``: "" when the window that just closed was judged, else why the verdict
+    waits (one of WAITING_REASONS; ``.note`` says it in words)."""
 
     severity: str = "ok"
     gates: Dict[str, GateHealth] = field(default_factory=dict)
@@ -42,6 +51,8 @@ class Health:
     detector: bool = False
     note: str = ""
     monitoring: str = "ok"
+    verdict_on: Optional[Tuple[int, int]] = None
+    waiting: str = ""
 
     @property
     def healthy(self) -> bool:

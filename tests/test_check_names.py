@@ -121,7 +121,7 @@ def test_reason_percentages_match_the_window(mode):
         shares /= shares.sum(1, keepdims=True)
         window = sim.window(shares=shares)
         verdict = detector.update(window, sim.gates)
-        while verdict.note.startswith("waiting to confirm a drift"):  # judged with the windows after it
+        while verdict.waiting == "confirming":  # judged with the windows after it
             more = sim.window(shares=shares)
             verdict = detector.update(more, sim.gates)
             window = joined(window, more)

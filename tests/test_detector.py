@@ -184,6 +184,7 @@ def test_would_be_drops_of_a_dropless_gate_are_drift_not_collapse(fitted):
     verdicts = [det.update(sim.window(drop_fraction=0.12), dropless) for _ in range(4)]
     # a drift, not a collapse: confirmed on the make-up of the windows that show it
     assert [v.note.startswith("waiting to confirm a drift") for v in verdicts] == [True] * 3 + [False]
+    assert [v.waiting for v in verdicts] == ["confirming"] * 3 + [""]
     verdict = verdicts[-1]
     gate = verdict.gates[dropless[0].name]
     assert gate.checks["drop_rate"] == "drift"

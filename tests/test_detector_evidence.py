@@ -61,11 +61,15 @@ def test_a_window_the_size_of_a_baseline_window_is_judged_at_once(clustered):
     # the first windows after attach measure the live traffic's make-up (3 pairs), then are judged
     # together once they carry the evidence it calls for (cautious: it rests on a few pairs);
     # from there on a window of the baseline's size is judged alone, at once
-    warm = [det.update(sim.window(16), sim.gates).note for _ in range(8)]
+    healths = [det.update(sim.window(16), sim.gates) for _ in range(8)]
+    warm = [h.note for h in healths]
     assert all("make-up is measured" in n and n.endswith("no verdict yet") for n in warm[:3]), warm
+    assert all(h.waiting == "make-up" and h.verdict_on is None for h in healths[:3])
     first = next(i for i, n in enumerate(warm) if not n.startswith(WAITING))
     assert 3 <= first <= 6 and f"judged together ({first + 1} windows" in warm[first], warm
+    assert healths[first].waiting == "" and healths[first].verdict_on == (healths[0].window, healths[first].window)
     assert warm[first + 1:] == [""] * (7 - first), warm
+    assert all(h.waiting == "" and h.verdict_on == (h.window, h.window) for h in healths[first + 1:])
     assert [det.update(sim.window(16), sim.gates).note for _ in range(3)] == ["", "", ""]
     shares = np.full_like(sim.shares, 0.02 / 6)
     shares[:, [2, 5]] = 0.49
@@ -78,6 +82,7 @@ def test_small_windows_wait_and_the_last_verdict_stands_meanwhile(clustered):
     det = BaselineDetector(sim.gates, baseline, 100_000, 2)
     first = det.update(sim.window(1), sim.gates)
     assert first.note.startswith(WAITING) and first.note.endswith("no verdict yet")
+    assert first.waiting in ("make-up", "evidence") and first.verdict_on is None
     assert first.severity == "ok" and all(g.checks == {} for g in first.gates.values())
     healths = [det.update(sim.window(1), sim.gates) for _ in range(80)]
     judged = [i for i, h in enumerate(healths) if not h.note.startswith(WAITING)]

@@ -90,4 +90,4 @@ class AbsoluteDetector:
                 reasons.append(f"{int(f.nonfinite[i])} non-finite router logits in {int(f.tokens[i])} tokens")
             gates_out[name] = GateHealth(severity=worst(checks.values()), reasons=reasons, checks=checks)
         return Health(severity=worst(g.severity for g in gates_out.values()), gates=gates_out, window=window.index,
-                      has_baseline=False, detector=True, note=NOTE)
+                      has_baseline=False, detector=True, note=NOTE, verdict_on=(window.index, window.index))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -100,7 +100,7 @@ class BaselineDetector:
         self._pool = Pool(self.params, self.top_k)
         self._judged: Optional[Dict[str, GateHealth]] = None  # the last judgement, per gate
         self._judged_note = ""
-        self._judged_on = ""  # which windows the last judgement covered, for the note of later ones
+        self._judged_on: Optional[Tuple[int, int]] = None  # first and last window the last judgement covered
         self._alarmed = np.zeros(len(gates), dtype=bool)  # [G] the last judgement fired
         # the state before each of the last judgements, the newest last
         self._before: Deque[_Judgement] = collections.deque(maxlen=REJUDGE_DEPTH)
@@ -131,10 +131,9 @@ class BaselineDetector:
         self._alarmed = fire.any(1)
         self._judged_note = _pool_note(pooled)
         self._withdrawn = ""
-        self._judged_on = (f"window {pooled.first}" if pooled.count == 1
-                           else f"windows {pooled.first}-{pooled.window.index}")
+        self._judged_on = (pooled.first, pooled.window.index)
         self._pool.settle(~fire.any(1))  # only traffic judged healthy teaches the live dispersion
-        return self._health(window, nonfinite, self._judged_note)
+        return self._health(window, nonfinite, self._judged_note, "")
 
     def _judge(self, window, kappa: np.ndarray, history: np.ndarray):
         """Score a (pooled) window with the variances widened by ``kappa`` [G]: its features,
@@ -197,23 +196,26 @@ class BaselineDetector:
             f" {pool.tokens:,.0f} tokens"
         measuring = pool.windows_to_measure()
         if pool.confirming:
+            reason = "confirming"
             more = pool.windows_to_confirm()
             waiting = (f"waiting to confirm a drift: {held} and {'looks' if one else 'look'} like one; a drift is "
                        f"reported once the pairs of its windows show their make-up is the baseline's, {more} more "
                        f"{'window' if more == 1 else 'windows'}")
         elif measuring:
+            reason = "make-up"
             more = measuring
             waiting = (f"waiting for evidence: {held}; the live traffic's make-up is measured on the pairs of its "
                        f"first windows, {more} more {'window' if more == 1 else 'windows'} before a verdict")
         else:
+            reason = "evidence"
             waiting = f"waiting for evidence: {held}, a verdict needs about {pool.tokens_needed():,.0f}"
-        note = waiting + (f"; the verdict is that of {self._judged_on}" if self._judged is not None
+        note = waiting + (f"; the verdict is that of {_span(self._judged_on)}" if self._judged is not None
                           else "; no verdict yet")
         if self._withdrawn:
             note += f"; {self._withdrawn}"
-        return self._health(window, nonfinite, note)
+        return self._health(window, nonfinite, note, reason)
 
-    def _health(self, window, nonfinite: np.ndarray, note: str) -> Health:
+    def _health(self, window, nonfinite: np.ndarray, note: str, waiting: str) -> Health:
         """The last judgement's gates (copies), with this window's non-finite logits."""
         gates: Dict[str, GateHealth] = {}
         for i, name in enumerate(self.names):
@@ -226,7 +228,8 @@ class BaselineDetector:
                 gate.severity = "collapse"
             gates[name] = gate
         return Health(severity=worst(g.severity for g in gates.values()), gates=gates, window=window.index,
-                      has_baseline=True, detector=True, note=note)
+                      has_baseline=True, detector=True, note=note, waiting=waiting,
+                      verdict_on=self._judged_on if self._judged is not None else None)
 
     def _collapse(self, f: Features) -> np.ndarray:
         """[G, K]: the window is far enough from the baseline to call it a collapse."""
@@ -326,7 +329,7 @@ class _Judgement:
     pooled: Pooled
     judged: Optional[Dict[str, GateHealth]]
     note: str
-    judged_on: str
+    judged_on: Optional[Tuple[int, int]]
     alarmed: np.ndarray
     history: np.ndarray
 
@@ -338,6 +341,11 @@ def _copy(gate: GateHealth) -> GateHealth:
     out.__dict__.update(gate.__dict__)
     out.reasons, out.checks = list(gate.reasons), dict(gate.checks)
     return out
+
+
+def _span(windows: Tuple[int, int]) -> str:
+    first, last = windows
+    return f"window {first}" if first == last else f"windows {first}-{last}"
 
 
 def _pool_note(pooled: Pooled) -> str:
