@@ -8,7 +8,7 @@ SEVERITIES = ("ok", "drift", "collapse")
 # Whether the verdict rests on data: "ok" (the last window was observed without failures),
 # "no_data" (no window has closed yet, or the gate saw no token in it), "failing" (monitoring
 # itself fails: hook, reader or detector errors). A severity of "ok" means healthy routing only
-# with monitoring "ok"; Health.healthy says both at once.
+# with monitoring "ok" and a verdict (Health.verdict_on); Health.healthy says all three at once.
 MONITORING_STATES = ("ok", "no_data", "failing")
 # Why a baseline detector's verdict was not renewed by the window that just closed (Health.waiting;
 # "" when it was): "make-up" (a fresh monitor measures how clustered the live traffic is before its
@@ -38,7 +38,8 @@ class GateHealth:
 class Health:
     """``mon.health()``: ``.severity`` in {"ok", "drift", "collapse"}, ``.gates[name]``, and
     ``.monitoring`` in {"ok", "no_data", "failing"}: a severity of "ok" before any window closed,
-    or while the hooks fail, is not a healthy router. ``.healthy`` is true only for both "ok".
+    or while the hooks fail, is not a healthy router. ``.healthy`` is true only for both "ok",
+    and once there is a verdict.
 
     ``.verdict_on``: the first and last window the standing verdict judged (None: no verdict
     yet); ``.waiting``: "" when the window that just closed was judged, else why the verdict
@@ -56,8 +57,9 @@ class Health:
 
     @property
     def healthy(self) -> bool:
-        """Routing judged healthy from observed data (severity and monitoring both "ok")."""
-        return self.severity == "ok" and self.monitoring == "ok"
+        """Routing judged healthy from observed data (a verdict, and severity and monitoring both
+        "ok"): False before the first verdict, e.g. while a fresh monitor measures the traffic."""
+        return self.severity == "ok" and self.monitoring == "ok" and self.verdict_on is not None
 
     def __str__(self) -> str:
         head = {"no_data": "NO DATA", "failing": "MONITORING FAILING"}.get(self.monitoring, self.severity)

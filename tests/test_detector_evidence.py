@@ -64,10 +64,11 @@ def test_a_window_the_size_of_a_baseline_window_is_judged_at_once(clustered):
     healths = [det.update(sim.window(16), sim.gates) for _ in range(8)]
     warm = [h.note for h in healths]
     assert all("make-up is measured" in n and n.endswith("no verdict yet") for n in warm[:3]), warm
-    assert all(h.waiting == "make-up" and h.verdict_on is None for h in healths[:3])
+    assert all(h.waiting == "make-up" and h.verdict_on is None and not h.healthy for h in healths[:3])
     first = next(i for i, n in enumerate(warm) if not n.startswith(WAITING))
     assert 3 <= first <= 6 and f"judged together ({first + 1} windows" in warm[first], warm
     assert healths[first].waiting == "" and healths[first].verdict_on == (healths[0].window, healths[first].window)
+    assert healths[first].healthy
     assert warm[first + 1:] == [""] * (7 - first), warm
     assert all(h.waiting == "" and h.verdict_on == (h.window, h.window) for h in healths[first + 1:])
     assert [det.update(sim.window(16), sim.gates).note for _ in range(3)] == ["", "", ""]
