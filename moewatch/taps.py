@@ -13,9 +13,11 @@ for a tap that does nothing (``benchmarks/hotpath.py`` measures the whole path).
 ``__call__`` keeps its fast path. Dynamo inlines a patched ``forward`` and guards on it, so
 compiled code is traced with the tap as it is.
 
-A module whose ``forward`` is already patched by someone else (an accelerate hook, a forward
-compiled in place) is not tapped: :func:`tap_of` returns None and the caller uses a forward
-hook there, with the slow path's cost. Removing the last user of a tap puts the module's own
+A module that already has forward hooks (someone else's hook may rewrite the output, and the
+model consumes what the hooks return: a hook registered after them sees that, a tap would not;
+the slow path is taken anyway), or whose ``forward`` is already patched by someone else (an
+accelerate hook, a forward compiled in place), is not tapped: :func:`tap_of` returns None and
+the caller uses a forward hook there, as before taps. Removing the last user of a tap puts the module's own
 ``forward`` back; if something wrapped the tap meanwhile, the tap stays as a plain pass-through.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from typing import Callable, List, Optional
 
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 # transform(module, args, output) -> the new output, or None to keep it (a forward hook's contract)
 Transform = Callable[[nn.Module, tuple, object], object]
@@ -82,11 +85,14 @@ def tapped(module: nn.Module) -> bool:
 
 
 def tap_of(module: nn.Module) -> Optional[Tap]:
-    """The module's tap, installed now if it has none; None where its forward is someone else's."""
+    """The module's tap, installed now if it has none; None where a forward hook must be used
+    instead: the module has forward hooks already, or its forward is someone else's."""
     own = module.__dict__.get("forward")
     if isinstance(own, Tap):
         return own
     if own is not None:  # patched by another library, or compiled in place: leave it be
+        return None
+    if module._forward_hooks or _global_forward_hooks:  # they may rewrite what the model receives
         return None
     tap = Tap(module, module.forward)
     module.__dict__["forward"] = tap

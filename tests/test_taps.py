@@ -109,3 +109,27 @@ def test_compiled_fullgraph_counts_through_taps_as_eager():
     got = mon.counts()
     assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in expected.items()}
     mon.detach()
+
+
+def test_a_gate_with_a_hook_that_rewrites_its_output_is_hooked_and_the_monitor_sees_the_rewrite():
+    """The model consumes what the gate's hooks return: a monitor attached after such a hook sees it."""
+    model = tiny_mixtral()
+    ids, mask = padded_batch()
+    gates = _gates(model)
+
+    def no_expert_3(module, args, output):
+        logits = output[0].clone()
+        logits[:, 3] = -1e4
+        weights, indices = torch.topk(torch.softmax(logits, dim=-1), module.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), indices
+
+    handles = [g.register_forward_hook(no_expert_3) for g in gates]
+    mon = moewatch.attach(model, background=False)
+    assert not any(tapped(g) for g in gates) and all(len(g._forward_hooks) == 2 for g in gates)
+    _run(model, ids, mask)
+    counts = mon.counts()
+    assert all(int(c[3]) == 0 and int(c.sum()) > 0 for c in counts.values()), counts
+    mon.detach()
+    assert all(list(g._forward_hooks.values()) == [no_expert_3] for g in gates)
+    for handle in handles:
+        handle.remove()
