@@ -74,8 +74,10 @@ class _StallingSink:
         if self.calls == 3:
             self.real.flush()
             os.fsync(self.real.fileno())
-            with open(self.marker, "w") as fh:
+            # written whole, then renamed: the parent may kill this process as soon as the name exists
+            with open(self.marker + ".tmp", "w") as fh:
                 fh.write(str(os.path.getsize(self.real.name)))
+            os.replace(self.marker + ".tmp", self.marker)
             while True:
                 time.sleep(1)
         return written
