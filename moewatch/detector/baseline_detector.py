@@ -229,7 +229,7 @@ class BaselineDetector:
             gates[name] = gate
         return Health(severity=worst(g.severity for g in gates.values()), gates=gates, window=window.index,
                       has_baseline=True, detector=True, note=note, waiting=waiting,
-                      verdict_on=self._judged_on if self._judged is not None else None)
+                      verdict_on=self._judged_on)  # None until the first judgement, and after its withdrawal
 
     def _collapse(self, f: Features) -> np.ndarray:
         """[G, K]: the window is far enough from the baseline to call it a collapse."""
