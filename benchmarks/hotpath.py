@@ -15,7 +15,8 @@ Each forward calls G routers (``--gates``; a model's MoE layers without the rest
 module's per-forward hooks are shared by G gate calls as in a real model; G = 1 is the worst case.
 Per set-up: microseconds per router call on the forward's thread (minimum and median over
 repeats), the added microseconds against ``alone`` (the median and quartiles of round-by-round
-differences: each round runs every set-up within a fraction of a second), ATen ops dispatched
+differences, each round running every set-up within a fraction of a second, and a 95%
+confidence interval of that median), ATen ops dispatched
 per call, and for the staged backend the reader's microseconds per call (the batched
 reduction, amortised). The default clock is the forward thread's CPU time, which time the
 thread spends descheduled (other jobs on a shared machine) does not inflate; ``--clock wall``
@@ -78,6 +79,14 @@ class CountOps(TorchDispatchMode):
 
 
 SETUPS = ("alone", "staged", "hooked", "inline")
+
+
+def median_ci(sorted_values, z: float = 1.96):
+    """A distribution-free 95% confidence interval of the median of ``sorted_values``: the order
+    statistics j and n-1-j, with j from the binomial's normal approximation (n >= 6)."""
+    n = len(sorted_values)
+    j = max(0, int((n - z * n ** 0.5) / 2) - 1)
+    return sorted_values[j], sorted_values[n - 1 - j]
 
 
 def per_call_us(model, x, forwards: int, gates: int, clock=time.thread_time) -> float:
@@ -143,9 +152,10 @@ def measure(tokens: int, experts: int, top_k: int, hidden: int, gates: int, call
     for name in setups:
         # added: this set-up minus the router alone, round by round (both ran within ~0.1 s)
         added = sorted(s - a for s, a in zip(samples[name], alone))
+        ci_lo, ci_hi = median_ci(added)
         result[name] = dict(min=min(samples[name]), median=statistics.median(samples[name]),
                             added=statistics.median(added), added_lo=added[len(added) // 4],
-                            added_hi=added[(3 * len(added)) // 4],
+                            added_hi=added[(3 * len(added)) // 4], ci_lo=ci_lo, ci_hi=ci_hi,
                             reader=statistics.median(reader) if name == "staged" else 0.0, ops=ops[name])
     return result
 
@@ -172,18 +182,20 @@ def main(argv=None) -> int:
     calibration = min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
     print(f"calibration: python -m timeit 'sum(range(1000))' = {calibration:.1f} us on this machine now")
     print(f"per gate call, {args.clock} clock: us on the forward's thread (min, median over repeats); added vs "
-          "alone: median [quartiles] of the round-by-round differences; ATen ops; reader us")
+          "alone: median [quartiles] of the round-by-round differences and the median's 95% confidence "
+          "interval; ATen ops; reader us")
     print(f"{'G':>3}{'T':>4}{'E':>5}{'k':>3}  {'set-up':<8}{'min us':>9}{'median':>9}{'added':>9}"
-          f"{'quartiles':>16}{'ops':>6}{'reader us':>11}")
+          f"{'quartiles':>16}{'95% CI':>16}{'ops':>6}{'reader us':>11}")
     for gates in args.gates:
         for tokens, experts, top_k in [(1, 8, 2), (8, 8, 2), (64, 8, 2), (8, 64, 8), (64, 64, 8), (8, 128, 8)]:
             res = measure(tokens, experts, top_k, args.hidden, gates, args.calls, args.repeats, setups, clock)
             for name, r in res.items():
                 if name == "alone":
-                    added = f"{'':>9}{'':>16}"
+                    added = f"{'':>9}{'':>16}{'':>16}"
                 else:
                     spread = f"[{r['added_lo']:.1f}, {r['added_hi']:.1f}]"
-                    added = f"{r['added']:>9.1f}{spread:>16}"
+                    ci = f"[{r['ci_lo']:.1f}, {r['ci_hi']:.1f}]"
+                    added = f"{r['added']:>9.1f}{spread:>16}{ci:>16}"
                 reader = f"{r['reader']:>11.1f}" if name == "staged" else f"{'':>11}"
                 print(f"{gates:>3}{tokens:>4}{experts:>5}{top_k:>3}  {name:<8}{r['min']:>9.1f}{r['median']:>9.1f}"
                       f"{added}{r['ops']:>6.0f}{reader}")

@@ -49,7 +49,7 @@ class GateHook:
         # implementation sets it itself; the context manager alone costs microseconds.
         # Every line here runs on every gate call: locals, no helper calls where a test will do.
         try:
-            if self.stage_output is not None and not _is_compiling() and not _grad_enabled():
+            if self.stage_output is not None and not _grad_enabled() and not _is_compiling():
                 # eager inference on the CPU: the output is kept, the reader reads it (or, where
                 # it cannot be kept as it is, stage_output reads it now)
                 self.stage_output(self.row, output)

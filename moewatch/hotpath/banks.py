@@ -52,7 +52,7 @@ class Banks:
             staged = backend == "staged" or (backend == "auto" and device.type == "cpu")
             if staged and device.type != "cpu":
                 raise ValueError("the staged backend runs on CPU gates only")
-            bank = (StagedBank(params, errors, samplers.__getitem__, self.mask) if staged else
+            bank = (StagedBank(params, errors, samplers.__getitem__) if staged else
                     DeviceBank(params, device, errors, window_tokens, samplers.__getitem__, self.mask))
             bank.bank_id = ops.register(bank)
             for row, gate_index in enumerate(members):
@@ -72,8 +72,9 @@ class Banks:
         state.depth += 1
         if state.depth == 1:
             state.masks = {"attention_mask": mask, "decoder_attention_mask": decoder_mask}
+        masks = state.masks
         for bank in self.banks:
-            bank.begin()
+            bank.begin(masks)
 
     def end(self, ticks=None) -> None:
         state = self._thread

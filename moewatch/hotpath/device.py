@@ -86,8 +86,8 @@ class DeviceBank:
         self._placed[row] = True
 
     # -- the forward ----------------------------------------------------------------------------
-    def begin(self) -> None:
-        pass
+    def begin(self, masks=None) -> None:
+        pass  # the masks are read through mask_of, at each call
 
     def observe(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int,
                 sums, counts, absmax) -> None:

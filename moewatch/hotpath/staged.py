@@ -101,13 +101,13 @@ class ThreadState(threading.local):
     def __init__(self) -> None:
         self.depth = 0
         self.pending: List[Call] = []
+        self.masks: Dict[str, torch.Tensor] = {}  # the padding masks of the root forward, by key
 
 
 class StagedBank:
     """Host accumulators of the gates on the CPU, fed by staged calls (see the module docstring)."""
 
-    def __init__(self, gates: Sequence[GateParams], errors, sampler_of: Callable[[int], object] = None,
-                 mask_of: Callable[[str], object] = lambda key: None):
+    def __init__(self, gates: Sequence[GateParams], errors, sampler_of: Callable[[int], object] = None):
         self.gates = list(gates)
         num_gates = len(self.gates)
         max_experts = max(g.num_experts for g in self.gates)
@@ -120,7 +120,6 @@ class StagedBank:
         self.token = torch.zeros(1, dtype=torch.int64)  # the stage op's declared mutation (see ops)
         self.errors = errors
         self.sampler_of = sampler_of or (lambda row: None)
-        self.mask_of = mask_of  # the padding mask of this thread's root forward, by key
         self._thread = ThreadState()
         self._committed: deque = deque()  # (commit time, [Call]) per whole forward
         self._staged_bytes = 0  # approximate: += and -= from several threads under the GIL
@@ -137,15 +136,21 @@ class StagedBank:
         self.ranks[row] = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int64).clone()
 
     # -- the forward's thread ------------------------------------------------------------------
-    def begin(self) -> None:
-        self._thread.depth += 1
+    def begin(self, masks: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """A root forward begins on this thread; ``masks``: its padding masks by key ([B, L] each)."""
+        state = self._thread
+        state.depth += 1
+        if state.depth == 1:  # a nested forward keeps the outer one's masks
+            state.masks = masks or {}
 
     def end(self, ticks=None) -> None:
         state = self._thread
         state.depth = max(0, state.depth - 1)
-        if state.depth == 0 and state.pending:
-            self._committed.append((time.time(), state.pending))
-            state.pending = []
+        if state.depth == 0:
+            state.masks = {}
+            if state.pending:
+                self._committed.append((time.time(), state.pending))
+                state.pending = []
 
     def set_extract(self, row: int, extract: Callable, width: int) -> None:
         """Gate ``row``'s outputs may be staged as they are (``stage_output``): ``extract`` reads them."""
@@ -159,25 +164,31 @@ class StagedBank:
         ``stage`` does; an output that cannot be held so (inference tensors, another kind of
         object) is extracted now and staged with copies.
         """
-        versions = _output_versions(output)
-        if versions is None or not versions:
+        # Every line here runs on every gate call of an eager CPU model: inline, locals only.
+        try:
+            if type(output) is tuple and len(output) == 3:  # (logits, weights, indices): most routers
+                first, second, third = output
+                versions = (first._version, second._version, third._version)
+            else:
+                versions = _output_versions(output)
+                first = output[0] if type(output) is tuple else output  # the logits, as extract reads them
+        except (RuntimeError, AttributeError):  # an inference tensor (no version counter), or a non-tensor
+            versions = None
+        if not versions:  # it cannot be kept as it is
             self._stage_extracted(row, output)
             return
-        first = output[0] if type(output) is tuple else output  # the logits, as extract reads them
         if first.shape[-1] != self._widths[row]:
             raise width_error(self.gates[row].name, first.shape[-1], self._widths[row])
-        mask = self.mask_of(self._mask_keys[row])  # [B, L] or None
         nbytes = first.nbytes
         if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
             self._stage_extracted(row, output)  # reduced now (see stage)
             return
         self._staged_bytes += nbytes
-        call = (row, output, versions, mask, nbytes)  # an output record: see _call
         state = self._thread
-        if state.depth:
-            state.pending.append(call)
-        else:  # a gate called outside a monitored root forward is a forward of its own
-            self._committed.append((time.time(), [call]))
+        if state.depth:  # an output record (see _call); the mask [B, L] or None
+            state.pending.append((row, output, versions, state.masks.get(self._mask_keys[row]), nbytes))
+        else:  # a gate called outside a monitored root forward is a forward of its own, without a mask
+            self._committed.append((time.time(), [(row, output, versions, None, nbytes)]))
 
     def _extracted(self, row: int, output):
         """The Routing of a kept output of gate ``row``, its width checked (raises as the hook would)."""
@@ -224,7 +235,8 @@ class StagedBank:
         counters prove at reduction that they were not modified in place, and nothing is
         dispatched here (the padding mask is kept whole; the reduction reads the columns it needs).
         """
-        mask = None if valid is not None else self.mask_of(self.gates[row].mask_key)  # [B, L] or None
+        state = self._thread
+        mask = None if valid is not None else state.masks.get(self._mask_keys[row])  # [B, L] or None
         tensors = (logits, indices, probs, dropped, valid, mask, positions)
         versions = None if copy else _versions(tensors)
         # logits (and probs) dominate; the small tensors are not worth counting on this path
@@ -237,11 +249,10 @@ class StagedBank:
             if versions is None:  # buffers that may be reused or modified untracked: copy
                 if mask is not None:  # only the columns this call's tokens sit at: [B, S]
                     mask = mask_tail(mask, logits.shape[0], positions, grid)
-                tensors = tuple([None if t is None else t.detach().clone()
+                tensors = tuple([None if t is None else t.clone()
                                  for t in (logits, indices, probs, dropped, valid, mask, positions)])
             call = (row, grid, tensors, versions, nbytes, None)
             self._staged_bytes += nbytes
-        state = self._thread
         if state.depth:
             state.pending.append(call)
         else:  # a gate called outside a monitored root forward is a forward of its own
