@@ -36,11 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("prefill", "decode")
 
 
-def _prompts(kind: str, vocab: int = 256) -> tuple:
+def _prompts(kind: str, decode_tokens: int, vocab: int = 256) -> tuple:
     """(prompts, max_tokens) of a workload; token ids cycle through the vocabulary."""
     if kind == "prefill":
         return [[(7 * i + j) % vocab for j in range(192)] for i in range(8)], 1
-    return [[(11 * i + j) % vocab for j in range(8)] for i in range(4)], 48
+    return [[(11 * i + j) % vocab for j in range(8)] for i in range(4)], decode_tokens
 
 
 def child(args) -> None:
@@ -53,7 +53,7 @@ def child(args) -> None:
     print("READY", flush=True)
     for line in sys.stdin:
         kind = line.strip()
-        prompts, max_tokens = _prompts(kind)
+        prompts, max_tokens = _prompts(kind, args.decode_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False, ignore_eos=True)
         started = time.perf_counter()
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -64,12 +64,13 @@ def child(args) -> None:
 
 
 class Engine:
-    def __init__(self, model: str, moewatch: bool, eager: bool, port: int):
+    def __init__(self, model: str, moewatch: bool, eager: bool, port: int, decode_tokens: int):
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         env.pop("MOEWATCH_PORT", None)
         if moewatch:
             env["MOEWATCH_PORT"] = str(port)
-        argv = [sys.executable, os.path.abspath(__file__), "--child", "--model", model] + (["--eager"] if eager else [])
+        argv = [sys.executable, os.path.abspath(__file__), "--child", "--model", model,
+                "--decode-tokens", str(decode_tokens)] + (["--eager"] if eager else [])
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         text=True, env=env)
         self._expect("READY")
@@ -99,6 +100,9 @@ def main() -> None:
                              "real proportions (hidden 1024, experts 2048 wide, 4 layers, 32k vocabulary)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds per workload (default 7)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager=True (default: compilation on)")
+    parser.add_argument("--decode-tokens", type=int, default=192,
+                        help="tokens generated per request by the decode-heavy workload (4 requests; default "
+                             "192: a run long enough that the machine's jitter averages out)")
     parser.add_argument("--port", type=int, default=19480, help="MOEWATCH_PORT of the monitored engine")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,7 +117,8 @@ def main() -> None:
         args.model = write(os.path.join(tempfile.mkdtemp(prefix="moewatch-bench-"), "mixtral"))
     print(f"model {args.model}, compilation {'off (enforce_eager)' if args.eager else 'on'}, "
           f"{args.rounds} rounds per workload, engines taking turns")
-    engines = {"off": Engine(args.model, False, args.eager, args.port), "on": Engine(args.model, True, args.eager, args.port)}
+    engines = {"off": Engine(args.model, False, args.eager, args.port, args.decode_tokens),
+               "on": Engine(args.model, True, args.eager, args.port, args.decode_tokens)}
     rates: Dict[str, Dict[str, List[float]]] = {k: {"off": [], "on": []} for k in WORKLOADS}
     try:
         for kind in WORKLOADS:  # one unmeasured round each: the first call of a shape
