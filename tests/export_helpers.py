@@ -79,6 +79,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """A base port such that base .. base + count - 1 are free (the ranks of one host)."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            for offset in range(1, count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 class Endpoint:
     """A real HTTP server that answers POSTs in one of three ways: ``ok`` (records the body),
     ``error`` (HTTP 500) or ``hang`` (holds the request up to 30 s, until :meth:`stop`)."""

@@ -8,30 +8,15 @@ import sys
 
 import pytest
 
-from export_helpers import ROOT, free_port, load_local_stack, start_stack
+from export_helpers import ROOT, free_ports, load_local_stack, start_stack
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_child.py")
-
-
-def two_free_ports() -> int:
-    """A base port such that base and base + 1 are free (ranks 0 and 1 of one host)."""
-    import socket
-
-    for _ in range(50):
-        base = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", base + 1))
-                return base
-            except OSError:
-                continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 @pytest.fixture(scope="module")
 def ranks(request):
     """Two monitored processes (RANK 0 and 1, one host) and what each reported."""
-    base = two_free_ports()
+    base = free_ports(2)
     children = []
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")

@@ -17,6 +17,8 @@ deepseek   on         worker proc  off       outputs and graphs without moewatch
 deepseek   eager      in-process   on        fault drill; detach, then the same outputs
 deepseek   dynamo     in-process   on        outputs under vLLM's compilation, eager backend
 deepseek   dynamo     in-process   off       the same without moewatch
+mixtral    on         2 TP workers on        /metrics of both workers scraped by Prometheus
+mixtral    on         2 TP workers off       outputs without moewatch
 =========  =========  ===========  ========  ==============================================
 
 "dynamo" is vLLM's compilation (Dynamo traces the model, moewatch's op inside its graph) with
@@ -37,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from export_helpers import free_port, start_stack
+from export_helpers import free_ports, start_stack
 from vllm_helpers import EngineRun, VllmUnavailable, ensure_venv, write_models
 
 pytestmark = pytest.mark.timeout(1500)
@@ -66,22 +68,33 @@ RUNS = {
                                   compile_backend="eager"),
     "deepseek_v3-dynamo-off": dict(model="deepseek_v3", eager=False, multiprocess=False, moewatch=False,
                                    compile_backend="eager"),
+    "mixtral-compile-tp2-on": dict(model="mixtral", eager=False, multiprocess=True, moewatch=True, scrape=True,
+                                   tensor_parallel=2),
+    "mixtral-compile-tp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
+                                    tensor_parallel=2),
 }
 # Pairs started together (one with Prometheus scraping, one without, where possible).
 ORDER = [("mixtral-compile-on", "mixtral-compile-off"), ("deepseek_v3-compile-mp-on", "deepseek_v3-compile-mp-off"),
-         ("mixtral-eager-on", "deepseek_v3-eager-on"), ("deepseek_v3-dynamo-on", "deepseek_v3-dynamo-off")]
+         ("mixtral-eager-on", "deepseek_v3-eager-on"), ("deepseek_v3-dynamo-on", "deepseek_v3-dynamo-off"),
+         ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off")]
 
 
-def _scrape(stack, port: int, model: str) -> dict:
-    """Per-layer expert counts as the real Prometheus scraped them from the child's /metrics."""
-    stack.set_targets([f"127.0.0.1:{port}"])
+def _scrape(stack, port: int, model: str, workers: int = 1) -> dict:
+    """Per-layer expert counts as the real Prometheus scraped them from the child's /metrics
+    (each worker's on ``port`` + its local rank)."""
+    stack.set_targets([f"127.0.0.1:{port + rank}" for rank in range(workers)])
     query = f'moewatch_expert_assignments_total{{model="{model}"}}'
+    # every worker scraped (a series per worker rank), and counting
     result = stack.wait_query(f"sum({query})", lambda r: bool(r) and float(r[0]["value"][1]) > 0, timeout=120)
+    stack.wait_query(f"count(count by (rank) ({query}))",
+                     lambda r: bool(r) and int(float(r[0]["value"][1])) == workers, timeout=120)
     rows = stack.query(query)
     counts: dict = {}
+    by_rank: dict = {}
     for row in rows:
         layer, expert = row["metric"]["layer"], int(row["metric"]["expert"])
         counts.setdefault(layer, {})[expert] = int(float(row["value"][1]))
+        by_rank.setdefault(row["metric"]["rank"], {}).setdefault(layer, {})[expert] = int(float(row["value"][1]))
     ranks = sorted({row["metric"]["rank"] for row in rows})
     parallel = [{k: v for k, v in row["metric"].items() if k.endswith("_rank") or k == "rank"}
                 for row in stack.query(f'moewatch_parallel_rank_info{{model="{model}"}}')]
@@ -89,18 +102,20 @@ def _scrape(stack, port: int, model: str) -> dict:
     joined = stack.query(f'sum by (model, dp_rank, layer) (moewatch_gate_tokens_total{{model="{model}"}} '
                          '* on (model, rank) group_left (dp_rank, tp_rank) moewatch_parallel_rank_info{tp_rank="0"})')
     tokens_by_dp = {(row["metric"].get("dp_rank"), row["metric"]["layer"]): float(row["value"][1]) for row in joined}
-    return {"counts": counts, "ranks": ranks, "total": float(result[0]["value"][1]), "parallel": parallel,
-            "tokens_by_dp": tokens_by_dp}
+    return {"counts": counts, "counts_by_rank": by_rank, "ranks": ranks, "total": float(result[0]["value"][1]),
+            "parallel": parallel, "tokens_by_dp": tokens_by_dp}
 
 
 def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
-    port = free_port()
-    config = {"model": models[spec["model"]], "eager": spec["eager"], "multiprocess": spec["multiprocess"],
+    workers = spec.get("tensor_parallel", 1)
+    port = free_ports(workers)  # MOEWATCH_PORT + local rank, per worker
+    config = {"tensor_parallel": workers, "model": models[spec["model"]], "eager": spec["eager"], "multiprocess": spec["multiprocess"],
               "moewatch": spec["moewatch"], "port": port, "max_tokens": MAX_TOKENS, "prompts": PROMPTS,
               "options": {"MOEWATCH_WINDOW_TOKENS": str(WINDOW_TOKENS), "MOEWATCH_MODEL_NAME": name,
                           "MOEWATCH_BACKGROUND": "true"},
               "serve_until_stdin_closes": bool(spec.get("scrape")), "detach": bool(spec.get("drill")),
-              "late_attach": not spec["moewatch"] and not spec["eager"] and not spec.get("compile_backend"),
+              "late_attach": (not spec["moewatch"] and not spec["eager"] and not spec.get("compile_backend")
+                              and workers == 1),
               "compile_backend": spec.get("compile_backend")}
     if spec.get("drill"):
         config["drill"] = DRILL
@@ -108,7 +123,7 @@ def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
     try:
         result = run.result()
         if spec.get("scrape"):
-            result["scraped"] = _scrape(stack, port, name)
+            result["scraped"] = _scrape(stack, port, name, workers)
         return result
     finally:
         run.stop()
@@ -139,6 +154,11 @@ def _expected_assignments(top_k: int) -> int:
 
 def _check_counts(result: dict) -> dict:
     (worker,) = result["workers"]
+    return _check_worker(worker)
+
+
+def _check_worker(worker: dict) -> dict:
+    """One worker's counts are the engine's own routing there, real tokens only, without error."""
     recorded = list(worker["recorded"].values())
     counts = list(worker["counts"].values())
     assert len(counts) == len(recorded) == len(worker["gates"]) > 0
@@ -253,3 +273,32 @@ def test_padding_rows_and_warm_up_forwards_are_not_real_tokens(engine_runs):
     assert seen["armed"] == [[True] * 5 + [False] * 3]  # vLLM's is_padding, inverted, [1, T]
     assert seen["warm_up"] == [[False] * 8]
     assert seen["unpadded"] is None  # no padding row: no mask
+
+
+def test_tensor_parallel_workers_each_count_every_token_and_serve_their_own_metrics(engine_runs):
+    result = engine_runs["mixtral-compile-tp2-on"]
+    workers = sorted(result["workers"], key=lambda w: w["rank"])
+    assert [w["vllm_ranks"]["tp"] for w in workers] == [0, 1] and [w["local_rank"] for w in workers] == [0, 1]
+    for worker in workers:  # counts equal that worker's own routing, compiled, without error
+        _check_worker(worker)
+        assert worker["parallel_ranks"] == worker["vllm_ranks"]
+    # the gate is replicated across tensor-parallel ranks: each routes (and counts) every token
+    assert workers[0]["counts"] == workers[1]["counts"]
+    scraped = result["scraped"]
+    assert scraped["ranks"] == ["0", "1"]  # one /metrics per worker, on MOEWATCH_PORT + local rank
+    for worker in workers:
+        by_layer = scraped["counts_by_rank"][str(worker["rank"])]
+        assert {layer: [c.get(e, 0) for e in range(len(worker["counts"][layer]))]
+                for layer, c in by_layer.items()} == worker["counts"]
+    expected = [{"rank": str(w["rank"]), **{f"{g}_rank": str(r) for g, r in w["vllm_ranks"].items()}} for w in workers]
+    assert sorted(scraped["parallel"], key=lambda p: p["rank"]) == expected
+    # docs/vllm.md's join counts the replica's tokens once (from tensor-parallel rank 0), not once per rank
+    top_k = {gate["name"]: gate["top_k"] for gate in workers[0]["gates"]}
+    assert scraped["tokens_by_dp"] == {("0", layer): sum(counts) / top_k[layer]
+                                       for layer, counts in workers[0]["counts"].items()}
+
+
+def test_tensor_parallel_outputs_are_those_without_moewatch(engine_runs):
+    off, on = engine_runs["mixtral-compile-tp2-off"], engine_runs["mixtral-compile-tp2-on"]
+    assert on["outputs"] == off["outputs"] and len(set(map(tuple, off["outputs"]))) > 1
+    assert [w["graph_breaks"] for w in on["workers"]] == [w["graph_breaks"] for w in off["workers"]]

@@ -1,7 +1,8 @@
 """One vLLM engine run for the engine tests, in the vLLM venv (``tests/test_vllm.py`` starts it).
 
 Usage: ``python vllm_child.py CONFIG_JSON``. The config names the checkpoint, compile or eager,
-in-process or worker processes, whether moewatch is on (``MOEWATCH_PORT``) and the prompts.
+in-process or worker processes (and how many: ``tensor_parallel``), whether moewatch is on
+(``MOEWATCH_PORT``) and the prompts.
 Every router's own routing is recorded independently of moewatch (``tests/vllm_recorder.py``).
 
 It prints one JSON line: greedy outputs, the recorded counts per layer, moewatch's counts
@@ -45,7 +46,8 @@ def main() -> None:
     extra = {"compilation_config": {"backend": config["compile_backend"]}} if config.get("compile_backend") else {}
     llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"], dtype="float32",
               max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, seed=0,
-              kv_cache_memory_bytes=64 * 2**20, enable_prefix_caching=False, **extra)
+              kv_cache_memory_bytes=64 * 2**20, enable_prefix_caching=False,
+              tensor_parallel_size=config.get("tensor_parallel", 1), **extra)
     startup = time.time() - started
     llm.collective_rpc(arm)
     params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, detokenize=False)

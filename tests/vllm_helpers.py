@@ -83,8 +83,11 @@ class EngineRun:
         child_env["OMP_NUM_THREADS"] = "1"
         # One OpenMP thread on one core: the same float sums on every run (greedy outputs of
         # random tiny models have near ties), and two runs at once on two cores side by side.
+        # A tensor-parallel run binds each worker to a core of its own ("0|1": vLLM's list per
+        # local rank; its automatic binding wants a NUMA node per worker).
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-        child_env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[core % len(cores)])
+        workers = int(config.get("tensor_parallel", 1))
+        child_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[(core + w) % len(cores)]) for w in range(workers))
         self.process = subprocess.Popen([PYTHON, CHILD, json.dumps(config)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=child_env, cwd=ROOT)
