@@ -152,9 +152,9 @@ def _expected_assignments(top_k: int) -> int:
     return top_k * (sum(len(p) for p in PROMPTS) + len(PROMPTS) * (MAX_TOKENS - 1))
 
 
-def _check_counts(result: dict) -> dict:
-    (worker,) = result["workers"]
-    return _check_worker(worker)
+def _check_counts(result: dict) -> None:
+    for worker in result["workers"]:  # one, or one per tensor-parallel rank
+        _check_worker(worker)
 
 
 def _check_worker(worker: dict) -> dict:
