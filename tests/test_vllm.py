@@ -92,9 +92,9 @@ def _scrape(stack, port: int, model: str, workers: int = 1) -> dict:
     counts: dict = {}
     by_rank: dict = {}
     for row in rows:
-        layer, expert = row["metric"]["layer"], int(row["metric"]["expert"])
-        counts.setdefault(layer, {})[expert] = int(float(row["value"][1]))
-        by_rank.setdefault(row["metric"]["rank"], {}).setdefault(layer, {})[expert] = int(float(row["value"][1]))
+        layer, expert, value = row["metric"]["layer"], int(row["metric"]["expert"]), int(float(row["value"][1]))
+        counts.setdefault(layer, {})[expert] = value
+        by_rank.setdefault(row["metric"]["rank"], {}).setdefault(layer, {})[expert] = value
     ranks = sorted({row["metric"]["rank"] for row in rows})
     parallel = [{k: v for k, v in row["metric"].items() if k.endswith("_rank") or k == "rank"}
                 for row in stack.query(f'moewatch_parallel_rank_info{{model="{model}"}}')]
@@ -109,8 +109,9 @@ def _scrape(stack, port: int, model: str, workers: int = 1) -> dict:
 def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
     workers = spec.get("tensor_parallel", 1)
     port = free_ports(workers)  # MOEWATCH_PORT + local rank, per worker
-    config = {"tensor_parallel": workers, "model": models[spec["model"]], "eager": spec["eager"], "multiprocess": spec["multiprocess"],
-              "moewatch": spec["moewatch"], "port": port, "max_tokens": MAX_TOKENS, "prompts": PROMPTS,
+    config = {"tensor_parallel": workers, "model": models[spec["model"]], "eager": spec["eager"],
+              "multiprocess": spec["multiprocess"], "moewatch": spec["moewatch"], "port": port,
+              "max_tokens": MAX_TOKENS, "prompts": PROMPTS,
               "options": {"MOEWATCH_WINDOW_TOKENS": str(WINDOW_TOKENS), "MOEWATCH_MODEL_NAME": name,
                           "MOEWATCH_BACKGROUND": "true"},
               "serve_until_stdin_closes": bool(spec.get("scrape")), "detach": bool(spec.get("drill")),

@@ -79,10 +79,7 @@ def _output_versions(output) -> Optional[tuple]:
     it cannot be kept as it is (an inference tensor, a member that is not a tensor, another kind
     of output): the caller then extracts it at once."""
     try:
-        if type(output) is tuple:
-            if len(output) == 3:  # (logits, weights, indices): most routers; unrolled, every call
-                first, second, third = output
-                return (first._version, second._version, third._version)
+        if type(output) is tuple:  # (stage_output takes a 3-tuple's inline, on the forward's thread)
             return tuple([t._version for t in output])
         return (output._version,) if isinstance(output, torch.Tensor) else None
     except (RuntimeError, AttributeError):  # an inference tensor (no version counter), or a non-tensor
