@@ -39,7 +39,7 @@ def compose(index: int, parts: Sequence[Window]) -> Window:
     """The window the monitor would close after ``parts`` ran back to back (sums add up)."""
     return Window(index=index, t_start=parts[0].t_start, t_end=parts[-1].t_end,
                   sums=np.sum([p.sums for p in parts], axis=0), counts=np.sum([p.counts for p in parts], axis=0),
-                  absmax=np.max([p.absmax for p in parts], axis=0))
+                  absmax=np.max([p.absmax for p in parts], axis=0), rows=np.sum([p.rows for p in parts], axis=0))
 
 
 def request(length: int, rng: np.random.Generator, kind: str = "heldout") -> torch.Tensor:

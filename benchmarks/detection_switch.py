@@ -11,6 +11,9 @@ one expert. The baseline: 120 windows of sixteen 128-token requests. Each run: a
 60 windows of the row's traffic. Every alarm on this healthy traffic is a false one; a row
 reports the runs with any alarmed window, and the windows alarmed (a window that waits for
 evidence repeats the last verdict, and counts again while that verdict is an alarm).
+
+Each row runs twice: with the requests behind each window known (the rows of a transformers
+batch, ``Window.rows``), and not known (an engine's flat batches, or ``--rows unseen`` alone).
 """
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ ROWS = [(4.0, 2, 1024, True), (4.0, 2, 1024, False), (4.0, 4, 512, False), (4.0,
         (8.0, 2, 1024, False), (16.0, 4, 512, True), (16.0, 4, 512, False), (4.0, 16, 128, False)]
 
 
-def run_row(concentration: float, requests: int, tokens: int, attach: bool, runs: int):
+def run_row(concentration: float, requests: int, tokens: int, attach: bool, runs: int, rows_seen: bool = True):
     """(runs with an alarm, windows alarmed, verdicts) over ``runs`` runs of one row."""
-    sim = ClusteredTraffic(num_gates=4, experts=8, concentration=concentration, seed=1)
+    sim = ClusteredTraffic(num_gates=4, experts=8, concentration=concentration, seed=1, rows_seen=rows_seen)
     baseline = Baseline.from_frame(sim.frame(120))
     alarmed_runs = alarmed_windows = verdicts = 0
     for run in range(runs):
@@ -56,16 +59,23 @@ def run_row(concentration: float, requests: int, tokens: int, attach: bool, runs
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=100, help="runs per row")
+    parser.add_argument("--rows", choices=("both", "seen", "unseen"), default="both",
+                        help="whether the windows' requests are known (both: two sets of columns)")
     args = parser.parse_args()
     start = time.time()
-    print(f"| live traffic (concentration) | runs with an alarm, of {args.runs} | windows alarmed, "
-          f"of {args.runs * AFTER} | verdicts |")
-    print("|---|---|---|---|")
+    modes = {"both": (True, False), "seen": (True,), "unseen": (False,)}[args.rows]
+    head = " | ".join(f"runs with an alarm ({'requests known' if seen else 'not known'}), of {args.runs} | "
+                      f"windows alarmed, of {args.runs * AFTER} | verdicts" for seen in modes)
+    print(f"| live traffic (concentration) | {head} |")
+    print("|---" * (1 + 3 * len(modes)) + "|")
     for concentration, requests, tokens, attach in ROWS:
-        runs, windows, verdicts = run_row(concentration, requests, tokens, attach, args.runs)
+        cells = []
+        for seen in modes:
+            runs, windows, verdicts = run_row(concentration, requests, tokens, attach, args.runs, seen)
+            cells.append(f"{runs} | {windows} | {verdicts}")
         when = "from attach" if attach else "after a switch"
         print(f"| {requests} request{'s' if requests > 1 else ''} of {tokens:,} ({concentration:g}), {when} | "
-              f"{runs} | {windows} | {verdicts} |", flush=True)
+              f"{' | '.join(cells)} |", flush=True)
     print(f"total {time.time() - start:.0f} s")
     return 0
 

@@ -6,7 +6,7 @@ A window is the difference of two snapshots taken at forward ends; the hot path
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,8 @@ class Snapshot:
     sums: np.ndarray  # float64 [G, NUM_SCALARS + E_max]: scalar sums, then router-prob sums
     counts: np.ndarray  # int64 [G, COUNT_ROWS, E_max]: assignments, dropped, tokens per rank (layout)
     absmax: np.ndarray  # float64 [G]: max |logit| in the window that ends here
+    # float64 [2]: sum of B * L and of B * L**2 over the root forwards' token rows (Window.rows)
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
     @classmethod
     def zeros(cls, num_gates: int, max_experts: int) -> "Snapshot":

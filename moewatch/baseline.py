@@ -25,6 +25,9 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # Per-window series kept for calibration (columns of Monitor.windows()).
 SERIES = ("tokens", "assignments", "dropped", "entropy_mean", "logit_std", "top1_prob_mean",
           "nonfinite_logits")
+# ... and those a baseline may lack (recorded before moewatch kept them, or where they are not
+# known: null per window). "requests": how many requests a window's tokens are worth (Window.requests).
+OPTIONAL_SERIES = ("requests",)
 SUMMARY_STATS = ("entropy_mean", "logit_std", "top1_prob_mean", "drop_rate", "effective_experts",
                  "top_share")
 
@@ -130,6 +133,7 @@ class Baseline:
             first = rows.iloc[0]
             counts = np.stack([np.asarray(c, dtype=np.int64)[:e] for c in rows["expert_counts"]])
             series = {s: rows[s].to_numpy(dtype=float) for s in SERIES}
+            series.update({s: rows[s].to_numpy(dtype=float) for s in OPTIONAL_SERIES if s in rows.columns})
             gates[name] = GateBaseline(name=name, num_experts=e, top_k=int(first["top_k"]),
                                        family=str(first.get("family", "")), series=series,
                                        expert_counts=counts)
@@ -172,7 +176,7 @@ class Baseline:
                 "name": g.name, "num_experts": g.num_experts, "top_k": g.top_k, "family": g.family,
                 "windows": g.windows,
                 "summary": g.summary(),
-                "per_window": {**{s: _plain(g.series[s]) for s in SERIES},
+                "per_window": {**{s: _plain(g.series[s]) for s in SERIES + OPTIONAL_SERIES if s in g.series},
                                "expert_counts": [row.tolist() for row in g.expert_counts]},
             })
         from . import __version__

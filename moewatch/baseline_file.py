@@ -156,7 +156,8 @@ def check_shape(gates: int, windows: Sequence[int], experts: Sequence[int], min_
         budget.take(w, e, where)
 
 
-def _gate(entry: Any, i: int, budget: _Budget, min_windows: int, series_names: Sequence[str]):
+def _gate(entry: Any, i: int, budget: _Budget, min_windows: int, series_names: Sequence[str],
+          optional: Sequence[str] = ()):
     from .baseline import GateBaseline
 
     where = f"gates[{i}]"
@@ -199,7 +200,7 @@ def _gate(entry: Any, i: int, budget: _Budget, min_windows: int, series_names: S
                        f"window {int(empty[0])} has no expert assignment ({empty.size} such window(s)); "
                        "a baseline holds only windows with traffic")
     series: Dict[str, np.ndarray] = {}
-    for s in series_names:
+    for s in list(series_names) + [s for s in optional if per.get(s) is not None]:
         values = _vector(per.get(s), f"{where}: per_window.{s}", w)
         if s in INTEGER_SERIES:
             values = _counts(values, f"{where}: per_window.{s}", minimum=1 if s == "tokens" else 0).astype(np.float64)
@@ -212,7 +213,7 @@ def _gate(entry: Any, i: int, budget: _Budget, min_windows: int, series_names: S
 
 def from_tree(data: Any, source: str):
     """A :class:`~moewatch.baseline.Baseline` from a parsed file; raises BaselineError."""
-    from .baseline import FORMAT, MIN_WINDOWS, SERIES, VERSION, Baseline, BaselineError
+    from .baseline import FORMAT, MIN_WINDOWS, OPTIONAL_SERIES, SERIES, VERSION, Baseline, BaselineError
 
     # type checks first: any value may be an array here (a list of numbers reads as one)
     if not isinstance(data, dict) or not isinstance(data.get("format"), str) or data["format"] != FORMAT:
@@ -235,7 +236,7 @@ def from_tree(data: Any, source: str):
         budget = _Budget()
         gates: Dict[str, Any] = {}
         for i, entry in enumerate(entries):
-            gate = _gate(entry, i, budget, MIN_WINDOWS, SERIES)
+            gate = _gate(entry, i, budget, MIN_WINDOWS, SERIES, OPTIONAL_SERIES)
             if gate.name in gates:
                 raise _Invalid(f"gates[{i}].name", f"gate {gate.name!r} appears twice")
             gates[gate.name] = gate

@@ -14,13 +14,15 @@ the code below is traceable (no thread-local, no lock, no branch on a tensor's v
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 
 MASK_KEYS = ("attention_mask", "decoder_attention_mask")
+# Where a transformers model takes its token rows when it has no mask: [B, L] ids or [B, L, H] embeddings.
+INPUT_KEYS = ("input_ids", "inputs_embeds")
 
 
 class MaskTracker:
@@ -35,7 +37,7 @@ class MaskTracker:
         self._positions: Dict[str, int] = {}
         try:
             params = list(inspect.signature(forward).parameters)
-            for key in MASK_KEYS:
+            for key in MASK_KEYS + INPUT_KEYS:
                 if key in params:
                     self._positions[key] = params.index(key)
         except (TypeError, ValueError):
@@ -48,6 +50,21 @@ class MaskTracker:
             mask = args[pos]
         return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
+    def _rows(self, mask, args, kwargs) -> Optional[Tuple[int, int]]:
+        """(B, L): the call's batch rows and their (padded) length. A batch row of a transformers
+        model is one request, and tokens of one request route alike: the detector weighs a
+        window's evidence by its requests (moewatch.detector.pooling). From the shape only, so
+        no tensor is read."""
+        for key in INPUT_KEYS:
+            rows = kwargs.get(key)
+            pos = self._positions.get(key)
+            if rows is None and pos is not None and pos < len(args):
+                rows = args[pos]
+            if isinstance(rows, torch.Tensor) and rows.dim() == (2 if key == "input_ids" else 3):
+                return int(rows.shape[0]), int(rows.shape[1])
+        # no inputs seen (the mask of a decode step with a cache spans the past tokens too)
+        return (int(mask.shape[0]), int(mask.shape[1])) if mask is not None else None
+
     def pre_hook(self, module, args, kwargs):
         banks = self.banks
         if banks is None:
@@ -59,7 +76,9 @@ class MaskTracker:
         if torch.compiler.is_compiling():  # inlined into a bigger compiled graph: one opaque op
             torch.ops.moewatch.forward_begin(mask, decoder_mask, banks.ticks, banks.bank_id)
         else:
-            banks.begin(mask, decoder_mask)
+            # an engine's flat batch holds many requests in one row: its rows say nothing
+            rows = None if self._real_tokens is not None else self._rows(mask, args, kwargs)
+            banks.begin(mask, decoder_mask, rows)
         return None
 
     def post_hook(self, module, args, kwargs, output):
@@ -88,4 +107,4 @@ def skip_top_level_frames(*functions) -> None:
         skip(fn.__code__)
 
 
-skip_top_level_frames(MaskTracker.pre_hook, MaskTracker.post_hook, MaskTracker._mask)
+skip_top_level_frames(MaskTracker.pre_hook, MaskTracker.post_hook, MaskTracker._mask, MaskTracker._rows)

@@ -57,7 +57,7 @@ WINDOW_TYPES: Dict[str, pa.DataType] = {
     "logit_absmax": _F64, "top1_prob_mean": _F64, "margin_mean": _F64, "zloss_mean": _F64,
     "nonfinite_logits": _I64, "load_entropy": _F64, "effective_experts": _F64, "top_share": _F64,
     "dead_experts": _I64, "expert_counts": pa.list_(_I64), "expert_share": pa.list_(_F64),
-    "expert_prob_mean": pa.list_(_F64), "expert_dropped": pa.list_(_I64),
+    "expert_prob_mean": pa.list_(_F64), "expert_dropped": pa.list_(_I64), "requests": _F64,
 }
 DECISION_TYPES: Dict[str, pa.DataType] = {
     "gate": pa.string(), "window": _I64, "call": _I64, "token": _I64,

@@ -203,8 +203,9 @@ class Monitor:
             except Exception as error:  # the windows go on without the co-selection
                 self.errors.record("reader", error, where="coselection")
 
-    def _on_cut(self, when: float, sums: np.ndarray, counts: np.ndarray, absmax: np.ndarray) -> None:
-        self._close(Snapshot(time=when, sums=sums, counts=counts, absmax=absmax))
+    def _on_cut(self, when: float, sums: np.ndarray, counts: np.ndarray, absmax: np.ndarray,
+                rows: np.ndarray) -> None:
+        self._close(Snapshot(time=when, sums=sums, counts=counts, absmax=absmax, rows=rows))
 
     def _poll(self) -> None:
         """Reader thread: close the windows that are due (tokens) or too old (window_seconds)."""

@@ -1,7 +1,7 @@
 """Windows: the difference of two accumulator snapshots, turned into per-gate statistics."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -19,7 +19,7 @@ WINDOW_COLUMNS = [
     "entropy_mean", "logit_mean", "logit_std", "logit_absmax", "top1_prob_mean", "margin_mean",
     "zloss_mean", "nonfinite_logits",
     "load_entropy", "effective_experts", "top_share", "dead_experts",
-    "expert_counts", "expert_share", "expert_prob_mean", "expert_dropped",
+    "expert_counts", "expert_share", "expert_prob_mean", "expert_dropped", "requests",
 ]
 
 
@@ -33,16 +33,33 @@ class Window:
     sums: np.ndarray  # float64 [G, NUM_SCALARS + E_max]
     counts: np.ndarray  # int64 [G, 3, E_max]: assignments, dropped, tokens per rank (hotpath.layout)
     absmax: np.ndarray  # float64 [G]
+    # float64 [2]: sum over the root forwards' token rows of B * L and of B * L**2 (B rows of L
+    # tokens, padding included): the rows of a transformers batch are its requests. Zeros where
+    # the rows are not requests (an engine's flat batch) or were not seen.
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
     @property
     def tokens(self) -> np.ndarray:
         return self.sums[:, TOKENS]
 
+    @property
+    def requests(self) -> float:
+        """How many requests the window's tokens are worth: (sum of B * L)**2 / sum of B * L**2,
+        the number of rows when they are of equal length, fewer when a few long ones hold most
+        tokens; nan when the rows are not known."""
+        return effective_requests(self.rows)
+
 
 def close_window(index: int, previous: Snapshot, current: Snapshot) -> Window:
     return Window(index=index, t_start=previous.time, t_end=current.time,
                   sums=current.sums - previous.sums, counts=current.counts - previous.counts,
-                  absmax=current.absmax)
+                  absmax=current.absmax, rows=current.rows - previous.rows)
+
+
+def effective_requests(rows) -> float:
+    """(sum of B * L)**2 / sum of B * L**2 of ``rows`` [2] (see ``Window.rows``); nan if unknown."""
+    tokens, squares = float(rows[0]), float(rows[1])
+    return tokens * tokens / squares if tokens > 0 and squares > 0 else float("nan")
 
 
 def _ratio(num: float, den: float) -> float:
@@ -92,6 +109,7 @@ def gate_row(window: Window, row: int, gate: GateInfo) -> dict:
     out["expert_share"] = counts / assignments if assignments else np.full(e, np.nan)
     out["expert_prob_mean"] = s[NUM_SCALARS:NUM_SCALARS + e] / tokens if tokens > 0 else np.full(e, np.nan)
     out["expert_dropped"] = dropped
+    out["requests"] = window.requests
     return out
 
 

@@ -24,8 +24,10 @@ def make_gates(num_gates: int, experts: int, top_k: int = 2, native_capacity: bo
 
 def make_window(index: int, counts: np.ndarray, tokens: np.ndarray, entropy: np.ndarray,
                 logit_std: np.ndarray, top1: np.ndarray, dropped: Optional[np.ndarray] = None,
-                nonfinite: Optional[np.ndarray] = None, logit_mean: float = 0.0) -> Window:
-    """A window from per-gate values: counts [G, E], the rest [G]."""
+                nonfinite: Optional[np.ndarray] = None, logit_mean: float = 0.0,
+                requests: Optional[np.ndarray] = None) -> Window:
+    """A window from per-gate values: counts [G, E], the rest [G]; ``requests``: the tokens of
+    each request in it (as the hooks see a batch's rows), or None where they are not known."""
     g, e = counts.shape
     sums = np.zeros((g, NUM_SCALARS + e))
     n_logits = tokens * e
@@ -41,8 +43,12 @@ def make_window(index: int, counts: np.ndarray, tokens: np.ndarray, entropy: np.
     cnt[:, 0] = counts
     if dropped is not None:
         cnt[:, 1] = dropped
+    rows = np.zeros(2)
+    if requests is not None:
+        lengths = np.asarray(requests, dtype=np.float64)
+        rows = np.array([lengths.sum(), (lengths ** 2).sum()])
     return Window(index=index, t_start=float(index), t_end=float(index + 1), sums=sums, counts=cnt,
-                  absmax=np.full(g, 3.0))
+                  absmax=np.full(g, 3.0), rows=rows)
 
 
 class HealthyTraffic:
@@ -96,8 +102,11 @@ class ClusteredTraffic:
     16 requests a specialist is diluted, alone in a window it is the whole window."""
 
     def __init__(self, num_gates: int, experts: int, top_k: int = 2, concentration: float = 4.0,
-                 seed: int = 0, specialists: float = 0.01, focus: float = 0.8):
+                 seed: int = 0, specialists: float = 0.01, focus: float = 0.8, rows_seen: bool = True):
         self.rng = np.random.default_rng(seed)
+        # rows_seen: a window says which requests its tokens came from (a transformers batch's
+        # rows, Window.rows); False: it does not (an engine's flat batches)
+        self.rows_seen = rows_seen
         self.gates = make_gates(num_gates, experts, top_k)
         self.top_k, self.concentration = top_k, concentration
         self.specialists, self.focus = specialists, focus
@@ -119,7 +128,8 @@ class ClusteredTraffic:
         # ... and its own level of each scalar statistic, which all of its tokens share
         level = 1 + 0.05 * self.rng.normal(0.0, 1.0, (requests, g, 3)).mean(0)  # [G, 3]
         w = make_window(self.index, counts, np.full(g, float(tokens * requests)), 1.2 * level[:, 0],
-                        1.5 * level[:, 1], 0.45 * level[:, 2])
+                        1.5 * level[:, 1], 0.45 * level[:, 2],
+                        requests=np.full(requests, tokens) if self.rows_seen else None)
         self.index += 1
         return w
 

@@ -116,9 +116,11 @@ class BaselineDetector:
         if not pooled.final:
             if not collapse.any():  # an early look at a pool: only a collapse is reported this soon
                 return self._waiting(window, nonfinite)
-        elif not pooled.confirmed and not collapse.any() and (fire.any(1) & ~self._alarmed).any():
+        elif (not pooled.confirmed and not pooled.counted and not collapse.any()
+              and (fire.any(1) & ~self._alarmed).any()):
             # A new drift: the first windows of traffic that turned into fewer, longer requests
-            # look just like one. Confirm it on the make-up of the windows that show it.
+            # look just like one. Confirm it on the make-up of the windows that show it (unless
+            # their requests were counted: then the pool holds as many as the calibration's).
             self._pool.hold()
             return self._waiting(window, nonfinite)
         self._pool.take()
@@ -194,6 +196,9 @@ class BaselineDetector:
         one = pool.first == window.index
         held = (f"window {window.index} holds" if one else f"windows {pool.first}-{window.index} hold") + \
             f" {pool.tokens:,.0f} tokens"
+        requests = pool.requests()
+        if np.isfinite(requests):
+            held += f" of {requests:,.1f} requests"
         measuring = pool.windows_to_measure()
         if pool.confirming:
             reason = "confirming"
@@ -208,7 +213,9 @@ class BaselineDetector:
                        f"first windows, {more} more {'window' if more == 1 else 'windows'} before a verdict")
         else:
             reason = "evidence"
-            waiting = f"waiting for evidence: {held}, a verdict needs about {pool.tokens_needed():,.0f}"
+            waiting = f"waiting for evidence: {held}, a verdict needs about {pool.tokens_needed():,.0f} tokens"
+            if pool.requests_needed() > 0:
+                waiting += f" of {pool.requests_needed():,.0f} requests"
         note = waiting + (f"; the verdict is that of {_span(self._judged_on)}" if self._judged is not None
                           else "; no verdict yet")
         if self._withdrawn:

@@ -24,6 +24,7 @@ class Features:
     top1: np.ndarray  # [...] mean top-1 probability
     nonfinite: np.ndarray  # [...] non-finite logits in the window
     effective: np.ndarray  # [...] exp(load entropy), small-sample corrected (Miller-Madow)
+    requests: np.ndarray  # [...] how many requests the window's tokens are worth (nan: not known)
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -48,8 +49,11 @@ def effective_experts(counts: np.ndarray) -> np.ndarray:
     return np.where(n > 0, np.exp(corrected), np.nan)
 
 
-def make_features(tokens, counts, dropped, entropy, logit_std, top1, nonfinite) -> Features:
+def make_features(tokens, counts, dropped, entropy, logit_std, top1, nonfinite, requests=None) -> Features:
     counts = np.asarray(counts, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    requests = np.full(tokens.shape, np.nan) if requests is None else np.broadcast_to(
+        np.asarray(requests, dtype=np.float64), tokens.shape).copy()
     assignments = counts.sum(-1)
     share = counts / np.maximum(assignments, 1)[..., None]
     return Features(
@@ -57,7 +61,7 @@ def make_features(tokens, counts, dropped, entropy, logit_std, top1, nonfinite) 
         drop_rate=_safe_div(np.asarray(dropped, dtype=np.float64), assignments),
         entropy=np.asarray(entropy, dtype=np.float64), logit_std=np.asarray(logit_std, dtype=np.float64),
         top1=np.asarray(top1, dtype=np.float64), nonfinite=np.asarray(nonfinite, dtype=np.float64),
-        effective=effective_experts(counts),
+        effective=effective_experts(counts), requests=requests,
     )
 
 
@@ -65,7 +69,7 @@ def baseline_features(gate) -> Features:
     """Features of every window of one :class:`moewatch.baseline.GateBaseline` ([W])."""
     s = gate.series
     return make_features(s["tokens"], gate.expert_counts, s["dropped"], s["entropy_mean"], s["logit_std"],
-                         s["top1_prob_mean"], s["nonfinite_logits"])
+                         s["top1_prob_mean"], s["nonfinite_logits"], s.get("requests"))
 
 
 def window_features(window, num_experts: int) -> Features:
@@ -81,4 +85,5 @@ def window_features(window, num_experts: int) -> Features:
     counts = window.counts[:, 0, :num_experts]
     dropped = window.counts[:, 1, :num_experts].sum(-1)
     return make_features(tokens, counts, dropped, _safe_div(s[:, ENTROPY], tokens),
-                         np.sqrt(np.maximum(variance, 0.0)), _safe_div(s[:, TOP1], tokens), s[:, NONFINITE])
+                         np.sqrt(np.maximum(variance, 0.0)), _safe_div(s[:, TOP1], tokens), s[:, NONFINITE],
+                         window.requests)

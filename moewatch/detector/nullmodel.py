@@ -116,7 +116,11 @@ def fit(f: Features, evidence: bool = True) -> Params:
                       "phi": np.float64(1.0),
                       # the evidence rule (pooling.py): a small baseline window's assignments, and how
                       # clustered the baseline's traffic is (with the relative standard error of that)
-                      "n_floor": np.float64(np.quantile(f.assignments, EVIDENCE_QUANTILE))}
+                      "n_floor": np.float64(np.quantile(f.assignments, EVIDENCE_QUANTILE)),
+                      # ... and the requests of a small baseline window (nan: the baseline's are not known)
+                      "requests_floor": np.float64(np.quantile(f.requests, EVIDENCE_QUANTILE)
+                                                   if np.isfinite(f.requests).all() and (f.requests > 0).all()
+                                                   else np.nan)}
     params["dispersion"], params["dispersion_se"] = map(np.float64, baseline_dispersion(counts, p, alive))
     # how the median of a few live pairs may scatter on traffic like the baseline's
     ratio, quantiles = (pair_medians(counts, p, alive, RECENT_PAIRS, 1) if evidence

@@ -66,7 +66,7 @@ from typing import Deque, NamedTuple, Optional
 
 import numpy as np
 
-from ..windows import Window
+from ..windows import Window, effective_requests
 from .dispersion import LATEST_MIN, RECENT_MIN, RECENT_PAIRS, LiveDispersion, expert_weights, pair_dispersion
 
 # The evidence of a baseline window is that of its smaller ones (this quantile of their
@@ -80,6 +80,12 @@ EVIDENCE_FRACTION = 0.8
 POOL_EVIDENCE = 2.0
 # from this many on, a pool is looked at for a collapse after every window.
 EARLY_EVIDENCE = 1.0
+# Where the requests behind a window are known (the rows of a transformers batch, Window.rows),
+# its evidence is counted in them too: judged alone with EVIDENCE_FRACTION of a small baseline
+# window's requests, a pool with POOL_EVIDENCE of them, and looked at for a collapse from this
+# fraction on (a collapse's effect sizes are far past what a few healthy requests reach together,
+# but one request that favours one expert is the whole window).
+EARLY_REQUESTS = 0.5
 # Standard errors of the baseline's dispersion the live one must exceed before it counts as more
 # clustered.
 TOLERANCE_SE = 3.0
@@ -91,7 +97,7 @@ MAX_KAPPA = 16.0
 def joined(a: Window, b: Window) -> Window:
     """Consecutive windows (or pools) ``a`` then ``b`` as one: their sums add up exactly."""
     return dataclasses.replace(b, t_start=a.t_start, sums=a.sums + b.sums, counts=a.counts + b.counts,
-                               absmax=np.maximum(a.absmax, b.absmax))
+                               absmax=np.maximum(a.absmax, b.absmax), rows=a.rows + b.rows)
 
 
 class OwnMakeup(NamedTuple):
@@ -120,6 +126,9 @@ class Pooled:
     tokens: float  # tokens in the pool (the busiest gate's)
     final: bool = True  # False: an early look (only a collapse is reported; else the pool goes on)
     confirmed: bool = False  # a suspected drift whose windows' make-up has been measured
+    # its requests are known, and as many as the calibration supports: its make-up is the
+    # baseline's, a drift needs no confirmation
+    counted: bool = False
 
 
 class Pool:
@@ -128,6 +137,7 @@ class Pool:
     def __init__(self, params, top_k: np.ndarray):
         """``params``: the detector's stacked per-gate model (n_floor, dispersion, p, alive [G, ...])."""
         self.n_floor = np.asarray(params["n_floor"], dtype=np.float64)  # [G]
+        self.requests_floor = np.asarray(params["requests_floor"], dtype=np.float64)  # [G] nan: not known
         self.top_k = np.maximum(np.asarray(top_k, dtype=np.float64), 1.0)  # [G]
         self.phi0 = np.asarray(params["dispersion"], dtype=np.float64)  # [G]
         self.phi0_bound = self.phi0 * (1.0 + TOLERANCE_SE * np.asarray(params["dispersion_se"], dtype=np.float64))
@@ -143,6 +153,7 @@ class Pool:
         self.first = 0
         self.take()  # an empty pool: _window, count, _own, _floor, confirming, _confirmed
         self._needed = self.n_floor  # [G] as of the last window added
+        self._requests_short = np.zeros(self.n_floor.size, dtype=bool)  # [G] ... and short of requests
 
     def kappa(self) -> np.ndarray:
         """[G] how much more clustered the live traffic is than the baseline's (at least 1): the
@@ -209,12 +220,39 @@ class Pool:
                 recent |= np.median(latest[:, :n], axis=1) > self.recent_hi[:, n]
         return (self.dispersion.estimate() > self.phi0_bound) | recent
 
-    def needed(self, evidence: float = POOL_EVIDENCE) -> np.ndarray:
+    def needed(self, evidence: float = POOL_EVIDENCE, alone: Optional[np.ndarray] = None) -> np.ndarray:
         """[G] assignments the pool needs before it is judged (see the module's docstring), or
-        before it holds ``evidence`` small baseline windows' worth."""
+        before it holds ``evidence`` small baseline windows' worth. ``alone``: :meth:`alone`,
+        if already known."""
         # Right after attach nothing is known of the live traffic's make-up, and a window of a
         # few heavy requests is all a collapse looks like: no verdict before it is measured.
-        return np.where(self.measured(), self._needed_by_evidence(evidence), np.inf)
+        if evidence == POOL_EVIDENCE:
+            alone = self.alone() if alone is None else alone
+            pooled = np.where(alone, EVIDENCE_FRACTION * self.n_floor, self._needed_by_evidence(evidence))
+        else:
+            pooled = self._needed_by_evidence(evidence)
+        return np.where(self.measured(), pooled, np.inf)
+
+    def alone(self) -> np.ndarray:
+        """[G] whether the pool is a single window judged alone: its traffic is not measurably
+        more clustered than the baseline's, and it holds as many requests as a small baseline
+        window (where they are known)."""
+        if self.count > 1:
+            return np.zeros(self.phi0.size, dtype=bool)
+        return ~self.clustered() & self.has_requests(EVIDENCE_FRACTION)
+
+    def requests(self) -> float:
+        """How many requests the pool's tokens are worth (nan: not known; ``Window.requests``)."""
+        return np.nan if self._window is None else effective_requests(self._window.rows)
+
+    def requests_known(self) -> np.ndarray:
+        """[G] whether the requests of both the pool and the baseline's windows are known."""
+        return np.isfinite(self.requests_floor) & np.isfinite(self.requests())
+
+    def has_requests(self, evidence: float) -> np.ndarray:
+        """[G] the pool holds ``evidence`` small baseline windows' requests, or they are not known."""
+        with np.errstate(invalid="ignore"):
+            return ~self.requests_known() | (self.requests() >= evidence * self.requests_floor)
 
     def measured(self) -> np.ndarray:
         """[G] whether the live traffic's make-up has been measured: ``RECENT_MIN`` pairs of its
@@ -223,11 +261,7 @@ class Pool:
 
     def _needed_by_evidence(self, evidence: float) -> np.ndarray:
         upper = np.fmax(np.fmax(self.dispersion.upper(), self.dispersion.recent()[0]), self._own_dispersion())
-        pooled = evidence * self.n_floor * np.clip(upper / self.phi0_bound, 1.0, MAX_KAPPA)
-        if self.count > 1 or evidence != POOL_EVIDENCE:
-            return pooled
-        # one window, of traffic not measurably more clustered than the baseline's: judged alone
-        return np.where(self.clustered(), pooled, EVIDENCE_FRACTION * self.n_floor)
+        return evidence * self.n_floor * np.clip(upper / self.phi0_bound, 1.0, MAX_KAPPA)
 
     def add(self, window: Window) -> Optional[Pooled]:
         """Add a closed window; returns the pool when it is ready to be judged (and starts anew).
@@ -263,16 +297,26 @@ class Pool:
             # (the suspect is the pool's first window: no step into another mix is among its pairs)
             self.confirming, self._confirmed = False, True
             self._floor = np.where(own.clustered, own.rough, np.nan)
-        self._needed = self.needed()
-        if (assignments >= self._needed)[seen].all():
+        alone = self.alone()
+        self._needed = self.needed(alone=alone)
+        # where the requests are known, a pool also needs the requests of its evidence
+        self._requests_short = ~np.where(alone, True, self.has_requests(POOL_EVIDENCE))
+        if ((assignments >= self._needed) & ~self._requests_short)[seen].all():
             return self._pooled(final=True)
-        if (assignments >= self.needed(EARLY_EVIDENCE))[seen].all():
+        early = self.needed(EARLY_EVIDENCE)
+        # counted requests measure what the dispersion's factor guards the early look against
+        # (a few heavy requests): where they are known, they stand in for it
+        early = np.where(self.requests_known() & np.isfinite(early), EARLY_EVIDENCE * self.n_floor, early)
+        if ((assignments >= early) & self.has_requests(EARLY_REQUESTS))[seen].all():
             return self._pooled(final=False)
         return None
 
     def _pooled(self, final: bool) -> Pooled:
+        seen = self._window.counts[:, 0].sum(-1) > 0
+        counted = bool(final and self.requests_known()[seen].all())
         return Pooled(window=self._window, kappa=self.kappa(), first=self.first, count=self.count,
-                      tokens=float(self._window.tokens.max()), final=final, confirmed=self._confirmed)
+                      tokens=float(self._window.tokens.max()), final=final, confirmed=self._confirmed,
+                      counted=counted)
 
     def take(self) -> None:
         """Start a new pool (the current one was judged)."""
@@ -325,6 +369,11 @@ class Pool:
         """About how many tokens a pool needs (the most demanding gate); infinite while the live
         traffic's make-up is not yet measured (:meth:`windows_to_measure`)."""
         return float((self._needed / self.top_k).max())
+
+    def requests_needed(self) -> float:
+        """How many requests the pool needs where it is short of them (0: it is not)."""
+        short = self._requests_short & self.requests_known()
+        return float((POOL_EVIDENCE * self.requests_floor)[short].max(initial=0.0))
 
     def windows_to_measure(self) -> int:
         """How many more windows the live traffic's make-up needs before any verdict (0 once

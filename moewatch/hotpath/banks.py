@@ -66,15 +66,18 @@ class Banks:
         self.num_gates = len(gates)
 
     # -- forward boundaries (the root module's hooks, directly or through the ops) -------------
-    def begin(self, mask=None, decoder_mask=None) -> None:
-        """A root forward begins on this thread; ``mask`` [B, L]: its padding mask, or None."""
+    def begin(self, mask=None, decoder_mask=None, rows=None) -> None:
+        """A root forward begins on this thread; ``mask`` [B, L]: its padding mask, or None;
+        ``rows``: (B, L), its token rows (one per request), or None where they are not requests."""
         state = self._thread
         state.depth += 1
         if state.depth == 1:
             state.masks = {"attention_mask": mask, "decoder_attention_mask": decoder_mask}
+        else:
+            rows = None  # a nested forward's tokens are the outer one's
         masks = state.masks
         for bank in self.banks:
-            bank.begin(masks)
+            bank.begin(masks, rows)
 
     def end(self, ticks=None) -> None:
         state = self._thread
@@ -90,9 +93,10 @@ class Banks:
 
     # -- the reader -----------------------------------------------------------------------------
     def take(self, force: bool, on_window: Callable, idle: bool = True, hold: bool = False) -> None:
-        """Reduce what the forwards left and call ``on_window(t, sums, counts, absmax)`` per cut.
+        """Reduce what the forwards left and call ``on_window(t, sums, counts, absmax, rows)`` per cut.
 
-        Arrays are in gate order: sums float64 [G, C], counts int64 [G, 2, E], absmax [G].
+        Arrays are in gate order: sums float64 [G, C], counts int64 [G, 2, E], absmax [G]; and
+        rows float64 [2], the root forwards' token rows since attach (``Window.rows``).
         ``hold``: a host bank may leave forwards that no cut needs for a later take.
         """
         now = time.time()
@@ -104,7 +108,7 @@ class Banks:
             for index, bank in enumerate(self.banks):
                 if not self._pending[index]:
                     sums, counts = bank.live()
-                    self._pending[index].append((now, sums, counts, np.zeros(sums.shape[0])))
+                    self._pending[index].append((now, sums, counts, np.zeros(sums.shape[0]), bank.rows_total()))
         while all(self._pending):
             cuts = [q.popleft() for q in self._pending]
             on_window(max(c[0] for c in cuts), *self._gather(cuts))
@@ -117,11 +121,11 @@ class Banks:
         sums = np.zeros((self.num_gates, width))
         counts = np.zeros((self.num_gates, cuts[0][2].shape[1], experts), dtype=np.int64)
         absmax = np.zeros(self.num_gates)
-        for (_, s, c, a), members in zip(cuts, self.members):
+        for (_, s, c, a, _), members in zip(cuts, self.members):
             sums[members, :s.shape[1]] = s
             counts[members, :, :c.shape[2]] = c
             absmax[members] = a
-        return sums, counts, absmax
+        return sums, counts, absmax, cuts[0][4]  # every bank sees every root forward's rows
 
     def live(self) -> Tuple[np.ndarray, np.ndarray]:
         """sums [G, C] and counts [G, 2, E] since attach, in gate order (host copies)."""

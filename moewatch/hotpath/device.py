@@ -51,6 +51,9 @@ class DeviceBank:
         self.sums = torch.zeros(num_gates, NUM_SCALARS + max_experts, **f64)  # [G, C]
         self.counts = torch.zeros(num_gates, COUNT_ROWS, max_experts, **i64)  # [G, 3, E]
         self.absmax = torch.zeros(num_gates, **f64)  # [G] since the last cut
+        # [2] sum of B * L and of B * L**2 over the root forwards' token rows (B rows of L), since attach
+        self.rows = torch.zeros(2, **f64)
+        self._row_tokens, self._row_tokens_sq = self.rows[0], self.rows[1]  # views, made once
         # co-selection (upper triangle, see layout): read live by the reader, never cut per window
         self.cosel = torch.zeros(num_gates, max_experts, max_experts, **i64)  # [G, E, E]
         self.ranks = torch.full((num_gates, max_experts), -1, **i64)  # [G, E] rank of each expert, -1: none
@@ -59,6 +62,7 @@ class DeviceBank:
         self.cut_sums = torch.zeros(CUT_SLOTS, num_gates, NUM_SCALARS + max_experts, **f64)  # [S, G, C]
         self.cut_counts = torch.zeros(CUT_SLOTS, num_gates, COUNT_ROWS, max_experts, **i64)  # [S, G, 3, E]
         self.cut_absmax = torch.zeros(CUT_SLOTS, num_gates, **f64)  # [S, G]
+        self.cut_rows = torch.zeros(CUT_SLOTS, 2, **f64)  # [S, 2]
         self.cut_ptr = torch.zeros(1, **i64)  # [1] cuts made since attach
         self.base_tokens = torch.zeros(num_gates, **f64)  # [G] tokens at the last cut
         self.force = torch.zeros(1, **i64)  # [1] 1: the reader asks for a cut at the next forward end
@@ -86,8 +90,13 @@ class DeviceBank:
         self._placed[row] = True
 
     # -- the forward ----------------------------------------------------------------------------
-    def begin(self, masks=None) -> None:
-        pass  # the masks are read through mask_of, at each call
+    def begin(self, masks=None, rows=None) -> None:
+        """A root forward begins (the masks are read through mask_of, at each call); ``rows``:
+        its token rows (B, L), or None. Two scalar adds on the device, no host sync."""
+        if rows is not None:
+            tokens = float(rows[0]) * float(rows[1])
+            self._row_tokens.add_(tokens)
+            self._row_tokens_sq.add_(tokens * float(rows[1]))
 
     def observe(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int,
                 sums, counts, absmax) -> None:
@@ -124,7 +133,7 @@ class DeviceBank:
         cut = (grown >= self.window_tokens[0]) | ((self.force[0] > 0) & (grown > 0))  # []
         slot = self.cut_ptr % CUT_SLOTS  # [1]
         for ring, live in ((self.cut_sums, self.sums), (self.cut_counts, self.counts),
-                           (self.cut_absmax, self.absmax)):
+                           (self.cut_absmax, self.absmax), (self.cut_rows, self.rows)):
             kept = ring.index_select(0, slot)  # [1, ...]
             ring.index_copy_(0, slot, torch.where(cut, live.unsqueeze(0), kept))
         self.base_tokens.copy_(torch.where(cut, tokens, self.base_tokens))
@@ -151,7 +160,7 @@ class DeviceBank:
                 slot = self._seen % CUT_SLOTS
                 self._seen += 1
                 on_cut(now, self._host(self.cut_sums[slot]).numpy(), self._host(self.cut_counts[slot]).numpy(),
-                       self._host(self.cut_absmax[slot]).numpy())
+                       self._host(self.cut_absmax[slot]).numpy(), self._host(self.cut_rows[slot]).numpy())
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy, made on a side stream on CUDA so only the reader waits."""
@@ -165,6 +174,11 @@ class DeviceBank:
             done.record(stream)
         done.synchronize()
         return out
+
+    def rows_total(self):
+        """float64 [2]: the token rows of the forwards so far (``Window.rows``), a host copy."""
+        with self._lock:
+            return self._host(self.rows).numpy()
 
     def live(self):
         """Host copies (numpy) of the live sums and counts (counts since attach)."""

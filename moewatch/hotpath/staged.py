@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..adapters.base import width_error
@@ -99,6 +100,7 @@ class ThreadState(threading.local):
         self.depth = 0
         self.pending: List[Call] = []
         self.masks: Dict[str, torch.Tensor] = {}  # the padding masks of the root forward, by key
+        self.rows: Optional[Tuple[int, int]] = None  # (B, L): the root forward's token rows
 
 
 class StagedBank:
@@ -118,7 +120,7 @@ class StagedBank:
         self.errors = errors
         self.sampler_of = sampler_of or (lambda row: None)
         self._thread = ThreadState()
-        self._committed: deque = deque()  # (commit time, [Call]) per whole forward
+        self._committed: deque = deque()  # (commit time, [Call], rows) per whole forward
         self._staged_bytes = 0  # approximate: += and -= from several threads under the GIL
         self._drain = threading.Lock()  # one reducer at a time (reader, flush, counts)
         self._extract: List[Optional[Callable]] = [None] * num_gates  # per gate: output -> Routing
@@ -127,18 +129,22 @@ class StagedBank:
         self._held: List[Call] = []  # calls of whole forwards taken but not reduced (take(hold=True))
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         self._window_gate_tokens = [0.0] * num_gates  # per gate: a list, no tensor op per call
+        # [2] sum of B * L and of B * L**2 over the root forwards' token rows (B rows of L), since attach
+        self._rows = np.zeros(2)
 
     def set_ranks(self, row: int, ranks: Optional[torch.Tensor]) -> None:
         """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None."""
         self.ranks[row] = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int64).clone()
 
     # -- the forward's thread ------------------------------------------------------------------
-    def begin(self, masks: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """A root forward begins on this thread; ``masks``: its padding masks by key ([B, L] each)."""
+    def begin(self, masks: Optional[Dict[str, torch.Tensor]] = None, rows: Optional[Tuple[int, int]] = None) -> None:
+        """A root forward begins on this thread; ``masks``: its padding masks by key ([B, L] each);
+        ``rows``: its token rows (B, L), or None."""
         state = self._thread
         state.depth += 1
         if state.depth == 1:  # a nested forward keeps the outer one's masks
             state.masks = masks or {}
+            state.rows = rows
 
     def end(self, ticks=None) -> None:
         state = self._thread
@@ -146,8 +152,9 @@ class StagedBank:
         if state.depth == 0:
             state.masks = {}
             if state.pending:
-                self._committed.append((time.time(), state.pending))
+                self._committed.append((time.time(), state.pending, state.rows))
                 state.pending = []
+            state.rows = None
 
     def set_extract(self, row: int, extract: Callable, width: int) -> None:
         """Gate ``row``'s outputs may be staged as they are (``stage_output``): ``extract`` reads them."""
@@ -185,7 +192,7 @@ class StagedBank:
         if state.depth:  # an output record (see _call); the mask [B, L] or None
             state.pending.append((row, output, versions, state.masks.get(self._mask_keys[row]), nbytes))
         else:  # a gate called outside a monitored root forward is a forward of its own, without a mask
-            self._committed.append((time.time(), [(row, output, versions, None, nbytes)]))
+            self._committed.append((time.time(), [(row, output, versions, None, nbytes)], None))
 
     def _extracted(self, row: int, output):
         """The Routing of a kept output of gate ``row``, its width checked (raises as the hook would)."""
@@ -253,11 +260,11 @@ class StagedBank:
         if state.depth:
             state.pending.append(call)
         else:  # a gate called outside a monitored root forward is a forward of its own
-            self._committed.append((time.time(), [call]))
+            self._committed.append((time.time(), [call], None))
 
     def waiting(self) -> List[Call]:
         """The calls of whole forwards staged and not reduced yet, oldest first."""
-        calls = [self._call(fields, count=False) for _, staged in list(self._committed) for fields in staged]
+        calls = [self._call(fields, count=False) for _, staged, _ in list(self._committed) for fields in staged]
         return list(self._held) + [call for call in calls if call is not None]
 
     # -- the reader ----------------------------------------------------------------------------
@@ -275,8 +282,11 @@ class StagedBank:
             segment, self._held = self._held, []
             last_time = None
             while self._committed:
-                commit_time, staged = self._committed.popleft()
+                commit_time, staged, rows = self._committed.popleft()
                 calls = [call for call in map(self._call, staged) if call is not None]
+                if rows is not None and calls:
+                    length = float(rows[1])
+                    self._rows += (rows[0] * length, rows[0] * length * length)
                 last_time = commit_time
                 segment.extend(calls)
                 self._window_tokens = self._add_tokens(calls)
@@ -292,7 +302,8 @@ class StagedBank:
                 self._cut(on_cut, last_time or time.time())
 
     def _cut(self, on_cut, when: float) -> None:
-        on_cut(when, self.sums.numpy().copy(), self.counts.numpy().copy(), self.absmax.numpy().copy())
+        on_cut(when, self.sums.numpy().copy(), self.counts.numpy().copy(), self.absmax.numpy().copy(),
+               self._rows.copy())
         self.absmax.zero_()
         self._window_tokens = 0.0
         self._window_gate_tokens = [0.0] * len(self._window_gate_tokens)
@@ -414,6 +425,10 @@ class StagedBank:
                 f"gate {gate.name!r} returned logits of width {logits.shape[-1] if logits.dim() else 0}, "
                 f"but it was attached with num_experts={gate.num_experts}; pass the right num_experts= "
                 "(or gates=) to moewatch.attach")
+
+    def rows_total(self) -> np.ndarray:
+        """float64 [2]: the token rows of the forwards reduced so far (``Window.rows``)."""
+        return self._rows.copy()
 
     def live(self):
         """Host copies (numpy) of the sums and counts (call after ``take``)."""
