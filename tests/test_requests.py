@@ -1,0 +1,140 @@
+"""The requests behind a window: the root forwards' token rows, which the detector weighs a
+window's evidence by (a transformers batch row is one request, and its tokens route alike)."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import moewatch
+from moewatch.baseline import Baseline
+from moewatch.detector import BaselineDetector
+from tests.tiny_models import tiny_mixtral
+
+
+def _rows(shapes):
+    """The expected Window.rows of forwards of these [B, L] shapes."""
+    return np.array([sum(b * l for b, l in shapes), sum(b * l * l for b, l in shapes)], dtype=float)
+
+
+def _requests(shapes):
+    tokens, squares = _rows(shapes)
+    return tokens * tokens / squares
+
+
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_a_window_counts_the_rows_of_its_forwards(backend):
+    model = tiny_mixtral()
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad():
+        model(torch.randint(0, 128, (3, 7)))
+        model(input_ids=torch.randint(0, 128, (1, 20)), attention_mask=torch.ones(1, 20, dtype=torch.long))
+        mon.flush()
+        model(inputs_embeds=torch.randn(4, 5, model.config.hidden_size))
+        mon.flush()
+        windows = list(mon._ring)
+        frame = mon.windows()
+    np.testing.assert_allclose(windows[0].rows, _rows([(3, 7), (1, 20)]))
+    np.testing.assert_allclose(windows[1].rows, _rows([(4, 5)]))
+    assert windows[1].requests == pytest.approx(4.0)
+    assert frame.groupby("window")["requests"].nunique().eq(1).all()  # one value for every gate
+    assert frame[frame.window == 0]["requests"].iloc[0] == pytest.approx(_requests([(3, 7), (1, 20)]))
+
+
+def test_a_decode_step_counts_its_new_tokens_not_the_cache():
+    """With a cache the mask spans the past tokens too; the rows are the step's input ids."""
+    model = tiny_mixtral()
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        model.generate(torch.randint(0, 128, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long),
+                       max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        mon.flush()
+        window = mon._ring[-1]
+    # the prompt (2 rows of 5), then three steps of 2 rows of 1 (the last new token is not fed back)
+    np.testing.assert_allclose(window.rows, _rows([(2, 5)] + [(2, 1)] * 3))
+    assert window.tokens[0] == window.rows[0]
+
+
+def test_compiled_fullgraph_forwards_count_their_rows():
+    model = tiny_mixtral()
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)
+        compiled(torch.randint(0, 128, (2, 9)))
+        compiled(torch.randint(0, 128, (2, 9)))
+        mon.flush()
+        window = mon._ring[-1]
+    np.testing.assert_allclose(window.rows, _rows([(2, 9)] * 2))
+    assert window.requests == pytest.approx(4.0)
+
+
+def test_forwards_on_many_threads_are_each_counted_once():
+    model = tiny_mixtral()
+    shapes = {i: (1 + i % 3, 4 + i) for i in range(6)}
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        barrier = threading.Barrier(len(shapes))
+
+        def run(i):
+            barrier.wait()
+            for _ in range(3):
+                model(torch.randint(0, 128, shapes[i]))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in shapes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mon.flush()
+        total = sum(w.rows for w in mon._ring)
+        tokens = sum(w.tokens[0] for w in mon._ring)
+    np.testing.assert_allclose(total, _rows([s for s in shapes.values() for _ in range(3)]))
+    assert tokens == total[0]
+
+
+def test_a_baseline_keeps_the_requests_and_one_without_them_still_loads(tmp_path):
+    model = tiny_mixtral()
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        for _ in range(10):
+            model(torch.randint(0, 128, (4, 16)))
+            mon.flush()
+        baseline = mon.baseline()
+        gates = mon.gates
+    path = tmp_path / "baseline.json"
+    baseline.save(path)
+    loaded = Baseline.load(path)
+    for gate in loaded.gates.values():
+        np.testing.assert_allclose(gate.series["requests"], 4.0)
+    detector = BaselineDetector(gates, loaded, 100_000, 2)
+    assert np.allclose(detector.params["requests_floor"], 4.0)
+    # a file written before the requests were kept: read as before, the evidence rule counts no requests
+    data = json.loads(path.read_text())
+    for gate in data["gates"]:
+        del gate["per_window"]["requests"]
+    path.write_text(json.dumps(data))
+    old = Baseline.load(path)
+    assert all("requests" not in g.series for g in old.gates.values())
+    assert np.isnan(BaselineDetector(gates, old, 100_000, 2).params["requests_floor"]).all()
+
+
+def test_a_bad_requests_series_is_refused_by_name(tmp_path):
+    model = tiny_mixtral()
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        for _ in range(8):
+            model(torch.randint(0, 128, (2, 8)))
+            mon.flush()
+        baseline = mon.baseline()
+    path = tmp_path / "baseline.json"
+    baseline.save(path)
+    data = json.loads(path.read_text())
+    data["gates"][0]["per_window"]["requests"] = [-1.0] * 8
+    path.write_text(json.dumps(data))
+    with pytest.raises(moewatch.BaselineError, match=r"per_window\.requests"):
+        Baseline.load(path)
+
+
+def test_unknown_rows_give_nan_not_a_guess():
+    from moewatch.windows import effective_requests
+
+    assert math.isnan(effective_requests(np.zeros(2)))
+    assert effective_requests(np.array([2048.0, 2048.0 ** 2])) == pytest.approx(1.0)
