@@ -115,6 +115,7 @@ def worker_report(worker) -> dict:
         report["monitoring"] = mon.health().monitoring
         frame = mon.windows()
         report["windows"] = [[int(w), int(t)] for w, t in zip(frame["window"], frame["tokens"])]
+        report["requests_known"] = bool(frame["requests"].notna().any())
     return report
 
 
