@@ -42,6 +42,14 @@ is also past the collapse effect sizes: half the effective experts, a dead exper
 as spread, ...) is reported at once. Healthy traffic with a baseline window's evidence never
 came near those effect sizes; what the margin guards against are drift-sized excursions.
 
+Where the requests behind the windows are known (a transformers batch's rows, ``Window.rows``,
+and the baseline's windows' too), the evidence is also counted in them: a window is judged alone
+with ``EVIDENCE_FRACTION`` of a small baseline window's requests, a pool with ``POOL_EVIDENCE``
+of them, and looked at for a collapse from ``EARLY_REQUESTS`` of them. That tells a window of a
+few long requests from one of many at once, where the pairs of windows (below) tell it only
+after the windows that follow; and a pool whose requests were counted needs no confirmation of
+a drift (``Pooled.counted``).
+
 A judged window or pool is scored with the baseline's variances scaled by max(1, kappa * n0 / n),
 kappa here being the plain ratio of the two dispersions (:func:`.nullmodel.scores`).
 
@@ -300,7 +308,7 @@ class Pool:
         alone = self.alone()
         self._needed = self.needed(alone=alone)
         # where the requests are known, a pool also needs the requests of its evidence
-        self._requests_short = ~np.where(alone, True, self.has_requests(POOL_EVIDENCE))
+        self._requests_short = ~(alone | self.has_requests(POOL_EVIDENCE))
         if ((assignments >= self._needed) & ~self._requests_short)[seen].all():
             return self._pooled(final=True)
         early = self.needed(EARLY_EVIDENCE)
