@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from .baseline import Baseline, BaselineError
 from .dump import DumpError
 
@@ -67,6 +69,14 @@ def _show(args: argparse.Namespace) -> int:
 def print_summary(baseline: Baseline) -> None:
     """The baseline in a few lines: model, gates, windows, typical values."""
     print(repr(baseline))
+    first = next(iter(baseline.gates.values()), None)
+    requests = None if first is None else first.series.get("requests")
+    if requests is not None and np.isfinite(requests).all():
+        print(f"  requests per window (the batches' rows): median {np.median(requests):.1f}, "
+              f"10th percentile {np.quantile(requests, 0.1):.1f}; windows are weighed by them too")
+    else:
+        print("  requests per window: not counted (an engine's flat batches, or a file of an older "
+              "moewatch); windows are weighed by their assignments alone")
     for gate in baseline.gates.values():
         q = gate.summary()["quantiles"]
         print(f"  {gate.name}: {gate.num_experts} experts top-{gate.top_k}, {gate.windows} windows, "

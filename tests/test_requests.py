@@ -138,3 +138,20 @@ def test_unknown_rows_give_nan_not_a_guess():
 
     assert math.isnan(effective_requests(np.zeros(2)))
     assert effective_requests(np.array([2048.0, 2048.0 ** 2])) == pytest.approx(1.0)
+
+
+def test_baseline_show_says_whether_the_requests_were_counted(tmp_path, capsys):
+    from moewatch.cli_baseline import print_summary
+
+    model = tiny_mixtral()
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        for _ in range(8):
+            model(torch.randint(0, 128, (3, 8)))
+            mon.flush()
+        baseline = mon.baseline()
+    print_summary(baseline)
+    assert "requests per window (the batches' rows): median 3.0" in capsys.readouterr().out
+    for gate in baseline.gates.values():
+        del gate.series["requests"]
+    print_summary(baseline)
+    assert "requests per window: not counted" in capsys.readouterr().out
