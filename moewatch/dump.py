@@ -36,7 +36,7 @@ from .atomicfile import write_atomic
 from .decisions import DECISION_COLUMNS, empty_decisions
 from .dump_read import DEFAULT_LIMITS, DumpLimits
 from .health import Health
-from .windows import WINDOW_COLUMNS, windows_frame
+from .windows import LATER_WINDOW_COLUMNS, WINDOW_COLUMNS, windows_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .monitor import Monitor
@@ -319,7 +319,7 @@ def _checked_metadata(path: str, schema: pa.Schema) -> dict:
         raise DumpFormatError(f"{path}: dump schema version {version} is newer than this "
                               f"moewatch reads ({SCHEMA_VERSION}); upgrade moewatch")
     try:
-        dump_meta.check(meta, WINDOW_COLUMNS)
+        dump_meta.check(meta, [c for c in WINDOW_COLUMNS if c not in LATER_WINDOW_COLUMNS])
     except dump_meta.Invalid as bad:
         raise DumpFormatError(f"{path}: the dump's metadata field {bad.where} {bad.what}") from None
     return meta

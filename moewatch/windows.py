@@ -21,6 +21,8 @@ WINDOW_COLUMNS = [
     "load_entropy", "effective_experts", "top_share", "dead_experts",
     "expert_counts", "expert_share", "expert_prob_mean", "expert_dropped", "requests",
 ]
+# Columns added after dumps began: a dump (or frame) written before them lacks them, and is read.
+LATER_WINDOW_COLUMNS = ("requests",)
 
 
 @dataclass

@@ -155,3 +155,26 @@ def test_baseline_show_says_whether_the_requests_were_counted(tmp_path, capsys):
         del gate.series["requests"]
     print_summary(baseline)
     assert "requests per window: not counted" in capsys.readouterr().out
+
+
+def test_a_dump_written_before_the_requests_were_kept_is_read_and_builds_a_baseline(tmp_path):
+    import pyarrow as pa  # noqa: F401
+    import pyarrow.parquet as pq
+
+    model = tiny_mixtral()
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        for _ in range(9):
+            model(torch.randint(0, 128, (2, 8)))
+            mon.flush()
+        mon.dump(str(tmp_path / "new.parquet"))
+    table = pq.read_table(tmp_path / "new.parquet")
+    meta = json.loads(table.schema.metadata[b"moewatch"])
+    assert meta["window_columns"][-1] == "requests"
+    meta["window_columns"] = meta["window_columns"][:-1]
+    old = table.drop(["requests"]).replace_schema_metadata(
+        {**table.schema.metadata, b"moewatch": json.dumps(meta).encode()})
+    pq.write_table(old, tmp_path / "old.parquet")
+    frame = moewatch.read_dump(str(tmp_path / "old.parquet")).windows
+    assert "requests" not in frame.columns and len(frame) == 18
+    baseline = Baseline.from_frame(frame)
+    assert all("requests" not in g.series for g in baseline.gates.values())
