@@ -21,6 +21,14 @@ def _rows(shapes):
     return np.array([sum(b * l for b, l in shapes), sum(b * l * l for b, l in shapes)], dtype=float)
 
 
+def _windows(model, mon, count: int, shape) -> None:
+    """``count`` windows of one forward of random ids of ``shape`` each."""
+    with torch.no_grad():
+        for _ in range(count):
+            model(torch.randint(0, 128, shape))
+            mon.flush()
+
+
 def _requests(shapes):
     tokens, squares = _rows(shapes)
     return tokens * tokens / squares
@@ -94,10 +102,8 @@ def test_forwards_on_many_threads_are_each_counted_once():
 
 def test_a_baseline_keeps_the_requests_and_one_without_them_still_loads(tmp_path):
     model = tiny_mixtral()
-    with moewatch.attach(model, background=False) as mon, torch.no_grad():
-        for _ in range(10):
-            model(torch.randint(0, 128, (4, 16)))
-            mon.flush()
+    with moewatch.attach(model, background=False) as mon:
+        _windows(model, mon, 10, (4, 16))
         baseline = mon.baseline()
         gates = mon.gates
     path = tmp_path / "baseline.json"
@@ -119,10 +125,8 @@ def test_a_baseline_keeps_the_requests_and_one_without_them_still_loads(tmp_path
 
 def test_a_bad_requests_series_is_refused_by_name(tmp_path):
     model = tiny_mixtral()
-    with moewatch.attach(model, background=False) as mon, torch.no_grad():
-        for _ in range(8):
-            model(torch.randint(0, 128, (2, 8)))
-            mon.flush()
+    with moewatch.attach(model, background=False) as mon:
+        _windows(model, mon, 8, (2, 8))
         baseline = mon.baseline()
     path = tmp_path / "baseline.json"
     baseline.save(path)
@@ -144,10 +148,8 @@ def test_baseline_show_says_whether_the_requests_were_counted(tmp_path, capsys):
     from moewatch.cli_baseline import print_summary
 
     model = tiny_mixtral()
-    with moewatch.attach(model, background=False) as mon, torch.no_grad():
-        for _ in range(8):
-            model(torch.randint(0, 128, (3, 8)))
-            mon.flush()
+    with moewatch.attach(model, background=False) as mon:
+        _windows(model, mon, 8, (3, 8))
         baseline = mon.baseline()
     print_summary(baseline)
     assert "requests per window (the batches' rows): median 3.0" in capsys.readouterr().out
@@ -158,14 +160,11 @@ def test_baseline_show_says_whether_the_requests_were_counted(tmp_path, capsys):
 
 
 def test_a_dump_written_before_the_requests_were_kept_is_read_and_builds_a_baseline(tmp_path):
-    import pyarrow as pa  # noqa: F401
     import pyarrow.parquet as pq
 
     model = tiny_mixtral()
-    with moewatch.attach(model, background=False) as mon, torch.no_grad():
-        for _ in range(9):
-            model(torch.randint(0, 128, (2, 8)))
-            mon.flush()
+    with moewatch.attach(model, background=False) as mon:
+        _windows(model, mon, 9, (2, 8))
         mon.dump(str(tmp_path / "new.parquet"))
     table = pq.read_table(tmp_path / "new.parquet")
     meta = json.loads(table.schema.metadata[b"moewatch"])
