@@ -227,6 +227,29 @@ def test_a_switch_into_single_long_requests_never_pages_where_the_requests_are_c
         assert verdicts and all("judged together" in h.note for h in verdicts)
 
 
+def test_a_drift_in_windows_whose_requests_were_counted_is_reported_without_confirmation(clustered, flat):
+    """A moderate drift (one expert gets 2.5 times its share) at the baseline's window size. Where
+    the requests are counted, each window holds as many as a baseline window, so its make-up is
+    known and the drift is reported at once (the capacity squeeze of the detection benchmark was
+    flagged in its 4th window while every drift waited for confirmation); where they are not, the
+    first window is held to confirm the drift on the windows after it."""
+    for (sim, baseline), counted in ((clustered, True), (flat, False)):
+        shares = sim.shares.copy()
+        shares[:, 5] *= 2.5
+        shares /= shares.sum(1, keepdims=True)
+        for seed in range(5):
+            sim.rng = np.random.default_rng(500 + seed)
+            det = BaselineDetector(sim.gates, baseline, 100_000, 2)
+            assert all(det.update(sim.window(16), sim.gates).severity == "ok" for _ in range(12))
+            drifted = [det.update(sim.window(16, shares=shares), sim.gates) for _ in range(4)]
+            if counted:
+                assert "confirming" not in [h.waiting for h in drifted]
+                flagged = next(i for i, h in enumerate(drifted) if h.severity == "drift")
+                assert flagged <= 1, [(h.severity, h.note) for h in drifted]
+            else:  # the first window that shows it is held, not reported
+                assert drifted[0].severity == "ok" and "confirming" in [h.waiting for h in drifted]
+
+
 def test_a_collapse_in_single_long_requests_is_flagged_once_a_pool_holds_a_few_requests(clustered):
     """A collapse in windows of one counted request is flagged at the early look of the pool that
     holds half a small baseline window's requests (8 of 16): a two-expert collapse is far past
