@@ -177,3 +177,19 @@ def test_a_dump_written_before_the_requests_were_kept_is_read_and_builds_a_basel
     assert "requests" not in frame.columns and len(frame) == 18
     baseline = Baseline.from_frame(frame)
     assert all("requests" not in g.series for g in baseline.gates.values())
+
+
+def test_a_failure_to_count_rows_is_recorded_and_the_forward_goes_on():
+    model = tiny_mixtral()
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        expected = model(ids).logits
+    with moewatch.attach(model, background=False, backend="device") as mon, torch.no_grad():
+        mon._banks.banks[0]._row_tokens = None  # its add_ raises
+        out = model(ids).logits
+        mon.flush()
+        errors = mon.error_counts()
+        window = mon._ring[-1]
+    assert torch.equal(out, expected)
+    assert sum(errors.values()) >= 1, errors
+    assert window.tokens[0] == 12  # the routing is still counted

@@ -93,10 +93,14 @@ class DeviceBank:
     def begin(self, masks=None, rows=None) -> None:
         """A root forward begins (the masks are read through mask_of, at each call); ``rows``:
         its token rows (B, L), or None. Two scalar adds on the device, no host sync."""
-        if rows is not None:
+        if rows is None:
+            return
+        try:
             tokens = float(rows[0]) * float(rows[1])
             self._row_tokens.add_(tokens)
             self._row_tokens_sq.add_(tokens * float(rows[1]))
+        except Exception as error:  # the forward goes on; its rows are not counted, and that is seen
+            self.errors.record("hook", error, where="rows")
 
     def observe(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int,
                 sums, counts, absmax) -> None:
