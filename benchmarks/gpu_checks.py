@@ -103,10 +103,16 @@ def check_cuda_graph(device) -> str:
     static_ids = torch.randint(0, 64, (4, 16), device=device)
     mon = moewatch.attach(model, gates="*.router", top_k=2, background=False)
     one, replayed = _one_forward_and_ten_replays(model, static_ids, mon.counts)
+    # the forward's token rows (Window.rows): two scalar adds the capture records with the shape
+    rows_one, rows_replayed = _one_forward_and_ten_replays(
+        model, static_ids, lambda: {"rows": mon._banks.banks[0].rows_total()})
     mon.detach()
     for name in one:
         np.testing.assert_array_equal(replayed[name], 10 * one[name])
-    return f"CUDA graph: 10 replays = 10 x one eager forward ({sum(int(v.sum()) for v in one.values())} assignments each)"
+    np.testing.assert_array_equal(rows_one["rows"], [4 * 16, 4 * 16 * 16])
+    np.testing.assert_array_equal(rows_replayed["rows"], 10 * rows_one["rows"])
+    return (f"CUDA graph: 10 replays = 10 x one eager forward ({sum(int(v.sum()) for v in one.values())} "
+            "assignments each, and the forward's token rows)")
 
 
 def check_compile(device) -> str:
