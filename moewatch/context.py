@@ -50,20 +50,24 @@ class MaskTracker:
             mask = args[pos]
         return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def _rows(self, mask, args, kwargs) -> Optional[Tuple[int, int]]:
-        """(B, L): the call's batch rows and their (padded) length. A batch row of a transformers
-        model is one request, and tokens of one request route alike: the detector weighs a
-        window's evidence by its requests (moewatch.detector.pooling). From the shape only, so
-        no tensor is read."""
+    def _rows(self, mask, args, kwargs) -> Optional[Tuple[int, int, bool]]:
+        """(B, L, continued): the call's batch rows, their (padded) length, and whether they
+        continue the rows of this thread's previous forward (a decode step on a cache). A batch row of a transformers model is one request, and
+        tokens of one request route alike: the detector weighs a window's evidence by its
+        requests (moewatch.detector.pooling). From shapes only, so no tensor is read."""
         for key in INPUT_KEYS:
             rows = kwargs.get(key)
             pos = self._positions.get(key)
             if rows is None and pos is not None and pos < len(args):
                 rows = args[pos]
             if isinstance(rows, torch.Tensor) and rows.dim() == (2 if key == "input_ids" else 3):
-                return int(rows.shape[0]), int(rows.shape[1])
-        # no inputs seen (the mask of a decode step with a cache spans the past tokens too)
-        return (int(mask.shape[0]), int(mask.shape[1])) if mask is not None else None
+                batch, length = int(rows.shape[0]), int(rows.shape[1])
+                # a decode step: a mask longer than the input (it spans the cached tokens), or one
+                # new token per row on a cache (generate() passes no all-ones mask)
+                continued = ((mask is not None and mask.shape[0] == batch and mask.shape[1] > length)
+                             or (length == 1 and kwargs.get("past_key_values") is not None))
+                return batch, length, continued
+        return (int(mask.shape[0]), int(mask.shape[1]), False) if mask is not None else None
 
     def pre_hook(self, module, args, kwargs):
         banks = self.banks

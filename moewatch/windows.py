@@ -35,9 +35,10 @@ class Window:
     sums: np.ndarray  # float64 [G, NUM_SCALARS + E_max]
     counts: np.ndarray  # int64 [G, 3, E_max]: assignments, dropped, tokens per rank (hotpath.layout)
     absmax: np.ndarray  # float64 [G]
-    # float64 [2]: sum over the root forwards' token rows of B * L and of B * L**2 (B rows of L
-    # tokens, padding included): the rows of a transformers batch are its requests. Zeros where
-    # the rows are not requests (an engine's flat batch) or were not seen.
+    # float64 [2]: sum over the window's requests of their tokens and of their tokens squared,
+    # from the root forwards' token rows (B rows of L tokens, padding included; a decode step
+    # grows the rows of the one before): the rows of a transformers batch are its requests.
+    # Zeros where the rows are not requests (an engine's flat batch) or were not seen.
     rows: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
     @property

@@ -52,17 +52,29 @@ def test_a_window_counts_the_rows_of_its_forwards(backend):
     assert frame[frame.window == 0]["requests"].iloc[0] == pytest.approx(_requests([(3, 7), (1, 20)]))
 
 
-def test_a_decode_step_counts_its_new_tokens_not_the_cache():
-    """With a cache the mask spans the past tokens too; the rows are the step's input ids."""
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_decode_steps_grow_the_requests_of_their_prompt(backend):
+    """generate() with a cache: each decode step's mask spans the past tokens too, so its rows
+    continue the prompt's rows. Two requests decoding are two requests, not one per step."""
     model = tiny_mixtral()
-    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad():
         model.generate(torch.randint(0, 128, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long),
                        max_new_tokens=4, do_sample=False, min_new_tokens=4)
         mon.flush()
-        window = mon._ring[-1]
-    # the prompt (2 rows of 5), then three steps of 2 rows of 1 (the last new token is not fed back)
-    np.testing.assert_allclose(window.rows, _rows([(2, 5)] + [(2, 1)] * 3))
-    assert window.tokens[0] == window.rows[0]
+        first = mon._ring[-1]
+        # a new prompt is new requests, and a window cut mid-generation counts from 0 anew
+        model(torch.randint(0, 128, (3, 4)))
+        model(torch.randint(0, 128, (3, 1)), attention_mask=torch.ones(3, 5, dtype=torch.long))
+        mon.flush()
+        model(torch.randint(0, 128, (3, 1)), attention_mask=torch.ones(3, 6, dtype=torch.long))
+        mon.flush()
+        second, third = mon._ring[-2], mon._ring[-1]
+    # the prompt (2 rows of 5), then three steps of 2 rows of 1 (the last new token is not fed
+    # back): 2 rows of 8 tokens
+    np.testing.assert_allclose(first.rows, [16.0, 2 * 8.0 ** 2])
+    assert first.tokens[0] == 16 and first.requests == pytest.approx(2.0)
+    np.testing.assert_allclose(second.rows, [15.0, 3 * 5.0 ** 2])
+    np.testing.assert_allclose(third.rows, [3.0, 3.0])
 
 
 def test_compiled_fullgraph_forwards_count_their_rows():

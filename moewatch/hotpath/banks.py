@@ -68,7 +68,8 @@ class Banks:
     # -- forward boundaries (the root module's hooks, directly or through the ops) -------------
     def begin(self, mask=None, decoder_mask=None, rows=None) -> None:
         """A root forward begins on this thread; ``mask`` [B, L]: its padding mask, or None;
-        ``rows``: (B, L), its token rows (one per request), or None where they are not requests."""
+        ``rows``: (B, L, continued), its token rows (one per request; ``continued``: those of
+        this thread's previous forward, one decode step on), or None where they are not requests."""
         state = self._thread
         state.depth += 1
         if state.depth == 1:

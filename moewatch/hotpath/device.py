@@ -54,6 +54,11 @@ class DeviceBank:
         # [2] sum of B * L and of B * L**2 over the root forwards' token rows (B rows of L), since attach
         self.rows = torch.zeros(2, **f64)
         self._row_tokens, self._row_tokens_sq = self.rows[0], self.rows[1]  # views, made once
+        # [] tokens per row so far in this window of the rows that decode steps continue (reset
+        # at each cut: a request that goes on counts its tokens in the next window anew), and
+        # (host) how many rows that is; shared by the threads that run forwards on this device
+        self._row_run = torch.zeros((), **f64)
+        self._row_batch: Optional[int] = None
         # co-selection (upper triangle, see layout): read live by the reader, never cut per window
         self.cosel = torch.zeros(num_gates, max_experts, max_experts, **i64)  # [G, E, E]
         self.ranks = torch.full((num_gates, max_experts), -1, **i64)  # [G, E] rank of each expert, -1: none
@@ -92,13 +97,23 @@ class DeviceBank:
     # -- the forward ----------------------------------------------------------------------------
     def begin(self, masks=None, rows=None) -> None:
         """A root forward begins (the masks are read through mask_of, at each call); ``rows``:
-        its token rows (B, L), or None. Two scalar adds on the device, no host sync."""
+        its token rows (B, L, continued), or None. A few scalar ops on the device, no host sync:
+        B rows of L new tokens, each row one request; a decode step (``continued``) grows the
+        rows of the previous forward, their squares by B ((n + L)**2 - n**2)."""
         if rows is None:
             return
         try:
-            tokens = float(rows[0]) * float(rows[1])
+            batch, length, continued = rows
+            tokens = float(batch) * float(length)
             self._row_tokens.add_(tokens)
-            self._row_tokens_sq.add_(tokens * float(rows[1]))
+            if continued and batch == self._row_batch:
+                self._row_tokens_sq.add_(self._row_run, alpha=2.0 * tokens)  # B * 2 n L
+                self._row_tokens_sq.add_(tokens * float(length))  # B L**2
+                self._row_run.add_(float(length))
+            else:
+                self._row_tokens_sq.add_(tokens * float(length))
+                self._row_run.fill_(float(length))
+            self._row_batch = batch
         except Exception as error:  # the forward goes on; its rows are not counted, and that is seen
             self.errors.record("hook", error, where="rows")
 
@@ -142,6 +157,7 @@ class DeviceBank:
             ring.index_copy_(0, slot, torch.where(cut, live.unsqueeze(0), kept))
         self.base_tokens.copy_(torch.where(cut, tokens, self.base_tokens))
         self.absmax.masked_fill_(cut, 0.0)
+        self._row_run.masked_fill_(cut, 0.0)
         self.force.masked_fill_(cut, 0)
         self.cut_ptr.add_(cut.to(torch.int64))
 

@@ -100,7 +100,7 @@ class ThreadState(threading.local):
         self.depth = 0
         self.pending: List[Call] = []
         self.masks: Dict[str, torch.Tensor] = {}  # the padding masks of the root forward, by key
-        self.rows: Optional[Tuple[int, int]] = None  # (B, L): the root forward's token rows
+        self.rows: Optional[Tuple[int, int, bool]] = None  # (B, L, continued): the root forward's token rows
 
 
 class StagedBank:
@@ -120,7 +120,7 @@ class StagedBank:
         self.errors = errors
         self.sampler_of = sampler_of or (lambda row: None)
         self._thread = ThreadState()
-        self._committed: deque = deque()  # (commit time, [Call], rows) per whole forward
+        self._committed: deque = deque()  # (commit time, [Call], rows, thread) per whole forward
         self._staged_bytes = 0  # approximate: += and -= from several threads under the GIL
         self._drain = threading.Lock()  # one reducer at a time (reader, flush, counts)
         self._extract: List[Optional[Callable]] = [None] * num_gates  # per gate: output -> Routing
@@ -131,15 +131,19 @@ class StagedBank:
         self._window_gate_tokens = [0.0] * num_gates  # per gate: a list, no tensor op per call
         # [2] sum of B * L and of B * L**2 over the root forwards' token rows (B rows of L), since attach
         self._rows = np.zeros(2)
+        # per forward thread: (B, tokens per row so far in this window) of the rows its decode
+        # steps continue; a request's tokens count from 0 again in the next window
+        self._row_runs: Dict[int, Tuple[int, float]] = {}
 
     def set_ranks(self, row: int, ranks: Optional[torch.Tensor]) -> None:
         """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None."""
         self.ranks[row] = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int64).clone()
 
     # -- the forward's thread ------------------------------------------------------------------
-    def begin(self, masks: Optional[Dict[str, torch.Tensor]] = None, rows: Optional[Tuple[int, int]] = None) -> None:
+    def begin(self, masks: Optional[Dict[str, torch.Tensor]] = None,
+              rows: Optional[Tuple[int, int, bool]] = None) -> None:
         """A root forward begins on this thread; ``masks``: its padding masks by key ([B, L] each);
-        ``rows``: its token rows (B, L), or None."""
+        ``rows``: its token rows (B, L, continued), or None."""
         state = self._thread
         state.depth += 1
         if state.depth == 1:  # a nested forward keeps the outer one's masks
@@ -152,7 +156,7 @@ class StagedBank:
         if state.depth == 0:
             state.masks = {}
             if state.pending:
-                self._committed.append((time.time(), state.pending, state.rows))
+                self._committed.append((time.time(), state.pending, state.rows, threading.get_ident()))
                 state.pending = []
             state.rows = None
 
@@ -192,7 +196,7 @@ class StagedBank:
         if state.depth:  # an output record (see _call); the mask [B, L] or None
             state.pending.append((row, output, versions, state.masks.get(self._mask_keys[row]), nbytes))
         else:  # a gate called outside a monitored root forward is a forward of its own, without a mask
-            self._committed.append((time.time(), [(row, output, versions, None, nbytes)], None))
+            self._committed.append((time.time(), [(row, output, versions, None, nbytes)], None, None))
 
     def _extracted(self, row: int, output):
         """The Routing of a kept output of gate ``row``, its width checked (raises as the hook would)."""
@@ -260,11 +264,11 @@ class StagedBank:
         if state.depth:
             state.pending.append(call)
         else:  # a gate called outside a monitored root forward is a forward of its own
-            self._committed.append((time.time(), [call], None))
+            self._committed.append((time.time(), [call], None, None))
 
     def waiting(self) -> List[Call]:
         """The calls of whole forwards staged and not reduced yet, oldest first."""
-        calls = [self._call(fields, count=False) for _, staged, _ in list(self._committed) for fields in staged]
+        calls = [self._call(fields, count=False) for _, staged, _, _ in list(self._committed) for fields in staged]
         return list(self._held) + [call for call in calls if call is not None]
 
     # -- the reader ----------------------------------------------------------------------------
@@ -282,11 +286,10 @@ class StagedBank:
             segment, self._held = self._held, []
             last_time = None
             while self._committed:
-                commit_time, staged, rows = self._committed.popleft()
+                commit_time, staged, rows, thread = self._committed.popleft()
                 calls = [call for call in map(self._call, staged) if call is not None]
                 if rows is not None and calls:
-                    length = float(rows[1])
-                    self._rows += (rows[0] * length, rows[0] * length * length)
+                    self._count_rows(rows, thread)
                 last_time = commit_time
                 segment.extend(calls)
                 self._window_tokens = self._add_tokens(calls)
@@ -301,9 +304,21 @@ class StagedBank:
             if force and self._window_tokens > 0:
                 self._cut(on_cut, last_time or time.time())
 
+    def _count_rows(self, rows: Tuple[int, int, bool], thread: int) -> None:
+        """Add one forward's token rows: B rows of L new tokens, each row one request. A decode
+        step continues the rows of its thread's previous forward, so its rows grow (their squares
+        by (n + L)**2 - n**2) instead of counting as B new requests."""
+        batch, length, continued = rows
+        last = self._row_runs.get(thread)
+        before = last[1] if continued and last is not None and last[0] == batch else 0.0
+        after = before + length
+        self._rows += (batch * length, batch * (after * after - before * before))
+        self._row_runs[thread] = (batch, after)
+
     def _cut(self, on_cut, when: float) -> None:
         on_cut(when, self.sums.numpy().copy(), self.counts.numpy().copy(), self.absmax.numpy().copy(),
                self._rows.copy())
+        self._row_runs.clear()  # a request that goes on counts its tokens in the next window anew
         self.absmax.zero_()
         self._window_tokens = 0.0
         self._window_gate_tokens = [0.0] * len(self._window_gate_tokens)
