@@ -103,7 +103,7 @@ def check_cuda_graph(device) -> str:
     static_ids = torch.randint(0, 64, (4, 16), device=device)
     mon = moewatch.attach(model, gates="*.router", top_k=2, background=False)
     one, replayed = _one_forward_and_ten_replays(model, static_ids, mon.counts)
-    # the forward's token rows (Window.rows): two scalar adds the capture records with the shape
+    # the forward's token rows (Window.rows): scalar ops the capture records with the shape
     rows_one, rows_replayed = _one_forward_and_ten_replays(
         model, static_ids, lambda: {"rows": mon._banks.banks[0].rows_total()})
     mon.detach()

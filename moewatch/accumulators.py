@@ -21,7 +21,7 @@ class Snapshot:
     sums: np.ndarray  # float64 [G, NUM_SCALARS + E_max]: scalar sums, then router-prob sums
     counts: np.ndarray  # int64 [G, COUNT_ROWS, E_max]: assignments, dropped, tokens per rank (layout)
     absmax: np.ndarray  # float64 [G]: max |logit| in the window that ends here
-    # float64 [2]: sum of B * L and of B * L**2 over the root forwards' token rows (Window.rows)
+    # float64 [2]: the requests' tokens and tokens squared, summed since attach (Window.rows)
     rows: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
     @classmethod

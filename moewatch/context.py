@@ -52,9 +52,10 @@ class MaskTracker:
 
     def _rows(self, mask, args, kwargs) -> Optional[Tuple[int, int, bool]]:
         """(B, L, continued): the call's batch rows, their (padded) length, and whether they
-        continue the rows of this thread's previous forward (a decode step on a cache). A batch row of a transformers model is one request, and
-        tokens of one request route alike: the detector weighs a window's evidence by its
-        requests (moewatch.detector.pooling). From shapes only, so no tensor is read."""
+        continue the rows of this thread's previous forward (a decode step on a cache). A batch
+        row of a transformers model is one request, and tokens of one request route alike: the
+        detector weighs a window's evidence by its requests (moewatch.detector.pooling). From
+        shapes only, so no tensor is read."""
         for key in INPUT_KEYS:
             rows = kwargs.get(key)
             pos = self._positions.get(key)

@@ -47,9 +47,9 @@ class Window:
 
     @property
     def requests(self) -> float:
-        """How many requests the window's tokens are worth: (sum of B * L)**2 / sum of B * L**2,
-        the number of rows when they are of equal length, fewer when a few long ones hold most
-        tokens; nan when the rows are not known."""
+        """How many requests the window's tokens are worth: (sum of t)**2 / sum of t**2 over its
+        requests of t tokens, the number of requests when they are of equal length, fewer when a
+        few long ones hold most tokens; nan when the rows are not known."""
         return effective_requests(self.rows)
 
 
@@ -60,7 +60,8 @@ def close_window(index: int, previous: Snapshot, current: Snapshot) -> Window:
 
 
 def effective_requests(rows) -> float:
-    """(sum of B * L)**2 / sum of B * L**2 of ``rows`` [2] (see ``Window.rows``); nan if unknown."""
+    """(sum of t)**2 / sum of t**2 from ``rows`` [2] = (sum of t, sum of t**2) over requests of t
+    tokens (``Window.rows``); nan if unknown."""
     tokens, squares = float(rows[0]), float(rows[1])
     return tokens * tokens / squares if tokens > 0 and squares > 0 else float("nan")
 

@@ -214,8 +214,9 @@ class BaselineDetector:
         else:
             reason = "evidence"
             waiting = f"waiting for evidence: {held}, a verdict needs about {pool.tokens_needed():,.0f} tokens"
-            if pool.requests_needed() > 0:
-                waiting += f" of {pool.requests_needed():,.0f} requests"
+            requests_needed = pool.requests_needed()
+            if requests_needed > 0:
+                waiting += f" of {requests_needed:,.0f} requests"
         note = waiting + (f"; the verdict is that of {_span(self._judged_on)}" if self._judged is not None
                           else "; no verdict yet")
         if self._withdrawn:

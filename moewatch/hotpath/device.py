@@ -51,7 +51,7 @@ class DeviceBank:
         self.sums = torch.zeros(num_gates, NUM_SCALARS + max_experts, **f64)  # [G, C]
         self.counts = torch.zeros(num_gates, COUNT_ROWS, max_experts, **i64)  # [G, 3, E]
         self.absmax = torch.zeros(num_gates, **f64)  # [G] since the last cut
-        # [2] sum of B * L and of B * L**2 over the root forwards' token rows (B rows of L), since attach
+        # [2] the requests' tokens and tokens squared, summed since attach (Window.rows)
         self.rows = torch.zeros(2, **f64)
         self._row_tokens, self._row_tokens_sq = self.rows[0], self.rows[1]  # views, made once
         # [] tokens per row so far in this window of the rows that decode steps continue (reset

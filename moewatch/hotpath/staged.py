@@ -129,7 +129,7 @@ class StagedBank:
         self._held: List[Call] = []  # calls of whole forwards taken but not reduced (take(hold=True))
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         self._window_gate_tokens = [0.0] * num_gates  # per gate: a list, no tensor op per call
-        # [2] sum of B * L and of B * L**2 over the root forwards' token rows (B rows of L), since attach
+        # [2] the requests' tokens and tokens squared, summed since attach (Window.rows)
         self._rows = np.zeros(2)
         # per forward thread: (B, tokens per row so far in this window) of the rows its decode
         # steps continue; a request's tokens count from 0 again in the next window
