@@ -13,7 +13,8 @@ reports the runs with any alarmed window, and the windows alarmed (a window that
 evidence repeats the last verdict, and counts again while that verdict is an alarm).
 
 Each row runs twice: with the requests behind each window known (the rows of a transformers
-batch, ``Window.rows``), and not known (an engine's flat batches, or ``--rows unseen`` alone).
+batch or the requests vLLM's scheduler names, ``Window.rows``), and not known (an old baseline,
+an engine that does not name its requests; ``--rows seen`` or ``--rows unseen`` runs one).
 """
 from __future__ import annotations
 

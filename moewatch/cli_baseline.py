@@ -72,11 +72,11 @@ def print_summary(baseline: Baseline) -> None:
     first = next(iter(baseline.gates.values()), None)
     requests = None if first is None else first.series.get("requests")
     if requests is not None and np.isfinite(requests).all():
-        print(f"  requests per window (the batches' rows): median {np.median(requests):.1f}, "
+        print(f"  requests per window (batch rows, or the engine's requests): median {np.median(requests):.1f}, "
               f"10th percentile {np.quantile(requests, 0.1):.1f}; windows are weighed by them too")
     else:
-        print("  requests per window: not counted (an engine's flat batches, or a file of an older "
-              "moewatch); windows are weighed by their assignments alone")
+        print("  requests per window: not counted (an engine that does not name its requests, or a "
+              "file of an older moewatch); windows are weighed by their assignments alone")
     for gate in baseline.gates.values():
         q = gate.summary()["quantiles"]
         print(f"  {gate.name}: {gate.num_experts} experts top-{gate.top_k}, {gate.windows} windows, "

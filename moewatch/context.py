@@ -28,11 +28,14 @@ INPUT_KEYS = ("input_ids", "inputs_embeds")
 class MaskTracker:
     """Root-module hooks: the padding masks of the call and the forward boundary, to the hot path."""
 
-    def __init__(self, root: nn.Module, real_tokens: Optional[Callable[[tuple, dict], Optional[torch.Tensor]]] = None):
+    def __init__(self, root: nn.Module, real_tokens: Optional[Callable[[tuple, dict], Optional[torch.Tensor]]] = None,
+                 requests: Optional[Callable[[], object]] = None):
         self.banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
         # A serving engine's model has no attention_mask: the engine says which of the call's
-        # token rows are real (moewatch.engines), as a [1, T] mask read at run time, or None.
+        # token rows are real (moewatch.engines), as a [1, T] mask read at run time, or None;
+        # and which requests the call's tokens belong to (RequestTokens), where it knows.
         self._real_tokens = real_tokens
+        self._requests = requests
         forward = getattr(root, "forward", None)
         self._positions: Dict[str, int] = {}
         try:
@@ -81,8 +84,12 @@ class MaskTracker:
         if torch.compiler.is_compiling():  # inlined into a bigger compiled graph: one opaque op
             torch.ops.moewatch.forward_begin(mask, decoder_mask, banks.ticks, banks.bank_id)
         else:
-            # an engine's flat batch holds many requests in one row: its rows say nothing
-            rows = None if self._real_tokens is not None else self._rows(mask, args, kwargs)
+            # an engine's flat batch holds many requests in one row: its shape says nothing of
+            # them, the engine's scheduler may
+            if self._real_tokens is None:
+                rows = self._rows(mask, args, kwargs)
+            else:
+                rows = self._requests() if self._requests is not None else None
             banks.begin(mask, decoder_mask, rows)
         return None
 

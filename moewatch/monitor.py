@@ -82,7 +82,8 @@ class Monitor:
         # parallel_rank_info metric); empty outside an engine that runs it in such groups
         self.parallel_ranks: Dict[str, int] = _parallel_ranks(engine, self.errors) if engine is not None else {}
         self._gates: List[GateInfo] = [s.info for s in specs]
-        self._masks = MaskTracker(model, real_tokens=engine.real_tokens if engine is not None else None)
+        self._masks = MaskTracker(model, real_tokens=engine.real_tokens if engine is not None else None,
+                                  requests=engine.requests if engine is not None else None)
         self._lock = threading.RLock()  # snapshot + window close
         self._listeners: List[Listener] = []
         self._ring: deque = deque(maxlen=self.options.ring_windows)

@@ -37,8 +37,9 @@ class Window:
     absmax: np.ndarray  # float64 [G]
     # float64 [2]: sum over the window's requests of their tokens and of their tokens squared,
     # from the root forwards' token rows (B rows of L tokens, padding included; a decode step
-    # grows the rows of the one before): the rows of a transformers batch are its requests.
-    # Zeros where the rows are not requests (an engine's flat batch) or were not seen.
+    # grows the rows of the one before): the rows of a transformers batch are its requests; or
+    # from the requests a serving engine names behind its flat batches (vLLM's scheduler).
+    # Zeros where neither was seen.
     rows: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
     @property

@@ -105,7 +105,7 @@ class ClusteredTraffic:
                  seed: int = 0, specialists: float = 0.01, focus: float = 0.8, rows_seen: bool = True):
         self.rng = np.random.default_rng(seed)
         # rows_seen: a window says which requests its tokens came from (a transformers batch's
-        # rows, Window.rows); False: it does not (an engine's flat batches)
+        # rows, Window.rows); False: it does not (an old baseline, an engine that does not name them)
         self.rows_seen = rows_seen
         self.gates = make_gates(num_gates, experts, top_k)
         self.top_k, self.concentration = top_k, concentration

@@ -182,7 +182,7 @@ def test_a_fresh_monitor_on_clustered_traffic_never_pages(clustered):
 def test_an_alarm_on_the_first_window_of_long_requests_is_withdrawn_once_the_next_show_their_make_up(flat):
     """Traffic turns into one request of 2,048 tokens per window, and the first one sends most
     of its tokens to one expert. Where the windows do not say how many requests they hold (an
-    engine's flat batches), it is judged on what was known before: a collapse. The windows
+    engine that does not name its requests, an old baseline), it is judged on what was known before: a collapse. The windows
     after it are each unlike the next (about 12 times as clustered as the baseline's); scored
     with them, at that dispersion, the window is not one: the alarm is withdrawn and stays so."""
     sim, baseline = flat

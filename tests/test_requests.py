@@ -164,7 +164,7 @@ def test_baseline_show_says_whether_the_requests_were_counted(tmp_path, capsys):
         _windows(model, mon, 8, (3, 8))
         baseline = mon.baseline()
     print_summary(baseline)
-    assert "requests per window (the batches' rows): median 3.0" in capsys.readouterr().out
+    assert "requests per window (batch rows, or the engine's requests): median 3.0" in capsys.readouterr().out
     for gate in baseline.gates.values():
         del gate.series["requests"]
     print_summary(baseline)

@@ -167,8 +167,13 @@ def _check_worker(worker: dict) -> dict:
         assert mine == engine, f"{gate['name']}: moewatch {mine} != engine {engine}"
         assert sum(mine) == _expected_assignments(gate["top_k"])  # padding and warm-up not counted
     assert worker["errors"] == {} and worker["monitoring"] == "ok"
-    # vLLM's flat batch holds every sequence of a step in one row: no requests are counted from it
-    assert worker["requests_known"] is False
+    # vLLM's flat batch holds every sequence of a step in one row; its scheduler says which
+    # request each token is of: each window's requests, recounted from the steps it ran
+    assert worker["requests"] and all(recount is not None for _, _, recount in worker["requests"])
+    for tokens, requests, recount in worker["requests"]:
+        assert requests == pytest.approx(recount, rel=1e-9), worker["requests"]
+    # the decode steps' windows hold every prompt's request (the prefill's, their lengths apart)
+    assert max(requests for _, requests, _ in worker["requests"]) == pytest.approx(len(PROMPTS), rel=0.05)
     return worker
 
 

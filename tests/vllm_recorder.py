@@ -15,6 +15,7 @@ from typing import Dict, List
 import torch
 
 RECORDED: Dict[int, List[torch.Tensor]] = {}
+SCHEDULED: List[Dict[str, int]] = []  # per step with a forward: request id -> its tokens there
 STATE = {"armed": False, "rows": 0}
 
 _LIB = torch.library.Library("moewatch_test", "DEF")
@@ -68,6 +69,14 @@ def install() -> None:
         return out
 
     Worker.load_model = load_model
+    execute = Worker.execute_model
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        if STATE["armed"] and scheduler_output.total_num_scheduled_tokens > 0:
+            SCHEDULED.append(dict(scheduler_output.num_scheduled_tokens))
+        return execute(self, scheduler_output, *args, **kwargs)
+
+    Worker.execute_model = execute_model
 
 
 def arm(worker) -> bool:
@@ -116,7 +125,27 @@ def worker_report(worker) -> dict:
         frame = mon.windows()
         report["windows"] = [[int(w), int(t)] for w, t in zip(frame["window"], frame["tokens"])]
         report["requests_known"] = bool(frame["requests"].notna().any())
+        report["requests"] = _requests_by_window(frame)
     return report
+
+
+def _requests_by_window(frame) -> list:
+    """Per window: [tokens, moewatch's requests, the requests recounted from the steps the
+    scheduler ran], the steps split where the windows' tokens say (a window holds whole steps)."""
+    windows = frame.groupby("window").agg(tokens=("tokens", "max"), requests=("requests", "first"))
+    steps, out = iter(SCHEDULED), []
+    for tokens, requests in zip(windows["tokens"], windows["requests"]):
+        per_request: Dict[str, int] = {}
+        while sum(per_request.values()) < tokens:
+            step = next(steps, None)
+            if step is None:
+                break
+            for request, count in step.items():
+                per_request[request] = per_request.get(request, 0) + count
+        total, squares = sum(per_request.values()), sum(t * t for t in per_request.values())
+        recount = total * total / squares if total == tokens and squares else None  # None: steps do not fit
+        out.append([int(tokens), None if requests != requests else float(requests), recount])
+    return out
 
 
 def fault_drill(worker) -> dict:

@@ -29,6 +29,12 @@ class Engine:
         time, outside compiled code."""
         return None
 
+    def requests(self):
+        """At each root forward, after :meth:`real_tokens`: the requests its real tokens belong
+        to (``moewatch.hotpath.requests.RequestTokens``), or None where the engine does not say.
+        Runs at run time, outside compiled code."""
+        return None
+
     def model_name(self, model: nn.Module) -> Optional[str]:
         """The ``model`` label the engine serves the model under, or None."""
         return None

@@ -15,6 +15,13 @@ forward context (``is_padding``); the root forward's hook reads it at run time. 
 before :attr:`VllmEngine.armed` is set (the engine's own profiling and warm-up runs, when
 attached by the plugin) count no token.
 
+Requests: the worker's ``execute_model`` hands the engine its scheduler's output
+(``num_scheduled_tokens``: request id -> tokens of this step, and the requests finished since
+the last step); the step's root forward takes it (:meth:`VllmEngine.requests`), so windows
+count their requests (``Window.requests``) as they do in a transformers batch. Where moewatch
+does not see the step (a forward run outside ``execute_model``: a data-parallel dummy batch, a
+call of the model by hand) that forward's requests are not known.
+
 Compiled models: on the CPU vLLM calls the MoE layer's Python code inside its compiled
 graph, so the capture callback and the gate hook are traced into it as one
 ``moewatch::stage`` op per layer call. Attach before vLLM compiles (the plugin does); a
@@ -33,6 +40,7 @@ from torch import nn
 
 from ..adapters.base import AdapterError, Companion, GateSpec
 from ..routing import SCORINGS, GateInfo, Routing
+from ..hotpath.requests import RequestTokens
 from .base import Engine
 
 logger = logging.getLogger("moewatch.vllm")
@@ -197,6 +205,30 @@ class VllmEngine(Engine):
         except ImportError:
             get_forward_context = is_forward_context_available = None
         self._get_context, self._has_context = get_forward_context, is_forward_context_available
+        self._scheduled: Optional[RequestTokens] = None  # the step about to run (see schedule)
+
+    def schedule(self, scheduler_output) -> None:
+        """The worker is about to run a step (``Worker.execute_model``): keep which requests its
+        tokens belong to for the step's root forward. Never raises: an output of another shape
+        leaves the step's requests unknown."""
+        try:
+            scheduled = scheduler_output.num_scheduled_tokens  # {request id: tokens this step}
+            finished = tuple(getattr(scheduler_output, "finished_req_ids", None) or ())
+            if self._scheduled is not None:  # a step without a forward: its ends still count
+                finished += self._scheduled.finished
+            self._scheduled = RequestTokens(tuple(scheduled), tuple(scheduled.values()), finished)
+        except Exception as error:  # noqa: BLE001 (a vLLM of another layout: not counted, said once)
+            self._scheduled = None
+            if not getattr(self, "_schedule_warned", False):
+                self._schedule_warned = True
+                logger.warning("moewatch: cannot read vLLM's scheduled requests (%s: %s); windows will "
+                               "not count their requests", type(error).__name__, error)
+
+    def requests(self) -> Optional[RequestTokens]:
+        """The requests of the step whose root forward is starting (once: a second forward of the
+        same step, or one outside a step, is not known); None before the engine is armed."""
+        scheduled, self._scheduled = self._scheduled, None
+        return scheduled if self.armed else None  # warm-up tokens are not counted
 
     def gates(self, model: nn.Module, options) -> List[GateSpec]:
         specs = []
@@ -270,6 +302,15 @@ def engine_of(model: nn.Module) -> VllmEngine:
     return engine
 
 
+def watched_engine(worker) -> Optional[VllmEngine]:
+    """The engine of the model a vLLM worker runs, if moewatch made one for it; else None."""
+    try:
+        model = worker.model_runner.get_model()
+        return _ENGINES.get(model)
+    except Exception:  # noqa: BLE001 (no model loaded yet, or another layout: nothing watched)
+        return None
+
+
 def compiled_already(model: nn.Module) -> bool:
     """True when vLLM has already compiled a part of ``model`` (``@support_torch_compile``
     sets ``compiled`` after its first compiled call): hooks added now are not in its graph."""
@@ -291,8 +332,11 @@ def attach(model: nn.Module, baseline=None, **options) -> Any:
                    "enforce_eager=True")
         logger.warning(message)
         warnings.warn(message, EngineAttachWarning, stacklevel=2)
+    from .vllm_plugin import patch_steps
+
+    patch_steps()  # the requests of each step, from the worker's scheduler output
     return moewatch.attach(model, baseline, **options)
 
 
 __all__ = ["EngineAttachWarning", "VllmEngine", "attach", "compiled_already", "engine_of", "find_gate",
-           "layer_spec", "moe_layers"]
+           "layer_spec", "moe_layers", "watched_engine"]

@@ -8,7 +8,9 @@ process it starts. Without ``MOEWATCH_PORT`` it does nothing. With it, in each w
    with every ``MOEWATCH_<OPTION>`` variable as an option, and serves ``/metrics`` on
    ``MOEWATCH_PORT + local rank`` (``MOEWATCH_ADDR``, default 127.0.0.1);
 2. vLLM's own profiling and warm-up forwards count no token; once ``compile_or_warm_up_model``
-   returns, the monitor counts (``VllmEngine.armed``).
+   returns, the monitor counts (``VllmEngine.armed``);
+3. each step (``execute_model``) hands the scheduler's output to the engine, so that windows
+   count the requests behind their tokens (``VllmEngine.schedule``).
 
 A bad value is an :class:`~moewatch.engines.env.EnvOptionError` naming the variable, raised
 when the worker loads the model, so the engine does not start half-watched. vLLM's compile
@@ -48,7 +50,14 @@ def register() -> None:
         logger.warning("moewatch: %s is not a moewatch option and is ignored (options: MOEWATCH_<OPTION> "
                        "for each moewatch.attach option, see docs/vllm.md)", name)
     os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
-    _patch_workers()
+    _patch_workers((("load_model", _wrap_load), ("compile_or_warm_up_model", _wrap_warm_up),
+                    ("execute_model", _wrap_execute)))
+
+
+def patch_steps() -> None:
+    """Hand every worker step's scheduled requests to the engine of its model, where moewatch
+    is attached (``moewatch.engines.vllm.attach`` calls this for a monitor attached by hand)."""
+    _patch_workers((("execute_model", _wrap_execute),))
 
 
 def _worker_classes() -> list:
@@ -68,9 +77,9 @@ def _worker_classes() -> list:
     return classes
 
 
-def _patch_workers() -> None:
+def _patch_workers(methods) -> None:
     for cls in _worker_classes():
-        for method, wrap in (("load_model", _wrap_load), ("compile_or_warm_up_model", _wrap_warm_up)):
+        for method, wrap in methods:
             original = cls.__dict__.get(method)
             if original is None or getattr(original, _PATCHED, False):
                 continue  # inherited (the base class's wrapper runs) or already patched
@@ -102,6 +111,18 @@ def _wrap_warm_up(original):
         return result
 
     return compile_or_warm_up_model
+
+
+def _wrap_execute(original):
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        from .vllm import watched_engine
+
+        engine = watched_engine(self)
+        if engine is not None:
+            engine.schedule(scheduler_output)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    return execute_model
 
 
 def _served_name(worker) -> Optional[str]:
@@ -147,4 +168,4 @@ def attach_worker(worker) -> Any:
     return monitor
 
 
-__all__ = ["attach_worker", "monitors", "register"]
+__all__ = ["attach_worker", "monitors", "patch_steps", "register"]

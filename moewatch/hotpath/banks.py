@@ -69,7 +69,8 @@ class Banks:
     def begin(self, mask=None, decoder_mask=None, rows=None) -> None:
         """A root forward begins on this thread; ``mask`` [B, L]: its padding mask, or None;
         ``rows``: (B, L, continued), its token rows (one per request; ``continued``: those of
-        this thread's previous forward, one decode step on), or None where they are not requests."""
+        this thread's previous forward, one decode step on); or the requests its engine named
+        (``moewatch.hotpath.requests.RequestTokens``); or None where neither is known."""
         state = self._thread
         state.depth += 1
         if state.depth == 1:

@@ -20,6 +20,7 @@ import torch
 
 from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_weights
+from .requests import DeviceRequestRuns, RequestTokens
 
 CUT_SLOTS = 64  # cuts the reader may fall behind by before one is lost (counted)
 
@@ -59,6 +60,7 @@ class DeviceBank:
         # (host) how many rows that is; shared by the threads that run forwards on this device
         self._row_run = torch.zeros((), **f64)
         self._row_batch: Optional[int] = None
+        self._request_runs = DeviceRequestRuns(self.device, self.rows)  # where an engine names requests
         # co-selection (upper triangle, see layout): read live by the reader, never cut per window
         self.cosel = torch.zeros(num_gates, max_experts, max_experts, **i64)  # [G, E, E]
         self.ranks = torch.full((num_gates, max_experts), -1, **i64)  # [G, E] rank of each expert, -1: none
@@ -97,12 +99,16 @@ class DeviceBank:
     # -- the forward ----------------------------------------------------------------------------
     def begin(self, masks=None, rows=None) -> None:
         """A root forward begins (the masks are read through mask_of, at each call); ``rows``:
-        its token rows (B, L, continued), or None. A few scalar ops on the device, no host sync:
-        B rows of L new tokens, each row one request; a decode step (``continued``) grows the
-        rows of the previous forward, their squares by B ((n + L)**2 - n**2)."""
+        its token rows (B, L, continued), its engine's ``RequestTokens``, or None. A few small
+        ops on the device, no host sync: B rows of L new tokens, each row one request; a decode
+        step (``continued``) grows the rows of the previous forward, their squares by
+        B ((n + L)**2 - n**2)."""
         if rows is None:
             return
         try:
+            if isinstance(rows, RequestTokens):
+                self._request_runs.add(rows)
+                return
             batch, length, continued = rows
             tokens = float(batch) * float(length)
             self._row_tokens.add_(tokens)
@@ -158,6 +164,7 @@ class DeviceBank:
         self.base_tokens.copy_(torch.where(cut, tokens, self.base_tokens))
         self.absmax.masked_fill_(cut, 0.0)
         self._row_run.masked_fill_(cut, 0.0)
+        self._request_runs.cut(cut)
         self.force.masked_fill_(cut, 0)
         self.cut_ptr.add_(cut.to(torch.int64))
 

@@ -27,6 +27,7 @@ import torch
 from ..adapters.base import width_error
 from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_tail, mask_weights
+from .requests import HostRequestRuns, RequestTokens
 
 # Staged bytes across all threads above which the forward's thread reduces a call itself
 # (bounded memory when the reader falls behind, and big prefill calls need no staging).
@@ -100,7 +101,8 @@ class ThreadState(threading.local):
         self.depth = 0
         self.pending: List[Call] = []
         self.masks: Dict[str, torch.Tensor] = {}  # the padding masks of the root forward, by key
-        self.rows: Optional[Tuple[int, int, bool]] = None  # (B, L, continued): the root forward's token rows
+        # the root forward's token rows: (B, L, continued), or the RequestTokens an engine named
+        self.rows: Optional[Tuple[int, int, bool]] = None
 
 
 class StagedBank:
@@ -134,6 +136,7 @@ class StagedBank:
         # per forward thread: (B, tokens per row so far in this window) of the rows its decode
         # steps continue; a request's tokens count from 0 again in the next window
         self._row_runs: Dict[int, Tuple[int, float]] = {}
+        self._request_runs = HostRequestRuns()  # the same, by request, where an engine names them
 
     def set_ranks(self, row: int, ranks: Optional[torch.Tensor]) -> None:
         """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None."""
@@ -143,7 +146,7 @@ class StagedBank:
     def begin(self, masks: Optional[Dict[str, torch.Tensor]] = None,
               rows: Optional[Tuple[int, int, bool]] = None) -> None:
         """A root forward begins on this thread; ``masks``: its padding masks by key ([B, L] each);
-        ``rows``: its token rows (B, L, continued), or None."""
+        ``rows``: its token rows (B, L, continued), its engine's ``RequestTokens``, or None."""
         state = self._thread
         state.depth += 1
         if state.depth == 1:  # a nested forward keeps the outer one's masks
@@ -304,10 +307,14 @@ class StagedBank:
             if force and self._window_tokens > 0:
                 self._cut(on_cut, last_time or time.time())
 
-    def _count_rows(self, rows: Tuple[int, int, bool], thread: int) -> None:
+    def _count_rows(self, rows, thread: int) -> None:
         """Add one forward's token rows: B rows of L new tokens, each row one request. A decode
         step continues the rows of its thread's previous forward, so its rows grow (their squares
-        by (n + L)**2 - n**2) instead of counting as B new requests."""
+        by (n + L)**2 - n**2) instead of counting as B new requests. An engine's forward names
+        its requests instead (``RequestTokens``)."""
+        if isinstance(rows, RequestTokens):
+            self._rows += self._request_runs.add(rows)
+            return
         batch, length, continued = rows
         last = self._row_runs.get(thread)
         before = last[1] if continued and last is not None and last[0] == batch else 0.0
@@ -319,6 +326,7 @@ class StagedBank:
         on_cut(when, self.sums.numpy().copy(), self.counts.numpy().copy(), self.absmax.numpy().copy(),
                self._rows.copy())
         self._row_runs.clear()  # a request that goes on counts its tokens in the next window anew
+        self._request_runs.cut()
         self.absmax.zero_()
         self._window_tokens = 0.0
         self._window_gate_tokens = [0.0] * len(self._window_gate_tokens)
