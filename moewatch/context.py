@@ -65,13 +65,13 @@ class MaskTracker:
             if rows is None and pos is not None and pos < len(args):
                 rows = args[pos]
             if isinstance(rows, torch.Tensor) and rows.dim() == (2 if key == "input_ids" else 3):
-                batch, length = int(rows.shape[0]), int(rows.shape[1])
+                batch, length = rows.shape[0], rows.shape[1]  # ints; symbolic when traced: no int()
                 # a decode step: a mask longer than the input (it spans the cached tokens), or one
                 # new token per row on a cache (generate() passes no all-ones mask)
                 continued = ((mask is not None and mask.shape[0] == batch and mask.shape[1] > length)
                              or (length == 1 and kwargs.get("past_key_values") is not None))
                 return batch, length, continued
-        return (int(mask.shape[0]), int(mask.shape[1]), False) if mask is not None else None
+        return (mask.shape[0], mask.shape[1], False) if mask is not None else None
 
     def pre_hook(self, module, args, kwargs):
         banks = self.banks
@@ -82,7 +82,9 @@ class MaskTracker:
         else:
             mask, decoder_mask = self._mask(MASK_KEYS[0], args, kwargs), self._mask(MASK_KEYS[1], args, kwargs)
         if torch.compiler.is_compiling():  # inlined into a bigger compiled graph: one opaque op
-            torch.ops.moewatch.forward_begin(mask, decoder_mask, banks.ticks, banks.bank_id)
+            rows = None if self._real_tokens is not None else self._rows(mask, args, kwargs)
+            rows = None if rows is None else [rows[0], rows[1], int(rows[2])]
+            torch.ops.moewatch.forward_begin(mask, decoder_mask, banks.ticks, banks.bank_id, rows)
         else:
             # an engine's flat batch holds many requests in one row: its shape says nothing of
             # them, the engine's scheduler may

@@ -89,6 +89,29 @@ def test_compiled_fullgraph_forwards_count_their_rows():
     assert window.requests == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_a_model_called_inside_a_bigger_compiled_function_counts_its_rows(backend):
+    """The root hooks are traced into the outer graph: the rows go into the forward_begin op as
+    the input's (symbolic) shape, so batches of other shapes are counted by the same graph."""
+    model = tiny_mixtral()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad():
+        @torch.compile(fullgraph=True, dynamic=True, backend="eager")
+        def step(input_ids, attention_mask):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits * 2
+
+        shapes = [(2, 9), (3, 5), (4, 12)]  # no size 1: Dynamo specialises sizes 0 and 1
+        for batch, length in shapes:
+            step(torch.randint(0, 128, (batch, length)), torch.ones(batch, length, dtype=torch.long))
+        mon.flush()
+        window = mon._ring[-1]
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    np.testing.assert_allclose(window.rows, _rows(shapes))
+    assert frames == 1  # one graph for every shape: the rows did not specialise it
+
+
 def test_forwards_on_many_threads_are_each_counted_once():
     model = tiny_mixtral()
     shapes = {i: (1 + i % 3, 4 + i) for i in range(6)}

@@ -10,4 +10,5 @@ one kernel, and no Python lock, thread-local or value-dependent branch sits in t
 - ``triton_backend`` CUDA: one Triton kernel per call (tested on CPU with ``TRITON_INTERPRET=1``)
 - ``ops``          the ``torch.library`` ops and what the hooks call
 - ``banks``        one monitor's banks (one per device) and the windows cut from them
+- ``requests``     the requests an engine names behind a forward, counted per window
 """

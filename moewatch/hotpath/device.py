@@ -36,6 +36,15 @@ def fused_kernel_for(device: torch.device):
     return triton_backend.observe if triton_backend.AVAILABLE else None
 
 
+def _static_shapes(*tensors: torch.Tensor) -> None:
+    """The accumulators never change shape: under ``torch.compile(dynamic=True)`` their sizes
+    are constants, not symbols that a batch of the same size would tie to them (and recompile)."""
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_static", None)
+    if mark is not None:
+        for tensor in tensors:
+            mark(tensor)
+
+
 class DeviceBank:
     """Device accumulators of the gates on one device (see the module docstring)."""
 
@@ -74,6 +83,7 @@ class DeviceBank:
         self.base_tokens = torch.zeros(num_gates, **f64)  # [G] tokens at the last cut
         self.force = torch.zeros(1, **i64)  # [1] 1: the reader asks for a cut at the next forward end
         self.window_tokens = torch.full((1,), float(window_tokens), **f64)  # [1]
+        _static_shapes(self.sums, self.counts, self.absmax, self.cosel, self.ranks)
         self._seen = 0  # cuts the reader has taken (host)
         self._lock = threading.Lock()  # reader-side only
         self._fused = fused_kernel_for(self.device)

@@ -38,7 +38,8 @@ _LIB = torch.library.Library("moewatch", "DEF")
 _LIB.define(f"stage({_CALL_ARGS}, Tensor(a!) token, int bank, int row, int grid) -> ()")
 _LIB.define(f"observe({_CALL_ARGS}, Tensor(a!) sums, Tensor(b!) counts, Tensor(c!) absmax, int bank, int row, "
             "int grid) -> ()")
-_LIB.define("forward_begin(Tensor? mask, Tensor? decoder_mask, Tensor(a!) ticks, int bank) -> ()")
+# rows: [B, L, continued] of the root forward's input (its shape: symbolic under dynamic shapes), or None
+_LIB.define("forward_begin(Tensor? mask, Tensor? decoder_mask, Tensor(a!) ticks, int bank, SymInt[]? rows=None) -> ()")
 _LIB.define("forward_end(Tensor(a!) ticks, int bank) -> ()")
 
 
@@ -73,10 +74,10 @@ def _observe_impl(logits, indices, probs, dropped, valid, positions, sums, count
         target.observe(row, logits, indices, probs, dropped, valid, positions, grid, sums, counts, absmax)
 
 
-def _begin_impl(mask, decoder_mask, ticks, bank):
+def _begin_impl(mask, decoder_mask, ticks, bank, rows=None):
     target = _BANKS.get(bank)
     if target is not None:
-        target.begin(mask, decoder_mask)
+        target.begin(mask, decoder_mask, None if rows is None else (int(rows[0]), int(rows[1]), bool(rows[2])))
 
 
 def _end_impl(ticks, bank):
