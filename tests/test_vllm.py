@@ -11,7 +11,8 @@ model      compile    processes    moewatch  also
 =========  =========  ===========  ========  ==============================================
 mixtral    on         in-process   on        /metrics scraped by a real Prometheus
 mixtral    on         in-process   off       outputs and graphs without moewatch
-mixtral    eager      in-process   on        fault drill; detach, then the same outputs
+mixtral    eager      in-process   on        fault drill; detach, then the same outputs;
+                                               quiet traffic against a baseline of busy windows
 deepseek   on         worker proc  on        /metrics of the worker scraped by Prometheus
 deepseek   on         worker proc  off       outputs and graphs without moewatch
 deepseek   eager      in-process   on        fault drill; detach, then the same outputs
@@ -59,7 +60,7 @@ WINDOW_TOKENS = 64
 RUNS = {
     "mixtral-compile-on": dict(model="mixtral", eager=False, multiprocess=False, moewatch=True, scrape=True),
     "mixtral-compile-off": dict(model="mixtral", eager=False, multiprocess=False, moewatch=False),
-    "mixtral-eager-on": dict(model="mixtral", eager=True, multiprocess=False, moewatch=True, drill=True),
+    "mixtral-eager-on": dict(model="mixtral", eager=True, multiprocess=False, moewatch=True, drill=True, quiet=True),
     "deepseek_v3-compile-mp-on": dict(model="deepseek_v3", eager=False, multiprocess=True, moewatch=True,
                                       scrape=True),
     "deepseek_v3-compile-mp-off": dict(model="deepseek_v3", eager=False, multiprocess=True, moewatch=False),
@@ -117,7 +118,8 @@ def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
               "serve_until_stdin_closes": bool(spec.get("scrape")), "detach": bool(spec.get("drill")),
               "late_attach": (not spec["moewatch"] and not spec["eager"] and not spec.get("compile_backend")
                               and workers == 1),
-              "compile_backend": spec.get("compile_backend")}
+              "compile_backend": spec.get("compile_backend"),
+              "quiet": bool(spec.get("quiet")), "max_model_len": 512 if spec.get("quiet") else 256}
     if spec.get("drill"):
         config["drill"] = DRILL
     run = EngineRun(config, core=core)
@@ -268,6 +270,22 @@ def test_an_injected_collapse_is_detected_on_vllm_gates(engine_runs, model):
         assert sum(added[:2]) > 0.8 * sum(added)
     assert after["counts"] == {g: c for g, c in zip(after["counts"], after["recorded"].values())}
     assert result["drill_end"] == [{"active": False}]
+
+
+def test_quiet_traffic_is_held_for_its_requests_and_never_paged(engine_runs):
+    """A baseline of 384-token windows of 16 requests; then windows of as many tokens from one
+    request (its prefill in two steps). Counted in tokens alone each is a baseline window;
+    counted in requests it is a sixteenth of one: it is held for more requests, and nothing
+    pages."""
+    quiet = engine_runs["mixtral-eager-on"]["quiet"]
+    assert quiet["baseline_requests"] == [pytest.approx(16.0)] * 12, quiet
+    assert quiet["errors"] == {}
+    verdicts = quiet["verdicts"]
+    assert len(verdicts) == 10, verdicts
+    for index, requests, severity, waiting, note in verdicts:
+        assert requests == pytest.approx(1.0), verdicts  # the two steps of one request are one request
+        assert severity == "ok", note
+        assert waiting and "requests" in note, note
 
 
 @pytest.mark.parametrize("model", ["mixtral", "deepseek_v3"])

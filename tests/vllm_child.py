@@ -20,10 +20,33 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vllm_recorder  # noqa: E402  (also imported here in vLLM's spawned engine process)
-from vllm_recorder import arm, detach, end_drill, fault_drill, late_attach, padding_seen, worker_report  # noqa: E402,E501
+from vllm_recorder import (arm, detach, end_drill, fault_drill, late_attach, padding_seen, quiet_report,  # noqa: E402
+                           quiet_start, quiet_switch, worker_report)
 
 if os.environ.get("MOEWATCH_TEST_RECORD") == "1":  # vLLM's engine process imports this file again
     vllm_recorder.install()
+
+
+def quiet_traffic(llm) -> dict:
+    """A baseline of busy windows (16 requests of 24 tokens each, two steps of 8), then quiet
+    ones: one request of as many tokens per window, its prefill cut into two steps (256 + 128)
+    by the token budget."""
+    from vllm import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    prefill = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+    def prompts(count, length):
+        return [{"prompt_token_ids": torch.randint(0, 128, (length,), generator=gen).tolist()} for _ in range(count)]
+
+    llm.collective_rpc(quiet_start)
+    for _ in range(12):
+        llm.generate(prompts(16, 24), prefill, use_tqdm=False)
+    (switched,) = llm.collective_rpc(quiet_switch)
+    for _ in range(10):
+        llm.generate(prompts(1, 384), prefill, use_tqdm=False)
+    (report,) = llm.collective_rpc(quiet_report)
+    return {**switched, **report}
 
 
 def main() -> None:
@@ -45,7 +68,7 @@ def main() -> None:
     # "compile_backend": vLLM's compilation with another Dynamo backend than its default inductor
     extra = {"compilation_config": {"backend": config["compile_backend"]}} if config.get("compile_backend") else {}
     llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"], dtype="float32",
-              max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, seed=0,
+              max_model_len=config.get("max_model_len", 256), max_num_seqs=8, max_num_batched_tokens=256, seed=0,
               kv_cache_memory_bytes=64 * 2**20, enable_prefix_caching=False,
               tensor_parallel_size=config.get("tensor_parallel", 1), **extra)
     startup = time.time() - started
@@ -73,6 +96,8 @@ def main() -> None:
         result["detached"] = llm.collective_rpc(detach)
         result["outputs_detached"] = [list(o.outputs[0].token_ids)
                                       for o in llm.generate(prompts, params, use_tqdm=False)]
+    if config.get("quiet"):
+        result["quiet"] = quiet_traffic(llm)
     print("RESULT " + json.dumps(result), flush=True)
     if config["moewatch"] and config.get("serve_until_stdin_closes"):
         sys.stdin.read()

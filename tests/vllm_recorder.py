@@ -182,6 +182,43 @@ def detach(worker) -> dict:
 
 
 
+def quiet_start(worker) -> bool:
+    """Run in the worker: a monitor attached by hand (its engine's steps name their requests)
+    that records a baseline from the traffic that follows."""
+    from moewatch.engines.vllm import attach
+
+    worker._moewatch_quiet = attach(worker.model_runner.get_model(), window_tokens=QUIET_WINDOW, background=False)
+    return True
+
+
+def quiet_switch(worker) -> dict:
+    """Run in the worker: the baseline of the windows so far; a monitor judging against it, and
+    what it said of every window it closed."""
+    from moewatch.engines.vllm import attach
+
+    recorder = worker._moewatch_quiet
+    baseline = recorder.baseline()
+    requests = recorder.windows().groupby("window")["requests"].first().tolist()
+    recorder.detach()
+    mon = attach(worker.model_runner.get_model(), baseline, window_tokens=QUIET_WINDOW, background=False)
+    mon.verdicts = []
+    mon.add_listener(lambda window, health: mon.verdicts.append(
+        [window.index, window.requests, health.severity, health.waiting, health.note]))
+    worker._moewatch_quiet = mon
+    return {"baseline_requests": requests}
+
+
+def quiet_report(worker) -> dict:
+    mon = worker._moewatch_quiet
+    mon.flush()
+    verdicts = mon.verdicts
+    mon.detach()
+    return {"verdicts": verdicts, "errors": mon.error_counts()}
+
+
+QUIET_WINDOW = 384  # tokens: 16 requests of 24, or one request of 384
+
+
 def late_attach(worker) -> dict:
     """Run in the worker of an engine compiled without moewatch: attaching now must warn."""
     import warnings
