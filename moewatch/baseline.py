@@ -51,6 +51,13 @@ class GateBaseline:
     def windows(self) -> int:
         return int(self.expert_counts.shape[0])
 
+    @property
+    def requests_known(self) -> bool:
+        """Whether every window's requests were counted (``Window.requests``): baselines written
+        before moewatch kept them, or recorded where they were not known, lack them."""
+        requests = self.series.get("requests")
+        return requests is not None and bool(np.isfinite(requests).all() and (requests > 0).all())
+
     def frame(self) -> pd.DataFrame:
         """The per-window series as a DataFrame (one row per baseline window)."""
         out = pd.DataFrame({k: v for k, v in self.series.items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -156,6 +157,13 @@ def test_a_baseline_keeps_the_requests_and_one_without_them_still_loads(tmp_path
     old = Baseline.load(path)
     assert all("requests" not in g.series for g in old.gates.values())
     assert np.isnan(BaselineDetector(gates, old, 100_000, 2).params["requests_floor"]).all()
+    # ... and attaching with it says what that costs, where attaching with the new one is silent
+    assert loaded.gates[gates[0].name].requests_known and not old.gates[gates[0].name].requests_known
+    with pytest.warns(UserWarning, match="the baseline holds no request counts.*Record the baseline again"):
+        moewatch.attach(model, baseline=old, background=False).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moewatch.attach(model, baseline=loaded, background=False).detach()
 
 
 def test_a_bad_requests_series_is_refused_by_name(tmp_path):

@@ -29,6 +29,14 @@ def make_detector(monitor, baseline):
         warnings.warn(f"the baseline was recorded on model {baseline.model_name!r}, the monitored model is "
                       f"{monitor.model_name!r}: verdicts compare against the other model's routing (pass "
                       "model_name= to attach if they are the same model)", UserWarning, stacklevel=5)
+    if not all(gate.requests_known for gate in baseline.gates.values()):
+        # Without them a window of one long request is judged on its tokens alone, as if it
+        # held a baseline window's requests (docs/detector.md, "Counting requests").
+        warnings.warn("the baseline holds no request counts (written before moewatch kept them, or recorded "
+                      "where they were not known): windows of a few long requests are judged on their tokens "
+                      "alone, and the first windows after traffic turns into fewer, longer requests can be "
+                      "called a collapse. Record the baseline again (moewatch baseline, or mon.baseline()) "
+                      "to have such windows held until they carry enough requests", UserWarning, stacklevel=5)
     return BaselineDetector(monitor.gates, baseline, opts.ert_windows, opts.persistence)
 
 
