@@ -42,6 +42,7 @@ class Banks:
         for index, device in enumerate(devices):
             by_device.setdefault(torch.device(device), []).append(index)
         self.banks = []
+        self.ticks = torch.zeros(1, dtype=torch.int64)  # the begin/end ops' declared mutation
         self.rows: List[Tuple[int, int]] = [None] * len(gates)  # gate index -> (bank index, row)
         self.members: List[List[int]] = []  # bank index -> gate indices in row order
         for device, members in by_device.items():
@@ -55,11 +56,12 @@ class Banks:
             bank = (StagedBank(params, errors, samplers.__getitem__) if staged else
                     DeviceBank(params, device, errors, window_tokens, samplers.__getitem__, self.mask))
             bank.bank_id = ops.register(bank)
+            if staged:  # the stage op reads the ticks: traced with begin/end, it stays between them
+                bank.token = self.ticks
             for row, gate_index in enumerate(members):
                 self.rows[gate_index] = (len(self.banks), row)
             self.banks.append(bank)
             self.members.append(members)
-        self.ticks = torch.zeros(1, dtype=torch.int64)  # the begin/end ops' declared mutation
         self._thread = _ThreadMasks()
         self.bank_id = ops.register(self)
         self._pending: List[deque] = [deque() for _ in self.banks]

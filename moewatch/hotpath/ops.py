@@ -2,7 +2,7 @@
 
 ``torch.compile`` traces the monitor's forward hooks into the model's graph. Each gate call
 becomes exactly one of these ops, an opaque node with a fake implementation and declared
-mutations, so Dynamo neither breaks the graph nor looks inside:
+mutations (or side effects), so Dynamo neither breaks the graph nor looks inside:
 
 - ``moewatch::stage``   CPU gates: record the call for the reader (``staged.StagedBank``).
 - ``moewatch::observe`` other devices: compute every statistic and add it into the device
@@ -32,10 +32,15 @@ _REGISTRY_LOCK = threading.Lock()
 _CALL_ARGS = "Tensor logits, Tensor? indices, Tensor? probs, Tensor? dropped, Tensor? valid, Tensor? positions"
 
 _LIB = torch.library.Library("moewatch", "DEF")
-# stage's declared mutation is the bank's token: the call's statistics reach the accumulators
-# later, on the reader's thread, so the accumulators themselves must not be handed to compiled
-# code that could copy them back over the reader's adds.
-_LIB.define(f"stage({_CALL_ARGS}, Tensor(a!) token, int bank, int row, int grid) -> ()")
+# stage mutates nothing that compiled code can see: the call's statistics reach the
+# accumulators later, on the reader's thread (handed to compiled code, the accumulators could be
+# copied back over the reader's adds). It is kept by being declared side-effecting (below), not
+# by a declared mutation: a mutating node in the middle of the graph changes how inductor fuses
+# the model's own kernels around it, and with them the rounding of its outputs (measured: a tiny
+# Mixtral's logits off by 1 ulp in 43% of places with AVX-512). ``token`` is read only: the
+# forward ops' ``ticks``, which orders each gate's op between its forward's begin and end where
+# they are traced into one graph (a model called inside a bigger compiled function).
+_LIB.define(f"stage({_CALL_ARGS}, Tensor token, int bank, int row, int grid) -> ()")
 _LIB.define(f"observe({_CALL_ARGS}, Tensor(a!) sums, Tensor(b!) counts, Tensor(c!) absmax, int bank, int row, "
             "int grid) -> ()")
 # rows: [B, L, continued] of the root forward's input (its shape: symbolic under dynamic shapes), or None
@@ -98,6 +103,7 @@ def _no_output(*args, **kwargs) -> None:
 
 for _name in ("stage", "observe", "forward_begin", "forward_end"):
     torch.library.register_fake(f"moewatch::{_name}", _no_output, lib=_LIB)
+torch.fx.node.has_side_effect(torch.ops.moewatch.stage.default)  # no output, no mutation: never dropped
 
 
 def registered(bank_id: int) -> Optional[object]:

@@ -118,7 +118,7 @@ class StagedBank:
         self.cosel = torch.zeros(num_gates, max_experts, max_experts, dtype=torch.int64)  # [G, E, E] upper
         self.ranks: List[Optional[torch.Tensor]] = [None] * num_gates  # per gate: int64 [E] or None
         self.absmax = torch.zeros(num_gates, dtype=torch.float64)  # since the last cut
-        self.token = torch.zeros(1, dtype=torch.int64)  # the stage op's declared mutation (see ops)
+        self.token = torch.zeros(1, dtype=torch.int64)  # the stage op's order (see ops); Banks sets its ticks
         self.errors = errors
         self.sampler_of = sampler_of or (lambda row: None)
         self._thread = ThreadState()
