@@ -32,6 +32,12 @@ SUMMARY_STATS = ("entropy_mean", "logit_std", "top1_prob_mean", "drop_rate", "ef
                  "top_share")
 
 
+def requests_counted(requests: Optional[np.ndarray]) -> bool:
+    """Whether a per-window ``requests`` series was counted in every window (none missing, none
+    zero): only then does the detector weigh windows by their requests."""
+    return requests is not None and bool(np.isfinite(requests).all() and (requests > 0).all())
+
+
 class BaselineError(ValueError):
     """A baseline file that cannot be read, or that does not fit the model it is used with."""
 
@@ -55,8 +61,7 @@ class GateBaseline:
     def requests_known(self) -> bool:
         """Whether every window's requests were counted (``Window.requests``): baselines written
         before moewatch kept them, or recorded where they were not known, lack them."""
-        requests = self.series.get("requests")
-        return requests is not None and bool(np.isfinite(requests).all() and (requests > 0).all())
+        return requests_counted(self.series.get("requests"))
 
     def frame(self) -> pd.DataFrame:
         """The per-window series as a DataFrame (one row per baseline window)."""

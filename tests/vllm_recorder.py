@@ -180,6 +180,7 @@ def detach(worker) -> dict:
             len(model._forward_pre_hooks)}
 
 
+QUIET_WINDOW = 384  # tokens: 16 requests of 24, or one request of 384
 
 
 def quiet_start(worker) -> bool:
@@ -214,9 +215,6 @@ def quiet_report(worker) -> dict:
     verdicts = mon.verdicts
     mon.detach()
     return {"verdicts": verdicts, "errors": mon.error_counts()}
-
-
-QUIET_WINDOW = 384  # tokens: 16 requests of 24, or one request of 384
 
 
 def late_attach(worker) -> dict:

@@ -27,6 +27,7 @@ from typing import Dict
 import numpy as np
 from scipy import special
 
+from ..baseline import requests_counted
 from .dispersion import RECENT_PAIRS, baseline_dispersion, pair_medians
 from .features import Features
 from .pooling import EVIDENCE_QUANTILE
@@ -119,8 +120,7 @@ def fit(f: Features, evidence: bool = True) -> Params:
                       "n_floor": np.float64(np.quantile(f.assignments, EVIDENCE_QUANTILE)),
                       # ... and the requests of a small baseline window (nan: the baseline's are not known)
                       "requests_floor": np.float64(np.quantile(f.requests, EVIDENCE_QUANTILE)
-                                                   if np.isfinite(f.requests).all() and (f.requests > 0).all()
-                                                   else np.nan)}
+                                                   if requests_counted(f.requests) else np.nan)}
     params["dispersion"], params["dispersion_se"] = map(np.float64, baseline_dispersion(counts, p, alive))
     # how the median of a few live pairs may scatter on traffic like the baseline's
     ratio, quantiles = (pair_medians(counts, p, alive, RECENT_PAIRS, 1) if evidence

@@ -53,11 +53,10 @@ class Banks:
             staged = backend == "staged" or (backend == "auto" and device.type == "cpu")
             if staged and device.type != "cpu":
                 raise ValueError("the staged backend runs on CPU gates only")
-            bank = (StagedBank(params, errors, samplers.__getitem__) if staged else
+            # the stage op reads the ticks: traced with begin/end, it stays between them
+            bank = (StagedBank(params, errors, samplers.__getitem__, token=self.ticks) if staged else
                     DeviceBank(params, device, errors, window_tokens, samplers.__getitem__, self.mask))
             bank.bank_id = ops.register(bank)
-            if staged:  # the stage op reads the ticks: traced with begin/end, it stays between them
-                bank.token = self.ticks
             for row, gate_index in enumerate(members):
                 self.rows[gate_index] = (len(self.banks), row)
             self.banks.append(bank)

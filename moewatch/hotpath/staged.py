@@ -108,7 +108,8 @@ class ThreadState(threading.local):
 class StagedBank:
     """Host accumulators of the gates on the CPU, fed by staged calls (see the module docstring)."""
 
-    def __init__(self, gates: Sequence[GateParams], errors, sampler_of: Callable[[int], object] = None):
+    def __init__(self, gates: Sequence[GateParams], errors, sampler_of: Callable[[int], object] = None,
+                 token: Optional[torch.Tensor] = None):
         self.gates = list(gates)
         num_gates = len(self.gates)
         max_experts = max(g.num_experts for g in self.gates)
@@ -118,7 +119,8 @@ class StagedBank:
         self.cosel = torch.zeros(num_gates, max_experts, max_experts, dtype=torch.int64)  # [G, E, E] upper
         self.ranks: List[Optional[torch.Tensor]] = [None] * num_gates  # per gate: int64 [E] or None
         self.absmax = torch.zeros(num_gates, dtype=torch.float64)  # since the last cut
-        self.token = torch.zeros(1, dtype=torch.int64)  # the stage op's order (see ops); Banks sets its ticks
+        # the stage op's order (see ops): the forward ops' ticks, where Banks gives them
+        self.token = torch.zeros(1, dtype=torch.int64) if token is None else token  # [1] int64
         self.errors = errors
         self.sampler_of = sampler_of or (lambda row: None)
         self._thread = ThreadState()
