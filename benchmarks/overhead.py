@@ -1,23 +1,29 @@
 """Overhead of moewatch on a Mixtral-shaped model, measured side by side in one run.
 
-Six set-ups run interleaved round by round (so drifting machine load hits them alike):
+Set-ups, interleaved forward by forward (so drifting machine load hits them alike):
   none      the model alone
+  none'     the model alone again: its ratio to none shows what the measurement resolves
   moewatch  moewatch.attach(model) with its background reader
   naive     a forward hook per gate copying the routing to the host every call (.tolist(),
             as hand-written monitors do)
   router    output_router_logits=True and statistics computed on the host from the outputs
-  compiled  torch.compile(model, fullgraph=True) (inductor, static shapes), alone
+  compiled  torch.compile(model, fullgraph=True) (inductor, static shapes), alone; compiled' again
   comp+mw   the same with moewatch attached before compiling (its ops traced into the graph)
 
-Prefill (batch 8 x 512 tokens) and decode with a static KV cache (transformers' StaticCache, the
-cache compiled decoding uses; batch 1, 8, 64), every set-up alike. Prints, per set-up,
-tokens/s and the medians of wall time and process CPU time with their ratios to the model alone,
-and for moewatch the share of each forward spent inside its hooks (measured in the same forward,
-so it does not depend on the machine's load); then host memory after many small monitored forwards.
+Shapes: prefill (batch 4 x 128 tokens) and one decode step on a static KV cache (transformers'
+StaticCache, the cache compiled decoding uses; batch 1, 8, 64). A sample is one forward; each
+round runs every set-up once, in a rotating order; rounds go on for ``--seconds`` a shape. Printed
+per set-up: tokens/s, the medians of wall and process CPU time, the median of the round-by-round
+wall ratio to the model alone with its 95% confidence interval, and the share of each forward
+spent inside the monitor's hooks (moewatch's, the naive hook's: measured inside the same forward,
+so independent of the machine's load); then moewatch against the naive hook and
+output_router_logits pair by pair, the verdict on the target (decode batch 1 and 8 <= 2%,
+batch 64 and prefill <= 1%: met when the whole interval is under it), and host memory after many
+small monitored forwards.
 
-    python benchmarks/overhead.py                 # the full run (several minutes on 2 cores)
-    python benchmarks/overhead.py --quick         # fewer repeats, smaller decode batches
-    python benchmarks/overhead.py --no-compiled   # without the two compiled set-ups
+    python benchmarks/overhead.py                 # the full run (about 25 min on 2 cores)
+    python benchmarks/overhead.py --quick         # 30 s a shape, decode batch 1 and 8
+    python benchmarks/overhead.py --no-compiled   # without the compiled set-ups
 
 Also printed: ATen ops dispatched per gate call with moewatch (eager), from one forward.
 """
@@ -66,10 +72,13 @@ class NaiveHostMonitor:
 
     def _hook(self, name):
         def hook(module, args, output):
-            indices = output[2].tolist()
-            flat = [e for row in indices for e in row]
-            self.counts[name] += np.bincount(flat, minlength=len(self.counts[name]))
+            self.observe(name, output)
         return hook
+
+    def observe(self, name, output) -> None:
+        indices = output[2].tolist()
+        flat = [e for row in indices for e in row]
+        self.counts[name] += np.bincount(flat, minlength=len(self.counts[name]))
 
     def remove(self):
         for h in self.handles:
@@ -86,7 +95,11 @@ def host_router_stats(router_logits, top_k: int) -> None:
 
 
 def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, tuple]:
-    """name -> (enter, exit, forward kwargs, after-forward callback, the module to call)."""
+    """name -> (enter, exit, forward kwargs, after-forward callback, the module to call).
+
+    ``none'`` is the model alone a second time: its ratio to ``none`` is what the measurement
+    resolves (an A/A control), read beside every other ratio. ``compiled'`` is the same for the
+    compiled model."""
     state = {}
 
     def attach_moewatch():
@@ -98,6 +111,7 @@ def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, 
     nothing = (lambda: None, lambda: None)
     cases = {
         "none": (*nothing, {}, None, model),
+        "none'": (*nothing, {}, None, model),
         "moewatch": (attach_moewatch, lambda: state.pop("mon").detach(), {}, None, model),
         "naive": (attach_naive, lambda: state.pop("naive").remove(), {}, None, model),
         "router": (*nothing, {"output_router_logits": True},
@@ -111,10 +125,23 @@ def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, 
         twin = copy.deepcopy(model)
         # one graph per shape (prefill, each batch's prompt and step): raise Dynamo's limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        cases["compiled"] = (*nothing, {}, None, torch.compile(model, fullgraph=True))
+        plain = torch.compile(model, fullgraph=True)
+        cases["compiled"] = (*nothing, {}, None, plain)
+        cases["compiled'"] = (*nothing, {}, None, plain)
         state["twin"] = moewatch.attach(twin, window_tokens=1 << 30, window_seconds=1.0)
         cases["comp+mw"] = (*nothing, {}, None, torch.compile(twin, fullgraph=True))
     return cases
+
+
+# Which set-ups are interleaved together, and the set-up each is compared with.
+GROUPS = (("none", "none'", "moewatch", "naive", "router"), ("compiled", "compiled'", "comp+mw"))
+BASE = {"none'": "none", "moewatch": "none", "naive": "none", "router": "none",
+        "compiled'": "compiled", "comp+mw": "compiled"}
+# moewatch against the alternatives a user has, pair by pair in the same rounds
+VERSUS = (("moewatch", "naive"), ("moewatch", "router"))
+# set-ups attached before each sample: one untimed forward first (a monitor's first forward on a
+# thread sets up its state); the others follow the previous set-up's forward of the same model
+ATTACHED = ("moewatch", "naive")
 
 
 class Clock:
@@ -130,106 +157,167 @@ class Clock:
 
 
 class HookTimer:
-    """Seconds spent inside moewatch's gate hooks (on the model's thread), summed."""
+    """Seconds spent inside moewatch's hooks (the gates' and the root module's, on the model's
+    thread) and inside the naive monitor's, summed."""
 
     def __init__(self):
-        from moewatch import hooks
+        from moewatch import context, hooks
 
         self.total = 0.0
-        self._hooks, self._original = hooks, hooks.GateHook.__call__
+        self._patched = [(hooks.GateHook, "__call__"), (context.MaskTracker, "pre_hook"),
+                         (context.MaskTracker, "post_hook"), (NaiveHostMonitor, "observe")]
+        self._originals = [getattr(owner, name) for owner, name in self._patched]
+        for (owner, name), original in zip(self._patched, self._originals):
+            setattr(owner, name, self._timed(original))
+
+    def _timed(self, original):
         timer = self
 
-        def timed(hook, *args):
+        def timed(*args):
             if torch.compiler.is_compiling():  # traced into a graph: nothing to time here
-                return timer._original(hook, *args)
+                return original(*args)
             start = time.perf_counter()
             try:
-                return timer._original(hook, *args)
+                return original(*args)
             finally:
                 timer.total += time.perf_counter() - start
-
-        hooks.GateHook.__call__ = timed
+        return timed
 
     def close(self):
-        self._hooks.GateHook.__call__ = self._original
+        for (owner, name), original in zip(self._patched, self._originals):
+            setattr(owner, name, original)
 
 
-def time_prefill(model, cases, batch: int, length: int, repeats: int, vocab: int) -> Dict[str, List[tuple]]:
-    """(wall, cpu, in-hook) seconds per forward, per set-up."""
-    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
-    times = {name: [] for name in cases}
+def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int, max_rounds: int):
+    """(wall, cpu, in-hook) seconds of one forward, per set-up and round.
+
+    Each round runs every set-up once, in an order rotated round by round (no set-up always
+    follows another), each as: attach, one untimed forward where something was attached, one
+    timed forward, detach. Samples of a second or less, many of
+    them, each next to the others of its round: the machine's drift and another job's bursts
+    hit a round's set-ups alike, and the median ratio of many rounds resolves what a few long
+    runs cannot. Rounds go on until ``seconds`` have passed (at least ``min_rounds``)."""
+    times = {name: [] for name in names}
     timer = HookTimer()
+    started = time.perf_counter()
     try:
-        for _ in range(repeats + 1):  # the first round warms up (and compiles) and is dropped
-            for name, (enter, leave, kwargs, after, module) in cases.items():
+        for round_ in range(max_rounds + 1):  # round 0 warms up (and compiles) and is dropped
+            if round_ > min_rounds and time.perf_counter() - started > seconds:
+                break
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                enter, leave, kwargs, after, module = cases[name]
                 enter()
+                if name in ATTACHED:
+                    forward(module, kwargs, after)
                 timer.total = 0.0
-                with torch.no_grad(), Clock() as clock:
-                    out = module(ids, **kwargs)
-                    if after:
-                        after(out)
-                times[name].append((clock.wall, clock.cpu, timer.total))
+                with Clock() as clock:
+                    forward(module, kwargs, after)
+                if round_:
+                    times[name].append((clock.wall, clock.cpu, timer.total))
                 leave()
     finally:
         timer.close()
-    return {name: t[1:] for name, t in times.items()}
+    return times
 
 
-def time_decode(model, cases, batch: int, prompt: int, steps: int, repeats: int, vocab: int) -> Dict[str, List[tuple]]:
-    """(wall, cpu, in-hook) seconds per decode step (one token per sequence, static KV cache)."""
+def prefill_forward(batch: int, length: int, vocab: int) -> Callable:
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+
+    def forward(module, kwargs, after):
+        with torch.no_grad():
+            out = module(ids, **kwargs)
+            if after:
+                after(out)
+    return forward
+
+
+def decode_forward(model, batch: int, prompt: int, vocab: int) -> Callable:
+    """One decode step (one token per sequence) on a static KV cache holding ``prompt`` tokens,
+    rewound before each step: every step does the same work, whatever ran before it."""
     from transformers import StaticCache
 
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, vocab, (batch, prompt), generator=gen)
-    times = {name: [] for name in cases}
-    timer = HookTimer()
-    try:
-        for round_ in range(repeats + 2):  # two warm-up rounds: compiled code settles its shapes
-            for name, (enter, leave, kwargs, after, module) in cases.items():
-                # No attention mask (there is no padding): a static cache's mask is its full length.
-                cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 1)
-                with torch.no_grad():
-                    out = module(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt))
-                token = out.logits[:, -1:].argmax(-1)
-                enter()
-                timer.total = 0.0
-                with torch.no_grad(), Clock() as clock:
-                    for step in range(steps):
-                        out = module(token, past_key_values=cache, use_cache=True,
-                                     cache_position=torch.tensor([prompt + step]), **kwargs)
-                        if after:
-                            after(out)
-                        token = out.logits[:, -1:].argmax(-1)
-                times[name].append((clock.wall / steps, clock.cpu / steps, timer.total / steps))
-                leave()
-    finally:
-        timer.close()
-    return {name: t[2:] for name, t in times.items()}
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(2))
+    # No attention mask (there is no padding): a static cache's mask is its full length.
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 2)
+    with torch.no_grad():
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    position = torch.tensor([prompt])
+
+    def forward(module, kwargs, after):
+        for layer in cache.layers:  # back to the prompt: the step writes the same slot again
+            layer.cumulative_length.fill_(prompt)
+        with torch.no_grad():
+            out = module(token, past_key_values=cache, use_cache=True, cache_position=position, **kwargs)
+            if after:
+                after(out)
+    return forward
 
 
-def report(title: str, times: Dict[str, List[tuple]], tokens: int) -> None:
-    """Medians of wall and CPU time, their ratios to the model alone, and moewatch's in-hook share."""
-    def med(name, i):
-        return statistics.median(t[i] for t in times[name])
+def median_ci(values: List[float], z: float = 1.96) -> tuple:
+    """The median of ``values`` and a distribution-free 95% confidence interval of it: the order
+    statistics j and n-1-j, j from the binomial's normal approximation."""
+    ordered = sorted(values)
+    n = len(ordered)
+    j = max(0, int((n - z * n ** 0.5) / 2) - 1)
+    return statistics.median(ordered), ordered[j], ordered[n - 1 - j]
 
-    def spread(name, base):
-        """median and min-max over rounds of the round's wall ratio to the same round's baseline
-        (paired: a round's set-ups ran one after another, under the same machine load)"""
-        ratios = [t[0] / b[0] for t, b in zip(times[name], times[base])]
-        return statistics.median(ratios), min(ratios), max(ratios)
 
-    print(f"\n{title}")
-    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'vs base':>9}{'paired: median [min-max]':>27}"
-          f"{'cpu ms':>10}{'vs base':>9}{'in hooks':>10}")
-    for name in times:
-        base = "compiled" if name == "comp+mw" else "none"
-        wall, cpu = med(name, 0), med(name, 1)
-        share = statistics.median(t[2] / t[0] for t in times[name]) if name == "moewatch" else None
-        hooks = f"{share:>9.2%}" if share is not None else f"{'':>9}"
-        mid, low, high = spread(name, base)
-        print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{wall / med(base, 0):>9.3f}"
-              f"{f'{mid:.3f} [{low:.3f}-{high:.3f}]':>27}{cpu * 1e3:>10.2f}{cpu / med(base, 1):>9.3f} {hooks}")
-    print("  (vs base: moewatch, naive, router and compiled against none; comp+mw against compiled)")
+def verdict(low: float, high: float, target: float) -> str:
+    """Against a target ratio: met when the whole interval is at or under it, not met when the
+    whole interval is over it, not resolved otherwise."""
+    return "met" if high <= target else ("NOT MET" if low > target else "not resolved")
+
+
+def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float) -> None:
+    """Per set-up: tokens/s, medians of wall and CPU time, the paired wall ratio to its base with
+    its 95% confidence interval, and the time inside the monitor's hooks; then moewatch against
+    the naive hook and output_router_logits, pair by pair, and the verdicts on the target."""
+    rounds = min(len(t) for t in times.values())
+    print(f"\n{title}: {rounds} rounds, one forward a sample")
+    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'paired vs base [95% CI]':>28}"
+          f"{'cpu ms':>10}{'cpu vs base':>12}{'in hooks':>10}")
+    paired = {}
+    for name, samples in times.items():
+        wall = statistics.median(t[0] for t in samples)
+        cpu = statistics.median(t[1] for t in samples)
+        base = BASE.get(name)
+        ratio = cpu_ratio = ""
+        if base in times:
+            paired[name] = median_ci([t[0] / b[0] for t, b in zip(samples, times[base])])
+            ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*paired[name])
+            cpu_ratio = f"{statistics.median(t[1] / b[1] for t, b in zip(samples, times[base])):.3f}"
+        hooks = ""
+        if name in ("moewatch", "naive"):
+            hooks = f"{statistics.median(t[2] / t[0] for t in samples):.2%}"
+        print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{ratio:>28}{cpu * 1e3:>10.2f}"
+              f"{cpu_ratio:>12}{hooks:>10}")
+    print("  (base: none for the eager set-ups, compiled for comp+mw; none' and compiled' are the base "
+          "again: what the measurement resolves)")
+    for name, other in VERSUS:
+        if name in times and other in times:
+            mid, low, high = median_ci([t[0] / o[0] for t, o in zip(times[name], times[other])])
+            hooks = [statistics.median(t[2] for t in times[n]) * 1e6 for n in (name, other)]
+            cheaper = "cheaper" if high < 1 else ("dearer" if low > 1 else "not resolved")
+            line = f"  {name} / {other}: wall {mid:.3f} [{low:.3f}, {high:.3f}]: {cheaper}"
+            if other == "naive":
+                line += f"; in hooks {hooks[0]:.0f} us vs {hooks[1]:.0f} us a forward"
+            print(line)
+    for name in ("moewatch", "comp+mw"):
+        if name in paired:
+            print(f"  target {name} <= {target:.2f}x: {verdict(paired[name][1], paired[name][2], target)} "
+                  f"(95% CI {paired[name][1]:.3f}-{paired[name][2]:.3f})")
+
+
+def run_shape(title: str, cases, forward: Callable, tokens: int, target: float, seconds: float,
+              min_rounds: int, max_rounds: int) -> None:
+    times = {}
+    groups = [[n for n in group if n in cases] for group in GROUPS]
+    groups = [g for g in groups if g]
+    total = sum(len(g) for g in groups)
+    for group in groups:  # the time budget is shared by the groups, by their number of set-ups
+        times.update(interleave(cases, group, forward, seconds * len(group) / total, min_rounds, max_rounds))
+    report(title, times, tokens, target)
 
 
 def dispatch_report(model, experts: int, top_k: int) -> None:
@@ -300,18 +388,22 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=8192,
                         help="vocabulary (default 8192: a smaller LM head than Mixtral's 32000 makes "
                              "the model cheaper, so the overhead ratios are conservative)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=300.0,
+                        help="time budget of each shape (rounds go on until it is spent)")
+    parser.add_argument("--min-rounds", type=int, default=20)
+    parser.add_argument("--max-rounds", type=int, default=2000)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--prefill", type=int, nargs=2, default=[8, 512], metavar=("BATCH", "LEN"))
+    parser.add_argument("--prompt", type=int, default=32, help="tokens in the KV cache of a decode step")
+    parser.add_argument("--prefill", type=int, nargs=2, default=[4, 128], metavar=("BATCH", "LEN"))
     parser.add_argument("--memory-forwards", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--quick", action="store_true", help="3 repeats, decode batch 1 and 8, 10k soak")
+    parser.add_argument("--quick", action="store_true",
+                        help="30 s a shape, 10 rounds at least, decode batch 1 and 8, 10k-forward soak")
     parser.add_argument("--no-compiled", dest="compiled", action="store_false",
-                        help="leave out the two torch.compile set-ups (their compilation takes minutes)")
+                        help="leave out the compiled set-ups (their compilation takes minutes)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.decode_batches, args.memory_forwards = 3, [1, 8], 10_000
+        args.seconds, args.min_rounds, args.decode_batches, args.memory_forwards = 30.0, 10, [1, 8], 10_000
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"moewatch {moewatch.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
@@ -319,16 +411,17 @@ def main(argv=None) -> int:
     model = mixtral_shaped(args.hidden, args.layers, args.experts, args.top_k, args.vocab)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"Mixtral-shaped: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
-          f"top-{args.top_k}, vocab {args.vocab}, {params:.0f}M parameters, float32; medians of {args.repeats} rounds")
+          f"top-{args.top_k}, vocab {args.vocab}, {params:.0f}M parameters, float32; "
+          f"{args.seconds:.0f} s a shape")
     dispatch_report(model, args.experts, args.top_k)
     cases = setups(model, args.experts, args.top_k, args.compiled)
-    vocab = args.vocab
+    budget = (args.seconds, args.min_rounds, args.max_rounds)
     batch, length = args.prefill
-    report(f"prefill {batch} x {length}", time_prefill(model, cases, batch, length, args.repeats, vocab),
-           batch * length)
+    run_shape(f"prefill {batch} x {length}", cases, prefill_forward(batch, length, args.vocab), batch * length,
+              1.01, *budget)
     for b in args.decode_batches:
-        t = time_decode(model, cases, b, prompt=32, steps=args.decode_steps, repeats=args.repeats, vocab=vocab)
-        report(f"decode, batch {b}, static KV cache (per step)", t, b)
+        run_shape(f"decode, batch {b}, static KV cache of {args.prompt} tokens (one step)", cases,
+                  decode_forward(model, b, args.prompt, args.vocab), b, 1.02 if b <= 8 else 1.01, *budget)
     if args.memory_forwards:
         memory_soak(args.memory_forwards)
     return 0

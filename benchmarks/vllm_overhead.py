@@ -1,18 +1,22 @@
 """vLLM tokens/s with and without moewatch, compilation on, measured side by side in one run.
 
-Two engines of the same model run at once, each in a process of its own: one plain, one with
-moewatch switched on the way users do it (``MOEWATCH_PORT``, the vLLM plugin). They take turns,
-round by round, on the same two workloads, so that drifting machine load hits both alike:
+Three engines of the same model run at once, each in a process of its own: two plain ("off",
+and "off'": the same again, whose ratio to "off" shows what the measurement resolves) and one
+with moewatch switched on the way users do it (``MOEWATCH_PORT``, the vLLM plugin). They take
+turns, one short batch each, in an order rotated round by round, on two workloads, so that
+drifting machine load and another job's bursts hit them alike:
 
-  prefill-heavy  many long prompts, one generated token each (tokens/s counts prompt tokens)
-  decode-heavy   a few short prompts, many generated tokens each (tokens/s counts generated ones)
+  prefill-heavy  long prompts, one generated token each (tokens/s counts prompt tokens)
+  decode-heavy   a few short prompts, generated tokens each (tokens/s counts generated ones)
 
-Printed per workload: the median tokens/s of each engine over the rounds, the spread (min-max)
-and the overhead of moewatch (1 - median on / median off). Run with the vLLM venv's python::
+Rounds go on for ``--seconds`` a workload. Printed per workload and engine: the median tokens/s
+and its range, and the median of the round-by-round ratio of its time to the plain engine's with
+a 95% confidence interval; then the verdict on the target (moewatch's cost <= 2%: met when the
+whole interval is under it). Run with the vLLM venv's python::
 
     .venv-vllm/bin/python benchmarks/vllm_overhead.py                    # a tiny random Mixtral
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --size mixtral-shaped   # hidden 1024, 280M
-    .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --rounds 9
+    .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --seconds 600
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --eager            # enforce_eager=True
 
 Without ``--model`` it writes a random Mixtral (``tests/vllm_models.py``): by default the tests'
@@ -39,7 +43,7 @@ WORKLOADS = ("prefill", "decode")
 def _prompts(kind: str, decode_tokens: int, vocab: int = 256) -> tuple:
     """(prompts, max_tokens) of a workload; token ids cycle through the vocabulary."""
     if kind == "prefill":
-        return [[(7 * i + j) % vocab for j in range(192)] for i in range(8)], 1
+        return [[(7 * i + j) % vocab for j in range(128)] for i in range(2)], 1
     return [[(11 * i + j) % vocab for j in range(8)] for i in range(4)], decode_tokens
 
 
@@ -81,15 +85,45 @@ class Engine:
                 return line
         raise RuntimeError(f"the engine ended before {prefix}")
 
-    def run(self, kind: str) -> float:
+    def run(self, kind: str) -> tuple:
+        """(tokens, seconds) of one batch of the workload."""
         self.process.stdin.write(kind + "\n")
         self.process.stdin.flush()
         result = json.loads(self._expect("RESULT ")[len("RESULT "):])
-        return result["tokens"] / result["seconds"]
+        return result["tokens"], result["seconds"]
 
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=120)
+
+
+def median_ci(values: List[float], z: float = 1.96) -> tuple:
+    """The median of ``values`` and a distribution-free 95% confidence interval of it (the order
+    statistics j and n-1-j, j from the binomial's normal approximation)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    j = max(0, int((n - z * n ** 0.5) / 2) - 1)
+    return statistics.median(ordered), ordered[j], ordered[n - 1 - j]
+
+
+def verdict(low: float, high: float, target: float) -> str:
+    return "met" if high <= target else ("NOT MET" if low > target else "not resolved")
+
+
+def measure(engines: Dict[str, "Engine"], kind: str, seconds: float, min_rounds: int) -> Dict[str, List[tuple]]:
+    """(tokens, seconds) per engine and round; each round runs every engine once, rotated."""
+    names = list(engines)
+    for name in names:  # one unmeasured batch each: the first call of a shape
+        engines[name].run(kind)
+    samples = {name: [] for name in names}
+    started = time.perf_counter()
+    round_ = 0
+    while round_ < min_rounds or time.perf_counter() - started < seconds:
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(engines[name].run(kind))
+        round_ += 1
+    return samples
 
 
 def main() -> None:
@@ -98,12 +132,14 @@ def main() -> None:
     parser.add_argument("--size", choices=("tiny", "mixtral-shaped"), default="tiny",
                         help="without --model: the tests' tiny Mixtral (hidden 64, 2 layers), or a Mixtral of "
                              "real proportions (hidden 1024, experts 2048 wide, 4 layers, 32k vocabulary)")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds per workload (default 7)")
+    parser.add_argument("--seconds", type=float, default=300.0, help="time budget per workload (default 300)")
+    parser.add_argument("--min-rounds", type=int, default=10)
     parser.add_argument("--eager", action="store_true", help="enforce_eager=True (default: compilation on)")
-    parser.add_argument("--decode-tokens", type=int, default=192,
+    parser.add_argument("--decode-tokens", type=int, default=16,
                         help="tokens generated per request by the decode-heavy workload (4 requests; default "
-                             "192: a run long enough that the machine's jitter averages out)")
+                             "16: short batches, many rounds)")
     parser.add_argument("--port", type=int, default=19480, help="MOEWATCH_PORT of the monitored engine")
+    parser.add_argument("--target", type=float, default=0.02, help="the cost target (default 0.02: 2%%)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -116,31 +152,29 @@ def main() -> None:
         write = mixtral if args.size == "tiny" else mixtral_shaped
         args.model = write(os.path.join(tempfile.mkdtemp(prefix="moewatch-bench-"), "mixtral"))
     print(f"model {args.model}, compilation {'off (enforce_eager)' if args.eager else 'on'}, "
-          f"{args.rounds} rounds per workload, engines taking turns")
+          f"{args.seconds:.0f} s per workload, engines taking turns batch by batch")
     engines = {"off": Engine(args.model, False, args.eager, args.port, args.decode_tokens),
+               "off'": Engine(args.model, False, args.eager, args.port, args.decode_tokens),
                "on": Engine(args.model, True, args.eager, args.port, args.decode_tokens)}
-    rates: Dict[str, Dict[str, List[float]]] = {k: {"off": [], "on": []} for k in WORKLOADS}
     try:
-        for kind in WORKLOADS:  # one unmeasured round each: the first call of a shape
-            for engine in engines.values():
-                engine.run(kind)
-        for round_ in range(args.rounds):
-            for kind in WORKLOADS:
-                order = ("off", "on") if round_ % 2 == 0 else ("on", "off")
-                for name in order:
-                    rates[kind][name].append(engines[name].run(kind))
+        results = {kind: measure(engines, kind, args.seconds, args.min_rounds) for kind in WORKLOADS}
     finally:
         for engine in engines.values():
             engine.close()
-    print(f"{'workload':<10} {'moewatch':<9} {'median tok/s':>13} {'min':>9} {'max':>9}")
-    for kind in WORKLOADS:
-        for name in ("off", "on"):
-            values = rates[kind][name]
-            print(f"{kind:<10} {name:<9} {statistics.median(values):>13.1f} {min(values):>9.1f} {max(values):>9.1f}")
-        overhead = 1 - statistics.median(rates[kind]["on"]) / statistics.median(rates[kind]["off"])
-        paired = [1 - on / off for on, off in zip(rates[kind]["on"], rates[kind]["off"])]
-        print(f"{kind:<10} overhead {100 * overhead:+.1f}% (per-round pairs: median {100 * statistics.median(paired):+.1f}%, "
-              f"{100 * min(paired):+.1f}% to {100 * max(paired):+.1f}%)")
+    print(f"{'workload':<9} {'engine':<7} {'rounds':>6} {'median tok/s':>13} {'min':>9} {'max':>9}"
+          f"   time vs off, paired: median [95% CI]")
+    for kind, samples in results.items():
+        for name, runs in samples.items():
+            rates = [tokens / took for tokens, took in runs]
+            paired = ""
+            if name != "off":
+                ratios = [took / base[1] for (_, took), base in zip(runs, samples["off"])]
+                paired = "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci(ratios))
+            print(f"{kind:<9} {name:<7} {len(runs):>6} {statistics.median(rates):>13.1f} {min(rates):>9.1f} "
+                  f"{max(rates):>9.1f}   {paired}")
+        _, low, high = median_ci([on[1] / off[1] for on, off in zip(samples["on"], samples["off"])])
+        print(f"{kind:<9} moewatch's cost <= {args.target:.0%}: {verdict(low, high, 1 + args.target)} "
+              f"(95% CI {low - 1:+.1%} to {high - 1:+.1%}; off' against off shows what the run resolves)")
 
 
 if __name__ == "__main__":
