@@ -99,3 +99,29 @@ def test_a_plain_model_has_no_engine_and_no_engine_is_imported(mixtral):
 
     assert engine_for(mixtral) is None and engine_for(PairGateLM()) is None
     assert "vllm" not in sys.modules  # deciding never imports an engine the model does not use
+
+
+@pytest.mark.parametrize("local_rank, replica, platform_counted, expected", [
+    (0, 0, False, 0), (1, 0, False, 1),  # replica 0: the local rank as it is
+    (0, 1, False, 2), (1, 1, False, 3),  # CPU: replica 1's ranks start at 0 again; moewatch adds 1 x 2
+    (2, 1, True, 2), (3, 1, True, 3),    # CUDA: vLLM already added the replicas before it
+])
+def test_each_data_parallel_replica_on_a_host_serves_on_ports_of_its_own(local_rank, replica, platform_counted,
+                                                                         expected):
+    """Two replicas of a 2-worker engine on one host: ports base+0..3, none asked for twice.
+    The worker is described by the two attributes vLLM's workers carry (local_rank and
+    parallel_config); on CUDA vLLM's worker adds DP local rank x workers per replica itself."""
+    from types import SimpleNamespace
+
+    from moewatch.engines.vllm_plugin import port_offset
+
+    config = SimpleNamespace(data_parallel_size=2, tensor_parallel_size=2, pipeline_parallel_size=1,
+                             prefill_context_parallel_size=1, data_parallel_rank_local=replica,
+                             data_parallel_index=replica)
+    assert port_offset(SimpleNamespace(local_rank=local_rank, parallel_config=config)) == expected
+    # the launcher's local DP rank unknown (-1, vLLM's default): the replica's index stands for it
+    config.data_parallel_rank_local = -1
+    assert port_offset(SimpleNamespace(local_rank=local_rank, parallel_config=config)) == expected
+    # one replica: vLLM's local rank, whatever the platform
+    config.data_parallel_size = 1
+    assert port_offset(SimpleNamespace(local_rank=local_rank, parallel_config=config)) == local_rank

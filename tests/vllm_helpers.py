@@ -87,7 +87,9 @@ class EngineRun:
         # local rank; its automatic binding wants a NUMA node per worker).
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
         workers = int(config.get("tensor_parallel", 1))
-        child_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[(core + w) % len(cores)]) for w in range(workers))
+        if "VLLM_CPU_OMP_THREADS_BIND" not in (env or {}):  # a data-parallel run gives the host's whole list
+            child_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[(core + w) % len(cores)])
+                                                              for w in range(workers))
         self.process = subprocess.Popen([PYTHON, CHILD, json.dumps(config)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=child_env, cwd=ROOT)

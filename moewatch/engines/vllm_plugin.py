@@ -6,7 +6,9 @@ process it starts. Without ``MOEWATCH_PORT`` it does nothing. With it, in each w
 1. right after the worker loads the model (``Worker.load_model``), before vLLM profiles,
    compiles or captures anything, it attaches a monitor (:func:`moewatch.engines.vllm.attach`)
    with every ``MOEWATCH_<OPTION>`` variable as an option, and serves ``/metrics`` on
-   ``MOEWATCH_PORT + local rank`` (``MOEWATCH_ADDR``, default 127.0.0.1);
+   ``MOEWATCH_PORT + local rank`` (``MOEWATCH_ADDR``, default 127.0.0.1), the local rank
+   counting every worker of the engine on this host, data-parallel replicas included
+   (:func:`port_offset`);
 2. vLLM's own profiling and warm-up forwards count no token; once ``compile_or_warm_up_model``
    returns, the monitor counts (``VllmEngine.armed``);
 3. each step (``execute_model``) hands the scheduler's output to the engine, so that windows
@@ -153,7 +155,7 @@ def attach_worker(worker) -> Any:
     engine.armed = False  # vLLM's profiling and warm-up runs are not traffic
     engine.served_name = _served_name(worker)
     monitor = attach(model, baseline, **options)
-    local_rank = int(getattr(worker, "local_rank", 0) or 0)
+    local_rank = port_offset(worker)
     addr = os.environ.get(PREFIX + "ADDR", "").strip() or "127.0.0.1"
     try:
         bound = monitor.serve_prometheus(port=port, addr=addr, local_rank=local_rank)
@@ -168,4 +170,29 @@ def attach_worker(worker) -> Any:
     return monitor
 
 
-__all__ = ["attach_worker", "monitors", "patch_steps", "register"]
+def port_offset(worker) -> int:
+    """The worker's index among the engine's workers on this host: its port is MOEWATCH_PORT
+    plus it.
+
+    vLLM's ``local_rank`` counts the workers of one data-parallel replica. On CUDA the worker
+    adds the replicas before it on the host (``DP local rank x workers per replica``) so that
+    each replica takes its own devices; elsewhere (the CPU) every replica's ranks start at 0
+    again, and two replicas on one host would ask for the same port. Counted here the same way
+    on every platform.
+    """
+    local_rank = int(getattr(worker, "local_rank", 0) or 0)
+    config = getattr(worker, "parallel_config", None)
+    if config is None or int(getattr(config, "data_parallel_size", 1) or 1) <= 1:
+        return local_rank
+    per_replica = 1
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "prefill_context_parallel_size"):
+        per_replica *= int(getattr(config, name, 1) or 1)
+    if local_rank >= per_replica:  # the platform already counted the replicas before it
+        return local_rank
+    replica = getattr(config, "data_parallel_rank_local", None)
+    if replica is None or int(replica) < 0:
+        replica = getattr(config, "data_parallel_index", None)
+    return int(replica or 0) * per_replica + local_rank
+
+
+__all__ = ["attach_worker", "monitors", "patch_steps", "port_offset", "register"]
