@@ -21,7 +21,7 @@ output_router_logits pair by pair, the verdict on the target (decode batch 1 and
 batch 64 and prefill <= 1%: met when the whole interval is under it), and host memory after many
 small monitored forwards.
 
-    python benchmarks/overhead.py                 # the full run (about 25 min on 2 cores)
+    python benchmarks/overhead.py                 # the full run (about 30 min on 2 cores)
     python benchmarks/overhead.py --quick         # 30 s a shape, decode batch 1 and 8
     python benchmarks/overhead.py --no-compiled   # without the compiled set-ups
 
