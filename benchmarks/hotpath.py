@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moewatch
+from paired import median_ci  # benchmarks/paired.py
 
 
 class Router(nn.Module):
@@ -79,14 +80,6 @@ class CountOps(TorchDispatchMode):
 
 
 SETUPS = ("alone", "staged", "hooked", "inline")
-
-
-def median_ci(sorted_values, z: float = 1.96):
-    """A distribution-free 95% confidence interval of the median of ``sorted_values``: the order
-    statistics j and n-1-j, with j from the binomial's normal approximation (n >= 6)."""
-    n = len(sorted_values)
-    j = max(0, int((n - z * n ** 0.5) / 2) - 1)
-    return sorted_values[j], sorted_values[n - 1 - j]
 
 
 def per_call_us(model, x, forwards: int, gates: int, clock=time.thread_time) -> float:
@@ -152,7 +145,7 @@ def measure(tokens: int, experts: int, top_k: int, hidden: int, gates: int, call
     for name in setups:
         # added: this set-up minus the router alone, round by round (both ran within ~0.1 s)
         added = sorted(s - a for s, a in zip(samples[name], alone))
-        ci_lo, ci_hi = median_ci(added)
+        _, ci_lo, ci_hi = median_ci(added)
         result[name] = dict(min=min(samples[name]), median=statistics.median(samples[name]),
                             added=statistics.median(added), added_lo=added[len(added) // 4],
                             added_hi=added[(3 * len(added)) // 4], ci_lo=ci_lo, ci_hi=ci_hi,

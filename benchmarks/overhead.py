@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import moewatch
+from paired import median_ci, verdict  # benchmarks/paired.py
 
 
 def mixtral_shaped(hidden: int, layers: int, experts: int, top_k: int, vocab: int, dtype=torch.float32):
@@ -252,21 +253,6 @@ def decode_forward(model, batch: int, prompt: int, vocab: int) -> Callable:
             if after:
                 after(out)
     return forward
-
-
-def median_ci(values: List[float], z: float = 1.96) -> tuple:
-    """The median of ``values`` and a distribution-free 95% confidence interval of it: the order
-    statistics j and n-1-j, j from the binomial's normal approximation."""
-    ordered = sorted(values)
-    n = len(ordered)
-    j = max(0, int((n - z * n ** 0.5) / 2) - 1)
-    return statistics.median(ordered), ordered[j], ordered[n - 1 - j]
-
-
-def verdict(low: float, high: float, target: float) -> str:
-    """Against a target ratio: met when the whole interval is at or under it, not met when the
-    whole interval is over it, not resolved otherwise."""
-    return "met" if high <= target else ("NOT MET" if low > target else "not resolved")
 
 
 def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float) -> None:

@@ -37,6 +37,8 @@ import tempfile
 import time
 from typing import Dict, List
 
+from paired import median_ci, verdict  # benchmarks/paired.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("prefill", "decode")
 
@@ -99,19 +101,6 @@ class Engine:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=120)
-
-
-def median_ci(values: List[float], z: float = 1.96) -> tuple:
-    """The median of ``values`` and a distribution-free 95% confidence interval of it (the order
-    statistics j and n-1-j, j from the binomial's normal approximation)."""
-    ordered = sorted(values)
-    n = len(ordered)
-    j = max(0, int((n - z * n ** 0.5) / 2) - 1)
-    return statistics.median(ordered), ordered[j], ordered[n - 1 - j]
-
-
-def verdict(low: float, high: float, target: float) -> str:
-    return "met" if high <= target else ("NOT MET" if low > target else "not resolved")
 
 
 def measure(engines: Dict[str, "Engine"], kind: str, seconds: float, min_rounds: int) -> Dict[str, List[tuple]]:

@@ -101,13 +101,12 @@ def test_a_plain_model_has_no_engine_and_no_engine_is_imported(mixtral):
     assert "vllm" not in sys.modules  # deciding never imports an engine the model does not use
 
 
-@pytest.mark.parametrize("local_rank, replica, platform_counted, expected", [
-    (0, 0, False, 0), (1, 0, False, 1),  # replica 0: the local rank as it is
-    (0, 1, False, 2), (1, 1, False, 3),  # CPU: replica 1's ranks start at 0 again; moewatch adds 1 x 2
-    (2, 1, True, 2), (3, 1, True, 3),    # CUDA: vLLM already added the replicas before it
+@pytest.mark.parametrize("local_rank, replica, expected", [
+    (0, 0, 0), (1, 0, 1),  # replica 0: the local rank as it is
+    (0, 1, 2), (1, 1, 3),  # CPU: replica 1's ranks start at 0 again; moewatch adds 1 x 2
+    (2, 1, 2), (3, 1, 3),  # CUDA: vLLM already added the replicas before it
 ])
-def test_each_data_parallel_replica_on_a_host_serves_on_ports_of_its_own(local_rank, replica, platform_counted,
-                                                                         expected):
+def test_each_data_parallel_replica_on_a_host_serves_on_ports_of_its_own(local_rank, replica, expected):
     """Two replicas of a 2-worker engine on one host: ports base+0..3, none asked for twice.
     The worker is described by the two attributes vLLM's workers carry (local_rank and
     parallel_config); on CUDA vLLM's worker adds DP local rank x workers per replica itself."""
