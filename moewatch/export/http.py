@@ -233,8 +233,8 @@ class MetricsServer:
             return
         conn.outbox = conn.outbox[sent:]
         if not len(conn.outbox):
-            self.served += 1
             self._drop(conn)
+            self.served += 1
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -242,13 +242,13 @@ class MetricsServer:
             self._accept_paused_until = 0.0
             self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
+            self._drop(conn)  # before counting: whoever reads the count sees the connection gone
             self.timed_out += 1
-            self._drop(conn)
 
     def _evict(self, conn: Optional[_Connection]) -> None:
         if conn is not None:
-            self.evicted += 1
             self._drop(conn)
+            self.evicted += 1
 
     def _drop(self, conn: _Connection) -> None:
         fd = conn.sock.fileno()
