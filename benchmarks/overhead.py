@@ -34,6 +34,7 @@ import gc
 import os
 import statistics
 import sys
+import threading
 import time
 from typing import Callable, Dict, List
 
@@ -104,7 +105,7 @@ def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, 
     state = {}
 
     def attach_moewatch():
-        state["mon"] = moewatch.attach(model, window_tokens=1 << 30, window_seconds=1.0)
+        state["mon"] = moewatch.attach(model)  # as a user attaches it: the default windows
 
     def attach_naive():
         state["naive"] = NaiveHostMonitor(model, experts)
@@ -129,7 +130,7 @@ def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, 
         plain = torch.compile(model, fullgraph=True)
         cases["compiled"] = (*nothing, {}, None, plain)
         cases["compiled'"] = (*nothing, {}, None, plain)
-        state["twin"] = moewatch.attach(twin, window_tokens=1 << 30, window_seconds=1.0)
+        state["twin"] = moewatch.attach(twin)
         cases["comp+mw"] = (*nothing, {}, None, torch.compile(twin, fullgraph=True))
     return cases
 
@@ -140,11 +141,8 @@ BASE = {"none'": "none", "moewatch": "none", "naive": "none", "router": "none",
         "compiled'": "compiled", "comp+mw": "compiled"}
 # moewatch against the alternatives a user has, pair by pair in the same rounds
 VERSUS = (("moewatch", "naive"), ("moewatch", "router"))
-# set-ups attached before each sample: one untimed forward first (a monitor's first forward on a
-# thread sets up its state); the others follow the previous set-up's forward of the same model
-ATTACHED = ("moewatch", "naive")
-
-
+# set-ups whose own code is timed (HookTimer): the monitors and output_router_logits' extra work
+OWN_CODE = ("moewatch", "naive", "router")
 class Clock:
     """Wall and process-CPU seconds of a block. CPU time is far less disturbed than wall time by
     other processes on a shared machine; both are reported."""
@@ -158,15 +156,22 @@ class Clock:
 
 
 class HookTimer:
-    """Seconds spent inside moewatch's hooks (the gates' and the root module's, on the model's
-    thread) and inside the naive monitor's, summed."""
+    """Seconds spent in each monitor's own code on the model's thread, summed: moewatch's hooks
+    (the gates' and the root module's), the naive monitor's, and what output_router_logits adds
+    that can be timed apart (the load-balancing loss the model then computes, and the host
+    statistics; not the recording of the logits inside the model, so a lower bound for it).
+    Also the CPU time of a monitor's reader thread (see :meth:`reader_clock`)."""
 
     def __init__(self):
+        from transformers.models.mixtral import modeling_mixtral
+
         from moewatch import context, hooks
 
         self.total = 0.0
         self._patched = [(hooks.GateHook, "__call__"), (context.MaskTracker, "pre_hook"),
-                         (context.MaskTracker, "post_hook"), (NaiveHostMonitor, "observe")]
+                         (context.MaskTracker, "post_hook"), (NaiveHostMonitor, "observe"),
+                         (modeling_mixtral, "load_balancing_loss_func"),
+                         (sys.modules[__name__], "host_router_stats")]
         self._originals = [getattr(owner, name) for owner, name in self._patched]
         for (owner, name), original in zip(self._patched, self._originals):
             setattr(owner, name, self._timed(original))
@@ -174,15 +179,39 @@ class HookTimer:
     def _timed(self, original):
         timer = self
 
-        def timed(*args):
+        def timed(*args, **kwargs):
             if torch.compiler.is_compiling():  # traced into a graph: nothing to time here
-                return original(*args)
+                return original(*args, **kwargs)
             start = time.perf_counter()
             try:
-                return original(*args)
+                return original(*args, **kwargs)
             finally:
                 timer.total += time.perf_counter() - start
         return timed
+
+    @staticmethod
+    def reader_clock(known) -> list:
+        """(CPU clock, its reading now) of every moewatch reader thread not in ``known``."""
+        clocks = []
+        for thread in threading.enumerate():
+            if thread.name == "moewatch-reader" and thread not in known and thread.ident is not None:
+                try:
+                    clock = time.pthread_getcpuclockid(thread.ident)
+                    clocks.append((clock, time.clock_gettime(clock)))
+                except (OSError, ProcessLookupError):
+                    pass
+        return clocks
+
+    @staticmethod
+    def reader_seconds(clocks: list) -> float:
+        """CPU seconds the threads of :meth:`reader_clock` have run since it was read."""
+        total = 0.0
+        for clock, start in clocks:
+            try:
+                total += time.clock_gettime(clock) - start
+            except OSError:  # the thread has ended
+                pass
+        return total
 
     def close(self):
         for (owner, name), original in zip(self._patched, self._originals):
@@ -190,36 +219,69 @@ class HookTimer:
 
 
 def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int, max_rounds: int):
-    """(wall, cpu, in-hook) seconds of one forward, per set-up and round.
+    """Samples of one forward per set-up and round, each bracketed by the base set-up.
 
-    Each round runs every set-up once, in an order rotated round by round (no set-up always
-    follows another), each as: attach, one untimed forward where something was attached, one
-    timed forward, detach. Samples of a second or less, many of
-    them, each next to the others of its round: the machine's drift and another job's bursts
-    hit a round's set-ups alike, and the median ratio of many rounds resolves what a few long
-    runs cannot. Rounds go on until ``seconds`` have passed (at least ``min_rounds``)."""
+    ``names[0]`` is the base (the model alone). A round is a chain: base, then for every other
+    set-up (in an order rotated round by round) attach it, one untimed forward of it, one timed
+    forward, detach, and the base again. So every timed sample has a base sample on each side
+    (two and one forwards away): the machine's slow drift (its forward times are strongly
+    correlated from one forward to the next) cancels in the ratio of a sample to the geometric
+    mean of its two brackets, and every set-up, the A/A control included, is timed in the same
+    position. Rounds go on until ``seconds`` have passed (at least ``min_rounds``).
+
+    Per set-up and round: (wall, cpu, own code, bracket wall, bracket cpu) seconds; own code is
+    the time of the monitor's code on the forward's thread (see :class:`HookTimer`)."""
+    base, others = names[0], list(names[1:])
     times = {name: [] for name in names}
     timer = HookTimer()
     started = time.perf_counter()
+
+    def timed(name):
+        enter, leave, kwargs, after, module = cases[name]
+        timer.total = 0.0
+        with Clock() as clock:
+            forward(module, kwargs, after)
+        return clock.wall, clock.cpu, timer.total
+
     try:
         for round_ in range(max_rounds + 1):  # round 0 warms up (and compiles) and is dropped
             if round_ > min_rounds and time.perf_counter() - started > seconds:
                 break
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
+            shift = round_ % len(others)
+            before = timed(base)
+            for name in others[shift:] + others[:shift]:
                 enter, leave, kwargs, after, module = cases[name]
                 enter()
-                if name in ATTACHED:
-                    forward(module, kwargs, after)
-                timer.total = 0.0
-                with Clock() as clock:
-                    forward(module, kwargs, after)
-                if round_:
-                    times[name].append((clock.wall, clock.cpu, timer.total))
+                forward(module, kwargs, after)  # untimed: a monitor's first forward sets up its state
+                sample = timed(name)
                 leave()
+                after_sample = timed(base)
+                if round_:
+                    bracket = [(b * a) ** 0.5 for b, a in zip(before[:2], after_sample[:2])]
+                    times[name].append((*sample, *bracket))
+                    times[base].append((*before, *before[:2]))
+                before = after_sample
     finally:
         timer.close()
     return times
+
+
+def reader_cost(cases, forward: Callable, seconds: float) -> float:
+    """CPU seconds a forward of moewatch's work off the forward's thread, in steady state: one
+    monitor attached for ``seconds`` of forwards (several windows), its reader thread's CPU time
+    and its detach (the last flush) divided by the forwards it saw."""
+    enter, leave, kwargs, after, module = cases["moewatch"]
+    known = set(threading.enumerate())
+    enter()
+    clocks = HookTimer.reader_clock(known)
+    forwards, started = 0, time.perf_counter()
+    while forwards < 3 or time.perf_counter() - started < seconds:
+        forward(module, kwargs, after)
+        forwards += 1
+    spent = HookTimer.reader_seconds(clocks)
+    leave_started = time.thread_time()
+    leave()
+    return (spent + time.thread_time() - leave_started) / forwards
 
 
 def prefill_forward(batch: int, length: int, vocab: int) -> Callable:
@@ -255,39 +317,45 @@ def decode_forward(model, batch: int, prompt: int, vocab: int) -> Callable:
     return forward
 
 
-def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float) -> None:
-    """Per set-up: tokens/s, medians of wall and CPU time, the paired wall ratio to its base with
-    its 95% confidence interval, and the time inside the monitor's hooks; then moewatch against
-    the naive hook and output_router_logits, pair by pair, and the verdicts on the target."""
+def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float, reader: float) -> None:
+    """Per set-up: tokens/s, medians of wall and CPU time, the ratio of each sample to its two
+    base brackets (median and 95% confidence interval, wall and CPU), and the time of the
+    monitor's own code; then moewatch against the naive hook and output_router_logits, pair by
+    pair, by wall time and by the time of each one's own code (moewatch's: its hooks, plus
+    ``reader``, its steady-state work off the forward's thread a forward), and the verdicts on the
+    target."""
+    own_code = {name: [t[2] + (reader if name == "moewatch" else 0.0) for t in samples]
+                for name, samples in times.items()}
     rounds = min(len(t) for t in times.values())
-    print(f"\n{title}: {rounds} rounds, one forward a sample")
-    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'paired vs base [95% CI]':>28}"
-          f"{'cpu ms':>10}{'cpu vs base':>12}{'in hooks':>10}")
+    print(f"\n{title}: {rounds} rounds, one forward a sample, each between two of its base")
+    print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'wall vs base [95% CI]':>26}"
+          f"{'cpu ms':>10}{'cpu vs base [95% CI]':>26}{'own code':>10}")
     paired = {}
     for name, samples in times.items():
         wall = statistics.median(t[0] for t in samples)
         cpu = statistics.median(t[1] for t in samples)
-        base = BASE.get(name)
-        ratio = cpu_ratio = ""
-        if base in times:
-            paired[name] = median_ci([t[0] / b[0] for t, b in zip(samples, times[base])])
+        ratio = cpu_ratio = own = ""
+        if name in BASE:
+            paired[name] = median_ci([t[0] / t[3] for t in samples])
             ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*paired[name])
-            cpu_ratio = f"{statistics.median(t[1] / b[1] for t, b in zip(samples, times[base])):.3f}"
-        hooks = ""
-        if name in ("moewatch", "naive"):
-            hooks = f"{statistics.median(t[2] / t[0] for t in samples):.2%}"
-        print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{ratio:>28}{cpu * 1e3:>10.2f}"
-              f"{cpu_ratio:>12}{hooks:>10}")
+            cpu_ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci([t[1] / t[4] for t in samples]))
+        if name in OWN_CODE:
+            own = f"{statistics.median(o / t[0] for o, t in zip(own_code[name], samples)):.3%}"
+        print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{ratio:>26}{cpu * 1e3:>10.2f}"
+              f"{cpu_ratio:>26}{own:>10}")
     print("  (base: none for the eager set-ups, compiled for comp+mw; none' and compiled' are the base "
-          "again: what the measurement resolves)")
+          "again, timed as the others: what the measurement resolves. Own code: the monitor's time a "
+          f"forward as a share of the forward; moewatch's includes its reader's, {reader * 1e6:.0f} us a "
+          "forward in steady state; router's is a lower bound)")
     for name, other in VERSUS:
         if name in times and other in times:
-            mid, low, high = median_ci([t[0] / o[0] for t, o in zip(times[name], times[other])])
-            hooks = [statistics.median(t[2] for t in times[n]) * 1e6 for n in (name, other)]
-            cheaper = "cheaper" if high < 1 else ("dearer" if low > 1 else "not resolved")
-            line = f"  {name} / {other}: wall {mid:.3f} [{low:.3f}, {high:.3f}]: {cheaper}"
-            if other == "naive":
-                line += f"; in hooks {hooks[0]:.0f} us vs {hooks[1]:.0f} us a forward"
+            mine, theirs = times[name], times[other]
+            mid, low, high = median_ci([(t[0] / t[3]) / (o[0] / o[3]) for t, o in zip(mine, theirs)])
+            line = f"  {name} / {other}: wall {mid:.3f} [{low:.3f}, {high:.3f}]: {_cheaper(low, high)}"
+            mid, low, high = median_ci([m / o for m, o in zip(own_code[name], own_code[other]) if o > 0])
+            spent = [statistics.median(own_code[n]) * 1e6 for n in (name, other)]
+            line += (f"; own code {spent[0]:.0f} us vs {spent[1]:.0f} us a forward, "
+                     f"{mid:.3f} [{low:.3f}, {high:.3f}]: {_cheaper(low, high)}")
             print(line)
     for name in ("moewatch", "comp+mw"):
         if name in paired:
@@ -295,15 +363,20 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
                   f"(95% CI {paired[name][1]:.3f}-{paired[name][2]:.3f})")
 
 
+def _cheaper(low: float, high: float) -> str:
+    return "cheaper" if high < 1 else ("dearer" if low > 1 else "not resolved")
+
+
 def run_shape(title: str, cases, forward: Callable, tokens: int, target: float, seconds: float,
               min_rounds: int, max_rounds: int) -> None:
     times = {}
     groups = [[n for n in group if n in cases] for group in GROUPS]
-    groups = [g for g in groups if g]
+    groups = [g for g in groups if len(g) > 1]  # a base with nothing to compare is not run
     total = sum(len(g) for g in groups)
     for group in groups:  # the time budget is shared by the groups, by their number of set-ups
         times.update(interleave(cases, group, forward, seconds * len(group) / total, min_rounds, max_rounds))
-    report(title, times, tokens, target)
+    reader = reader_cost(cases, forward, seconds=10.0) if "moewatch" in cases else 0.0
+    report(title, times, tokens, target, reader)
 
 
 def dispatch_report(model, experts: int, top_k: int) -> None:
@@ -387,6 +460,10 @@ def main(argv=None) -> int:
                         help="30 s a shape, 10 rounds at least, decode batch 1 and 8, 10k-forward soak")
     parser.add_argument("--no-compiled", dest="compiled", action="store_false",
                         help="leave out the compiled set-ups (their compilation takes minutes)")
+    parser.add_argument("--setups", nargs="+", metavar="NAME",
+                        help="only these set-ups beside the bases (none, compiled), e.g. \"none'\" "
+                             "moewatch: more rounds a second, for a narrower interval on one target")
+    parser.add_argument("--no-prefill", dest="prefill_run", action="store_false", help="skip the prefill shape")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.min_rounds, args.decode_batches, args.memory_forwards = 30.0, 10, [1, 8], 10_000
@@ -401,10 +478,16 @@ def main(argv=None) -> int:
           f"{args.seconds:.0f} s a shape")
     dispatch_report(model, args.experts, args.top_k)
     cases = setups(model, args.experts, args.top_k, args.compiled)
+    if args.setups:
+        unknown = set(args.setups) - set(cases)
+        if unknown:
+            parser.error(f"unknown set-ups {sorted(unknown)}; choose from {sorted(cases)}")
+        cases = {name: case for name, case in cases.items() if name in args.setups or name not in BASE}
     budget = (args.seconds, args.min_rounds, args.max_rounds)
     batch, length = args.prefill
-    run_shape(f"prefill {batch} x {length}", cases, prefill_forward(batch, length, args.vocab), batch * length,
-              1.01, *budget)
+    if args.prefill_run:
+        run_shape(f"prefill {batch} x {length}", cases, prefill_forward(batch, length, args.vocab),
+                  batch * length, 1.01, *budget)
     for b in args.decode_batches:
         run_shape(f"decode, batch {b}, static KV cache of {args.prompt} tokens (one step)", cases,
                   decode_forward(model, b, args.prompt, args.vocab), b, 1.02 if b <= 8 else 1.01, *budget)
