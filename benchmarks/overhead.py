@@ -451,7 +451,8 @@ def main(argv=None) -> int:
                         help="time budget of each shape (rounds go on until it is spent)")
     parser.add_argument("--min-rounds", type=int, default=20)
     parser.add_argument("--max-rounds", type=int, default=2000)
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 64],
+                        help="decode batch sizes (none: prefill only)")
     parser.add_argument("--prompt", type=int, default=32, help="tokens in the KV cache of a decode step")
     parser.add_argument("--prefill", type=int, nargs=2, default=[4, 128], metavar=("BATCH", "LEN"))
     parser.add_argument("--memory-forwards", type=int, default=100_000)
