@@ -212,6 +212,35 @@ def test_a_client_that_never_reads_its_answer_is_dropped_at_the_write_deadline()
         server.close()
 
 
+def test_a_connection_is_closed_before_it_is_counted():
+    """Whoever polls the counters (a test, a health check) sees a counted connection gone: the
+    server closes a connection first, then counts it served or timed out."""
+    seen = []
+
+    class Watched(MetricsServer):
+        def _drop(self, conn):
+            seen.append((self.served, self.timed_out, self.evicted))  # the counts at each close
+            super()._drop(conn)
+
+    registry = CollectorRegistry()
+    server = Watched(registry, "127.0.0.1", 0, request_timeout=0.3)
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.server_port))  # sends nothing
+        deadline = time.monotonic() + 10
+        while server.timed_out == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.timed_out == 1 and server.connections == 0
+        scrape(server.server_port, timeout=10)
+        deadline = time.monotonic() + 10
+        while server.served == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.served == 1 and server.connections == 0
+        silent.close()
+    finally:
+        server.close()
+    assert seen[:2] == [(0, 0, 0), (0, 1, 0)]  # neither was counted before it was closed
+
+
 CHILD = r'''
 import json, os, resource, sys, threading
 sys.path.insert(0, sys.argv[1])
