@@ -25,6 +25,7 @@ from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
 from .hotpath.banks import Banks
+from .hotpath.serial import run_this_thread_serially
 from . import forksafety
 from .liveness import MonitoringStatus
 from .options import Options
@@ -414,6 +415,7 @@ def _resolve_placement(options, specs):
 
 
 def _reader_loop(monitor_ref, stop: threading.Event, interval: float) -> None:
+    run_this_thread_serially()  # the reductions never take the model's cores with a thread team
     while not stop.wait(interval):
         monitor = monitor_ref()
         if monitor is None:

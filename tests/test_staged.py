@@ -5,6 +5,9 @@ version counter) and compiled code are copied. A gate output modified in place b
 reader reduced it is detected, counted and not counted as traffic. Big calls are reduced on
 the forward's thread (bounded staged memory).
 """
+import threading
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -143,3 +146,33 @@ def test_reader_polls_hold_forwards_no_cut_needs_and_every_read_still_counts_the
     for name in mid_1:
         np.testing.assert_array_equal(mid_1[name], mid_n[name])
         np.testing.assert_array_equal(end_1[name], end_n[name])
+
+
+def test_the_reader_reduces_on_its_own_thread_alone_and_the_model_keeps_its_threads():
+    """The reader's batched reductions never start an OpenMP team beside the model's threads;
+    the model's thread count (and torch's setting for new threads) is left as it was."""
+    if torch.get_num_threads() < 2:
+        torch.set_num_threads(2)  # a thread count the reader must not inherit
+    threads_before = torch.get_num_threads()
+    model = tiny_mixtral()
+    ids, mask = padded_batch()
+    seen = []
+    mon = moewatch.attach(model, window_tokens=1, window_seconds=0.05)
+    mon.add_listener(lambda window, health: seen.append((threading.current_thread().name, torch.get_num_threads())))
+    try:
+        with torch.no_grad():
+            for _ in range(50):
+                model(ids, attention_mask=mask)
+                if seen:
+                    break
+                time.sleep(0.05)
+    finally:
+        mon.detach()
+    on_reader = {count for name, count in seen if name == "moewatch-reader"}
+    assert on_reader == {1}  # (detach closes the last window on this thread, with its own count)
+    assert torch.get_num_threads() == threads_before
+    fresh = []
+    worker = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert fresh == [threads_before]  # a thread the user starts later still gets the model's count

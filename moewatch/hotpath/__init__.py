@@ -11,4 +11,5 @@ one kernel, and no Python lock, thread-local or value-dependent branch sits in t
 - ``ops``          the ``torch.library`` ops and what the hooks call
 - ``banks``        one monitor's banks (one per device) and the windows cut from them
 - ``requests``     the requests an engine names behind a forward, counted per window
+- ``serial``       the reader's tensor ops on its own thread alone (no OpenMP team of its own)
 """
