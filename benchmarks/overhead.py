@@ -141,6 +141,7 @@ BASE = {"none'": "none", "moewatch": "none", "naive": "none", "router": "none",
         "compiled'": "compiled", "comp+mw": "compiled"}
 # moewatch against the alternatives a user has, pair by pair in the same rounds
 VERSUS = (("moewatch", "naive"), ("moewatch", "router"))
+SAVE = None  # --save: a file the raw samples are appended to
 # set-ups whose own code is timed (HookTimer): the monitors and output_router_logits' extra work
 OWN_CODE = ("moewatch", "naive", "router")
 class Clock:
@@ -357,10 +358,20 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
             line += (f"; own code {spent[0]:.0f} us vs {spent[1]:.0f} us a forward, "
                      f"{mid:.3f} [{low:.3f}, {high:.3f}]: {_cheaper(low, high)}")
             print(line)
-    for name in ("moewatch", "comp+mw"):
-        if name in paired:
-            print(f"  target {name} <= {target:.2f}x: {verdict(paired[name][1], paired[name][2], target)} "
-                  f"(95% CI {paired[name][1]:.3f}-{paired[name][2]:.3f})")
+    for name, control in (("moewatch", "none'"), ("comp+mw", "compiled'")):
+        if name not in paired:
+            continue
+        # against the A/A control too: it sits where the monitor does in the chain, so a bias of
+        # the position (a timed forward right after one of its own) cancels; the verdict takes
+        # the less favourable of the two comparisons
+        intervals = {"base": paired[name]}
+        if control in times:
+            intervals[control] = median_ci([(t[0] / t[3]) / (c[0] / c[3])
+                                            for t, c in zip(times[name], times[control])])
+        verdicts = {verdict(low, high, target) for _, low, high in intervals.values()}
+        final = verdicts.pop() if len(verdicts) == 1 else "not resolved"
+        shown = "; ".join(f"vs {k} {m:.3f} [{lo:.3f}, {hi:.3f}]" for k, (m, lo, hi) in intervals.items())
+        print(f"  target {name} <= {target:.2f}x: {final} ({shown})")
 
 
 def _cheaper(low: float, high: float) -> str:
@@ -377,6 +388,11 @@ def run_shape(title: str, cases, forward: Callable, tokens: int, target: float, 
         times.update(interleave(cases, group, forward, seconds * len(group) / total, min_rounds, max_rounds))
     reader = reader_cost(cases, forward, seconds=10.0) if "moewatch" in cases else 0.0
     report(title, times, tokens, target, reader)
+    if SAVE:
+        import json
+
+        with open(SAVE, "a") as out:  # one line a shape: every sample, for analyses of one's own
+            out.write(json.dumps({"shape": title, "reader": reader, "samples": times}) + "\n")
 
 
 def dispatch_report(model, experts: int, top_k: int) -> None:
@@ -465,9 +481,12 @@ def main(argv=None) -> int:
                         help="only these set-ups beside the bases (none, compiled), e.g. \"none'\" "
                              "moewatch: more rounds a second, for a narrower interval on one target")
     parser.add_argument("--no-prefill", dest="prefill_run", action="store_false", help="skip the prefill shape")
+    parser.add_argument("--save", metavar="FILE", help="append every sample to FILE (JSON, a line a shape)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.min_rounds, args.decode_batches, args.memory_forwards = 30.0, 10, [1, 8], 10_000
+    global SAVE
+    SAVE = args.save
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"moewatch {moewatch.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
