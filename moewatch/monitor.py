@@ -94,6 +94,7 @@ class Monitor:
         devices = self._devices(model, specs)
         self._last = Snapshot.zeros(len(specs), max(s.info.num_experts for s in specs))
         self._force_asked = False  # the reader asked the device banks for a cut (window_seconds)
+        self._taking = False  # a take is under way (on the thread that holds the lock)
         self._baseline = as_baseline(baseline)  # loaded once: the detector's, and a dump's metadata
         self._detector = self._make_detector(self._baseline)
         self._exporters = self._start_exporters()
@@ -142,6 +143,7 @@ class Monitor:
         if self._decisions is not None:
             parts += list(self._decisions.rings.values())
         forksafety.renew_locks(parts)
+        self._taking = False  # a take that another thread had under way did not come along
         if self._reader is not None and self._hooks:
             self._stop = threading.Event()
             self._start_reader()
@@ -199,11 +201,17 @@ class Monitor:
         with ``force`` (``flush``, ``window_seconds``) after the last forward that ended.
         """
         with self._lock:
-            self._banks.take(force, self._on_cut, idle, hold)
+            if self._taking:  # a listener reading inside a take: the take under way covers it
+                return
+            self._taking = True
             try:
-                self._coselection.collect(self._banks.coselection)
-            except Exception as error:  # the windows go on without the co-selection
-                self.errors.record("reader", error, where="coselection")
+                self._banks.take(force, self._on_cut, idle, hold)
+                try:
+                    self._coselection.collect(self._banks.coselection)
+                except Exception as error:  # the windows go on without the co-selection
+                    self.errors.record("reader", error, where="coselection")
+            finally:
+                self._taking = False
 
     def _on_cut(self, when: float, sums: np.ndarray, counts: np.ndarray, absmax: np.ndarray,
                 rows: np.ndarray) -> None:
@@ -211,7 +219,11 @@ class Monitor:
 
     def _poll(self) -> None:
         """Reader thread: close the windows that are due (tokens) or too old (window_seconds)."""
-        aged = time.time() - self._last.time >= self.options.window_seconds
+        now = time.time()
+        aged = now - self._last.time >= self.options.window_seconds
+        if not aged and not self._banks.due(now):  # most polls: nothing to take yet
+            self._force_asked = False
+            return
         # a device bank cuts at the next forward end; one poll later with none, it cuts itself
         # hold: forwards that no window cut needs yet wait for a later poll (one batched reduction)
         self._take(force=aged, idle=aged and self._force_asked, hold=True)
@@ -302,8 +314,12 @@ class Monitor:
         return expert_parallel_frame(ring, self._gates, self._placement, self._home_rank)
 
     def windows(self) -> pd.DataFrame:
-        """The ring buffer: one row per (window, gate); see ``docs/api.md`` for the columns."""
+        """The ring buffer: one row per (window, gate); see ``docs/api.md`` for the columns.
+
+        Every window that the forwards ended so far filled is in it (the reader may publish a
+        window to the exporters up to a couple of seconds after its last forward)."""
         with self._lock:
+            self._take(force=False)
             ring = list(self._ring)
         return windows_frame(ring, self._gates)
 

@@ -117,3 +117,27 @@ def test_background_reader_closes_windows_by_time():
             time.sleep(0.05)
         frame = mon.windows()
     assert len(frame) >= 1 and int(frame["tokens"].sum()) == int(mask.sum())
+
+
+def test_a_listener_may_read_the_monitor_while_windows_close():
+    """Listeners run inside the reader's take; reading windows, counts or flushing there returns
+    (no deadlock, no nested take) and sees the window it was called for."""
+    model = tiny_mixtral(layers=1)
+    ids, mask = padded_batch(batch=2, length=8)
+    mask[:] = 1
+    seen = []
+    with moewatch.attach(model, background=False, window_tokens=16) as mon:
+        def listener(window, health):
+            seen.append((window.index, mon.windows()["window"].max(), int(sum(c.sum() for c in mon.counts().values()))))
+            mon.flush()
+
+        mon.add_listener(listener)
+        for _ in range(4):
+            with torch.no_grad():
+                model(ids, attention_mask=mask)
+        frame = mon.windows()
+        assert mon.error_counts() == {}
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and list(frame["window"]) == [0, 1, 2, 3]
+    assert all(index == latest for index, latest, _ in seen)  # the window being closed is in the ring
+    # counts(): every forward the take under way reduced (4 x 16 tokens x top-2), no nested take
+    assert [s[2] for s in seen] == [128] * 4

@@ -35,7 +35,10 @@ class GateSpec:
 
     An ``extract`` that reads nothing but the gate's output (not the module, its arguments or
     what companions left) says so with ``extract.output_only = True``: on CPU gates the hook
-    then keeps the output and the reader extracts it later, off the forward's thread.
+    then keeps the output and the reader extracts it later, off the forward's thread. One
+    that only picks members of a tuple output says which with ``extract.picks = (i, j)``
+    (logits ``output[i]``, indices ``output[j]`` or None; each flattened to [T, width]): the
+    reader then takes them without calling it.
     """
 
     info: GateInfo

@@ -192,6 +192,7 @@ def extract_triple(mod: nn.Module, args: tuple, kwargs: dict, output) -> Routing
 
 
 extract_triple.output_only = True  # reads the output alone: may run later, on the reader (hooks.py)
+extract_triple.picks = (0, 2)  # it only picks (logits, indices) out of a tuple (hotpath.staged)
 
 
 def describe(family: str) -> FamilyDoc:

@@ -44,6 +44,7 @@ def pattern_gate(name: str, module: nn.Module, top_k: Optional[int], scoring: st
         return Routing(logits=flat_tokens(logits, logits.shape[-1]))  # [T, E]
 
     extract.output_only = True  # reads the output alone: may run later, on the reader (hooks.py)
+    extract.picks = (0, None)  # of a tuple output, it picks the logits alone (hotpath.staged)
 
     info = GateInfo(name=name, num_experts=width, top_k=top_k, family="custom", scoring=scoring)
     return GateSpec(info=info, module=module, extract=extract)

@@ -37,6 +37,14 @@ MAX_STAGED_BYTES = 256 * 2**20
 # for 4 calls as for 400: reducing every poll cost a decode-bound engine ~4% of a core), or their
 # bytes pass half the staging bound (the forward's thread must not be left to reduce them).
 HOLD_CALLS = 1024
+# A poll looks at the committed forwards (counts their tokens, cuts the windows they fill) at
+# most every LOOK_SECONDS, or sooner when LOOK_FORWARDS forwards or a quarter of the staging
+# bound wait. A look runs on caches the model's forward has just evicted: about 0.3-0.5 ms
+# whatever it finds (2-core machine, Mixtral-shaped decode), so looking at every 0.25 s poll
+# cost a slow forward more than its gate calls did. A window is still cut at the forward where
+# it fills (its time is that forward's); it is published up to LOOK_SECONDS later.
+LOOK_SECONDS = 2.0
+LOOK_FORWARDS = 256
 
 
 class GateParams:
@@ -128,17 +136,22 @@ class StagedBank:
         self._staged_bytes = 0  # approximate: += and -= from several threads under the GIL
         self._drain = threading.Lock()  # one reducer at a time (reader, flush, counts)
         self._extract: List[Optional[Callable]] = [None] * num_gates  # per gate: output -> Routing
+        # per gate: (logits, indices) positions in a tuple output where its extract only picks
+        # members (``extract.picks``): the reader takes them without calling extract
+        self._picks: List[Optional[tuple]] = [None] * num_gates
         self._widths = [g.num_experts for g in self.gates]
         self._mask_keys = [g.mask_key for g in self.gates]
         self._held: List[Call] = []  # calls of whole forwards taken but not reduced (take(hold=True))
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         self._window_gate_tokens = [0.0] * num_gates  # per gate: a list, no tensor op per call
-        # [2] the requests' tokens and tokens squared, summed since attach (Window.rows)
-        self._rows = np.zeros(2)
+        # the requests' tokens and tokens squared, summed since attach (Window.rows): floats, as
+        # numpy's in-place adds cost the reader a microsecond a forward
+        self._rows = [0.0, 0.0]
         # per forward thread: (B, tokens per row so far in this window) of the rows its decode
         # steps continue; a request's tokens count from 0 again in the next window
         self._row_runs: Dict[int, Tuple[int, float]] = {}
         self._request_runs = HostRequestRuns()  # the same, by request, where an engine names them
+        self._next_look = 0.0  # time.time() from which a poll looks at the committed forwards
 
     def set_ranks(self, row: int, ranks: Optional[torch.Tensor]) -> None:
         """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None."""
@@ -169,6 +182,7 @@ class StagedBank:
         """Gate ``row``'s outputs may be staged as they are (``stage_output``): ``extract`` reads them."""
         self._extract[row] = extract
         self._widths[row] = width
+        self._picks[row] = getattr(extract, "picks", None)
 
     def stage_output(self, row: int, output) -> None:
         """Record one gate call by its output alone (eager, without grad): the reader extracts it.
@@ -222,6 +236,11 @@ class StagedBank:
         if len(fields) != 5:
             return Call(*fields)
         row, output, versions, mask, nbytes = fields
+        picks = self._picks[row]
+        if picks is not None and type(output) is tuple:
+            call = self._picked(row, output, versions, mask, nbytes, picks)
+            if call is not None:
+                return call
         error = _modified() if _output_versions(output) != versions else None
         if error is None:
             try:
@@ -239,6 +258,27 @@ class StagedBank:
                    routing.positions)
         # versions None: the output's own were checked just now, and nothing writes to it after
         return Call(row, routing.grid or 0, tensors, None, nbytes)
+
+    def _picked(self, row: int, output: tuple, versions: tuple, mask, nbytes: int, picks: tuple) -> Optional[Call]:
+        """The Call of an unmodified output record whose extract only picks members of the tuple
+        (what extract returns, without a Routing built per call: the reader's commonest case),
+        or None for ``_call``'s general path (modified, malformed, or the wrong width)."""
+        try:
+            if tuple([t._version for t in output]) != versions:
+                return None
+            logits = output[picks[0]]  # [..., E]
+            if logits.dim() != 2:
+                logits = logits.reshape(-1, logits.shape[-1])  # [T, E]
+            if logits.shape[1] != self._widths[row]:
+                return None
+            indices = None
+            if picks[1] is not None:
+                indices = output[picks[1]]  # [..., k]
+                if indices.dim() != 2:
+                    indices = indices.reshape(-1, indices.shape[-1])  # [T, k]
+        except Exception:
+            return None
+        return Call(row, 0, (logits, indices, None, None, None, mask, None), None, nbytes)
 
     def stage(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int, copy: bool) -> None:
         """Record one gate call (the body of the ``moewatch::stage`` op on CPU tensors).
@@ -277,6 +317,13 @@ class StagedBank:
         return list(self._held) + [call for call in calls if call is not None]
 
     # -- the reader ----------------------------------------------------------------------------
+    def due(self, now: float) -> bool:
+        """Whether a poll at ``now`` (time.time()) should take the committed forwards (see
+        ``LOOK_SECONDS``); a few attribute reads: most polls end here."""
+        waiting = len(self._committed)
+        return waiting > 0 and (now >= self._next_look or waiting >= LOOK_FORWARDS
+                                or self._staged_bytes >= MAX_STAGED_BYTES // 4)
+
     def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float = 0.0,
              idle: bool = True, hold: bool = False) -> None:
         """Reduce every committed forward into the accumulators, in order.
@@ -288,6 +335,7 @@ class StagedBank:
         ``HOLD_CALLS``); the next take reduces them first, in order.
         """
         with self._drain:
+            self._next_look = (now or time.time()) + LOOK_SECONDS
             segment, self._held = self._held, []
             last_time = None
             while self._committed:
@@ -314,19 +362,22 @@ class StagedBank:
         step continues the rows of its thread's previous forward, so its rows grow (their squares
         by (n + L)**2 - n**2) instead of counting as B new requests. An engine's forward names
         its requests instead (``RequestTokens``)."""
+        totals = self._rows
         if isinstance(rows, RequestTokens):
-            self._rows += self._request_runs.add(rows)
-            return
-        batch, length, continued = rows
-        last = self._row_runs.get(thread)
-        before = last[1] if continued and last is not None and last[0] == batch else 0.0
-        after = before + length
-        self._rows += (batch * length, batch * (after * after - before * before))
-        self._row_runs[thread] = (batch, after)
+            tokens, squares = self._request_runs.add(rows).tolist()
+        else:
+            batch, length, continued = rows
+            last = self._row_runs.get(thread)
+            before = last[1] if continued and last is not None and last[0] == batch else 0.0
+            after = before + length
+            tokens, squares = batch * length, batch * (after * after - before * before)
+            self._row_runs[thread] = (batch, after)
+        totals[0] += tokens
+        totals[1] += squares
 
     def _cut(self, on_cut, when: float) -> None:
         on_cut(when, self.sums.numpy().copy(), self.counts.numpy().copy(), self.absmax.numpy().copy(),
-               self._rows.copy())
+               np.array(self._rows))
         self._row_runs.clear()  # a request that goes on counts its tokens in the next window anew
         self._request_runs.cut()
         self.absmax.zero_()
@@ -338,6 +389,9 @@ class StagedBank:
         per_gate = self._window_gate_tokens
         masks: Dict[tuple, object] = {}
         for call in calls:
+            if call.mask is None and call.valid is None and call.reduced is None:  # no padding: T
+                per_gate[call.row] += call.logits.shape[0]
+                continue
             try:
                 if call.reduced is not None:
                     tokens = float(call.reduced.scalars[TOKENS])
@@ -372,7 +426,7 @@ class StagedBank:
         for call in calls:
             if call.reduced is not None:
                 accumulate(self.sums, self.counts, self.absmax, call.row, call.reduced, self.cosel)
-            elif self._unchanged(call):
+            elif call.versions is None or self._unchanged(call):
                 by_row.setdefault(call.row, []).append(call)
         for row, group in by_row.items():
             try:
@@ -395,7 +449,7 @@ class StagedBank:
                         self.errors.record("hook", error, where=self.gates[row].name)
 
     def _unchanged(self, call: Call) -> bool:
-        if call.versions is None or _versions(call.tensors()) == call.versions:
+        if _versions(call.tensors()) == call.versions:
             return True
         self._staged_bytes -= call.nbytes
         self.errors.record("hook", _modified(), where=self.gates[call.row].name)
@@ -420,28 +474,41 @@ class StagedBank:
                          probs, dropped, gate.capacity_factor, ranks=self.ranks[row], coselect=True)
 
     def _reduce_many(self, row: int, group: List[Call]):
+        """One reduction of many calls of gate ``row``; raises where one of them is bad (the
+        caller then reduces them one by one, so the bad ones are found and the others count)."""
         gate = self.gates[row]
         masks: dict = {}
+        # one pass over the calls: the reader runs this for every call of every window
+        logits, indices, probs, dropped, lengths, weights = [], [], [], [], [], []
+        padded = False
         for call in group:
-            self._check_width(gate, call.logits)
+            logits.append(call.logits)  # [T_i, E]
+            indices.append(call.indices)  # [T_i, k] or None
+            probs.append(call.probs)  # [T_i, E] or None
+            dropped.append(call.dropped)  # [T_i, k] or None
+            lengths.append(call.logits.shape[0])
+            if call.valid is None and call.mask is None:
+                weights.append(None)
+            else:
+                weights.append(self._weights(call, masks))  # [T_i]
+                padded = True
         # A batch mixes calls with and without the router's own indices/probs/drops only in
         # odd models; reduce those one by one rather than guess.
-        columns = [[getattr(call, name) for call in group] for name in ("indices", "probs", "dropped")]
-        for column in columns:
-            if any(t is None for t in column) and not all(t is None for t in column):
+        for column in (indices, probs, dropped):
+            absent = column[0] is None  # (no `None in column`: that compares tensors with None)
+            if any((t is None) != absent for t in column):
                 raise _Mixed()
-        lengths = [call.logits.shape[0] for call in group]
-        weights = [self._weights(call, masks) for call in group]
+        all_logits = torch.cat(logits)  # [sum T, E]: fails where the calls' widths differ
+        self._check_width(gate, all_logits)
         valid = None  # [sum T] float, or None when no call has padding
-        if any(w is not None for w in weights):
+        if padded:
             valid = torch.cat([torch.ones(n) if w is None else w.float() for w, n in zip(weights, lengths)])
         call_ids = None  # [sum T] which call each token came from: only the would-be drops need it
         if gate.capacity_factor > 0:
             call_ids = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))
         cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-        return gate_sums(torch.cat([call.logits for call in group]), cat(columns[0]), valid,
-                         gate.scoring, gate.top_k, cat(columns[1]), cat(columns[2]), gate.capacity_factor,
-                         call_ids, len(group), ranks=self.ranks[row], coselect=True)
+        return gate_sums(all_logits, cat(indices), valid, gate.scoring, gate.top_k, cat(probs), cat(dropped),
+                         gate.capacity_factor, call_ids, len(group), ranks=self.ranks[row], coselect=True)
 
     @staticmethod
     def _check_width(gate: GateParams, logits) -> None:
@@ -453,7 +520,7 @@ class StagedBank:
 
     def rows_total(self) -> np.ndarray:
         """float64 [2]: the token rows of the forwards reduced so far (``Window.rows``)."""
-        return self._rows.copy()
+        return np.array(self._rows)
 
     def live(self):
         """Host copies (numpy) of the sums and counts (call after ``take``)."""
