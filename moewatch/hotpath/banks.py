@@ -96,11 +96,8 @@ class Banks:
 
     # -- the reader -----------------------------------------------------------------------------
     def due(self, now: float) -> bool:
-        """Whether a reader's poll at ``now`` has anything to take (a device bank: always)."""
-        for bank in self.banks:
-            if not isinstance(bank, StagedBank) or bank.due(now):
-                return True
-        return False
+        """Whether a reader's poll at ``now`` has anything to take."""
+        return any(bank.due(now) for bank in self.banks)
 
     def take(self, force: bool, on_window: Callable, idle: bool = True, hold: bool = False) -> None:
         """Reduce what the forwards left and call ``on_window(t, sums, counts, absmax, rows)`` per cut.

@@ -179,6 +179,10 @@ class DeviceBank:
         self.cut_ptr.add_(cut.to(torch.int64))
 
     # -- the reader -----------------------------------------------------------------------------
+    def due(self, now: float) -> bool:
+        """A poll always takes: the device cuts windows itself, the reader collects them."""
+        return True
+
     def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float,
              idle: bool, hold: bool = False) -> None:
         """Hand every new cut to ``on_cut``; with ``force``, ask for a cut (made now when idle)."""

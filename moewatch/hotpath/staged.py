@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..adapters.base import width_error
+from ..adapters.base import flat_tokens, width_error
 from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_tail, mask_weights
 from .requests import HostRequestRuns, RequestTokens
@@ -264,18 +264,16 @@ class StagedBank:
         (what extract returns, without a Routing built per call: the reader's commonest case),
         or None for ``_call``'s general path (modified, malformed, or the wrong width)."""
         try:
-            if tuple([t._version for t in output]) != versions:
+            if _output_versions(output) != versions:
                 return None
-            logits = output[picks[0]]  # [..., E]
-            if logits.dim() != 2:
-                logits = logits.reshape(-1, logits.shape[-1])  # [T, E]
+            logits = output[picks[0]]
+            logits = flat_tokens(logits, logits.shape[-1])  # [T, E]
             if logits.shape[1] != self._widths[row]:
                 return None
             indices = None
             if picks[1] is not None:
-                indices = output[picks[1]]  # [..., k]
-                if indices.dim() != 2:
-                    indices = indices.reshape(-1, indices.shape[-1])  # [T, k]
+                indices = output[picks[1]]
+                indices = flat_tokens(indices, indices.shape[-1])  # [T, k]
         except Exception:
             return None
         return Call(row, 0, (logits, indices, None, None, None, mask, None), None, nbytes)
@@ -480,14 +478,14 @@ class StagedBank:
         masks: dict = {}
         # one pass over the calls: the reader runs this for every call of every window
         logits, indices, probs, dropped, lengths, weights = [], [], [], [], [], []
-        padded = False
+        padded = False  # some call has padding weights
         for call in group:
             logits.append(call.logits)  # [T_i, E]
             indices.append(call.indices)  # [T_i, k] or None
             probs.append(call.probs)  # [T_i, E] or None
             dropped.append(call.dropped)  # [T_i, k] or None
             lengths.append(call.logits.shape[0])
-            if call.valid is None and call.mask is None:
+            if call.valid is None and call.mask is None:  # _weights' None, without its call
                 weights.append(None)
             else:
                 weights.append(self._weights(call, masks))  # [T_i]
