@@ -24,6 +24,7 @@ from .engines import engine_for
 from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
+from .hotpath import staged
 from .hotpath.banks import Banks
 from .hotpath.serial import run_this_thread_serially
 from . import forksafety
@@ -114,6 +115,7 @@ class Monitor:
         forget_compiled_code(model)  # code compiled without the hooks re-traces with them
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by a forward (a poll is due early) or by detach
         self._reader = None
         if self.options.background:
             self._start_reader()
@@ -132,7 +134,8 @@ class Monitor:
                 self._banks.set_ranks(index, self._placement.ranks[gate.name])
 
     def _start_reader(self) -> None:
-        self._reader = threading.Thread(target=_reader_loop, args=(weakref.ref(self), self._stop,
+        self._banks.set_wake(self._wake.set)
+        self._reader = threading.Thread(target=_reader_loop, args=(weakref.ref(self), self._stop, self._wake,
                                         self._poll_seconds()), name="moewatch-reader", daemon=True)
         self._reader.start()
 
@@ -145,7 +148,7 @@ class Monitor:
         forksafety.renew_locks(parts)
         self._taking = False  # a take that another thread had under way did not come along
         if self._reader is not None and self._hooks:
-            self._stop = threading.Event()
+            self._stop, self._wake = threading.Event(), threading.Event()
             self._start_reader()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -191,6 +194,8 @@ class Monitor:
         return start_exporters(self)
 
     def _poll_seconds(self) -> float:
+        """The reader's pace where every poll takes (a device bank), and after a poll that closed
+        an aged window (the device cuts at the next forward end: one poll later, itself)."""
         return min(0.25, self.options.window_seconds / 4)
 
     # -- reading the accumulators ----------------------------------------------------------
@@ -217,17 +222,29 @@ class Monitor:
                 rows: np.ndarray) -> None:
         self._close(Snapshot(time=when, sums=sums, counts=counts, absmax=absmax, rows=rows))
 
-    def _poll(self) -> None:
-        """Reader thread: close the windows that are due (tokens) or too old (window_seconds)."""
+    def _poll(self) -> float:
+        """Reader thread: close the windows that are due (tokens) or too old (window_seconds);
+        returns the seconds until the next poll, unless a forward wakes the reader sooner."""
         now = time.time()
         aged = now - self._last.time >= self.options.window_seconds
-        if not aged and not self._banks.due(now):  # most polls: nothing to take yet
-            self._force_asked = False
-            return
-        # a device bank cuts at the next forward end; one poll later with none, it cuts itself
-        # hold: forwards that no window cut needs yet wait for a later poll (one batched reduction)
-        self._take(force=aged, idle=aged and self._force_asked, hold=True)
+        if aged or self._banks.due(now):
+            # a device bank cuts at the next forward end; one poll later with none, it cuts itself
+            # hold: forwards that no window cut needs yet wait for a later poll (one batched reduction)
+            self._take(force=aged, idle=aged and self._force_asked, hold=True)
+            now = time.time()
         self._force_asked = aged
+        return self._next_poll(now)
+
+    def _next_poll(self, now: float) -> float:
+        """Seconds until the open window ages out or the host banks' next look, within a bound
+        (a clock step, a short window). A wake-up costs the model's cores ~0.1 ms even when it
+        finds nothing (2-core machine): the reader sleeps until something can be due."""
+        look = self._banks.next_look()
+        if look <= 0.0:  # a device bank: every poll takes
+            return self._poll_seconds()
+        bound = max(self._poll_seconds(), min(staged.LOOK_SECONDS, self.options.window_seconds / 2))
+        moments = [t for t in (self._last.time + self.options.window_seconds, look) if t > now]
+        return max(0.01, min(min(moments) - now, bound)) if moments else bound
 
     def _close(self, current: Snapshot) -> Optional[Window]:
         window = close_window(self._next_window, self._last, current)
@@ -385,6 +402,7 @@ class Monitor:
         if not self._hooks:
             return
         self._stop.set()
+        self._wake.set()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
         for handle in self._hooks:
@@ -430,16 +448,22 @@ def _resolve_placement(options, specs):
     return resolve_placement(options.expert_placement, [s.info for s in specs])
 
 
-def _reader_loop(monitor_ref, stop: threading.Event, interval: float) -> None:
+def _reader_loop(monitor_ref, stop: threading.Event, wake: threading.Event, interval: float) -> None:
     run_this_thread_serially()  # the reductions never take the model's cores with a thread team
-    while not stop.wait(interval):
+    delay = interval
+    while True:
+        wake.wait(delay)
+        if stop.is_set():
+            return
+        wake.clear()  # before the poll: a forward that wakes the reader during it is seen next time
         monitor = monitor_ref()
         if monitor is None:
             return
         try:
-            monitor._poll()
+            delay = monitor._poll()
         except Exception as error:  # keep reading; a bad poll must not end monitoring
             monitor.errors.record("reader", error)
+            delay = interval
         del monitor
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -98,6 +98,17 @@ class Banks:
     def due(self, now: float) -> bool:
         """Whether a reader's poll at ``now`` has anything to take."""
         return any(bank.due(now) for bank in self.banks)
+
+    def next_look(self) -> float:
+        """When (time.time()) the next poll has something to take, unless a bank wakes the
+        reader sooner (see ``set_wake``); 0.0: at the reader's own pace (a device bank)."""
+        return min(bank.next_look() for bank in self.banks)
+
+    def set_wake(self, wake: Optional[Callable[[], None]]) -> None:
+        """``wake()`` is called on a forward's thread when a poll is due sooner than ``next_look``."""
+        for bank in self.banks:
+            if hasattr(bank, "on_due"):
+                bank.on_due = wake
 
     def take(self, force: bool, on_window: Callable, idle: bool = True, hold: bool = False) -> None:
         """Reduce what the forwards left and call ``on_window(t, sums, counts, absmax, rows)`` per cut.

@@ -183,6 +183,10 @@ class DeviceBank:
         """A poll always takes: the device cuts windows itself, the reader collects them."""
         return True
 
+    def next_look(self) -> float:
+        """Every poll takes (see ``due``): the reader polls at its own pace."""
+        return 0.0
+
     def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float,
              idle: bool, hold: bool = False) -> None:
         """Hand every new cut to ``on_cut``; with ``force``, ask for a cut (made now when idle)."""

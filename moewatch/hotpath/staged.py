@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from ..adapters.base import flat_tokens, width_error
-from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
-from .reference import accumulate, gate_sums, mask_tail, mask_weights
+from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOKENS
+from . import numpy_backend
+from .numpy_backend import as_array, concat
+from .reference import GateSums, mask_tail, mask_weights
 from .requests import HostRequestRuns, RequestTokens
 
 # Staged bytes across all threads above which the forward's thread reduces a call itself
@@ -37,13 +39,15 @@ MAX_STAGED_BYTES = 256 * 2**20
 # for 4 calls as for 400: reducing every poll cost a decode-bound engine ~4% of a core), or their
 # bytes pass half the staging bound (the forward's thread must not be left to reduce them).
 HOLD_CALLS = 1024
-# A poll looks at the committed forwards (counts their tokens, cuts the windows they fill) at
-# most every LOOK_SECONDS, or sooner when LOOK_FORWARDS forwards or a quarter of the staging
-# bound wait. A look runs on caches the model's forward has just evicted: about 0.3-0.5 ms
-# whatever it finds (2-core machine, Mixtral-shaped decode), so looking at every 0.25 s poll
-# cost a slow forward more than its gate calls did. A window is still cut at the forward where
-# it fills (its time is that forward's); it is published up to LOOK_SECONDS later.
-LOOK_SECONDS = 2.0
+# The reader looks at the committed forwards (counts their tokens, cuts the windows they fill)
+# at most every LOOK_SECONDS, or sooner when LOOK_FORWARDS forwards or a quarter of the staging
+# bound wait (the forward that reaches either wakes it: ``on_due``). A wake-up of the reader runs
+# on caches the model's forward has just evicted: ~0.1 ms of CPU for a poll that finds nothing,
+# 0.3-0.5 ms for a look, whatever it finds (2-core machine, Mixtral-shaped); at a slow shape
+# (prefill, a second a forward) looking every 2 s cost a quarter of the reader's time. A window
+# is still cut at the forward where it fills (its time is that forward's); it is published up to
+# LOOK_SECONDS later (windows that age out, at window_seconds, are taken when they do).
+LOOK_SECONDS = 5.0
 LOOK_FORWARDS = 256
 
 
@@ -127,6 +131,9 @@ class StagedBank:
         self.cosel = torch.zeros(num_gates, max_experts, max_experts, dtype=torch.int64)  # [G, E, E] upper
         self.ranks: List[Optional[torch.Tensor]] = [None] * num_gates  # per gate: int64 [E] or None
         self.absmax = torch.zeros(num_gates, dtype=torch.float64)  # since the last cut
+        # numpy views of the accumulators: the reader adds into them (a numpy add costs ~1 us)
+        self._sums_view, self._counts_view = self.sums.numpy(), self.counts.numpy()
+        self._cosel_view, self._absmax_view = self.cosel.numpy(), self.absmax.numpy()
         # the stage op's order (see ops): the forward ops' ticks, where Banks gives them
         self.token = torch.zeros(1, dtype=torch.int64) if token is None else token  # [1] int64
         self.errors = errors
@@ -152,6 +159,8 @@ class StagedBank:
         self._row_runs: Dict[int, Tuple[int, float]] = {}
         self._request_runs = HostRequestRuns()  # the same, by request, where an engine names them
         self._next_look = 0.0  # time.time() from which a poll looks at the committed forwards
+        # called (on the forward's thread) when a poll is due before _next_look: the reader's wake-up
+        self.on_due: Optional[Callable[[], None]] = None
 
     def set_ranks(self, row: int, ranks: Optional[torch.Tensor]) -> None:
         """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None."""
@@ -174,8 +183,12 @@ class StagedBank:
         if state.depth == 0:
             state.masks = {}
             if state.pending:
-                self._committed.append((time.time(), state.pending, state.rows, threading.get_ident()))
+                committed = self._committed
+                committed.append((time.time(), state.pending, state.rows, threading.get_ident()))
                 state.pending = []
+                if (len(committed) == LOOK_FORWARDS or self._staged_bytes >= MAX_STAGED_BYTES // 4) \
+                        and self.on_due is not None:
+                    self.on_due()
             state.rows = None
 
     def set_extract(self, row: int, extract: Callable, width: int) -> None:
@@ -322,6 +335,10 @@ class StagedBank:
         return waiting > 0 and (now >= self._next_look or waiting >= LOOK_FORWARDS
                                 or self._staged_bytes >= MAX_STAGED_BYTES // 4)
 
+    def next_look(self) -> float:
+        """When (time.time()) a poll next looks at the committed forwards, unless woken sooner."""
+        return self._next_look
+
     def take(self, window_tokens: float, force: bool, on_cut: Callable, now: float = 0.0,
              idle: bool = True, hold: bool = False) -> None:
         """Reduce every committed forward into the accumulators, in order.
@@ -419,32 +436,88 @@ class StagedBank:
         return weights
 
     def _reduce(self, calls: List[Call]) -> None:
-        """Add the calls into the accumulators: one batched reduction per gate."""
+        """Add the calls into the accumulators: one batched reduction per kind of gate (all the
+        gates of most models: one pass for all of them), else per gate, else per call."""
         by_row: Dict[int, List[Call]] = {}
         for call in calls:
             if call.reduced is not None:
-                accumulate(self.sums, self.counts, self.absmax, call.row, call.reduced, self.cosel)
+                self._add(call.row, call.reduced)
             elif call.versions is None or self._unchanged(call):
                 by_row.setdefault(call.row, []).append(call)
-        for row, group in by_row.items():
-            try:
-                self._reduce_group(row, group)
-            except Exception:  # find the bad call(s): the others still count
-                for call in group:
-                    try:
-                        self._reduce_group(row, [call])
-                    except Exception as error:
-                        self.errors.record("hook", error, where=self.gates[row].name)
-            finally:
+        for rows in self._kinds(by_row):
+            merged = len(rows) > 1 and self._reduce_merged([(row, by_row[row]) for row in rows])
+            for row in rows:
+                group = by_row[row]
+                if not merged:
+                    self._reduce_row(row, group)
                 self._staged_bytes -= sum(c.nbytes for c in group)
-            sampler = self.sampler_of(row)
-            if sampler is not None:
-                for call in group:
-                    try:
-                        sampler.record(call.logits, call.indices, call.probs, self._weights(call),
-                                       call.positions)
-                    except Exception as error:
-                        self.errors.record("hook", error, where=self.gates[row].name)
+                sampler = self.sampler_of(row)
+                if sampler is not None:
+                    for call in group:
+                        try:
+                            sampler.record(call.logits, call.indices, call.probs, self._weights(call),
+                                           call.positions)
+                        except Exception as error:
+                            self.errors.record("hook", error, where=self.gates[row].name)
+
+    def _kinds(self, by_row: Dict[int, List[Call]]) -> List[List[int]]:
+        """The rows with calls, grouped by what their reduction needs to know (same number of
+        experts, top-k, scoring and capacity, no placement): each group can be one pass."""
+        kinds: Dict[tuple, List[int]] = {}
+        for row in by_row:
+            gate = self.gates[row]
+            key = (gate.num_experts, gate.top_k, gate.scoring, gate.capacity_factor,
+                   row if self.ranks[row] is not None else None)
+            kinds.setdefault(key, []).append(row)
+        return list(kinds.values())
+
+    def _reduce_merged(self, groups: List[Tuple[int, List[Call]]]) -> bool:
+        """Reduce several gates' calls in one pass (``numpy_backend.segment_sums``); False where
+        that fails (nothing was added: the caller reduces them gate by gate)."""
+        try:
+            calls = [call for _, group in groups for call in group]
+            batch = self._batch(groups[0][0], calls)
+            starts, first = [], 0
+            for _, group in groups:
+                starts.append(first)
+                first += sum(call.logits.shape[0] for call in group)
+            if first != batch["logits"].shape[0]:  # calls of several dimensions: gate by gate
+                return False
+            parts = numpy_backend.segment_sums(**batch, starts=starts)
+        except Exception:
+            return False
+        for (row, _), part in zip(groups, parts):
+            self._add(row, part)
+        return True
+
+    def _reduce_row(self, row: int, group: List[Call]) -> None:
+        """One gate's calls in one pass; where that fails, call by call, so the bad ones are
+        counted as errors and the others still count."""
+        try:
+            self._add(row, self._reduce_one(row, group[0].tensors(), group[0].grid) if len(group) == 1
+                      else self._reduce_many(row, group))
+        except Exception:
+            for call in group:
+                try:
+                    self._add(row, self._reduce_one(row, call.tensors(), call.grid))
+                except Exception as error:
+                    self.errors.record("hook", error, where=self.gates[row].name)
+
+    def _add(self, row: int, part: GateSums) -> None:
+        """Add one gate's sums (numpy, from ``numpy_backend``) into its accumulators (see ``layout``)."""
+        experts = part.prob_sum.shape[0]
+        sums, counts = self._sums_view[row], self._counts_view[row]
+        sums[:NUM_SCALARS] += part.scalars
+        sums[NUM_SCALARS:NUM_SCALARS + experts] += part.prob_sum
+        counts[ASSIGNED, :experts] += part.counts
+        if part.drops is not None:
+            counts[DROPPED, :experts] += part.drops
+        if part.rank_tokens is not None:
+            counts[RANK_TOKENS, :experts] += part.rank_tokens
+        if part.cosel is not None:
+            self._cosel_view[row, :experts, :experts] += part.cosel
+        absmax = self._absmax_view
+        absmax[row] = max(absmax[row], float(part.absmax))
 
     def _unchanged(self, call: Call) -> bool:
         if _versions(call.tensors()) == call.versions:
@@ -453,27 +526,26 @@ class StagedBank:
         self.errors.record("hook", _modified(), where=self.gates[call.row].name)
         return False
 
-    def _reduce_group(self, row: int, group: List[Call]) -> None:
-        gate = self.gates[row]
-        if len(group) == 1:
-            call = group[0]
-            part = self._reduce_one(row, call.tensors(), call.grid)
-        else:
-            part = self._reduce_many(row, group)
-        accumulate(self.sums, self.counts, self.absmax, row, part, self.cosel)
-
-    def _reduce_one(self, row: int, tensors, grid: int):
+    def _reduce_one(self, row: int, tensors, grid: int) -> GateSums:
         logits, indices, probs, dropped, valid, mask, positions = tensors
         gate = self.gates[row]
         self._check_width(gate, logits)
         if valid is None:
             valid = mask_weights(mask, logits.shape[0], positions, grid)
-        return gate_sums(logits.reshape(-1, gate.num_experts), indices, valid, gate.scoring, gate.top_k,
-                         probs, dropped, gate.capacity_factor, ranks=self.ranks[row], coselect=True)
+        (part,) = numpy_backend.segment_sums(logits.reshape(-1, gate.num_experts), indices, valid, gate.scoring,
+                                             gate.top_k, probs, dropped, gate.capacity_factor,
+                                             ranks=self.ranks[row], coselect=True)
+        return part
 
-    def _reduce_many(self, row: int, group: List[Call]):
+    def _reduce_many(self, row: int, group: List[Call]) -> GateSums:
         """One reduction of many calls of gate ``row``; raises where one of them is bad (the
         caller then reduces them one by one, so the bad ones are found and the others count)."""
+        (part,) = numpy_backend.segment_sums(**self._batch(row, group))
+        return part
+
+    def _batch(self, row: int, group: List[Call]) -> dict:
+        """The arguments of one reduction of the calls (of gate ``row``, or of gates of its kind):
+        their tensors concatenated, padding weights and call numbers where needed."""
         gate = self.gates[row]
         masks: dict = {}
         # one pass over the calls: the reader runs this for every call of every window
@@ -496,23 +568,28 @@ class StagedBank:
             absent = column[0] is None  # (no `None in column`: that compares tensors with None)
             if any((t is None) != absent for t in column):
                 raise _Mixed()
-        all_logits = torch.cat(logits)  # [sum T, E]: fails where the calls' widths differ
+        all_logits = concat(logits)  # [sum T, E]: fails where the calls' widths differ
         self._check_width(gate, all_logits)
-        valid = None  # [sum T] float, or None when no call has padding
+        valid = None  # [sum T] float64, or None when no call has padding
         if padded:
-            valid = torch.cat([torch.ones(n) if w is None else w.float() for w, n in zip(weights, lengths)])
+            valid = np.concatenate([np.ones(n) if w is None else as_array(w, np.float64)
+                                    for w, n in zip(weights, lengths)])
         call_ids = None  # [sum T] which call each token came from: only the would-be drops need it
         if gate.capacity_factor > 0:
-            call_ids = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))
-        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-        return gate_sums(all_logits, cat(indices), valid, gate.scoring, gate.top_k, cat(probs), cat(dropped),
-                         gate.capacity_factor, call_ids, len(group), ranks=self.ranks[row], coselect=True)
+            call_ids = np.repeat(np.arange(len(group)), lengths)
+
+        def cat(column, dtype=np.float32):
+            return None if column[0] is None else concat(column, dtype)
+        return dict(logits=all_logits, indices=cat(indices, np.int64), valid=valid, scoring=gate.scoring,
+                    top_k=gate.top_k, probs=cat(probs), dropped=cat(dropped, np.int64),
+                    capacity_factor=gate.capacity_factor, call_ids=call_ids, num_calls=len(group),
+                    ranks=self.ranks[row], coselect=True)
 
     @staticmethod
     def _check_width(gate: GateParams, logits) -> None:
-        if logits.dim() < 1 or logits.shape[-1] != gate.num_experts:
+        if len(logits.shape) < 1 or logits.shape[-1] != gate.num_experts:  # a tensor or an array
             raise ValueError(
-                f"gate {gate.name!r} returned logits of width {logits.shape[-1] if logits.dim() else 0}, "
+                f"gate {gate.name!r} returned logits of width {logits.shape[-1] if len(logits.shape) else 0}, "
                 f"but it was attached with num_experts={gate.num_experts}; pass the right num_experts= "
                 "(or gates=) to moewatch.attach")
 

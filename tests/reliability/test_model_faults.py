@@ -79,7 +79,7 @@ def test_exception_inside_a_family_adapter_is_counted(model, monkeypatch):
 def test_exception_inside_a_statistic_is_counted_and_adds_nothing(model, monkeypatch):
     """The statistics raise on every call of the first gate: those calls add nothing and are
     counted one by one; the other gate's calls, reduced in the same batch, add exactly."""
-    import moewatch.hotpath.staged as staged
+    import moewatch.hotpath.numpy_backend as backend
 
     expected = forward(model, ids())
     with router_counts(model) as reference:
@@ -87,14 +87,14 @@ def test_exception_inside_a_statistic_is_counted_and_adds_nothing(model, monkeyp
     first_rows = []  # the first logit row of every call of gate 0: how the fault finds its calls
     gate0 = model.get_submodule(GATES[0])
     spy = gate0.register_forward_hook(lambda m, a, out: first_rows.append(out[0][0].detach().clone()))
-    real = staged.gate_sums
+    real = backend.segment_sums
 
-    def flaky(logits, *args, **kwargs):
-        if any(torch.equal(logits[0].float(), row.float()) for row in first_rows):
+    def flaky(logits, *args, **kwargs):  # logits: a tensor, or the reader's numpy array
+        if any(torch.equal(torch.as_tensor(logits[0]).float(), row.float()) for row in first_rows):
             raise FloatingPointError("statistic failed")
         return real(logits, *args, **kwargs)
 
-    monkeypatch.setattr(staged, "gate_sums", flaky)
+    monkeypatch.setattr(backend, "segment_sums", flaky)
     try:
         with moewatch.attach(model, background=False, model_name="tiny") as mon:
             for _ in range(5):

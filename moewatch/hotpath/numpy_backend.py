@@ -1,0 +1,300 @@
+"""The CPU reader's reduction: the reference's statistics, computed with numpy.
+
+Same inputs, same :class:`~moewatch.hotpath.reference.GateSums`, same per-token math as
+:func:`moewatch.hotpath.reference.gate_sums`, the oracle it is tested against
+(``tests/test_numpy_backend.py``). The staged CPU backend (``staged``) reduces a window's calls
+of a gate with it, on the reader thread, because there:
+
+- numpy dispatches an op in about a microsecond where torch takes five to ten, and a reduction
+  is ~40 ops: at decode sizes dispatch was most of the reader's cost (4x less at 400 tokens);
+- fewer passes: finite logits (the common case) are recognised by their per-token sums, so
+  the non-finite replacement and its comparison are skipped (2.6x less at 51,200 tokens).
+
+Counts, drops, co-selection and tokens per rank are exact (integer ops on the same ids). Float
+sums agree with the reference to float tolerance: numpy's float32 exp and log may differ from
+torch's by an ulp, and both sum in float64. Where the router gives no indices, the top-k is
+taken by ``torch.topk`` on these probabilities in the reference's layout, so exact ties break
+as the reference breaks them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+from scipy.special import entr
+
+from . import reference
+from .layout import NUM_SCALARS, SOFTMAX
+from .reference import GateSums, scoring_code
+
+
+def as_array(tensor: torch.Tensor, dtype=np.float32) -> np.ndarray:
+    """A numpy view of a CPU tensor as ``dtype`` (a copy only where the dtype differs: torch
+    upcasts half and bfloat16, which numpy cannot read)."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if dtype is np.float32 and tensor.dtype != torch.float32:
+        tensor = tensor.float()
+    array = tensor.numpy()
+    return array if array.dtype == dtype else array.astype(dtype)
+
+
+def concat(tensors, dtype=np.float32) -> np.ndarray:
+    """The tensors [T_i, W] (or [..., W]) of many calls as one array [sum T_i, W] of ``dtype``:
+    one ``torch.cat`` (converting each call's tensor on its own cost the reader ~6 us a call)."""
+    width = tensors[0].shape[-1]
+    with torch.no_grad():  # the reader's grad mode is on: no history for tensors that require grad
+        joined = torch.cat([t.reshape(-1, width) for t in tensors])  # fails where the widths differ
+    return as_array(joined, dtype)
+
+
+def _input(value, dtype=np.float32) -> Optional[np.ndarray]:
+    if value is None or isinstance(value, np.ndarray):
+        return value if value is None or value.dtype == dtype else value.astype(dtype)
+    return as_array(value, dtype)
+
+
+def gate_sums(
+    logits,
+    indices,
+    valid,
+    scoring,
+    top_k: int,
+    probs=None,
+    dropped=None,
+    capacity_factor: float = 0.0,
+    call_ids=None,
+    num_calls: int = 1,
+    ranks: Optional[torch.Tensor] = None,
+    coselect: bool = False,
+) -> GateSums:
+    """:func:`reference.gate_sums` in numpy (see the module docstring), as tensors. CPU tensors
+    or numpy arrays: logits [T, E]; indices [T, k] or None; valid [T] or None; probs [T, E] or
+    None; dropped [T, k] or None; call_ids [T] or None; ranks [E] or None."""
+    (part,) = segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capacity_factor, call_ids,
+                           num_calls, ranks, coselect)
+    return GateSums(*[None if value is None else torch.from_numpy(np.asarray(value)) for value in part])
+
+
+def segment_sums(logits, indices, valid, scoring, top_k: int, probs=None, dropped=None,
+                 capacity_factor: float = 0.0, call_ids=None, num_calls: int = 1, ranks=None,
+                 coselect: bool = False, starts=None) -> List[GateSums]:
+    """The sums of each segment of the tokens, as numpy arrays: one ``GateSums`` per segment.
+
+    ``starts`` [S] (ascending, from 0): segment s is the tokens from ``starts[s]`` up to the next
+    start (None: one segment). The reader puts the calls of several gates of the same kind one
+    after the other and reduces them in one pass: the per-token math is the same, only the last
+    sums are per segment, so S gates cost about what one does. ``call_ids`` [T] number the calls
+    across segments (a call lies within one segment); ``ranks`` [E] only with one segment.
+    Arguments otherwise as :func:`gate_sums`.
+    """
+    # Non-finite logits are expected input (counted, then replaced): no numpy warnings about them,
+    # which a process that turns warnings into errors would raise on the reader.
+    with np.errstate(all="ignore"):
+        return _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capacity_factor, call_ids,
+                             num_calls, ranks, coselect, starts)
+
+
+# Tokens are reduced in pieces whose [E, n] float32 temporaries hold at most this many values
+# (128 KB): they stay in the core's cache and in malloc's heap, where bigger ones are fresh
+# mmaps, page-faulted on every use (3-4x slower a token at 16k tokens, measured).
+PIECE_VALUES = 32768
+MIN_PIECE_TOKENS = 256  # wide routers: the ops' own overhead stays small beside their work
+
+
+def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capacity_factor, call_ids, num_calls,
+                  ranks, coselect, starts) -> List[GateSums]:
+    num_tokens, num_experts = logits.shape
+    starts = np.zeros(1, dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)  # [S]
+    num_segments = starts.shape[0]
+    if ranks is not None and num_segments != 1:
+        raise ValueError("a placement's ranks apply to one segment (one gate) at a time")
+    if num_tokens == 0:  # nothing to compute: the reference's zeros
+        part = reference.gate_sums(torch.zeros(0, num_experts), None, None, scoring, top_k, None, None,
+                                   capacity_factor, None, num_calls, ranks, coselect)
+        return [GateSums(*[None if value is None else value.numpy() for value in part])] * num_segments
+    raw = _input(logits)  # [T, E] float32
+    given = None if probs is None else _input(probs)  # [T, E] float32 or None
+    weights = None if valid is None else _input(valid, np.float64)  # [T] or None: every token is traffic
+    slots = None if indices is None else _input(indices, np.int64)  # [T, k]; else the top-k, piece by piece
+    top_parts = []
+    ends = np.append(starts[1:], num_tokens)  # [S]
+    total = np.zeros((num_segments, NUM_SCALARS + num_experts))  # [S, C] float64
+    absmax = np.zeros(num_segments)  # [S]
+    step = max(MIN_PIECE_TOKENS, PIECE_VALUES // num_experts)
+    for first in range(0, num_tokens, step):
+        last = min(num_tokens, first + step)
+        w = None if weights is None else weights[first:last]  # [n]
+        per_token, p, magnitude = _token_stats(raw[first:last], None if given is None else given[first:last],
+                                               scoring, w)
+        if slots is None:  # the reference's top-k on these probabilities, laid out as the reference's
+            top_parts.append(torch.topk(torch.from_numpy(p).t(), top_k, dim=-1).indices.numpy())  # [n, k]
+        rows, local = _pieces(starts, ends, first, last)  # the segments in this piece, where they start in it
+        if w is not None:  # weighted sums in float64, as the reference's (no BLAS: its threads spin)
+            per_token, p = per_token.astype(np.float64) * w, p.astype(np.float64) * w
+        if rows.shape[0] == 1:  # the common case: pairwise float64 sums
+            total[rows[0], :NUM_SCALARS] += per_token.sum(axis=1, dtype=np.float64)
+            total[rows[0], NUM_SCALARS:] += p.sum(axis=1, dtype=np.float64)
+            absmax[rows[0]] = max(absmax[rows[0]], float(magnitude.max()))
+        else:
+            total[rows, :NUM_SCALARS] += np.add.reduceat(per_token, local, axis=1, dtype=np.float64).T
+            total[rows, NUM_SCALARS:] += np.add.reduceat(p, local, axis=1, dtype=np.float64).T
+            absmax[rows] = np.maximum(absmax[rows], np.maximum.reduceat(magnitude, local))
+    if slots is None:
+        slots = np.concatenate(top_parts)  # [T, k]
+    if slots.size and (slots.min() < 0 or slots.max() >= num_experts):
+        raise IndexError(f"expert ids must lie in [0, {num_experts}), got {slots.min()}..{slots.max()}")
+
+    traffic = None if weights is None else weights != 0  # [T] bool, or None: every token
+    owner = None  # [T'] the segment of each traffic token, or None: one segment
+    if num_segments > 1:
+        owner = np.repeat(np.arange(num_segments), ends - starts)  # [T]
+        owner = owner if traffic is None else owner[traffic]
+    chosen = slots if traffic is None else slots[traffic]  # [T', k] the traffic tokens' slots
+    keyed = chosen if owner is None else owner[:, None] * num_experts + chosen  # [T', k] (segment, expert)
+    counts = np.bincount(keyed.ravel(), minlength=num_segments * num_experts).reshape(num_segments, num_experts)
+    drops = None
+    if dropped is not None:
+        lost = _input(dropped, np.int64)  # [T, k]
+        if traffic is not None:
+            lost = lost[traffic]
+        drops = _counts(np.bincount(keyed.ravel(), weights=lost.ravel(), minlength=num_segments * num_experts))
+        drops = drops.reshape(num_segments, num_experts)
+    elif capacity_factor > 0:
+        calls = None if call_ids is None else _input(call_ids, np.int64)
+        if calls is not None and traffic is not None:
+            calls = calls[traffic]
+        drops = would_be_drops(chosen, top_k, capacity_factor, calls, num_calls, num_experts, owner, num_segments)
+    cosel = coselection(chosen, num_experts, owner, num_segments) if coselect else None  # [S, E, E]
+    touched = None
+    if ranks is not None:
+        touched = rank_tokens(chosen, _input(ranks, np.int64))[None]  # [1, E]
+    return [GateSums(total[s, :NUM_SCALARS], total[s, NUM_SCALARS:], counts[s],
+                     None if drops is None else drops[s], absmax[s],
+                     None if cosel is None else cosel[s], None if touched is None else touched[s])
+            for s in range(num_segments)]
+
+
+def _pieces(starts: np.ndarray, ends: np.ndarray, first: int, last: int):
+    """The segments with tokens in [first, last) (ascending) and where each begins in it."""
+    rows = np.nonzero((starts < last) & (ends > first) & (ends > starts))[0]  # [S'] non-empty, overlapping
+    return rows, np.maximum(starts[rows] - first, 0)
+
+
+def _token_stats(raw: np.ndarray, given: Optional[np.ndarray], scoring, weights: Optional[np.ndarray]):
+    """The per-token quantities of a piece of n tokens: [NUM_SCALARS, n] float32 in layout's
+    column order, the routing distribution p [E, n] float32, and [n] the |logit| maximum per
+    token (weighted, as the reference's absmax). ``raw`` [n, E] float32 logits, ``given`` [n, E]
+    router probabilities or None, ``weights`` [n] float64 or None."""
+    num_tokens, num_experts = raw.shape
+    x = np.ascontiguousarray(raw.T)  # [E, n]: reductions over the experts run across rows
+    token_sum = x.sum(axis=0)  # [n]
+    nonfinite_count = np.zeros(num_tokens, dtype=np.float32)  # [n]
+    if not np.isfinite(token_sum).all():  # some NaN or +-Inf (or a sum that overflowed): replace by 0
+        bad = ~np.isfinite(x)  # [E, n]
+        nonfinite_count = bad.sum(axis=0, dtype=np.float32)  # [n]
+        x = np.where(bad, np.float32(0), x)  # [E, n]
+        token_sum = x.sum(axis=0)  # [n]
+    peak = x.max(axis=0)  # [n]
+    shifted = x - peak  # [E, n], <= 0
+    exp_shifted = np.exp(shifted)  # [E, n]
+    norm = exp_shifted.sum(axis=0)  # [n]
+    log_norm = np.log(norm)  # [n]
+    lse = peak + log_norm  # [n] logsumexp of the logits
+    if given is None and scoring_code(scoring) == SOFTMAX:
+        p = np.divide(exp_shifted, norm, out=exp_shifted)  # [E, n]
+        entropy = log_norm - (p * shifted).sum(axis=0)  # [n]
+    else:
+        if given is None:  # sigmoid scores, normalised per token
+            scores = np.float32(1) / (np.float32(1) + np.exp(-x))  # [E, n]
+            p = scores / np.maximum(scores.sum(axis=0), np.float32(1e-30))  # [E, n]
+        else:
+            p = np.ascontiguousarray(np.nan_to_num(given, nan=0.0, posinf=0.0, neginf=0.0).T)  # [E, n]
+        entropy = entr(p).sum(axis=0)  # [n]
+    top1 = p.max(axis=0)  # [n]
+    below = p < top1  # [E, n] (p has no NaN): the experts that are not at the top
+    second = (p * below).max(axis=0)  # [n] the max of the others ...
+    tie = below.sum(axis=0, dtype=np.int32) <= num_experts - 2  # [n] ... or top1 where two share the top
+    second = np.where(tie, top1, second)
+    per_token = np.stack([  # [NUM_SCALARS, n]
+        np.ones(num_tokens, dtype=np.float32),
+        entropy,
+        token_sum,
+        np.square(x).sum(axis=0),
+        np.float32(num_experts) - nonfinite_count,
+        top1,
+        top1 - second,
+        lse * lse,
+        nonfinite_count,
+    ])
+    if weights is None:
+        magnitude = np.maximum(peak, -x.min(axis=0))  # [n] max |x|, one pass less than abs()
+    else:
+        magnitude = (np.abs(x) * weights.astype(np.float32)).max(axis=0)  # [n]
+    return per_token, p, magnitude
+
+
+def _counts(float_counts: np.ndarray) -> np.ndarray:
+    """int64 counts that ``bincount`` with weights returned as float64 (exact below 2**53)."""
+    return np.rint(float_counts).astype(np.int64)
+
+
+def coselection(chosen: np.ndarray, num_experts: int, owner: Optional[np.ndarray] = None,
+                num_segments: int = 1) -> np.ndarray:
+    """int64 [S, E, E] upper triangles: :func:`reference.coselection` of the traffic tokens' slots
+    ``chosen`` [T', k] (a token's experts are a set: a repeated id counts once), per segment
+    (``owner`` [T']: each token's segment; None: one)."""
+    num_tokens, k = chosen.shape
+    size = num_experts * num_experts
+    ids = np.ascontiguousarray(chosen.T)  # [k, T']
+    if owner is not None:  # each segment's pairs in a square of its own
+        base = owner * size  # [T']
+    keep = None  # [k, T'] the first slot naming its expert, or None: a token's ids are distinct
+    for later in range(1, k):
+        repeated = (ids[:later] == ids[later]).any(axis=0)  # [T']
+        if repeated.any():
+            if keep is None:
+                keep = np.ones((k, num_tokens), dtype=bool)
+            keep[later] = ~repeated
+    parts = []
+    for a in range(k):  # (a, a): tokens that chose ids[a]; (a, b): pairs at (min id, max id)
+        for b in range(a, k):
+            flat = ids[a] * (num_experts + 1) if a == b else (
+                np.minimum(ids[a], ids[b]) * num_experts + np.maximum(ids[a], ids[b]))  # [T']
+            if owner is not None:
+                flat = flat + base
+            if keep is not None:
+                flat = flat[keep[a] & keep[b]]
+            parts.append(flat)
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.bincount(flat, minlength=num_segments * size).reshape(num_segments, num_experts, num_experts)
+
+
+def rank_tokens(chosen: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """int64 [E]: :func:`reference.rank_tokens` of the traffic tokens' slots ``chosen`` [T', k]."""
+    on = np.sort(ranks[chosen], axis=1)  # [T', k] ranks of the chosen experts, ascending
+    first = np.ones(on.shape, dtype=bool)  # [T', k] the first slot naming its rank
+    first[:, 1:] = on[:, 1:] != on[:, :-1]
+    return np.bincount(on[first], minlength=ranks.shape[0]).astype(np.int64, copy=False)
+
+
+def would_be_drops(chosen: np.ndarray, top_k: int, capacity_factor: float, calls: Optional[np.ndarray],
+                   num_calls: int, num_experts: int, owner: Optional[np.ndarray] = None,
+                   num_segments: int = 1) -> np.ndarray:
+    """int64 [S, E]: :func:`reference.would_be_drops` of the traffic tokens' slots ``chosen``
+    [T', k] and their calls [T'] (None: one call), per segment (``owner`` [T'], None: one)."""
+    if calls is None:
+        calls = np.zeros(chosen.shape[0], dtype=np.int64)
+    per_call = np.bincount((calls[:, None] * num_experts + chosen).ravel(),
+                           minlength=num_calls * num_experts)  # [N*E]
+    tokens = np.bincount(calls, minlength=num_calls).astype(np.float64)  # [N]
+    # float64 in the reference's order: the capacity equals math.ceil on the host
+    capacity = np.ceil(tokens * top_k / num_experts * capacity_factor)  # [N]
+    over = np.maximum(per_call.reshape(num_calls, num_experts) - capacity[:, None], 0.0)  # [N, E]
+    call_segment = np.zeros(num_calls, dtype=np.int64)  # [N] (a call without traffic adds 0 anywhere)
+    if owner is not None:
+        call_segment[calls] = owner
+    keyed = (call_segment[:, None] * num_experts + np.arange(num_experts)).ravel()  # [N*E]
+    return _counts(np.bincount(keyed, weights=over.ravel(), minlength=num_segments * num_experts)).reshape(
+        num_segments, num_experts)
