@@ -114,7 +114,7 @@ def test_reader_polls_hold_forwards_no_cut_needs_and_every_read_still_counts_the
     their order are those of reducing at every poll."""
     model = tiny_mixtral(layers=2)
     runs = []
-    monkeypatch.setattr(staged, "LOOK_SECONDS", 0.0)  # every poll takes (see the next test)
+    monkeypatch.setattr(staged, "LOOK_FORWARDS", 1)  # every poll takes (see the next test)
     for hold_calls in (1, staged.HOLD_CALLS):  # 1: every poll reduces what it took
         monkeypatch.setattr(staged, "HOLD_CALLS", hold_calls)
         mon = moewatch.attach(model, background=False, window_tokens=40)
@@ -152,16 +152,17 @@ def test_reader_polls_hold_forwards_no_cut_needs_and_every_read_still_counts_the
 def test_polls_take_the_forwards_at_most_every_look_seconds_and_cut_the_same_windows(one_thread, monkeypatch):
     """Most polls only check that nothing is due (a look costs a slow forward's cold caches
     more than its calls): they take the committed forwards every LOOK_SECONDS, or when
-    LOOK_FORWARDS wait. The windows are those of taking at every poll: each is cut at the
-    forward where it filled, at that forward's time, however late it is taken."""
+    LOOK_FORWARDS wait, and at a look only where the waiting forwards' rows (B x L tokens) could
+    fill the window. The windows are those of taking at every poll: each is cut at the forward
+    where it filled, at that forward's time, however late it is taken."""
     model = tiny_mixtral(layers=2)
     runs = []
-    for look_seconds, look_forwards in ((0.0, staged.LOOK_FORWARDS), (3600.0, 5)):
+    for look_seconds, look_forwards in ((0.0, 1), (3600.0, 5), (0.0, staged.LOOK_FORWARDS)):
         monkeypatch.setattr(staged, "LOOK_SECONDS", look_seconds)
         monkeypatch.setattr(staged, "LOOK_FORWARDS", look_forwards)
         mon = moewatch.attach(model, background=False, window_tokens=40)
         bank = mon._banks.banks[0]
-        waiting, ends = [], []
+        waiting, ends, could_fill = [], [], []
         for seed in range(14):
             ids, mask = padded_batch(seed=seed, batch=2, length=6 + seed % 5)
             with torch.no_grad():
@@ -169,23 +170,28 @@ def test_polls_take_the_forwards_at_most_every_look_seconds_and_cut_the_same_win
             ends.append(bank._committed[-1][0])  # the forward's commit time
             mon._poll()  # what the reader thread does every poll
             waiting.append(len(bank._committed))
+            if bank._committed:  # left waiting: their rows' tokens could not fill the window
+                could_fill.append(bank._window_tokens + bank._waiting_bound >= 40)
         mon.flush()
         frame = mon.windows()
-        runs.append((waiting, ends, frame))
+        runs.append((waiting, ends, frame, could_fill))
         mon.detach()
-    (waiting_0, ends_0, frame_0), (waiting_n, ends_n, frame_n) = runs
+    (waiting_0, ends_0, frame_0, _), (waiting_n, ends_n, frame_n, _), (waiting_b, ends_b, frame_b, fill_b) = runs
     assert max(waiting_0) == 0  # every poll took
     # the first poll takes; then only when 5 forwards wait: 0, 1, 2, 3, 4, 0, 1, ...
     assert waiting_n == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3], waiting_n
-    assert len(frame_0) == len(frame_n) > 3
-    assert frame_0["tokens"].tolist() == frame_n["tokens"].tolist()
-    for x, y in zip(frame_0["expert_counts"], frame_n["expert_counts"]):
-        np.testing.assert_array_equal(x, y)
+    # looks due at every poll, taken only where the rows bound says the window may fill
+    assert max(waiting_b) > 0 and waiting_b.count(0) >= 3 and not any(fill_b), (waiting_b, fill_b)
+    for frame in (frame_n, frame_b):
+        assert len(frame_0) == len(frame) > 3
+        assert frame_0["tokens"].tolist() == frame["tokens"].tolist()
+        for x, y in zip(frame_0["expert_counts"], frame["expert_counts"]):
+            np.testing.assert_array_equal(x, y)
     # windows taken late are still cut at a forward's end, at its time: the same forwards as above
-    full = frame_n.groupby("window")["t_end"].first().tolist()[:-1]  # the last window: flush's
-    positions_n = [ends_n.index(t) for t in full]
     positions_0 = [ends_0.index(t) for t in frame_0.groupby("window")["t_end"].first().tolist()[:-1]]
-    assert positions_n == positions_0
+    for frame, ends in ((frame_n, ends_n), (frame_b, ends_b)):
+        full = frame.groupby("window")["t_end"].first().tolist()[:-1]  # the last window: flush's
+        assert [ends.index(t) for t in full] == positions_0
 
 
 def test_the_reader_reduces_on_its_own_thread_alone_and_the_model_keeps_its_threads():

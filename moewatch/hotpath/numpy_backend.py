@@ -45,7 +45,7 @@ def concat(tensors, dtype=np.float32) -> np.ndarray:
     one ``torch.cat`` (converting each call's tensor on its own cost the reader ~6 us a call)."""
     width = tensors[0].shape[-1]
     with torch.no_grad():  # the reader's grad mode is on: no history for tensors that require grad
-        joined = torch.cat([t.reshape(-1, width) for t in tensors])  # fails where the widths differ
+        joined = torch.cat([t if t.dim() == 2 else t.reshape(-1, width) for t in tensors])  # fails where widths differ
     return as_array(joined, dtype)
 
 
@@ -212,11 +212,18 @@ def _token_stats(raw: np.ndarray, given: Optional[np.ndarray], scoring, weights:
         else:
             p = np.ascontiguousarray(np.nan_to_num(given, nan=0.0, posinf=0.0, neginf=0.0).T)  # [E, n]
         entropy = entr(p).sum(axis=0)  # [n]
-    top1 = p.max(axis=0)  # [n]
-    below = p < top1  # [E, n] (p has no NaN): the experts that are not at the top
-    second = (p * below).max(axis=0)  # [n] the max of the others ...
-    tie = below.sum(axis=0, dtype=np.int32) <= num_experts - 2  # [n] ... or top1 where two share the top
-    second = np.where(tie, top1, second)
+    # the top two probabilities: the second is the max of the others (0 for none, as the
+    # reference's), or the top itself where two share the top (p has no NaN)
+    if num_experts <= 16:  # a running top two over the expert rows: fewer passes than a mask
+        top1, second = p[0].copy(), np.zeros(num_tokens, dtype=np.float32)  # [n], [n]
+        for row in p[1:]:
+            np.maximum(second, np.minimum(top1, row), out=second)
+            np.maximum(top1, row, out=top1)
+    else:
+        top1 = p.max(axis=0)  # [n]
+        below = p < top1  # [E, n]: the experts that are not at the top
+        second = (p * below).max(axis=0)  # [n]
+        second = np.where(below.sum(axis=0, dtype=np.int32) <= num_experts - 2, top1, second)  # [n]
     per_token = np.stack([  # [NUM_SCALARS, n]
         np.ones(num_tokens, dtype=np.float32),
         entropy,

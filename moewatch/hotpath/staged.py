@@ -5,8 +5,9 @@ call where it happens (dozens of small ops) would cost the forward hundreds of m
 Here the forward's thread only *records* the call: a reference to its tensors (eager mode,
 where the version counter proves later that they were not modified in place) or a copy
 (compiled code and inference tensors, whose buffers may be reused). The reader thread later
-takes every recorded call of a window and runs the reference statistics once per gate over
-all of them together, so the per-op overhead is paid once per window, not once per call.
+takes every recorded call of a window and computes the reference's statistics over all of them
+together (``numpy_backend``: one pass for all the gates of a kind), so the per-op overhead is
+paid once per window, not once per call.
 
 Windows never split a forward: calls are kept per thread until the root module's forward ends
 (``end``), then committed as one forward. The reader cuts a window at the first forward
@@ -161,6 +162,12 @@ class StagedBank:
         self._next_look = 0.0  # time.time() from which a poll looks at the committed forwards
         # called (on the forward's thread) when a poll is due before _next_look: the reader's wake-up
         self.on_due: Optional[Callable[[], None]] = None
+        # At most how many tokens a gate saw in the forwards committed since the last take (the
+        # sum of their B x L rows), or None: unknown (an engine's forward, a gate outside one).
+        # A look that cannot fill the window only delays its cut's publication, never moves the
+        # cut: polls skip it (the window still ages out, and LOOK_FORWARDS still bounds the wait).
+        self._waiting_bound: Optional[float] = None
+        self._window_limit = 0.0  # the window_tokens of the last take
 
     def set_ranks(self, row: int, ranks: Optional[torch.Tensor]) -> None:
         """Place gate ``row``'s experts: int64 [E] rank of each expert (in [0, E)), or None."""
@@ -184,8 +191,12 @@ class StagedBank:
             state.masks = {}
             if state.pending:
                 committed = self._committed
-                committed.append((time.time(), state.pending, state.rows, threading.get_ident()))
+                rows = state.rows
+                committed.append((time.time(), state.pending, rows, threading.get_ident()))
                 state.pending = []
+                bound = self._waiting_bound
+                if bound is not None:  # a gate sees at most the forward's B x L tokens
+                    self._waiting_bound = bound + rows[0] * rows[1] if type(rows) in (tuple, list) else None
                 if (len(committed) == LOOK_FORWARDS or self._staged_bytes >= MAX_STAGED_BYTES // 4) \
                         and self.on_due is not None:
                     self.on_due()
@@ -229,6 +240,7 @@ class StagedBank:
             state.pending.append((row, output, versions, state.masks.get(self._mask_keys[row]), nbytes))
         else:  # a gate called outside a monitored root forward is a forward of its own, without a mask
             self._committed.append((time.time(), [(row, output, versions, None, nbytes)], None, None))
+            self._waiting_bound = None  # its tokens are not bounded by a forward's rows
 
     def _extracted(self, row: int, output):
         """The Routing of a kept output of gate ``row``, its width checked (raises as the hook would)."""
@@ -251,9 +263,21 @@ class StagedBank:
         row, output, versions, mask, nbytes = fields
         picks = self._picks[row]
         if picks is not None and type(output) is tuple:
-            call = self._picked(row, output, versions, mask, nbytes, picks)
-            if call is not None:
-                return call
+            # The commonest record, inline (a reader's take runs this for every call it takes): an
+            # unmodified tuple whose extract only picks (logits, indices) members, 2-D or flattened.
+            try:
+                if _output_versions(output) == versions:
+                    logits = output[picks[0]]
+                    width = logits.shape[-1]
+                    if logits.dim() != 2:
+                        logits = flat_tokens(logits, width)  # [T, E]
+                    indices = None if picks[1] is None else output[picks[1]]
+                    if indices is not None and indices.dim() != 2:
+                        indices = flat_tokens(indices, indices.shape[-1])  # [T, k]
+                    if width == self._widths[row]:
+                        return Call(row, 0, (logits, indices, None, None, None, mask, None), None, nbytes)
+            except Exception:  # malformed: the general path below says what is wrong
+                pass
         error = _modified() if _output_versions(output) != versions else None
         if error is None:
             try:
@@ -271,25 +295,6 @@ class StagedBank:
                    routing.positions)
         # versions None: the output's own were checked just now, and nothing writes to it after
         return Call(row, routing.grid or 0, tensors, None, nbytes)
-
-    def _picked(self, row: int, output: tuple, versions: tuple, mask, nbytes: int, picks: tuple) -> Optional[Call]:
-        """The Call of an unmodified output record whose extract only picks members of the tuple
-        (what extract returns, without a Routing built per call: the reader's commonest case),
-        or None for ``_call``'s general path (modified, malformed, or the wrong width)."""
-        try:
-            if _output_versions(output) != versions:
-                return None
-            logits = output[picks[0]]
-            logits = flat_tokens(logits, logits.shape[-1])  # [T, E]
-            if logits.shape[1] != self._widths[row]:
-                return None
-            indices = None
-            if picks[1] is not None:
-                indices = output[picks[1]]
-                indices = flat_tokens(indices, indices.shape[-1])  # [T, k]
-        except Exception:
-            return None
-        return Call(row, 0, (logits, indices, None, None, None, mask, None), None, nbytes)
 
     def stage(self, row: int, logits, indices, probs, dropped, valid, positions, grid: int, copy: bool) -> None:
         """Record one gate call (the body of the ``moewatch::stage`` op on CPU tensors).
@@ -321,6 +326,7 @@ class StagedBank:
             state.pending.append(call)
         else:  # a gate called outside a monitored root forward is a forward of its own
             self._committed.append((time.time(), [call], None, None))
+            self._waiting_bound = None  # its tokens are not bounded by a forward's rows
 
     def waiting(self) -> List[Call]:
         """The calls of whole forwards staged and not reduced yet, oldest first."""
@@ -332,8 +338,14 @@ class StagedBank:
         """Whether a poll at ``now`` (time.time()) should take the committed forwards (see
         ``LOOK_SECONDS``); a few attribute reads: most polls end here."""
         waiting = len(self._committed)
-        return waiting > 0 and (now >= self._next_look or waiting >= LOOK_FORWARDS
-                                or self._staged_bytes >= MAX_STAGED_BYTES // 4)
+        if waiting == 0:
+            return False
+        if waiting >= LOOK_FORWARDS or self._staged_bytes >= MAX_STAGED_BYTES // 4:
+            return True
+        if now < self._next_look:
+            return False
+        bound = self._waiting_bound  # None: the forwards may fill the window
+        return bound is None or self._window_tokens + bound >= self._window_limit
 
     def next_look(self) -> float:
         """When (time.time()) a poll next looks at the committed forwards, unless woken sooner."""
@@ -351,6 +363,8 @@ class StagedBank:
         """
         with self._drain:
             self._next_look = (now or time.time()) + LOOK_SECONDS
+            # before the forwards are taken: one committed meanwhile is counted again (an early look)
+            self._waiting_bound, self._window_limit = 0.0, window_tokens
             segment, self._held = self._held, []
             last_time = None
             while self._committed:
@@ -551,23 +565,24 @@ class StagedBank:
         # one pass over the calls: the reader runs this for every call of every window
         logits, indices, probs, dropped, lengths, weights = [], [], [], [], [], []
         padded = False  # some call has padding weights
+        # A batch mixes calls with and without the router's own indices/probs/drops only in
+        # odd models; reduce those one by one rather than guess.
+        first = group[0]
+        no_indices, no_probs, no_dropped = first.indices is None, first.probs is None, first.dropped is None
         for call in group:
             logits.append(call.logits)  # [T_i, E]
             indices.append(call.indices)  # [T_i, k] or None
             probs.append(call.probs)  # [T_i, E] or None
             dropped.append(call.dropped)  # [T_i, k] or None
             lengths.append(call.logits.shape[0])
+            if ((call.indices is None) is not no_indices or (call.probs is None) is not no_probs
+                    or (call.dropped is None) is not no_dropped):
+                raise _Mixed()
             if call.valid is None and call.mask is None:  # _weights' None, without its call
                 weights.append(None)
             else:
                 weights.append(self._weights(call, masks))  # [T_i]
                 padded = True
-        # A batch mixes calls with and without the router's own indices/probs/drops only in
-        # odd models; reduce those one by one rather than guess.
-        for column in (indices, probs, dropped):
-            absent = column[0] is None  # (no `None in column`: that compares tensors with None)
-            if any((t is None) != absent for t in column):
-                raise _Mixed()
         all_logits = concat(logits)  # [sum T, E]: fails where the calls' widths differ
         self._check_width(gate, all_logits)
         valid = None  # [sum T] float64, or None when no call has padding
