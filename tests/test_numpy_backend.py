@@ -154,6 +154,12 @@ def test_numpy_reduction_equals_the_reference(name):
                                           else np.float64 if key == "valid" else np.float32)
               if isinstance(value, torch.Tensor) and key != "ranks" else value for key, value in args.items()}
     _check(numpy_backend.gate_sums(**arrays), want, args)
+    # and as the reader lays them out: the logits expert-major [E, T], from its concatenation
+    if args["logits"].shape[0]:
+        (part,) = numpy_backend.segment_sums(**dict(arrays, logits=numpy_backend.concat_experts([args["logits"]])),
+                                             expert_major=True)
+        _check(reference.GateSums(*[None if v is None else torch.from_numpy(np.asarray(v)) for v in part]),
+               want, args)
 
 
 def test_exact_ties_break_as_the_reference_breaks_them():

@@ -25,7 +25,8 @@ import torch
 from scipy.special import entr
 
 from . import reference
-from .layout import NUM_SCALARS, SOFTMAX
+from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, SOFTMAX,
+                     TOKENS, TOP1, ZLOSS)
 from .reference import GateSums, scoring_code
 
 
@@ -47,6 +48,13 @@ def concat(tensors, dtype=np.float32) -> np.ndarray:
     with torch.no_grad():  # the reader's grad mode is on: no history for tensors that require grad
         joined = torch.cat([t if t.dim() == 2 else t.reshape(-1, width) for t in tensors])  # fails where widths differ
     return as_array(joined, dtype)
+
+
+def concat_experts(tensors) -> np.ndarray:
+    """The logits [T_i, E] (or [..., E]) of many calls as one float32 array [E, sum T_i], the
+    layout the reduction works in (a concatenation, then numpy's transposing copy: 5x faster
+    than concatenating transposed views with torch, measured)."""
+    return np.ascontiguousarray(concat(tensors).T)
 
 
 def _input(value, dtype=np.float32) -> Optional[np.ndarray]:
@@ -79,33 +87,35 @@ def gate_sums(
 
 def segment_sums(logits, indices, valid, scoring, top_k: int, probs=None, dropped=None,
                  capacity_factor: float = 0.0, call_ids=None, num_calls: int = 1, ranks=None,
-                 coselect: bool = False, starts=None) -> List[GateSums]:
+                 coselect: bool = False, starts=None, expert_major: bool = False) -> List[GateSums]:
     """The sums of each segment of the tokens, as numpy arrays: one ``GateSums`` per segment.
 
     ``starts`` [S] (ascending, from 0): segment s is the tokens from ``starts[s]`` up to the next
     start (None: one segment). The reader puts the calls of several gates of the same kind one
     after the other and reduces them in one pass: the per-token math is the same, only the last
     sums are per segment, so S gates cost about what one does. ``call_ids`` [T] number the calls
-    across segments (a call lies within one segment); ``ranks`` [E] only with one segment.
-    Arguments otherwise as :func:`gate_sums`.
+    across segments (a call lies within one segment); ``ranks`` [E] only with one segment;
+    ``expert_major``: the logits are given as [E, T] (:func:`concat_experts`). Arguments
+    otherwise as :func:`gate_sums`.
     """
     # Non-finite logits are expected input (counted, then replaced): no numpy warnings about them,
     # which a process that turns warnings into errors would raise on the reader.
     with np.errstate(all="ignore"):
         return _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capacity_factor, call_ids,
-                             num_calls, ranks, coselect, starts)
+                             num_calls, ranks, coselect, starts, expert_major)
 
 
 # Tokens are reduced in pieces whose [E, n] float32 temporaries hold at most this many values
-# (128 KB): they stay in the core's cache and in malloc's heap, where bigger ones are fresh
-# mmaps, page-faulted on every use (3-4x slower a token at 16k tokens, measured).
-PIECE_VALUES = 32768
+# (512 KB): unbounded, a window's temporaries were fresh mmaps of many MB, page-faulted on every
+# use (3-4x slower a token at 64k tokens); pieces of 32k-128k values measured alike, the larger a
+# little faster (fewer ops), with the model's threads busy beside them.
+PIECE_VALUES = 131072
 MIN_PIECE_TOKENS = 256  # wide routers: the ops' own overhead stays small beside their work
 
 
 def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capacity_factor, call_ids, num_calls,
-                  ranks, coselect, starts) -> List[GateSums]:
-    num_tokens, num_experts = logits.shape
+                  ranks, coselect, starts, expert_major) -> List[GateSums]:
+    num_tokens, num_experts = logits.shape[::-1] if expert_major else logits.shape
     starts = np.zeros(1, dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)  # [S]
     num_segments = starts.shape[0]
     if ranks is not None and num_segments != 1:
@@ -114,7 +124,7 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
         part = reference.gate_sums(torch.zeros(0, num_experts), None, None, scoring, top_k, None, None,
                                    capacity_factor, None, num_calls, ranks, coselect)
         return [GateSums(*[None if value is None else value.numpy() for value in part])] * num_segments
-    raw = _input(logits)  # [T, E] float32
+    raw = _input(logits)  # [T, E] float32, or [E, T] where expert_major
     given = None if probs is None else _input(probs)  # [T, E] float32 or None
     weights = None if valid is None else _input(valid, np.float64)  # [T] or None: every token is traffic
     slots = None if indices is None else _input(indices, np.int64)  # [T, k]; else the top-k, piece by piece
@@ -126,20 +136,19 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
     for first in range(0, num_tokens, step):
         last = min(num_tokens, first + step)
         w = None if weights is None else weights[first:last]  # [n]
-        per_token, p, magnitude = _token_stats(raw[first:last], None if given is None else given[first:last],
-                                               scoring, w)
+        x = raw[:, first:last] if expert_major else raw[first:last].T  # [E, n]
+        table, magnitude = _token_stats(x, None if given is None else given[first:last], scoring, w)
         if slots is None:  # the reference's top-k on these probabilities, laid out as the reference's
+            p = table[NUM_SCALARS:]  # [E, n]
             top_parts.append(torch.topk(torch.from_numpy(p).t(), top_k, dim=-1).indices.numpy())  # [n, k]
         rows, local = _pieces(starts, ends, first, last)  # the segments in this piece, where they start in it
         if w is not None:  # weighted sums in float64, as the reference's (no BLAS: its threads spin)
-            per_token, p = per_token.astype(np.float64) * w, p.astype(np.float64) * w
+            table = table.astype(np.float64) * w
         if rows.shape[0] == 1:  # the common case: pairwise float64 sums
-            total[rows[0], :NUM_SCALARS] += per_token.sum(axis=1, dtype=np.float64)
-            total[rows[0], NUM_SCALARS:] += p.sum(axis=1, dtype=np.float64)
+            total[rows[0]] += table.sum(axis=1, dtype=np.float64)
             absmax[rows[0]] = max(absmax[rows[0]], float(magnitude.max()))
         else:
-            total[rows, :NUM_SCALARS] += np.add.reduceat(per_token, local, axis=1, dtype=np.float64).T
-            total[rows, NUM_SCALARS:] += np.add.reduceat(p, local, axis=1, dtype=np.float64).T
+            total[rows] += np.add.reduceat(table, local, axis=1, dtype=np.float64).T
             absmax[rows] = np.maximum(absmax[rows], np.maximum.reduceat(magnitude, local))
     if slots is None:
         slots = np.concatenate(top_parts)  # [T, k]
@@ -182,20 +191,24 @@ def _pieces(starts: np.ndarray, ends: np.ndarray, first: int, last: int):
     return rows, np.maximum(starts[rows] - first, 0)
 
 
-def _token_stats(raw: np.ndarray, given: Optional[np.ndarray], scoring, weights: Optional[np.ndarray]):
-    """The per-token quantities of a piece of n tokens: [NUM_SCALARS, n] float32 in layout's
-    column order, the routing distribution p [E, n] float32, and [n] the |logit| maximum per
-    token (weighted, as the reference's absmax). ``raw`` [n, E] float32 logits, ``given`` [n, E]
-    router probabilities or None, ``weights`` [n] float64 or None."""
-    num_tokens, num_experts = raw.shape
-    x = np.ascontiguousarray(raw.T)  # [E, n]: reductions over the experts run across rows
-    token_sum = x.sum(axis=0)  # [n]
-    nonfinite_count = np.zeros(num_tokens, dtype=np.float32)  # [n]
+def _token_stats(x: np.ndarray, given: Optional[np.ndarray], scoring, weights: Optional[np.ndarray]):
+    """The per-token quantities of a piece of n tokens: [NUM_SCALARS + E, n] float32, layout's
+    columns in its order then the routing distribution p; and [n] the |logit| maximum per token
+    (weighted, as the reference's absmax). ``x`` [E, n] float32 logits, ``given`` [n, E] router
+    probabilities or None, ``weights`` [n] float64 or None."""
+    if x.strides[1] != x.itemsize:  # reductions over the experts run across contiguous rows
+        x = np.ascontiguousarray(x)
+    num_experts, num_tokens = x.shape
+    table = np.empty((NUM_SCALARS + num_experts, num_tokens), dtype=np.float32)  # [C, n], filled below
+    p = table[NUM_SCALARS:]  # [E, n]
+    token_sum = np.sum(x, axis=0, out=table[LOGIT_SUM])  # [n]
+    nonfinite_count = table[NONFINITE]  # [n]
+    nonfinite_count[:] = 0
     if not np.isfinite(token_sum).all():  # some NaN or +-Inf (or a sum that overflowed): replace by 0
         bad = ~np.isfinite(x)  # [E, n]
-        nonfinite_count = bad.sum(axis=0, dtype=np.float32)  # [n]
+        np.sum(bad, axis=0, dtype=np.float32, out=nonfinite_count)
         x = np.where(bad, np.float32(0), x)  # [E, n]
-        token_sum = x.sum(axis=0)  # [n]
+        np.sum(x, axis=0, out=token_sum)
     peak = x.max(axis=0)  # [n]
     shifted = x - peak  # [E, n], <= 0
     exp_shifted = np.exp(shifted)  # [E, n]
@@ -203,15 +216,15 @@ def _token_stats(raw: np.ndarray, given: Optional[np.ndarray], scoring, weights:
     log_norm = np.log(norm)  # [n]
     lse = peak + log_norm  # [n] logsumexp of the logits
     if given is None and scoring_code(scoring) == SOFTMAX:
-        p = np.divide(exp_shifted, norm, out=exp_shifted)  # [E, n]
-        entropy = log_norm - (p * shifted).sum(axis=0)  # [n]
+        np.divide(exp_shifted, norm, out=p)
+        np.subtract(log_norm, (p * shifted).sum(axis=0), out=table[ENTROPY])  # -sum p log p
     else:
         if given is None:  # sigmoid scores, normalised per token
             scores = np.float32(1) / (np.float32(1) + np.exp(-x))  # [E, n]
-            p = scores / np.maximum(scores.sum(axis=0), np.float32(1e-30))  # [E, n]
+            np.divide(scores, np.maximum(scores.sum(axis=0), np.float32(1e-30)), out=p)
         else:
-            p = np.ascontiguousarray(np.nan_to_num(given, nan=0.0, posinf=0.0, neginf=0.0).T)  # [E, n]
-        entropy = entr(p).sum(axis=0)  # [n]
+            p[:] = np.nan_to_num(given, nan=0.0, posinf=0.0, neginf=0.0).T
+        np.sum(entr(p), axis=0, out=table[ENTROPY])
     # the top two probabilities: the second is the max of the others (0 for none, as the
     # reference's), or the top itself where two share the top (p has no NaN)
     if num_experts <= 16:  # a running top two over the expert rows: fewer passes than a mask
@@ -224,22 +237,17 @@ def _token_stats(raw: np.ndarray, given: Optional[np.ndarray], scoring, weights:
         below = p < top1  # [E, n]: the experts that are not at the top
         second = (p * below).max(axis=0)  # [n]
         second = np.where(below.sum(axis=0, dtype=np.int32) <= num_experts - 2, top1, second)  # [n]
-    per_token = np.stack([  # [NUM_SCALARS, n]
-        np.ones(num_tokens, dtype=np.float32),
-        entropy,
-        token_sum,
-        np.square(x).sum(axis=0),
-        np.float32(num_experts) - nonfinite_count,
-        top1,
-        top1 - second,
-        lse * lse,
-        nonfinite_count,
-    ])
+    table[TOKENS] = 1
+    np.sum(np.square(x), axis=0, out=table[LOGIT_SQSUM])
+    np.subtract(np.float32(num_experts), nonfinite_count, out=table[LOGIT_FINITE])
+    table[TOP1] = top1
+    np.subtract(top1, second, out=table[MARGIN])
+    np.multiply(lse, lse, out=table[ZLOSS])
     if weights is None:
         magnitude = np.maximum(peak, -x.min(axis=0))  # [n] max |x|, one pass less than abs()
     else:
         magnitude = (np.abs(x) * weights.astype(np.float32)).max(axis=0)  # [n]
-    return per_token, p, magnitude
+    return table, magnitude
 
 
 def _counts(float_counts: np.ndarray) -> np.ndarray:

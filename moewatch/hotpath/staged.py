@@ -28,7 +28,7 @@ import torch
 from ..adapters.base import flat_tokens, width_error
 from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOKENS
 from . import numpy_backend
-from .numpy_backend import as_array, concat
+from .numpy_backend import as_array, concat, concat_experts
 from .reference import GateSums, mask_tail, mask_weights
 from .requests import HostRequestRuns, RequestTokens
 
@@ -495,7 +495,7 @@ class StagedBank:
             for _, group in groups:
                 starts.append(first)
                 first += sum(call.logits.shape[0] for call in group)
-            if first != batch["logits"].shape[0]:  # calls of several dimensions: gate by gate
+            if first != batch["logits"].shape[1]:  # calls of several dimensions: gate by gate
                 return False
             parts = numpy_backend.segment_sums(**batch, starts=starts)
         except Exception:
@@ -583,8 +583,9 @@ class StagedBank:
             else:
                 weights.append(self._weights(call, masks))  # [T_i]
                 padded = True
-        all_logits = concat(logits)  # [sum T, E]: fails where the calls' widths differ
-        self._check_width(gate, all_logits)
+        all_logits = concat_experts(logits)  # [E, sum T]: fails where the calls' widths differ
+        if all_logits.shape[0] != gate.num_experts:
+            self._check_width(gate, all_logits.T)
         valid = None  # [sum T] float64, or None when no call has padding
         if padded:
             valid = np.concatenate([np.ones(n) if w is None else as_array(w, np.float64)
@@ -598,7 +599,7 @@ class StagedBank:
         return dict(logits=all_logits, indices=cat(indices, np.int64), valid=valid, scoring=gate.scoring,
                     top_k=gate.top_k, probs=cat(probs), dropped=cat(dropped, np.int64),
                     capacity_factor=gate.capacity_factor, call_ids=call_ids, num_calls=len(group),
-                    ranks=self.ranks[row], coselect=True)
+                    ranks=self.ranks[row], coselect=True, expert_major=True)
 
     @staticmethod
     def _check_width(gate: GateParams, logits) -> None:
