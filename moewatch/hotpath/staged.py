@@ -159,7 +159,7 @@ class StagedBank:
         # steps continue; a request's tokens count from 0 again in the next window
         self._row_runs: Dict[int, Tuple[int, float]] = {}
         self._request_runs = HostRequestRuns()  # the same, by request, where an engine names them
-        self._next_look = 0.0  # time.time() from which a poll looks at the committed forwards
+        self._next_look = time.time()  # from when a poll looks at the committed forwards (0.0: a device's)
         # called (on the forward's thread) when a poll is due before _next_look: the reader's wake-up
         self.on_due: Optional[Callable[[], None]] = None
         # At most how many tokens a gate saw in the forwards committed since the last take (the
