@@ -174,13 +174,19 @@ def test_exact_ties_break_as_the_reference_breaks_them():
     assert float(got.scalars[layout.MARGIN]) == pytest.approx(float(want.scalars[layout.MARGIN]), abs=1e-6)
 
 
-def test_expert_ids_out_of_range_raise():
-    """A router id outside [0, E) is an error (the reader counts the call as failed), not a count."""
+def test_expert_ids_out_of_range_or_of_another_shape_raise():
+    """A router id outside [0, E), or ids that do not pair with the logits' tokens, are an error
+    (the reader counts the call as failed), not a count; the reference raises on both too."""
     x = torch.randn(4, 8)
     for bad in (8, -1):
         ids = torch.tensor([[0, 1], [2, bad], [3, 4], [5, 6]])
         with pytest.raises(IndexError, match=r"\[0, 8\)"):
             numpy_backend.gate_sums(x, ids, None, layout.SOFTMAX, 2)
+    for ids in (torch.zeros(3, 2, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="expert ids of shape"):
+            numpy_backend.gate_sums(x, ids, None, layout.SOFTMAX, 2)
+        with pytest.raises(RuntimeError):
+            reference.gate_sums(x, ids, None, layout.SOFTMAX, 2)
 
 
 @pytest.mark.parametrize("seed", range(8))

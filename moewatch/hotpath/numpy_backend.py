@@ -158,6 +158,8 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
             absmax[rows] = np.maximum(absmax[rows], np.maximum.reduceat(magnitude, local))
     if slots is None:
         slots = np.concatenate(top_parts)  # [T, k]
+    if slots.ndim != 2 or slots.shape[0] != num_tokens:  # as the reference, which cannot pair them either
+        raise ValueError(f"expert ids of shape {tuple(slots.shape)} for {num_tokens} tokens: [T, k] expected")
     if slots.size and (slots.min() < 0 or slots.max() >= num_experts):
         raise IndexError(f"expert ids must lie in [0, {num_experts}), got {slots.min()}..{slots.max()}")
 
