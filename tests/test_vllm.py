@@ -299,6 +299,8 @@ def test_padding_rows_and_warm_up_forwards_are_not_real_tokens(engine_runs):
     assert seen["armed"] == [[True] * 5 + [False] * 3]  # vLLM's is_padding, inverted, [1, T]
     assert seen["warm_up"] == [[False] * 8]
     assert seen["unpadded"] is None  # no padding row: no mask
+    # with the worker's step known (its scheduled tokens): the same, padding rows or none
+    assert seen["scheduled_armed"] == seen["armed"] and seen["scheduled_unpadded"] is None
 
 
 def test_tensor_parallel_workers_each_count_every_token_and_serve_their_own_metrics(engine_runs):

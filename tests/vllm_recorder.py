@@ -10,6 +10,7 @@ live in this module (imported by name there) so that they see the worker's own r
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Dict, List
 
 import torch
@@ -246,10 +247,21 @@ def padding_seen(worker) -> dict:
         armed = engine.real_tokens((), {}).tolist()
     with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=torch.zeros(8, dtype=torch.bool)):
         unpadded = engine.real_tokens((), {})  # None: every row real, no mask to apply
+    # the same forwards where the worker's step is known: 5 scheduled tokens in 8 rows, then 8 in 8
+    step = SimpleNamespace(num_scheduled_tokens={"a": 2, "b": 3}, finished_req_ids=())
+    engine.schedule(step)
+    with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=padding):
+        scheduled_armed = engine.real_tokens((), {}).tolist()
+    engine.requests()
+    engine.schedule(SimpleNamespace(num_scheduled_tokens={"a": 5, "b": 3}, finished_req_ids=()))
+    with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=torch.zeros(8, dtype=torch.bool)):
+        scheduled_unpadded = engine.real_tokens((), {})
+    engine.requests()
     with set_forward_context(None, worker.vllm_config, num_tokens=8, is_padding=padding):
         engine.armed = False
         try:
             warm_up = engine.real_tokens((), {}).tolist()
         finally:
             engine.armed = True
-    return {"armed": armed, "warm_up": warm_up, "unpadded": unpadded}
+    return {"armed": armed, "warm_up": warm_up, "unpadded": unpadded, "scheduled_armed": scheduled_armed,
+            "scheduled_unpadded": scheduled_unpadded}

@@ -45,6 +45,15 @@ class RequestTokens:
         self.tokens: Tuple[int, ...] = tokens
         self.finished: Tuple[Hashable, ...] = tuple(finished)
 
+    @classmethod
+    def of_step(cls, scheduled: Dict[Hashable, int], finished: Sequence[Hashable] = ()) -> "RequestTokens":
+        """An engine step's requests from its scheduler's ``{request key: tokens}`` (a dict: its
+        keys are distinct) and ints; built on the forward's thread, so without the checks of
+        the constructor."""
+        step = cls.__new__(cls)
+        step.keys, step.tokens, step.finished = tuple(scheduled), tuple(scheduled.values()), tuple(finished)
+        return step
+
     def __repr__(self) -> str:
         return f"RequestTokens({dict(zip(self.keys, self.tokens))}, finished={list(self.finished)})"
 
