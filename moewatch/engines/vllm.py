@@ -206,10 +206,8 @@ class VllmEngine(Engine):
             get_forward_context = is_forward_context_available = None
         self._get_context, self._has_context = get_forward_context, is_forward_context_available
         self._scheduled: Optional[RequestTokens] = None  # the step about to run (see schedule)
-        self._scheduled_rows = -1  # its tokens (-1: no step known)
-        # Whether a forward's rows are the step's tokens: not where prefill context parallelism
-        # splits a step's tokens across ranks (read once, at the first padded forward).
-        self._rows_are_steps: Optional[bool] = None
+        # whether a forward's rows are its whole step (see _whole_steps; read once)
+        self._whole_steps_here: Optional[bool] = None
 
     def schedule(self, scheduler_output) -> None:
         """The worker is about to run a step (``Worker.execute_model``): keep which requests its
@@ -221,10 +219,8 @@ class VllmEngine(Engine):
             if self._scheduled is not None:  # a step without a forward: its ends still count
                 finished += self._scheduled.finished
             self._scheduled = RequestTokens.of_step(scheduled, finished)
-            # the step's unpadded token count: a root forward with as many rows has no padding row
-            self._scheduled_rows = sum(self._scheduled.tokens)
         except Exception as error:  # noqa: BLE001 (a vLLM of another layout: not counted, said once)
-            self._scheduled, self._scheduled_rows = None, -1
+            self._scheduled = None
             if not getattr(self, "_schedule_warned", False):
                 self._schedule_warned = True
                 logger.warning("moewatch: cannot read vLLM's scheduled requests (%s: %s); windows will "
@@ -233,7 +229,7 @@ class VllmEngine(Engine):
     def requests(self) -> Optional[RequestTokens]:
         """The requests of the step whose root forward is starting (once: a second forward of the
         same step, or one outside a step, is not known); None before the engine is armed."""
-        scheduled, self._scheduled, self._scheduled_rows = self._scheduled, None, -1
+        scheduled, self._scheduled = self._scheduled, None
         return scheduled if self.armed else None  # warm-up tokens are not counted
 
     def gates(self, model: nn.Module, options) -> List[GateSpec]:
@@ -260,7 +256,8 @@ class VllmEngine(Engine):
             return torch.zeros(1, rows, dtype=torch.bool, device=device) if rows is not None else None
         if padding is None:
             return None
-        if padding.shape[0] == self._scheduled_rows and self._steps_are_rows():
+        step = self._scheduled  # the step this forward runs (requests() takes it after this)
+        if step is not None and padding.shape[0] == sum(step.tokens) and self._whole_steps():
             # as many rows as the step has tokens: vLLM pads a batch by adding rows, so none is
             # padding (no tensor read: on a GPU no kernel, on a CPU ~20 us a step saved)
             return None
@@ -270,10 +267,10 @@ class VllmEngine(Engine):
             return None
         return torch.logical_not(padding).view(1, -1)  # [1, T]
 
-    def _steps_are_rows(self) -> bool:
+    def _whole_steps(self) -> bool:
         """Whether a root forward's rows are its step's scheduled tokens and padding (not where
         prefill or decode context parallelism splits a step's tokens across ranks)."""
-        if self._rows_are_steps is None:
+        if self._whole_steps_here is None:
             split = False
             try:
                 from vllm.distributed import parallel_state
@@ -285,8 +282,8 @@ class VllmEngine(Engine):
                         pass
             except ImportError:
                 split = True  # unknown: read the mask
-            self._rows_are_steps = not split
-        return self._rows_are_steps
+            self._whole_steps_here = not split
+        return self._whole_steps_here
 
     def parallel_ranks(self) -> Dict[str, int]:
         """The worker's rank in vLLM's tensor, pipeline, data and expert parallel groups (those
