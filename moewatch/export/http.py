@@ -5,10 +5,15 @@ timeout, so a few hundred connections held open stop real scrapes and can use up
 process's descriptors. This one runs one thread per endpoint, an event loop over non-blocking
 sockets:
 
+* where the platform has it (Linux's ``TCP_DEFER_ACCEPT``), the kernel hands over a connection
+  only once its first bytes have come in, so connections that send nothing wait in the kernel
+  (no descriptor, no slot) and a scraper's is accepted with its request;
 * at most ``max_connections`` connections are open; past the cap a newcomer closes the
   connection that has waited longest for the rest of its request, so holding connections (or
   reopening them as fast as they are closed) cannot lock scrapers out: a scraper sends its
-  request with the connection and is answered as soon as it is accepted;
+  request with the connection and is answered as soon as it is accepted. A connection is
+  never pushed out in its first ``GRACE`` seconds (its request may come a moment after it is
+  accepted); while every slot is that young, accepting waits;
 * a request must arrive whole within ``request_timeout`` seconds and fit in
   ``max_request_bytes``; a response must be taken within ``write_timeout`` seconds;
 * one request per connection (``Connection: close``), ``GET`` and ``HEAD`` only.
@@ -33,9 +38,16 @@ MAX_CONNECTIONS = 16
 REQUEST_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
 MAX_REQUEST_BYTES = 16 * 1024
-MIN_AGE = 0.1  # seconds a connection that has sent nothing yet keeps its place
-FLOOD_PAUSE = 0.002  # seconds accepting waits after a batch that pushed out a young connection
-BACKLOG = 128
+MIN_AGE = 0.1  # seconds a connection that has sent nothing yet keeps its place, but for a flood
+# seconds a connection keeps its place even in a flood: its client may send its request a
+# moment after the connection is accepted (one in this process waits for the GIL, which Python
+# hands over every 5 ms), and being pushed out then would lose a real scrape
+GRACE = 0.02
+# connections waiting to be accepted are the kernel's (memory, no descriptor): a queue longer
+# than a flood of a few hundred connections keeps a scraper's SYN from being dropped (a drop
+# costs the scraper a 1 s retransmission)
+BACKLOG = 1024
+DEFER_ACCEPT_SECONDS = 10  # a silent connection is handed over after ~15 s (four SYN-ACKs resent)
 PATHS = ("/metrics", "/")
 
 _LISTENER, _WAKE = object(), object()
@@ -54,6 +66,17 @@ class _Connection:
         self.deadline = now + REQUEST_TIMEOUT
         self.inbox = bytearray()
         self.outbox: Optional[memoryview] = None
+
+
+def _defer_accept(listener: socket.socket) -> None:
+    """Have the kernel hand over a connection once its first bytes arrive, where it can."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None:  # not Linux: the cap and the grace below do the work alone
+        return
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
+    except OSError:
+        pass
 
 
 def _family(addr: str, port: int) -> socket.AddressFamily:
@@ -78,6 +101,7 @@ class MetricsServer:
         self.timed_out = 0  # connections closed at their deadline
         self._listener = socket.create_server((addr, port), family=_family(addr, port), backlog=BACKLOG)
         self._listener.setblocking(False)
+        _defer_accept(self._listener)
         self.server_address: Tuple = self._listener.getsockname()[:2]
         self.server_port: int = self.server_address[1]
         self._wake_r, self._wake_w = socket.socketpair()
@@ -88,7 +112,6 @@ class MetricsServer:
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._conns: Dict[int, _Connection] = {}  # fd -> connection, in the order they were accepted
         self._accept_paused_until = 0.0
-        self._pushed_out_young = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moewatch-prometheus", daemon=True)
         self._thread.start()
@@ -128,29 +151,25 @@ class MetricsServer:
         return max(0.0, min(1.0, nearest - now))
 
     def _accept(self) -> None:
-        self._pushed_out_young = False
-        self._accept_batch()
-        if self._pushed_out_young:
-            # a flood: every slot is younger than MIN_AGE. Waiting a moment lets the clients
-            # just accepted send their requests (a scraper's is read and answered then) and
-            # bounds the time this thread takes from the model's threads while under attack;
-            # newcomers wait in the kernel's queue meanwhile
-            self._pause_accepting(FLOOD_PAUSE)
-
-    def _accept_batch(self) -> None:
         # a bounded batch per turn, so that requests already read are answered between batches
         for _ in range(self.max_connections):
+            victim = None
+            if len(self._conns) >= self.max_connections:
+                victim, wait = self._victim()
+                if victim is None and len(self._conns) >= self.max_connections:
+                    # every slot is too young to push out: newcomers wait in the kernel's queue
+                    self._pause_accepting(wait)
+                    return
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:  # out of descriptors (EMFILE): make room and pause accepting
                 self._record(error)
-                self._evict(self._victim())
+                self._evict(victim if victim is not None else self._victim()[0])
                 self._pause_accepting(0.1)
                 return
-            if len(self._conns) >= self.max_connections:
-                self._evict(self._victim())  # the cap holds
+            self._evict(victim)  # the cap holds
             sock.setblocking(False)
             conn = _Connection(sock, time.monotonic())
             conn.deadline = conn.opened + self.request_timeout
@@ -159,15 +178,16 @@ class MetricsServer:
             # a scraper sends its request with the connection: answer it now
             self._read(conn)
 
-    def _victim(self) -> Optional[_Connection]:
-        """The connection a newcomer past the cap replaces, or None once a slot came free.
+    def _victim(self) -> Tuple[Optional[_Connection], float]:
+        """The connection a newcomer past the cap replaces, and otherwise how long until one may go.
 
-        First the one waiting longest for the rest of its request. A connection that has sent
-        nothing yet keeps its place for MIN_AGE seconds (a scraper accepted a moment before its
-        request arrives is not pushed out by a flood behind it). Under a flood every slot can be
-        that young: then the oldest is read once more before it goes, since its request may have
-        come in during this accept batch (read, it is answered and keeps its place). One being
-        answered goes only if nothing else can."""
+        Returns ``(None, 0)`` once a slot came free. First the one waiting longest for the rest
+        of its request. A connection that has sent nothing yet keeps its place for MIN_AGE
+        seconds (a scraper accepted a moment before its request arrives is not pushed out by a
+        flood behind it). Under a flood every slot can be that young: then the oldest one past
+        GRACE is read once more before it goes, since its request may have come in meanwhile
+        (read, it is answered and keeps its place); while none is past GRACE, ``(None,
+        seconds until the oldest is)``. One being answered goes only if every slot is."""
         while self._conns:
             now = time.monotonic()
 
@@ -177,17 +197,18 @@ class MetricsServer:
             conns = list(self._conns.values())  # oldest first
             stalled = next((c for c in conns if c.outbox is None and not fresh(c)), None)
             if stalled is not None:
-                return stalled
+                return stalled, 0.0
             young = next((c for c in conns if c.outbox is None), None)
             if young is None:
-                return conns[0]  # every slot is being answered
+                return conns[0], 0.0  # every slot is being answered
+            if now - young.opened < GRACE:
+                return None, young.opened + GRACE - now
             self._read(young)  # answered, dropped (the client left), or still silent
             if len(self._conns) < self.max_connections:
-                return None
+                return None, 0.0
             if young.sock.fileno() in self._conns and young.outbox is None:
-                self._pushed_out_young = True
-                return young
-        return None
+                return young, 0.0
+        return None, 0.0
 
     def _pause_accepting(self, seconds: float) -> None:
         if not self._accept_paused_until:
