@@ -20,6 +20,7 @@ import fcntl
 import glob
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -92,10 +93,42 @@ def _stop_packaged_services() -> None:
         subprocess.run(["service", service, "stop"], capture_output=True, timeout=60, check=False)
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections as their source ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+def free_ports(count: int) -> int:
+    """A base port such that base .. base + count - 1 are free (the ranks of one host).
+
+    Taken below the kernel's ephemeral range: a server started later (a vLLM worker starts
+    tens of seconds after its port is chosen) binds a port that no outgoing connection of
+    another process (Prometheus's scrapes, a vLLM engine's own sockets) can have taken as its
+    source port meanwhile; a random pick keeps tests that run side by side apart."""
+    ephemeral = _ephemeral_ports()
+    low, high = (10000, ephemeral.start - count) if ephemeral.start - count > 10000 else (1024, 9999)
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randint(low, high)
+        if any(port in ephemeral for port in range(base, base + count)):
+            continue
+        try:
+            for offset in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)
 
 
 def _get_json(url: str, timeout: float = 10.0) -> Any:

@@ -18,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_local_stack():
-    """exporters/local_stack.py as a module (the folder is not a package)."""
+    """exporters/local_stack.py as a module (the folder is not a package), loaded once."""
+    if "moewatch_local_stack" in sys.modules:
+        return sys.modules["moewatch_local_stack"]
     spec = importlib.util.spec_from_file_location("moewatch_local_stack", os.path.join(ROOT, "exporters", "local_stack.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -74,23 +76,13 @@ def run_forwards(model: torch.nn.Module, steps: int = 2, batch: int = 2, length:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)
 
 
 def free_ports(count: int) -> int:
-    """A base port such that base .. base + count - 1 are free (the ranks of one host)."""
-    for _ in range(50):
-        base = free_port()
-        try:
-            for offset in range(1, count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {count} consecutive free ports")
+    """A base port such that base .. base + count - 1 are free (the ranks of one host), below
+    the kernel's ephemeral range (``local_stack.free_ports``)."""
+    return load_local_stack().free_ports(count)
 
 
 class Endpoint:
