@@ -111,12 +111,10 @@ def free_ports(count: int) -> int:
     another process (Prometheus's scrapes, a vLLM engine's own sockets) can have taken as its
     source port meanwhile; a random pick keeps tests that run side by side apart."""
     ephemeral = _ephemeral_ports()
-    low, high = (10000, ephemeral.start - count) if ephemeral.start - count > 10000 else (1024, 9999)
-    rng = random.Random()
+    low = 10000 if ephemeral.start - count >= 10000 else 1024
+    outside = range(low, ephemeral.start - count + 1)  # bases whose ports all lie below the range
     for _ in range(200):
-        base = rng.randint(low, high)
-        if any(port in ephemeral for port in range(base, base + count)):
-            continue
+        base = random.choice(outside) if outside else _kernel_port()
         try:
             for offset in range(count):
                 with socket.socket() as sock:
@@ -125,6 +123,13 @@ def free_ports(count: int) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _kernel_port() -> int:
+    """A port the kernel picks (in its ephemeral range: only where nothing lies below it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def free_port() -> int:
