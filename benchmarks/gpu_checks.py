@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -122,13 +123,14 @@ def check_compile(device) -> str:
     with torch.no_grad():
         model(ids)
         eager = mon.counts()
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, fullgraph=True)
         compiled(ids)
     got = _delta(mon.counts(), eager)
     mon.detach()
+    torch._dynamo.reset()
     for name in eager:
         np.testing.assert_array_equal(got[name], eager[name])
-    return "torch.compile (inductor): counts equal eager"
+    return "torch.compile(fullgraph=True) (inductor): counts equal eager"
 
 
 def check_reduce_overhead(device) -> str:
@@ -170,6 +172,85 @@ def check_one_kernel_per_gate_call(device) -> str:
     launches = sum(e.count for e in prof.key_averages() if "_observe_kernel" in e.key)
     assert launches == gates, f"{launches} fused-kernel launches for {gates} gate calls"
     return f"one fused kernel per gate call ({launches} launches for {gates} gates)"
+
+
+def check_kernel_matches_reference(device) -> str:
+    """The compiled kernel (on CI it runs under Triton's interpreter only) on every case of
+    tests/test_triton_kernel.py, with the same tolerances."""
+    from moewatch.hotpath import triton_backend as tb
+    from tests import test_triton_kernel as cases
+
+    if not tb.AVAILABLE:
+        raise RuntimeError("Triton is not installed")
+    kernel, failed, worst = tb._kernel, [], 0.0
+    try:
+        for name in cases.CASES:
+            try:
+                result = cases.run_case(name, tb, device=str(device))
+            except Exception as error:  # report every case
+                result = dict(ok=False, detail=f"{type(error).__name__}: {error}", worst=None)
+            if not result["ok"]:
+                failed.append(f"{name}: {result['detail']}")
+            elif result["worst"] is not None:
+                worst = max(worst, result["worst"])
+    finally:
+        tb._kernel = kernel  # run_case counts launches through a wrapper
+    assert not failed, f"{len(failed)} of {len(cases.CASES)} cases: " + " | ".join(failed[:4])
+    return (f"compiled kernel equals the reference on all {len(cases.CASES)} cases "
+            f"(worst float error {worst:.3f} of the test's bound)")
+
+
+def check_forward_end_kernel(device) -> str:
+    """The forward end's one launch against its torch ops, compiled, as tests/test_triton_forward_end.py."""
+    from tests import test_triton_forward_end as cases
+
+    for case in cases.CASES:
+        result = cases.compare(*case, device=str(device))
+        assert result["ok"], f"{case}: {result['detail']}"
+    return f"forward-end kernel equals its torch ops on {len(cases.CASES)} cases"
+
+
+def _cuda_kernels(run) -> "collections.Counter":
+    """Names of the CUDA kernels (and memsets, memcopies) that ``run()`` launches, counted."""
+    import collections
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    names = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            names[event.name] += 1
+    return names
+
+
+def check_kernels_added(device) -> str:
+    """What moewatch adds to a forward's kernels: one per gate call, plus one at the forward's end."""
+    lines = []
+    torch.manual_seed(4)
+    scratch = TinyMoELM().to(device).eval()
+    scratch_ids = torch.randint(0, 64, (8, 32), device=device)
+    mixtral = tiny_mixtral(layers=2).to(device).to(torch.bfloat16)
+    mixtral_ids = torch.randint(0, 128, (4, 1), device=device)
+    for label, model, ids, kw in (("from-scratch MoE", scratch, scratch_ids, dict(gates="*.router", top_k=2)),
+                                  ("Mixtral bf16 decode", mixtral, mixtral_ids, {})):
+        with torch.no_grad():
+            model(ids)
+            alone = _cuda_kernels(lambda: model(ids))
+            mon = moewatch.attach(model, background=False, **kw)
+            model(ids)
+            watched = _cuda_kernels(lambda: model(ids))
+            gates = len(mon.gates)
+            mon.detach()
+        added, removed = watched - alone, alone - watched
+        total = sum(added.values())
+        lines.append(f"{label}: {sum(alone.values())} kernels alone, {sum(watched.values())} watched, "
+                     f"{total} added for {gates} gate calls + 1 forward end: {dict(added)}"
+                     + (f"; fewer: {dict(removed)}" if removed else ""))
+        assert not removed, lines[-1]
+        assert total == gates + 1, lines[-1]
+    return "kernels added per forward = gate calls + 1 (the forward end)\n    " + "\n    ".join(lines)
 
 
 def check_placement_statistics(device) -> str:
@@ -242,9 +323,44 @@ def placement_cost_table(device, repeats: int = 50) -> None:
         print(f"  T={tokens:<5} E={experts:<4} k={k}: " + " / ".join(f"{t:.1f}" for t in row))
 
 
+def forward_end_cost(device, repeats: int = 200) -> None:
+    """The forward end alone, microseconds per forward: torch ops vs the one launch, called from
+    Python (eager) and replayed in a CUDA graph (100 ends per graph)."""
+    from tests.test_triton_forward_end import make_bank
+    from moewatch.hotpath import triton_forward_end
+
+    print("\nforward end per forward, microseconds (median of "
+          f"{repeats}): torch ops / one launch, eager; torch ops / one launch, CUDA graph")
+    for gates, experts in [(4, 8), (32, 64), (58, 256)]:
+        row = []
+        for mode in ("eager", "graph"):
+            for fused in (False, True):
+                bank = make_bank(gates, experts, 1 << 40, str(device))
+                end = (lambda: triton_forward_end.forward_end(bank, (8, 8, 16, 1, True))) if fused else \
+                    (lambda: bank.end_with_torch((8, 8, 16, 1, True)))
+                for _ in range(3):
+                    end()
+                torch.cuda.synchronize()
+                run, per = end, 1
+                if mode == "graph":
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for _ in range(100):
+                            end()
+                    run, per = graph.replay, 100
+                times = []
+                for _ in range(repeats // per + 20 if per > 1 else repeats):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    run()
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - start) / per * 1e6)
+                row.append(float(np.median(times)))
+        print(f"  G={gates:<3} E={experts:<4}: {row[0]:.1f} / {row[1]:.1f}; {row[2]:.1f} / {row[3]:.1f}")
+
+
 def overhead_table(device, repeats: int = 7) -> None:
     import statistics
-    import time
 
     sys.path.insert(0, os.path.dirname(__file__))
     from overhead import mixtral_shaped
@@ -252,15 +368,19 @@ def overhead_table(device, repeats: int = 7) -> None:
     model = mixtral_shaped(1024, 4, 8, 2, 8192, dtype=torch.bfloat16).to(device)
     print("\noverhead, Mixtral-shaped hidden 1024, 4 layers, 8 experts, top-2, bf16 "
           f"(median of {repeats} interleaved rounds; min-max of the per-round ratio)")
-    print(f"  {'workload':<22}{'mode':<8}{'alone ms':>10}{'moewatch ms':>13}{'ratio':>8}{'range':>15}")
+    print(f"  {'workload':<22}{'mode':<8}{'alone ms':>10}{'moewatch ms':>13}{'ratio':>8}{'range':>15}"
+          f"{'torch-ops end':>15}")
     for label, shape in [("decode-shaped B=1", (1, 1)), ("decode-shaped B=8", (8, 1)),
                          ("decode-shaped B=64", (64, 1)), ("prefill 8 x 512", (8, 512))]:
         ids = torch.randint(0, 8192, shape, device=device)
         for mode in ("eager", "graphs"):
-            times = {"alone": [], "moewatch": []}
+            times = {"alone": [], "moewatch": [], "torch end": []}
             for _ in range(repeats + 1):
-                for setup in ("alone", "moewatch"):
-                    mon = moewatch.attach(model, background=False) if setup == "moewatch" else None
+                for setup in times:
+                    mon = moewatch.attach(model, background=False) if setup != "alone" else None
+                    if setup == "torch end":  # the forward end in torch ops, as before its kernel
+                        for bank in mon._banks.banks:
+                            bank._fused_end = None
                     with torch.no_grad():
                         run = lambda: model(ids)  # noqa: E731
                         if mode == "graphs":
@@ -278,17 +398,18 @@ def overhead_table(device, repeats: int = 7) -> None:
                             run()
                         torch.cuda.synchronize()
                         start = time.perf_counter()
-                        for _ in range(20):
+                        for _ in range(50):
                             run()
                         torch.cuda.synchronize()
-                        times[setup].append((time.perf_counter() - start) / 20)
+                        times[setup].append((time.perf_counter() - start) / 50)
                     if mon is not None:
                         mon.detach()
-            alone, watched = times["alone"][1:], times["moewatch"][1:]
+            alone, watched, torch_end = times["alone"][1:], times["moewatch"][1:], times["torch end"][1:]
             ratios = [w / a for w, a in zip(watched, alone)]
             print(f"  {label:<22}{mode:<8}{statistics.median(alone) * 1e3:>10.3f}"
                   f"{statistics.median(watched) * 1e3:>13.3f}{statistics.median(watched) / statistics.median(alone):>8.3f}"
-                  f"{f'{min(ratios):.3f}-{max(ratios):.3f}':>15}")
+                  f"{f'{min(ratios):.3f}-{max(ratios):.3f}':>15}"
+                  f"{statistics.median(torch_end) / statistics.median(alone):>15.3f}", flush=True)
 
 
 def main() -> int:
@@ -298,16 +419,23 @@ def main() -> int:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     failed = 0
-    for check in (check_sync_free, check_cuda_graph, check_compile, check_reduce_overhead,
-                  check_one_kernel_per_gate_call, check_placement_statistics):
+    for check in (check_kernel_matches_reference, check_forward_end_kernel, check_sync_free, check_cuda_graph,
+                  check_compile, check_reduce_overhead, check_one_kernel_per_gate_call, check_kernels_added,
+                  check_placement_statistics):
+        start = time.perf_counter()
         try:
-            print(f"PASS {check(device)}")
+            print(f"PASS {check(device)}", end="")
         except Exception as error:  # report every check, then fail
             failed += 1
-            print(f"FAIL {check.__name__}: {type(error).__name__}: {error}")
+            print(f"FAIL {check.__name__}: {type(error).__name__}: {error}", end="")
+        print(f"  [{time.perf_counter() - start:.1f} s]", flush=True)
     if "--checks" not in sys.argv:
-        placement_cost_table(device)
-        overhead_table(device)
+        for table in (forward_end_cost, placement_cost_table, overhead_table):
+            try:
+                table(device)
+            except Exception as error:  # the other tables still run
+                failed += 1
+                print(f"FAIL {table.__name__}: {type(error).__name__}: {error}", flush=True)
     return 1 if failed else 0
 
 

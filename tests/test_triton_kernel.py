@@ -409,7 +409,13 @@ def _reference_weights(c: dict) -> Optional[torch.Tensor]:
     return reference.mask_weights(c["mask"], c["logits"].shape[0], c["positions"], c["grid"])
 
 
-def run_case(name: str, tb) -> dict:
+def _on(device: str, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.to(device)
+
+
+def run_case(name: str, tb, device: str = "cpu") -> dict:
+    """One case through the kernel on ``device`` (the CPU under the interpreter; CUDA compiled, from
+    benchmarks/gpu_checks.py), checked on the CPU against the reference and numpy."""
     spec = CASES[name]()
     g = _gen(zlib.crc32(name.encode()))
     sums, counts, absmax = _accumulators(g)
@@ -430,11 +436,15 @@ def run_case(name: str, tb) -> dict:
         tb._TILE["cpu"] = tb._TILE["cuda"]
     elif isinstance(spec.get("tiles"), tuple):
         tb._TILE["cpu"] = spec["tiles"]
+    # the kernel's accumulators on the device (the same tensors on the CPU), read back after the calls
+    on = dict(sums=_on(device, sums), counts=_on(device, counts), absmax=_on(device, absmax),
+              cosel=_on(device, cosel), ranks=_on(device, ranks))
     try:
         for c in spec["calls"]:
-            tb.observe(c["logits"], c["indices"], c["probs"], c["dropped"], c["valid"], c["mask"], c["positions"],
-                       c["grid"], sums, counts, absmax, c["row"], c["top_k"], c["scoring"], c["capacity_factor"],
-                       cosel=cosel, ranks=ranks)
+            tb.observe(*(_on(device, c[key]) for key in ("logits", "indices", "probs", "dropped", "valid", "mask",
+                                                          "positions")),
+                       c["grid"], on["sums"], on["counts"], on["absmax"], c["row"], c["top_k"], c["scoring"],
+                       c["capacity_factor"], cosel=on["cosel"], ranks=on["ranks"])
             w = _reference_weights(c)
             if placed and c["logits"].shape[0]:
                 chosen, experts = _chosen(c).numpy(), c["logits"].shape[1]
@@ -454,6 +464,8 @@ def run_case(name: str, tb) -> dict:
     finally:
         tb._TILE.clear()
         tb._TILE.update(tiles)
+    sums, counts, absmax, cosel = (None if on[key] is None else on[key].cpu()
+                                   for key in ("sums", "counts", "absmax", "cosel"))
     problems = []
     if placed:
         if not (torch.tril(cosel, -1) == 0).all():

@@ -36,6 +36,17 @@ def fused_kernel_for(device: torch.device):
     return triton_backend.observe if triton_backend.AVAILABLE else None
 
 
+def forward_end_kernel_for(device: torch.device):
+    """The forward end's single Triton launch on CUDA when Triton is installed; else None (torch ops)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import triton_forward_end
+    except Exception:
+        return None
+    return triton_forward_end.forward_end if triton_forward_end.AVAILABLE else None
+
+
 def _static_shapes(*tensors: torch.Tensor) -> None:
     """The accumulators never change shape: under ``torch.compile(dynamic=True)`` their sizes
     are constants, not symbols that a batch of the same size would tie to them (and recompile)."""
@@ -87,6 +98,8 @@ class DeviceBank:
         self._seen = 0  # cuts the reader has taken (host)
         self._lock = threading.Lock()  # reader-side only
         self._fused = fused_kernel_for(self.device)
+        self._fused_end = forward_end_kernel_for(self.device)
+        self._thread = threading.local()  # .rows: this thread's forward's token rows, added at its end
         if self._fused is not None:  # scratch of the would-be-drops phase, before any graph capture
             from . import triton_backend
 
@@ -113,22 +126,19 @@ class DeviceBank:
         ops on the device, no host sync: B rows of L new tokens, each row one request; a decode
         step (``continued``) grows the rows of the previous forward, their squares by
         B ((n + L)**2 - n**2)."""
+        self._thread.rows = None
         if rows is None:
             return
         try:
             if isinstance(rows, RequestTokens):
                 self._request_runs.add(rows)
                 return
-            batch, length, continued = rows
-            tokens = float(batch) * float(length)
-            self._row_tokens.add_(tokens)
-            if continued and batch == self._row_batch:
-                self._row_tokens_sq.add_(self._row_run, alpha=2.0 * tokens)  # B * 2 n L
-                self._row_tokens_sq.add_(tokens * float(length))  # B L**2
-                self._row_run.add_(float(length))
-            else:
-                self._row_tokens_sq.add_(tokens * float(length))
-                self._row_run.fill_(float(length))
+            batch, length, continued = (int(v) for v in rows)
+            tokens = batch * length
+            continued = bool(continued) and batch == self._row_batch
+            # added at the forward's end (one launch on CUDA): B L, B L**2, then B * 2 n L where
+            # the rows continue (n: their run so far), and the run grows by L or starts at L
+            self._thread.rows = (tokens, tokens * length, 2 * tokens if continued else 0, length, continued)
             self._row_batch = batch
         except Exception as error:  # the forward goes on; its rows are not counted, and that is seen
             self.errors.record("hook", error, where="rows")
@@ -162,7 +172,25 @@ class DeviceBank:
                            mask_weights(mask, logits.shape[0], positions, grid), positions)
 
     def end(self, ticks=None) -> None:
-        """At a forward end: cut a window into the ring if it is due (device ops only)."""
+        """At a forward end: add the forward's token rows, and cut a window into the ring if it
+        is due (device ops only: one launch on CUDA, ``triton_forward_end``)."""
+        pending, self._thread.rows = getattr(self._thread, "rows", None), None
+        if self._fused_end is not None:
+            try:
+                self._fused_end(self, pending)
+                return
+            except Exception as error:  # counted; from now on the torch ops do the same work
+                self._fused_end = None
+                self.errors.record("hook", error, where="forward end kernel")
+        self.end_with_torch(pending)
+
+    def end_with_torch(self, pending=None) -> None:
+        """``end`` in torch ops: the readable form, and where the kernel does not run."""
+        if pending is not None:
+            try:
+                self._add_rows(*pending)
+            except Exception as error:  # the forward goes on; its rows are not counted, and that is seen
+                self.errors.record("hook", error, where="rows")
         tokens = self.sums[:, TOKENS]  # [G]
         grown = (tokens - self.base_tokens).amax()  # []
         cut = (grown >= self.window_tokens[0]) | ((self.force[0] > 0) & (grown > 0))  # []
@@ -177,6 +205,16 @@ class DeviceBank:
         self._request_runs.cut(cut)
         self.force.masked_fill_(cut, 0)
         self.cut_ptr.add_(cut.to(torch.int64))
+
+    def _add_rows(self, add_tokens: int, add_sq: int, run_coef: int, run_len: int, continued: bool) -> None:
+        self._row_tokens.add_(float(add_tokens))
+        if continued:
+            self._row_tokens_sq.add_(self._row_run, alpha=float(run_coef))  # B * 2 n L
+            self._row_tokens_sq.add_(float(add_sq))  # B L**2
+            self._row_run.add_(float(run_len))
+        else:
+            self._row_tokens_sq.add_(float(add_sq))
+            self._row_run.fill_(float(run_len))
 
     # -- the reader -----------------------------------------------------------------------------
     def due(self, now: float) -> bool:
