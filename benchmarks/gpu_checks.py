@@ -1,23 +1,32 @@
-"""GPU checks of the hot path. Needs a CUDA device (and Triton for the fused kernel).
+"""GPU checks of the hot path. Needs a CUDA device (and Triton for the fused kernels).
 
-    python benchmarks/gpu_checks.py            # checks, then the overhead table
+    python benchmarks/gpu_checks.py            # checks, then the timings
     python benchmarks/gpu_checks.py --checks   # checks only
 
-1. sync-free hooks: ``torch.cuda.set_sync_debug_mode("error")`` around monitored forwards of a
+1. the fused kernel, compiled, equals the readable reference on every case of
+   tests/test_triton_kernel.py (CI runs those cases under Triton's interpreter only), with the
+   test's tolerances;
+2. the forward end's kernel equals its torch ops (tests/test_triton_forward_end.py), compiled;
+3. sync-free hooks: ``torch.cuda.set_sync_debug_mode("error")`` around monitored forwards of a
    model whose own forward does not sync (a from-scratch MoE), and around the gate calls of a
-   transformers Mixtral (its expert dispatch syncs by itself, so only its gates are run there);
-2. CUDA graphs: one capture, then 10 replays count exactly 10x one eager forward;
-3. torch.compile: a compiled model counts what the eager model counts;
-4. torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs through inductor) counts
+   transformers Mixtral;
+4. CUDA graphs: one capture, then 10 replays count exactly 10x one eager forward (and its token rows);
+5. torch.compile(fullgraph=True): a compiled model counts what the eager model counts;
+6. torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs through inductor) counts
    exactly;
-5. one kernel per gate call: the profiler sees exactly one launch of the fused kernel per gate
+7. one kernel per gate call: the profiler sees exactly one launch of the fused kernel per gate
    call of a forward;
-6. co-selection and tokens per rank on CUDA (expert placement): the kernel's counts equal the
+8. every kernel moewatch adds to a forward, alone against watched: the gate calls plus one
+   forward end, and none of the model's own kernels removed;
+9. co-selection and tokens per rank on CUDA (expert placement): the kernel's counts equal the
    numpy reference from the same indices (random shapes, padding, k up to 8), and after a CUDA
    graph capture 10 replays add exactly 10x one forward's co-selection;
-then the fused kernel's time per gate call with and without the placement statistics, and an overhead table: a Mixtral-shaped model in bf16, forwards of B tokens (decode-shaped, B =
-1, 8, 64) and a prefill, eager and CUDA-graph replays, with and without moewatch, medians of
-interleaved rounds with their min-max ratio. Targets: <= 3% eager, <= 1% with CUDA graphs.
+then the timings: the forward end alone (torch ops against its one launch, eager and in a CUDA
+graph), the fused kernel's time per gate call with and without the placement statistics, and
+an overhead table: a Mixtral-shaped model in bf16, forwards of B tokens (decode-shaped, B = 1,
+8, 64) and a prefill, eager and CUDA-graph replays, the model alone against moewatch (and
+against moewatch with its forward end in torch ops), medians of interleaved rounds with the
+min-max of the per-round ratio. Targets: <= 3% eager, <= 1% with CUDA graphs.
 Prints one line per check and exits 1 if any fails.
 """
 from __future__ import annotations
