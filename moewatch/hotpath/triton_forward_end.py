@@ -50,17 +50,21 @@ if AVAILABLE:
             add_tokens, add_sq, run_coef, run_len,  # integers: this forward's rows (step 1)
             sums_cols: tl.constexpr, SLOTS: tl.constexpr, HAS_ROWS: tl.constexpr, CONTINUED: tl.constexpr,
             G_PAD: tl.constexpr, BLOCK: tl.constexpr):
-        # 1. the forward's token rows
+        # 1. the forward's token rows. The new values stay in registers for the cut's copy: a
+        # value stored by one thread is not read back by another without a barrier.
+        rows_0 = tl.load(rows_ptr)  # [] float64 sum of t
+        rows_1 = tl.load(rows_ptr + 1)  # [] float64 sum of t**2
         if HAS_ROWS:
             run = tl.load(row_run_ptr)  # [] float64 tokens per row so far in this window
-            tl.store(rows_ptr, tl.load(rows_ptr) + add_tokens.to(tl.float64))
+            rows_0 = rows_0 + add_tokens.to(tl.float64)
             if CONTINUED:
-                tl.store(rows_ptr + 1, (tl.load(rows_ptr + 1) + run * run_coef.to(tl.float64))
-                         + add_sq.to(tl.float64))
+                rows_1 = (rows_1 + run * run_coef.to(tl.float64)) + add_sq.to(tl.float64)
                 tl.store(row_run_ptr, run + run_len.to(tl.float64))
             else:
-                tl.store(rows_ptr + 1, tl.load(rows_ptr + 1) + add_sq.to(tl.float64))
+                rows_1 = rows_1 + add_sq.to(tl.float64)
                 tl.store(row_run_ptr, run_len.to(tl.float64))
+            tl.store(rows_ptr, rows_0)
+            tl.store(rows_ptr + 1, rows_1)
         # 2. the decision
         g = tl.arange(0, G_PAD)  # [G_PAD]
         on = g < num_gates
@@ -79,8 +83,8 @@ if AVAILABLE:
                 tl.store(cut_counts_ptr + slot * counts_n + i, tl.load(counts_ptr + i, mask=i < counts_n),
                          mask=i < counts_n)
             tl.store(cut_absmax_ptr + slot * num_gates + g, tl.load(absmax_ptr + g, mask=on), mask=on)
-            two = tl.arange(0, 2)
-            tl.store(cut_rows_ptr + slot * 2 + two, tl.load(rows_ptr + two))
+            tl.store(cut_rows_ptr + slot * 2, rows_0)
+            tl.store(cut_rows_ptr + slot * 2 + 1, rows_1)
             tl.store(base_ptr + g, tokens, mask=on)
             tl.store(absmax_ptr + g, tl.zeros([G_PAD], dtype=tl.float64), mask=on)
             tl.store(row_run_ptr, 0.0)
