@@ -10,7 +10,9 @@
 3. sync-free hooks: ``torch.cuda.set_sync_debug_mode("error")`` around monitored forwards of a
    model whose own forward does not sync (a from-scratch MoE), and around the gate calls of a
    transformers Mixtral;
-4. CUDA graphs: one capture, then 10 replays count exactly 10x one eager forward (and its token rows);
+4. CUDA graphs: one capture, then 10 replays count exactly 10x one eager forward (and its token
+   rows), and with window_tokens = one forward's tokens every forward and replay cuts one window
+   holding the same tokens on every gate (windows never split a forward);
 5. torch.compile(fullgraph=True): a compiled model counts what the eager model counts;
 6. torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs through inductor) counts
    exactly;
@@ -123,6 +125,23 @@ def check_cuda_graph(device) -> str:
     np.testing.assert_array_equal(rows_replayed["rows"], 10 * rows_one["rows"])
     return (f"CUDA graph: 10 replays = 10 x one eager forward ({sum(int(v.sum()) for v in one.values())} "
             "assignments each, and the forward's token rows)")
+
+
+def check_windows_under_graphs(device) -> str:
+    """Windows cut at forward ends on the device: with window_tokens one forward's tokens, every
+    forward cuts one window, CUDA-graph replays too, and each holds the same tokens on every gate."""
+    torch.manual_seed(5)
+    model = TinyMoELM().to(device).eval()
+    static_ids = torch.randint(0, 64, (4, 16), device=device)
+    mon = moewatch.attach(model, gates="*.router", top_k=2, background=False, window_tokens=4 * 16,
+                          window_seconds=3600.0)
+    _one_forward_and_ten_replays(model, static_ids, mon.counts)  # 3 warm-ups, 1 forward, 10 replays
+    mon.flush()
+    tokens = [np.asarray(window.tokens).tolist() for window in mon._ring]
+    mon.detach()
+    assert len(tokens) == 14, f"{len(tokens)} windows for 14 forwards: {tokens}"
+    assert all(row == [64.0] * len(row) for row in tokens), tokens
+    return "CUDA graph: one window per forward (replays included), 64 tokens on every gate in each"
 
 
 def check_compile(device) -> str:
@@ -429,7 +448,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     failed = 0
     for check in (check_kernel_matches_reference, check_forward_end_kernel, check_sync_free, check_cuda_graph,
-                  check_compile, check_reduce_overhead, check_one_kernel_per_gate_call, check_kernels_added,
+                  check_windows_under_graphs, check_compile, check_reduce_overhead, check_one_kernel_per_gate_call, check_kernels_added,
                   check_placement_statistics):
         start = time.perf_counter()
         try:
