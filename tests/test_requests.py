@@ -113,10 +113,11 @@ def test_a_model_called_inside_a_bigger_compiled_function_counts_its_rows(backen
     assert frames == 1  # one graph for every shape: the rows did not specialise it
 
 
-def test_forwards_on_many_threads_are_each_counted_once():
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_forwards_on_many_threads_are_each_counted_once(backend):
     model = tiny_mixtral()
     shapes = {i: (1 + i % 3, 4 + i) for i in range(6)}
-    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad():
         barrier = threading.Barrier(len(shapes))
 
         def run(i):
@@ -134,6 +135,32 @@ def test_forwards_on_many_threads_are_each_counted_once():
         tokens = sum(w.tokens[0] for w in mon._ring)
     np.testing.assert_allclose(total, _rows([s for s in shapes.values() for _ in range(3)]))
     assert tokens == total[0]
+
+
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_a_forward_nested_in_another_counts_the_outer_rows_once(backend):
+    # the root's pre-hook calls the model again once: the nested forward's rows are the outer one's
+    model = tiny_mixtral()
+    nested = []
+
+    def call_again(module, args, kwargs):
+        if not nested:
+            nested.append(True)
+            module(torch.randint(0, 128, (2, 3)))
+
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad():
+        handle = model.register_forward_pre_hook(call_again, with_kwargs=True)
+        try:
+            model(torch.randint(0, 128, (3, 7)))
+            model(torch.randint(0, 128, (1, 4)))
+        finally:
+            handle.remove()
+        mon.flush()
+        total = sum(w.rows for w in mon._ring)
+        tokens = sum(w.tokens[0] for w in mon._ring)
+    assert nested == [True]
+    np.testing.assert_allclose(total, _rows([(3, 7), (1, 4)]))
+    assert tokens == 2 * 3 + 3 * 7 + 4  # the nested forward's gates route their tokens
 
 
 def test_a_baseline_keeps_the_requests_and_one_without_them_still_loads(tmp_path):

@@ -126,8 +126,7 @@ class DeviceBank:
         ops on the device, no host sync: B rows of L new tokens, each row one request; a decode
         step (``continued``) grows the rows of the previous forward, their squares by
         B ((n + L)**2 - n**2)."""
-        self._thread.rows = None
-        if rows is None:
+        if rows is None:  # a nested forward's rows are the outer one's, pending till an end takes them
             return
         try:
             if isinstance(rows, RequestTokens):
