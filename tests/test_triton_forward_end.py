@@ -77,12 +77,8 @@ def compare(num_gates: int, experts: int, steps: int, seed: int, window: int, de
             bank.counts[:, 0] += routed[:, None].long()
             bank.absmax.copy_(torch.maximum(bank.absmax, routed / 10))
             bank.force.fill_(force)
-        pending = torch_bank._thread.rows
-        torch_bank._thread.rows = None
-        torch_bank.end_with_torch(pending)
-        kernel_pending = kernel_bank._thread.rows
-        kernel_bank._thread.rows = None
-        triton_forward_end.forward_end(kernel_bank, kernel_pending)
+        torch_bank.end_with_torch(torch_bank.take_rows())
+        triton_forward_end.forward_end(kernel_bank, kernel_bank.take_rows())
         want, got = ({k: v.cpu() for k, v in state(b).items()} for b in (torch_bank, kernel_bank))
         for name in want:
             if not torch.equal(want[name], got[name]):

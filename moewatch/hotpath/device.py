@@ -173,7 +173,7 @@ class DeviceBank:
     def end(self, ticks=None) -> None:
         """At a forward end: add the forward's token rows, and cut a window into the ring if it
         is due (device ops only: one launch on CUDA, ``triton_forward_end``)."""
-        pending, self._thread.rows = getattr(self._thread, "rows", None), None
+        pending = self.take_rows()
         if self._fused_end is not None:
             try:
                 self._fused_end(self, pending)
@@ -182,6 +182,11 @@ class DeviceBank:
                 self._fused_end = None
                 self.errors.record("hook", error, where="forward end kernel")
         self.end_with_torch(pending)
+
+    def take_rows(self):
+        """This thread's pending token rows (``begin``'s, for its forward's end), or None; cleared."""
+        pending, self._thread.rows = getattr(self._thread, "rows", None), None
+        return pending
 
     def end_with_torch(self, pending=None) -> None:
         """``end`` in torch ops: the readable form, and where the kernel does not run."""
