@@ -8,7 +8,8 @@ tokens its gates routed, the reader's request to cut) and ends it, one with the 
 EQUAL: the kernel does the same float64 arithmetic in the same order, on integer-valued rows.
 Steps cover: no cut, a cut by tokens, a cut asked for by the reader (with and without traffic),
 rows that continue and rows that start, a forward without rows, more cuts than ring slots (the
-slot wraps), and gate counts that are not a power of two.
+slot wraps), and gate counts that are not a power of two. Then a whole monitor with both
+kernels switched on (interpreted) must count and cut the windows that its torch path does.
 """
 from __future__ import annotations
 
@@ -88,6 +89,51 @@ def compare(num_gates: int, experts: int, steps: int, seed: int, window: int, de
     return dict(ok=True, cuts=cuts, detail="")
 
 
+def compare_monitors() -> dict:
+    """A whole monitor on the CUDA path (both kernels, interpreted on CPU tensors) against the same
+    monitor on the torch path: 6 forwards with a padding mask and capacity drops, a window per
+    64 tokens. Counts, and every window's tokens, counts and rows, must be equal."""
+    import numpy as np
+
+    import moewatch
+    from moewatch.hotpath import triton_backend, triton_forward_end
+    from tests.moe_from_scratch import TinyMoELM
+
+    torch.manual_seed(0)
+    model = TinyMoELM().eval()
+    ids = torch.randint(0, 64, (4, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    results = []
+    for fused in (False, True):
+        mon = moewatch.attach(model, gates="*.router", top_k=2, backend="device", background=False,
+                              capacity_factor=1.25, window_tokens=64, window_seconds=3600.0)
+        if fused:
+            for bank in mon._banks.banks:
+                bank._fused, bank._fused_end = triton_backend.observe, triton_forward_end.forward_end
+        with torch.no_grad():
+            for step in range(6):
+                model(ids[: 1 + step % 4], attention_mask=mask[: 1 + step % 4])
+        mon.flush()
+        results.append((mon.counts(), list(mon._ring), mon.error_counts()))
+        mon.detach()
+    (want, want_windows, _), (got, got_windows, errors) = results
+    if errors:
+        return dict(ok=False, detail=f"errors {errors}")
+    if len(got_windows) != len(want_windows):
+        return dict(ok=False, detail=f"{len(got_windows)} windows, want {len(want_windows)}")
+    for name in want:
+        if not np.array_equal(got[name], want[name]):
+            return dict(ok=False, detail=f"counts of {name}: {got[name]} vs {want[name]}")
+    for i, (g, w) in enumerate(zip(got_windows, want_windows)):
+        # counts, max |logit|, rows and tokens exact; the float sums as tests/test_triton_kernel.py bounds them
+        exact = all(np.array_equal(a, b) for a, b in ((g.counts, w.counts), (g.absmax, w.absmax),
+                                                         (g.rows, w.rows), (g.tokens, w.tokens)))
+        if not exact or not np.allclose(g.sums, w.sums, rtol=1e-5, atol=1e-6 * float(w.tokens.max())):
+            return dict(ok=False, detail=f"window {i}: {g} vs {w}")
+    return dict(ok=True, detail="", windows=len(got_windows))
+
+
 # (gates, experts, forwards, seed, window_tokens)
 CASES = [(1, 8, 40, 1, 7), (3, 60, 40, 2, 20), (4, 8, 160, 3, 2), (5, 256, 30, 4, 5), (17, 64, 30, 5, 11)]
 
@@ -101,6 +147,11 @@ def child_main() -> None:
             result = dict(ok=False, detail=f"{type(error).__name__}: {error}")
         result["case"] = list(case)
         print("CASE " + json.dumps(result), flush=True)
+    try:
+        result = compare_monitors()
+    except Exception as error:
+        result = dict(ok=False, detail=f"{type(error).__name__}: {error}")
+    print("MONITORS " + json.dumps(result), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +165,8 @@ def interpreted():
         if line.startswith("CASE "):
             rec = json.loads(line[5:])
             results[tuple(rec["case"])] = rec
+        elif line.startswith("MONITORS "):
+            results["monitors"] = json.loads(line[9:])
     results["_stderr"] = proc.stderr[-4000:]
     return results
 
@@ -123,6 +176,13 @@ def test_kernel_equals_the_torch_ops(interpreted, case):
     assert case in interpreted, f"the child did not report {case}:\n{interpreted['_stderr']}"
     result = interpreted[case]
     assert result["ok"], result["detail"]
+
+
+def test_a_monitor_on_the_kernels_counts_and_cuts_what_the_torch_ops_do(interpreted):
+    assert "monitors" in interpreted, interpreted["_stderr"]
+    result = interpreted["monitors"]
+    assert result["ok"], result["detail"]
+    assert result["windows"] == 3  # forwards of 16, 32, 48 | 64 | 16, 32 tokens (a flush cuts the last)
 
 
 def test_the_ring_wraps(interpreted):

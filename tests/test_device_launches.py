@@ -1,0 +1,95 @@
+"""What a monitored forward launches on a device: one kernel per gate call, one at the forward's end.
+
+On a GPU, every op that moewatch dispatched beside its kernels would be one more launch in each
+decode step. Here the device bank runs on CPU tensors with its CUDA path switched on (the fused
+observe and the fused forward end), and the two Triton kernels are recorded instead of run (their
+host code runs as on a GPU: argument checks, views, the cached scratch). A dispatch mode counts
+the ATen ops of a forward alone and monitored: what moewatch adds must be metadata only (views,
+detach: no kernel on any device), and the launches exactly one per gate call plus one.
+What the kernels compute is tested apart (tests/test_triton_kernel.py, tests/test_triton_forward_end.py).
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moewatch
+from tests.moe_from_scratch import TinyMoELM
+from tests.tiny_models import tiny_mixtral
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+# ops that only make a new view of existing memory: no kernel on any device
+METADATA_OPS = {"aten.view.default", "aten.view.dtype", "aten.detach.default", "aten._unsafe_view.default",
+                "aten.alias.default", "aten.as_strided.default", "aten.slice.Tensor", "aten.select.int",
+                "aten.t.default", "aten.transpose.int", "aten.unsqueeze.default", "aten.squeeze.dim",
+                "aten.expand.default", "aten.reshape.default", "aten.flatten.using_ints"}
+
+
+class AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Recorder:
+    """Stands in for a JIT function: launches are counted, not run."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+        return launch
+
+
+def _ops_of(run) -> collections.Counter:
+    with torch.no_grad(), AtenOps() as mode:
+        run()
+    return mode.ops
+
+
+@pytest.mark.parametrize("which", ["from-scratch, padding mask, capacity", "mixtral decode", "mixtral prefill"])
+def test_a_monitored_forward_adds_one_launch_per_gate_call_and_one_at_its_end(monkeypatch, which):
+    from moewatch.hotpath import triton_backend, triton_forward_end
+
+    torch.manual_seed(0)
+    if which.startswith("from-scratch"):
+        model = TinyMoELM().eval()
+        ids = torch.randint(0, 64, (4, 16))
+        mask = torch.ones_like(ids)
+        mask[0, :5] = 0
+        run = lambda: model(ids, attention_mask=mask)  # noqa: E731
+        options = dict(gates="*.router", top_k=2, capacity_factor=1.25)
+    else:
+        model = tiny_mixtral(layers=3)
+        ids = torch.randint(0, 128, (8, 1) if "decode" in which else (2, 24))
+        run = lambda: model(ids)  # noqa: E731
+        options = {}
+    run()
+    alone = _ops_of(run)
+    observe, end = Recorder(), Recorder()
+    monkeypatch.setattr(triton_backend, "_kernel", observe)
+    monkeypatch.setattr(triton_forward_end, "_forward_end_kernel", end)
+    with moewatch.attach(model, background=False, backend="device", **options) as mon:
+        for bank in mon._banks.banks:  # the CUDA path, on CPU tensors
+            bank._fused, bank._fused_end = triton_backend.observe, triton_forward_end.forward_end
+        run()  # warm-up: the cached scratch is allocated once
+        observe.launches = end.launches = 0
+        watched = _ops_of(run)
+        launches = (observe.launches, end.launches)  # (detaching cuts a last window: one more end)
+        gates, errors = len(mon.gates), mon.error_counts()
+    added = watched - alone
+    assert errors == {}
+    assert launches == (gates, 1)
+    assert set(added) <= METADATA_OPS, f"ops that would launch kernels: {dict(added)}"
+    assert not (alone - watched), "the model's own ops changed"
