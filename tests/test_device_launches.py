@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moewatch
 from tests.moe_from_scratch import TinyMoELM
+from tests.test_triton_hopper_build import Recorder
 from tests.tiny_models import tiny_mixtral
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -38,18 +39,6 @@ class AtenOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func)] += 1
         return func(*args, **(kwargs or {}))
-
-
-class Recorder:
-    """Stands in for a JIT function: launches are counted, not run."""
-
-    def __init__(self):
-        self.launches = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches += 1
-        return launch
 
 
 def _ops_of(run) -> collections.Counter:
@@ -84,9 +73,10 @@ def test_a_monitored_forward_adds_one_launch_per_gate_call_and_one_at_its_end(mo
         for bank in mon._banks.banks:  # the CUDA path, on CPU tensors
             bank._fused, bank._fused_end = triton_backend.observe, triton_forward_end.forward_end
         run()  # warm-up: the cached scratch is allocated once
-        observe.launches = end.launches = 0
+        observe.launches.clear()
+        end.launches.clear()
         watched = _ops_of(run)
-        launches = (observe.launches, end.launches)  # (detaching cuts a last window: one more end)
+        launches = (len(observe.launches), len(end.launches))  # (detaching cuts a last window: one more end)
         gates, errors = len(mon.gates), mon.error_counts()
     added = watched - alone
     assert errors == {}

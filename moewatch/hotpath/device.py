@@ -13,6 +13,7 @@ the same traffic cuts the same windows.
 """
 from __future__ import annotations
 
+import importlib
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -25,26 +26,25 @@ from .requests import DeviceRequestRuns, RequestTokens
 CUT_SLOTS = 64  # cuts the reader may fall behind by before one is lost (counted)
 
 
-def fused_kernel_for(device: torch.device):
-    """The Triton kernel's entry point on CUDA when Triton is installed; else None (the reference)."""
+def _cuda_entry(device: torch.device, module: str, name: str):
+    """``moewatch.hotpath.<module>.<name>`` on CUDA when Triton is installed; else None."""
     if device.type != "cuda":
         return None
     try:
-        from . import triton_backend
-    except Exception:  # Triton missing or broken: the reference still counts exactly
+        backend = importlib.import_module(f"{__package__}.{module}")
+    except Exception:  # Triton missing or broken: the torch ops still count exactly
         return None
-    return triton_backend.observe if triton_backend.AVAILABLE else None
+    return getattr(backend, name) if backend.AVAILABLE else None
+
+
+def fused_kernel_for(device: torch.device):
+    """The Triton kernel's entry point on CUDA when Triton is installed; else None (the reference)."""
+    return _cuda_entry(device, "triton_backend", "observe")
 
 
 def forward_end_kernel_for(device: torch.device):
     """The forward end's single Triton launch on CUDA when Triton is installed; else None (torch ops)."""
-    if device.type != "cuda":
-        return None
-    try:
-        from . import triton_forward_end
-    except Exception:
-        return None
-    return triton_forward_end.forward_end if triton_forward_end.AVAILABLE else None
+    return _cuda_entry(device, "triton_forward_end", "forward_end")
 
 
 def _static_shapes(*tensors: torch.Tensor) -> None:
@@ -99,6 +99,10 @@ class DeviceBank:
         self._lock = threading.Lock()  # reader-side only
         self._fused = fused_kernel_for(self.device)
         self._fused_end = forward_end_kernel_for(self.device)
+        if self._fused_end is not None:  # the kernel reads these as flat buffers: checked once, here
+            for t in (self.sums, self.counts, self.cut_sums, self.cut_counts, self.cut_absmax, self.cut_rows,
+                      self._request_runs.runs):
+                assert t.is_contiguous(), "the forward-end kernel reads the accumulators as flat buffers"
         self._thread = threading.local()  # .rows: this thread's forward's token rows, added at its end
         if self._fused is not None:  # scratch of the would-be-drops phase, before any graph capture
             from . import triton_backend
@@ -122,10 +126,11 @@ class DeviceBank:
     # -- the forward ----------------------------------------------------------------------------
     def begin(self, masks=None, rows=None) -> None:
         """A root forward begins (the masks are read through mask_of, at each call); ``rows``:
-        its token rows (B, L, continued), its engine's ``RequestTokens``, or None. A few small
-        ops on the device, no host sync: B rows of L new tokens, each row one request; a decode
-        step (``continued``) grows the rows of the previous forward, their squares by
-        B ((n + L)**2 - n**2)."""
+        its token rows (B, L, continued), its engine's ``RequestTokens``, or None. B rows of L
+        new tokens, each row one request; a decode step (``continued``) grows the rows of the
+        previous forward, their squares by B ((n + L)**2 - n**2). Host integers only here: the
+        forward's ``end`` adds them on the device (``take_rows``); an engine's requests are
+        added now, with a few small ops and no host sync."""
         if rows is None:  # a nested forward's rows are the outer one's, pending till an end takes them
             return
         try:

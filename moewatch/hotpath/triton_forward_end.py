@@ -99,10 +99,8 @@ PendingRows = Tuple[int, int, int, int, bool]
 
 
 def forward_end(bank, pending: Optional[PendingRows]) -> None:
-    """One launch: the forward end of ``bank`` (a ``DeviceBank``) with its rows ``pending``."""
-    for t in (bank.sums, bank.counts, bank.cut_sums, bank.cut_counts, bank.cut_absmax, bank.cut_rows,
-              bank._request_runs.runs):
-        assert t.is_contiguous(), "the forward-end kernel reads the accumulators as flat buffers"
+    """One launch: the forward end of ``bank`` (a ``DeviceBank``, whose accumulators are
+    contiguous: checked when it chose this kernel) with its rows ``pending``."""
     num_gates = bank.sums.shape[0]
     add_tokens, add_sq, run_coef, run_len, continued = pending if pending is not None else (0, 0, 0, 0, False)
     runs = bank._request_runs.runs
