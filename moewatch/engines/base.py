@@ -1,7 +1,7 @@
 """What a serving engine tells the monitor about the model it runs (engine-neutral)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -33,6 +33,14 @@ class Engine:
         """At each root forward, after :meth:`real_tokens`: the requests its real tokens belong
         to (``moewatch.hotpath.requests.RequestTokens``), or None where the engine does not say.
         Runs at run time, outside compiled code."""
+        return None
+
+    def row_locator(self) -> Optional[Callable[[int, int], Optional[int]]]:
+        """Where the engine routes the tokens of every data-parallel rank together (a gate
+        call's decisions cover ``gathered`` rows, its logits this rank's ``local`` rows): a
+        function ``(local, gathered) -> `` the first of this rank's rows among the gathered ones
+        (None where it cannot say), called by the hot path at run time for such calls only
+        (``moewatch.hotpath.gathered``). None (the default): the engine never gathers them."""
         return None
 
     def model_name(self, model: nn.Module) -> Optional[str]:

@@ -187,6 +187,21 @@ def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
                     install=install)
 
 
+def _gather_groups() -> List[Tuple[int, int]]:
+    """(rank, world size) in vLLM's data and expert parallel groups, those of more than one rank."""
+    try:
+        from vllm.distributed import parallel_state
+    except ImportError:
+        return []
+    found = []
+    for name in ("_DP", "_EP"):
+        group = getattr(parallel_state, name, None)
+        rank, world = getattr(group, "rank_in_group", None), getattr(group, "world_size", None)
+        if isinstance(rank, int) and isinstance(world, int) and world > 1:
+            found.append((rank, world))
+    return found
+
+
 def _matches(names: Tuple[str, ...], patterns) -> bool:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     return any(n == p or fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
@@ -208,6 +223,7 @@ class VllmEngine(Engine):
         self._scheduled: Optional[RequestTokens] = None  # the step about to run (see schedule)
         # whether a forward's rows are its whole step (see _whole_steps; read once)
         self._whole_steps_here: Optional[bool] = None
+        self._gather_groups: Optional[List[Tuple[int, int]]] = None  # see local_rows (read once)
 
     def schedule(self, scheduler_output) -> None:
         """The worker is about to run a step (``Worker.execute_model``): keep which requests its
@@ -298,6 +314,31 @@ class VllmEngine(Engine):
             if isinstance(rank, int) and not isinstance(rank, bool):
                 ranks[label] = rank
         return ranks
+
+    def row_locator(self):
+        """:meth:`local_rows` where this worker is one of several data (or expert) parallel
+        ranks, whose dispatch may gather their tokens before routing; None otherwise."""
+        if self._gather_groups is None:
+            self._gather_groups = _gather_groups()
+        return self.local_rows if self._gather_groups else None
+
+    def local_rows(self, local: int, gathered: int) -> Optional[int]:
+        """This rank's first row among the tokens vLLM's naive data-parallel dispatch gathered
+        before routing (``AgRsAll2AllManager``: every DP rank's rows, in rank order, as many from
+        each as its forward context's ``dp_metadata`` says). Runs at run time, in the gate op."""
+        context = self._get_context() if self._has_context is not None and self._has_context() else None
+        metadata = getattr(context, "dp_metadata", None)
+        sizes = getattr(metadata, "local_sizes", None)  # set inside the MoE layer's forward
+        if sizes is None and metadata is not None:  # outside it (the op of compiled code): per DP rank
+            sizes = metadata.num_tokens_across_dp_cpu.tolist()  # a host tensor [DP]
+        # the DP group (the EP group under sequence parallel): (rank, world size) of each
+        for rank, world in self._gather_groups or ():
+            if sizes is not None and len(sizes) == world:
+                if sum(sizes) == gathered and sizes[rank] == local:
+                    return int(sum(sizes[:rank]))
+            elif sizes is None and gathered == local * world:  # padded alike on every rank
+                return rank * local
+        return None
 
     def model_name(self, model: nn.Module) -> Optional[str]:
         if self.served_name:

@@ -12,5 +12,6 @@ one kernel, and no Python lock, thread-local or value-dependent branch sits in t
 - ``ops``          the ``torch.library`` ops and what the hooks call
 - ``banks``        one monitor's banks (one per device) and the windows cut from them
 - ``requests``     the requests an engine names behind a forward, counted per window
+- ``gathered``     decisions an engine gathered across data-parallel ranks: this rank's rows
 - ``serial``       the reader's tensor ops on its own thread alone (no OpenMP team of its own)
 """

@@ -174,6 +174,12 @@ class Banks:
         bank, row = self.rows[gate_index]
         self.banks[bank].set_ranks(row, ranks)
 
+    def set_locate_rows(self, locate) -> None:
+        """Where an engine gathers data-parallel ranks' tokens before routing: ``locate(rows of
+        this rank, rows gathered)`` gives the first of this rank's rows (``gathered``)."""
+        for bank in self.banks:
+            bank.locate_rows = locate
+
     def close(self) -> None:
         for bank in self.banks:
             ops.unregister(bank.bank_id)

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .gathered import Locate, is_gathered, local_decisions
 from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_weights
 from .requests import DeviceRequestRuns, RequestTokens
@@ -66,6 +67,7 @@ class DeviceBank:
         self.device = torch.device(device)
         self.errors = errors
         self.sampler_of = sampler_of or (lambda row: None)
+        self.locate_rows: Optional[Locate] = None  # see gathered (an engine's data-parallel rows)
         num_gates, max_experts = len(self.gates), max(g.num_experts for g in self.gates)
         f64 = dict(dtype=torch.float64, device=self.device)
         i64 = dict(dtype=torch.int64, device=self.device)
@@ -151,6 +153,8 @@ class DeviceBank:
                 sums, counts, absmax) -> None:
         """Add one gate call into ``sums``/``counts``/``absmax`` (device ops only)."""
         gate = self.gates[row]
+        if self.locate_rows is not None and is_gathered(logits, indices):  # [T_all, k] -> [T, k]
+            indices = local_decisions(indices, logits.shape[0], self.locate_rows)
         mask = None if valid is not None else self.mask_of(gate.mask_key)  # [B, L] or None
         with torch.no_grad():  # the hook runs outside any grad context of its own
             self._observe(gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,

@@ -69,14 +69,20 @@ def _bank(bank_id: int):
 def _stage_impl(logits, indices, probs, dropped, valid, positions, token, bank, row, grid):
     target = _BANKS.get(bank)
     if target is not None:  # detached: compiled code may still call in; it counts nothing
-        # compiled code reuses its buffers after the op returns: the bank copies the tensors
-        target.stage(row, logits, indices, probs, dropped, valid, positions, grid, True)
+        try:  # compiled code calls this outside the hook's guard: never raise into the model
+            # compiled code reuses its buffers after the op returns: the bank copies the tensors
+            target.stage(row, logits, indices, probs, dropped, valid, positions, grid, True)
+        except Exception as error:
+            target.errors.record("hook", error, where=target.gates[row].name)
 
 
 def _observe_impl(logits, indices, probs, dropped, valid, positions, sums, counts, absmax, bank, row, grid):
     target = _BANKS.get(bank)
     if target is not None:
-        target.observe(row, logits, indices, probs, dropped, valid, positions, grid, sums, counts, absmax)
+        try:  # as _stage_impl
+            target.observe(row, logits, indices, probs, dropped, valid, positions, grid, sums, counts, absmax)
+        except Exception as error:
+            target.errors.record("hook", error, where=target.gates[row].name)
 
 
 def _begin_impl(mask, decoder_mask, ticks, bank, rows=None):

@@ -28,6 +28,7 @@ import torch
 from ..adapters.base import flat_tokens, width_error
 from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOKENS
 from . import numpy_backend
+from .gathered import Locate, is_gathered, local_decisions
 from .numpy_backend import as_array, concat, concat_experts
 from .reference import GateSums, mask_tail, mask_weights
 from .requests import HostRequestRuns, RequestTokens
@@ -162,6 +163,9 @@ class StagedBank:
         self._next_look = time.time()  # from when a poll looks at the committed forwards (0.0: a device's)
         # called (on the forward's thread) when a poll is due before _next_look: the reader's wake-up
         self.on_due: Optional[Callable[[], None]] = None
+        # where an engine gathers data-parallel ranks' tokens before routing, it places this
+        # rank's rows among them (``gathered``); None: decisions and logits have the same rows
+        self.locate_rows: Optional[Locate] = None
         # At most how many tokens a gate saw in the forwards committed since the last take (the
         # sum of their B x L rows), or None: unknown (an engine's forward, a gate outside one).
         # A look that cannot fill the window only delays its cut's publication, never moves the
@@ -305,6 +309,8 @@ class StagedBank:
         dispatched here (the padding mask is kept whole; the reduction reads the columns it needs).
         """
         state = self._thread
+        if self.locate_rows is not None and is_gathered(logits, indices):  # [T_all, k] -> [T, k]
+            indices = local_decisions(indices, logits.shape[0], self.locate_rows)
         mask = None if valid is not None else state.masks.get(self._mask_keys[row])  # [B, L] or None
         tensors = (logits, indices, probs, dropped, valid, mask, positions)
         versions = None if copy else _versions(tensors)
