@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .gathered import Locate, is_gathered, local_decisions
+from .gathered import Locate, own_decisions
 from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_weights
 from .requests import DeviceRequestRuns, RequestTokens
@@ -153,8 +153,8 @@ class DeviceBank:
                 sums, counts, absmax) -> None:
         """Add one gate call into ``sums``/``counts``/``absmax`` (device ops only)."""
         gate = self.gates[row]
-        if self.locate_rows is not None and is_gathered(logits, indices):  # [T_all, k] -> [T, k]
-            indices = local_decisions(indices, logits.shape[0], self.locate_rows)
+        if self.locate_rows is not None:  # an engine that may gather ranks' tokens: [T_all, k] -> [T, k]
+            indices = own_decisions(logits, indices, self.locate_rows)
         mask = None if valid is not None else self.mask_of(gate.mask_key)  # [B, L] or None
         with torch.no_grad():  # the hook runs outside any grad context of its own
             self._observe(gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,

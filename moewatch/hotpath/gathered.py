@@ -18,16 +18,14 @@ import torch
 Locate = Callable[[int, int], Optional[int]]
 
 
-def is_gathered(logits: torch.Tensor, indices: Optional[torch.Tensor]) -> bool:
-    """Whether a call's decisions [T_all, k] cover more token rows than its logits [T, E]."""
-    return indices is not None and indices.dim() == 2 and logits.dim() == 2 and indices.shape[0] > logits.shape[0]
-
-
-def local_decisions(indices: torch.Tensor, local: int, locate: Optional[Locate]) -> torch.Tensor:
-    """This rank's ``local`` rows of gathered decisions ``indices`` [T_all, k]: a [local, k] view.
-    Raises ValueError when no engine places them (the call is then counted as an error)."""
-    gathered = int(indices.shape[0])
-    start = locate(local, gathered) if locate is not None else None
+def own_decisions(logits: torch.Tensor, indices: Optional[torch.Tensor], locate: Locate) -> Optional[torch.Tensor]:
+    """A call's decisions as they are, or, where they cover more token rows than its logits
+    [T, E] (gathered: [T_all, k]), this rank's [T, k] view of them, placed by ``locate``.
+    Raises ValueError when ``locate`` cannot place them (the call is then counted as an error)."""
+    if indices is None or indices.dim() != 2 or logits.dim() != 2 or indices.shape[0] <= logits.shape[0]:
+        return indices
+    local, gathered = int(logits.shape[0]), int(indices.shape[0])
+    start = locate(local, gathered)
     if start is None or start < 0 or start + local > gathered:
         raise ValueError(
             f"the router's decisions cover {gathered} token rows but its gate's logits {local}: "

@@ -28,7 +28,7 @@ import torch
 from ..adapters.base import flat_tokens, width_error
 from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOKENS
 from . import numpy_backend
-from .gathered import Locate, is_gathered, local_decisions
+from .gathered import Locate, own_decisions
 from .numpy_backend import as_array, concat, concat_experts
 from .reference import GateSums, mask_tail, mask_weights
 from .requests import HostRequestRuns, RequestTokens
@@ -309,8 +309,8 @@ class StagedBank:
         dispatched here (the padding mask is kept whole; the reduction reads the columns it needs).
         """
         state = self._thread
-        if self.locate_rows is not None and is_gathered(logits, indices):  # [T_all, k] -> [T, k]
-            indices = local_decisions(indices, logits.shape[0], self.locate_rows)
+        if self.locate_rows is not None:  # an engine that may gather ranks' tokens: [T_all, k] -> [T, k]
+            indices = own_decisions(logits, indices, self.locate_rows)
         mask = None if valid is not None else state.masks.get(self._mask_keys[row])  # [B, L] or None
         tensors = (logits, indices, probs, dropped, valid, mask, positions)
         versions = None if copy else _versions(tensors)
