@@ -13,9 +13,11 @@
 4. CUDA graphs: one capture, then 10 replays count exactly 10x one eager forward (and its token
    rows), and with window_tokens = one forward's tokens every forward and replay cuts one window
    holding the same tokens on every gate (windows never split a forward);
-5. torch.compile(fullgraph=True): a compiled model counts what the eager model counts;
+5. torch.compile(fullgraph=True): a compiled model counts what the eager model counts, in one
+   graph, with no hook error;
 6. torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs through inductor) counts
-   exactly;
+   exactly (a from-scratch MoE); a transformers Mixtral is tried alone and watched, and watched
+   may fail only as it fails alone;
 7. one kernel per gate call: the profiler sees exactly one launch of the fused kernel per gate
    call of a forward;
 8. every kernel moewatch adds to a forward, alone against watched: the gate calls plus one
@@ -24,7 +26,8 @@
    numpy reference from the same indices (random shapes, padding, k up to 8), and after a CUDA
    graph capture 10 replays add exactly 10x one forward's co-selection;
 then the timings: the forward end alone (torch ops against its one launch, eager and in a CUDA
-graph), the fused kernel's time per gate call with and without the placement statistics, and
+graph), the fused kernel's GPU time per gate call (in a CUDA graph) with and without the
+placement statistics, and
 an overhead table: a Mixtral-shaped model in bf16, forwards of B tokens (decode-shaped, B = 1,
 8, 64) and a prefill, eager and CUDA-graph replays, the model alone against moewatch (and
 against moewatch with its forward end in torch ops), medians of interleaved rounds with the
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))  # the other benchmarks' helpers
 
 import moewatch  # noqa: E402
 from tests.tiny_models import tiny_mixtral  # noqa: E402
@@ -147,6 +151,9 @@ def check_windows_under_graphs(device) -> str:
 def check_compile(device) -> str:
     model = tiny_mixtral(layers=1).to(device)
     ids = torch.randint(0, 128, (2, 16), device=device)
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
     mon = moewatch.attach(model, background=False)
     with torch.no_grad():
         model(ids)
@@ -154,30 +161,87 @@ def check_compile(device) -> str:
         compiled = torch.compile(model, fullgraph=True)
         compiled(ids)
     got = _delta(mon.counts(), eager)
+    graphs = counters["stats"]["unique_graphs"] - graphs_before
+    errors = mon.error_counts()
     mon.detach()
     torch._dynamo.reset()
+    assert graphs == 1, f"{graphs} graphs compiled, not one"
+    assert errors == {}, errors  # a hook error (say, in the forward's rows) would not show in the counts
     for name in eager:
         np.testing.assert_array_equal(got[name], eager[name])
     return "torch.compile(fullgraph=True) (inductor): counts equal eager"
 
 
+def _reduce_overhead_counts(model, ids, options):
+    """(one eager forward's counts, what 5 calls of the model compiled with mode='reduce-overhead'
+    add, graphs compiled, errors) for ``model`` watched."""
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    mon = moewatch.attach(model, background=False, **options)
+    try:
+        with torch.no_grad():
+            model(ids)
+            eager = mon.counts()
+            compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            for _ in range(5):  # warm-up runs, then recorded CUDA graphs replay
+                compiled(ids)
+            torch.cuda.synchronize()
+        return eager, _delta(mon.counts(), eager), counters["stats"]["unique_graphs"] - graphs_before, \
+            mon.error_counts()
+    finally:
+        mon.detach()
+        torch._dynamo.reset()
+
+
+def _failure(run) -> str:
+    """'' when ``run()`` succeeds, else the error with the last frames of its traceback."""
+    import traceback
+
+    try:
+        run()
+        return ""
+    except Exception as error:
+        frames = traceback.extract_tb(error.__traceback__)[-6:]
+        return f"{type(error).__name__}: {error} at " + " <- ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno}({f.name})" for f in reversed(frames))
+
+
 def check_reduce_overhead(device) -> str:
-    model = tiny_mixtral(layers=2).to(device)
-    ids = torch.randint(0, 128, (4, 16), device=device)
-    mon = moewatch.attach(model, background=False)
-    with torch.no_grad():
-        model(ids)
-        eager = mon.counts()
-        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-        for _ in range(5):  # warm-up runs, then recorded CUDA graphs replay
-            compiled(ids)
-        torch.cuda.synchronize()
-    got = _delta(mon.counts(), eager)
-    mon.detach()
-    torch._dynamo.reset()
+    """mode='reduce-overhead' (CUDA graphs through inductor): a from-scratch MoE watched counts
+    exactly 5x one eager forward over 5 calls; a transformers Mixtral is tried alone and watched,
+    and watched may fail only where it fails alone (the model's own code, not moewatch's)."""
+    torch.manual_seed(6)
+    scratch = TinyMoELM().to(device).eval()
+    eager, got, graphs, errors = _reduce_overhead_counts(scratch, torch.randint(0, 64, (4, 16), device=device),
+                                                         dict(gates="*.router", top_k=2))
+    assert graphs == 1, f"{graphs} graphs compiled, not one"
+    assert errors == {}, errors  # a hook error (say, in the forward's rows) would not show in the counts
     for name in eager:
         np.testing.assert_array_equal(got[name], 5 * eager[name])
-    return "torch.compile(mode='reduce-overhead', fullgraph=True): 5 calls = 5 x eager counts"
+    model = tiny_mixtral(layers=2).to(device)
+    ids = torch.randint(0, 128, (4, 16), device=device)
+
+    def alone():
+        with torch.no_grad():
+            compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            for _ in range(5):
+                compiled(ids)
+            torch.cuda.synchronize()
+        torch._dynamo.reset()
+
+    def watched():
+        eager, got, _, errors = _reduce_overhead_counts(model, ids, {})
+        assert errors == {}, errors
+        for name in eager:
+            np.testing.assert_array_equal(got[name], 5 * eager[name])
+
+    failed_alone, failed_watched = _failure(alone), _failure(watched)
+    torch._dynamo.reset()
+    mixtral = ("Mixtral: alone and watched run, 5 calls = 5 x eager counts" if not failed_alone + failed_watched
+               else f"Mixtral alone: {failed_alone or 'runs'}; watched: {failed_watched or 'runs, counts exact'}")
+    assert not failed_watched or failed_alone, mixtral
+    return f"torch.compile(mode='reduce-overhead', fullgraph=True): from-scratch MoE 5 calls = 5 x eager counts; {mixtral}"
 
 
 def check_one_kernel_per_gate_call(device) -> str:
@@ -317,14 +381,17 @@ def check_placement_statistics(device) -> str:
     return f"co-selection and tokens per rank equal numpy ({cases} kernel cases); 10 graph replays = 10 x one forward"
 
 
-def placement_cost_table(device, repeats: int = 50) -> None:
-    """Fused kernel time per gate call without and with the placement statistics (CUDA events)."""
+def placement_cost_table(device, repeats: int = 20) -> None:
+    """Fused kernel GPU time per gate call without and with the placement statistics: 100 calls
+    captured in a CUDA graph, replayed, timed by CUDA events (the host's launch cost left out;
+    ``gpu_launch_cost.py`` measures that)."""
+    from gpu_tile_probe import gpu_us
     from moewatch.hotpath import layout, triton_backend
 
     if not triton_backend.AVAILABLE:
         return
-    print("\nfused kernel per gate call, microseconds (median of "
-          f"{repeats}): without / with co-selection / with co-selection and tokens per rank")
+    print("\nfused kernel per gate call, GPU microseconds in a CUDA graph (median of "
+          f"{repeats} replays of 100 calls): without / with co-selection / with co-selection and tokens per rank")
     for tokens, experts, k in [(1, 8, 2), (64, 8, 2), (64, 256, 8), (8192, 8, 2), (8192, 256, 8)]:
         x = torch.randn(tokens, experts, device=device, dtype=torch.bfloat16)
         idx = torch.topk(x.float(), k).indices
@@ -337,18 +404,8 @@ def placement_cost_table(device, repeats: int = 50) -> None:
         for kw in ({}, {"cosel": cosel}, {"cosel": cosel, "ranks": ranks}):
             call = lambda: triton_backend.observe(x, idx, None, None, None, None, None, 0, sums, counts,  # noqa: E731
                                                   absmax, 0, k, 0, 0.0, **kw)
-            for _ in range(5):
-                call()
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
-            row.append(float(np.median(times)))
-        print(f"  T={tokens:<5} E={experts:<4} k={k}: " + " / ".join(f"{t:.1f}" for t in row))
+            row.append(gpu_us(call, repeats))
+        print(f"  T={tokens:<5} E={experts:<4} k={k}: " + " / ".join(f"{t:.2f}" for t in row))
 
 
 def forward_end_cost(device, repeats: int = 200) -> None:
@@ -390,7 +447,6 @@ def forward_end_cost(device, repeats: int = 200) -> None:
 def overhead_table(device, repeats: int = 7) -> None:
     import statistics
 
-    sys.path.insert(0, os.path.dirname(__file__))
     from overhead import mixtral_shaped
 
     model = mixtral_shaped(1024, 4, 8, 2, 8192, dtype=torch.bfloat16).to(device)

@@ -107,18 +107,23 @@ class MaskTracker:
 
 
 def skip_top_level_frames(*functions) -> None:
-    """Never compile these functions as frames of their own (they still trace when inlined).
+    """Never compile these functions, nor anything they call, as frames of their own (they still
+    trace when inlined).
 
     Dynamo compiles a module's hooks, and what they call, as frames of their own when it
-    compiles the module: tiny graphs per forward, each with its own guards. Skipped, the root
+    compiles the module: tiny graphs per forward, each with its own guards, and under
+    ``fullgraph=True`` an error for any of them it cannot trace. Skipped recursively, the root
     hooks and the boundary code they call run as plain Python there.
     """
-    skip = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
-    skip = getattr(skip, "skip_code", None)
-    if skip is None:  # an older torch: they compile as small graphs of their own, still correct
-        return
+    frames = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    strategy, action = (getattr(frames, name, None) for name in ("FrameExecStrategy", "FrameAction"))
+    set_strategy = getattr(frames, "set_code_exec_strategy", None)
     for fn in functions:
-        skip(fn.__code__)
+        if None not in (strategy, action, set_strategy):  # the frame and every frame it calls
+            set_strategy(fn.__code__, strategy(action.SKIP, action.SKIP))
+        elif getattr(frames, "skip_code", None) is not None:  # an older torch: this frame only
+            frames.skip_code(fn.__code__)
+        # older still: they compile as small graphs of their own, still correct
 
 
 skip_top_level_frames(MaskTracker.pre_hook, MaskTracker.post_hook, MaskTracker._mask, MaskTracker._rows)

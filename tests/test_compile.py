@@ -72,10 +72,16 @@ def test_the_cpu_op_declares_no_mutation_so_inductor_fuses_the_model_as_without_
     assert is_impure(stage)  # side-effecting: never dropped from a graph
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+# (Dynamo backend, moewatch's hot path): the staged CPU path on both; the device path (the CUDA
+# path's ops, with the torch reference in place of the kernel) on Dynamo's eager backend
+CASES = [("eager", "staged"), ("inductor", "staged"), ("eager", "device")]
+
+
+@pytest.mark.parametrize("backend,hot_path", CASES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fullgraph_compile_counts_exactly_and_leaves_outputs_unchanged(family, backend, one_thread):
+def test_fullgraph_compile_counts_exactly_and_leaves_outputs_unchanged(family, backend, hot_path, one_thread):
     model, batch, options = _build(family)
+    options = dict(options, backend=hot_path)
     torch._dynamo.reset()
     plain, _ = _compiled(model, backend)
     with torch.no_grad():
@@ -96,9 +102,11 @@ def test_fullgraph_compile_counts_exactly_and_leaves_outputs_unchanged(family, b
             first = _output(compiled(**batch))
             second = _output(compiled(**batch))
         got = mon.counts()
-        # one graph per forward, each gate call one op
+        # one graph in all (the root hooks' boundary code compiles no graph of its own), each
+        # gate call one op
         gates = len(mon.gates)
-        assert [g for g in recorder.graphs if g] == [["moewatch.stage"] * gates]
+        op = "moewatch.stage" if hot_path == "staged" else "moewatch.observe"
+        assert recorder.graphs == [[op] * gates]
         assert torch.equal(first, expected) and torch.equal(second, expected)
         assert mon.error_counts() == {}
         for name, counts in eager.items():

@@ -71,7 +71,7 @@ def test_a_monitored_forward_adds_one_launch_per_gate_call_and_one_at_its_end(mo
     monkeypatch.setattr(triton_forward_end, "_forward_end_kernel", end)
     with moewatch.attach(model, background=False, backend="device", **options) as mon:
         for bank in mon._banks.banks:  # the CUDA path, on CPU tensors
-            bank._fused, bank._fused_end = triton_backend.observe, triton_forward_end.forward_end
+            bank._fused, bank._fused_end = triton_backend.launch, triton_forward_end.forward_end
         run()  # warm-up: the cached scratch is allocated once
         observe.launches.clear()
         end.launches.clear()
@@ -83,3 +83,28 @@ def test_a_monitored_forward_adds_one_launch_per_gate_call_and_one_at_its_end(mo
     assert launches == (gates, 1)
     assert set(added) <= METADATA_OPS, f"ops that would launch kernels: {dict(added)}"
     assert not (alone - watched), "the model's own ops changed"
+
+
+def test_a_gate_wider_than_the_kernel_takes_the_reference_on_the_device_and_counts_exactly(monkeypatch):
+    """The kernel takes up to FUSED_MAX_EXPERTS experts; a wider gate (Kimi-K2 has 384) is
+    counted by the torch reference on the device, not refused at every call."""
+    from moewatch.hotpath import triton_backend, triton_forward_end
+    from moewatch.hotpath.layout import FUSED_MAX_EXPERTS
+
+    torch.manual_seed(0)
+    experts = FUSED_MAX_EXPERTS + 64
+    model = TinyMoELM(layers=1, num_experts=experts).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    observe = Recorder()
+    monkeypatch.setattr(triton_backend, "_kernel", observe)
+    monkeypatch.setattr(triton_forward_end, "_forward_end_kernel", Recorder())
+    with moewatch.attach(model, background=False, backend="device", gates="*.router", top_k=2) as mon:
+        for bank in mon._banks.banks:  # the CUDA path, on CPU tensors
+            bank._fused, bank._fused_end = triton_backend.launch, triton_forward_end.forward_end
+        with torch.no_grad():
+            model(ids)
+        counts, errors = mon.counts(), mon.error_counts()
+    assert errors == {}
+    assert observe.launches == []
+    (assigned,) = counts.values()
+    assert assigned.shape == (experts,) and int(assigned.sum()) == 2 * ids.numel()

@@ -110,7 +110,7 @@ def compare_monitors() -> dict:
                               capacity_factor=1.25, window_tokens=64, window_seconds=3600.0)
         if fused:
             for bank in mon._banks.banks:
-                bank._fused, bank._fused_end = triton_backend.observe, triton_forward_end.forward_end
+                bank._fused, bank._fused_end = triton_backend.launch, triton_forward_end.forward_end
         with torch.no_grad():
             for step in range(6):
                 model(ids[: 1 + step % 4], attention_mask=mask[: 1 + step % 4])

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .gathered import Locate, own_decisions
-from .layout import COUNT_ROWS, NUM_SCALARS, TOKENS
+from .layout import COUNT_ROWS, FUSED_MAX_EXPERTS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_weights
 from .requests import DeviceRequestRuns, RequestTokens
 
@@ -39,8 +39,10 @@ def _cuda_entry(device: torch.device, module: str, name: str):
 
 
 def fused_kernel_for(device: torch.device):
-    """The Triton kernel's entry point on CUDA when Triton is installed; else None (the reference)."""
-    return _cuda_entry(device, "triton_backend", "observe")
+    """The Triton kernel's entry point on CUDA when Triton is installed; else None (the reference).
+
+    The entry that skips the accumulator checks: the bank made its accumulators to fit its gates."""
+    return _cuda_entry(device, "triton_backend", "launch")
 
 
 def forward_end_kernel_for(device: torch.device):
@@ -110,7 +112,7 @@ class DeviceBank:
             from . import triton_backend
 
             for gate in self.gates:
-                if gate.capacity_factor > 0:
+                if gate.capacity_factor > 0 and gate.num_experts <= FUSED_MAX_EXPERTS:
                     triton_backend.reserve(self.device, gate.num_experts)
 
     def set_ranks(self, row: int, ranks) -> None:
@@ -139,7 +141,7 @@ class DeviceBank:
             if isinstance(rows, RequestTokens):
                 self._request_runs.add(rows)
                 return
-            batch, length, continued = (int(v) for v in rows)
+            batch, length, continued = int(rows[0]), int(rows[1]), rows[2]  # no generator: traceable by any Dynamo
             tokens = batch * length
             continued = bool(continued) and batch == self._row_batch
             # added at the forward's end (one launch on CUDA): B L, B L**2, then B * 2 n L where
@@ -163,7 +165,7 @@ class DeviceBank:
     def _observe(self, gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
                  sums, counts, absmax) -> None:
         placed = self._placed[row]
-        if self._fused is not None:
+        if self._fused is not None and gate.num_experts <= FUSED_MAX_EXPERTS:  # wider gates: the reference
             self._fused(logits, indices, probs, dropped, valid, mask, positions, grid, sums, counts, absmax,
                         row, gate.top_k, gate.scoring, gate.capacity_factor, cosel=self.cosel,
                         ranks=self.ranks if placed else None)

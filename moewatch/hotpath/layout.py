@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The widest gate the Triton kernel takes (tiles of E padded to a power of two); wider gates take
+# the torch reference on the device.
+FUSED_MAX_EXPERTS = 256
+
 # Columns of the per-gate float64 sums (followed by E columns of router-probability sums).
 TOKENS, ENTROPY, LOGIT_SUM, LOGIT_SQSUM, LOGIT_FINITE, TOP1, MARGIN, ZLOSS, NONFINITE = range(9)
 SCALAR_NAMES = (

@@ -9,8 +9,8 @@ shapes, dtypes and Python arguments only. T = 0 launches nothing.
 Kernel structure
 ----------------
 - Tiles: a program handles ``BLOCK_T`` tokens x ``E_PAD`` experts at a time (``E_PAD`` = E
-  padded to a power of two, 2..256; padded columns are masked). On CUDA a tile is about 1024
-  elements (8 per thread on up to 4 warps) and no larger than T needs.
+  padded to a power of two, 2..256; padded columns are masked). On CUDA a tile is at most 1024
+  elements (8 per thread on up to 4 warps) and 4 tokens, and no larger than T needs.
 - Grid: ``min(blocks, cap)`` programs (``cap`` = 4 per SM on CUDA); each program loops over
   every ``num_programs``-th block and keeps its partial sums in registers (float64 scalars and
   per-expert float64 vectors for the weighted sums, int32 for counts), so a call costs one set
@@ -45,8 +45,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, SIGMOID,
-                     SOFTMAX, TOKENS, TOP1, ZLOSS)
+from .layout import (ENTROPY, FUSED_MAX_EXPERTS, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS,
+                     SIGMOID, SOFTMAX, TOKENS, TOP1, ZLOSS)
 from .reference import mask_columns, scoring_code
 
 try:
@@ -57,13 +57,17 @@ except Exception:  # any import failure (absent, broken CUDA toolchain) means no
     triton = tl = None
     AVAILABLE = False
 
-MAX_EXPERTS = 256
+MAX_EXPERTS = FUSED_MAX_EXPERTS
 MAX_SLOTS = 8
-# Elements per [BLOCK_T, E_PAD] tile and the most tokens per block. CUDA: 1024 elements on up to 4
-# warps, 8 per thread; ptxas (sm_90) then reports no spills for the heaviest variant (top-8 taken in
-# the kernel, mask with positions, capacity drops) at E_PAD 8, 64, 256, where 16 per thread spilled.
+# Elements per [BLOCK_T, E_PAD] tile and the most tokens per block. CUDA: at most 1024 elements on up
+# to 4 warps, 8 per thread; ptxas (sm_90) then reports no spills for the heaviest variant (top-8 taken
+# in the kernel, mask with positions, capacity drops) at E_PAD 8, 64, 256, where 16 per thread spilled.
+# And at most 4 tokens a block: a call's tokens spread over more programs, each with short reductions,
+# beats few programs with long ones. Measured on an H200 in CUDA graphs (benchmarks/gpu_tile_probe.py),
+# GPU us per call at most 128 / 8 / 4 tokens a block: E 8, T 64: 7.45 / 2.41 / 1.94; E 64 k 8, T 64:
+# 10.4 / 8.7 / 6.3; T 1 unchanged; prefill (T 8192) E 8: 11.4 / 7.5 / 7.7, E 64: 24.9 / 23.4 / 25.7.
 # CPU (the interpreter, which pays per operation, not per element): large tiles, a few blocks a call.
-_TILE = {"cuda": (1024, 128), "cpu": (1 << 16, 8192)}
+_TILE = {"cuda": (1024, 4), "cpu": (1 << 16, 8192)}
 
 # The kernel writes the scalar columns by literal position (0..8, then 9 + expert).
 if (TOKENS, ENTROPY, LOGIT_SUM, LOGIT_SQSUM, LOGIT_FINITE, TOP1, MARGIN, ZLOSS, NONFINITE) != tuple(range(9)) \
@@ -232,29 +236,33 @@ if AVAILABLE:
                     if COSEL:
                         if j < K_SLOTS - 1:
                             tl.atomic_add(cosel_ptr + cosel_off + e.to(tl.int64)[:, None] * s_xi + cols[None, :] * s_xj,
-                                          tl.full([BLOCK_T, E_PAD], 1, tl.int64), mask=rest & has[:, None])  # [BT, EP]
+                                          tl.full([BLOCK_T, E_PAD], 1, tl.int64), mask=rest & has[:, None],
+                                          sem="relaxed")  # [BT, EP]
                     if RANKS:
                         r = tl.load(ranks_ptr + ranks_off + e.to(tl.int64) * s_r, mask=has, other=-1)  # [BT]
                         seen = tl.maximum(seen, ((cols[None, :] == r[:, None]) & has[:, None]).to(tl.int32))  # [BT, EP]
                 if RANKS:
                     on_rank += tl.sum(seen, axis=0)  # [EP]
 
-        # -- one set of atomics per program --
+        # -- one set of atomics per program: relaxed (sums that nothing in this launch reads back; the
+        #    launch's end makes them visible), not the default acq_rel, whose fences cost each one --
         s16 = tl.arange(0, 16)  # [16] scalar-column ids, layout order (9 used)
         scal = tl.where(s16 == 0, c_tokens, tl.where(s16 == 1, c_entropy, tl.where(s16 == 2, c_lsum, tl.where(
             s16 == 3, c_lsq, tl.where(s16 == 4, c_finite, tl.where(s16 == 5, c_top1, tl.where(
                 s16 == 6, c_margin, tl.where(s16 == 7, c_zloss, tl.where(s16 == 8, c_nonfinite, 0.0)))))))))  # [16]
-        tl.atomic_add(sums_ptr + sums_off + s16 * s_sc, scal, mask=s16 < 9)  # [16] scalar columns
-        tl.atomic_add(sums_ptr + sums_off + (9 + cols) * s_sc, psum, mask=in_col)  # [EP] probability sums
-        tl.atomic_add(counts_ptr + counts_off + cols * s_ce, cnt.to(tl.int64), mask=in_col)  # [EP] assignments
+        tl.atomic_add(sums_ptr + sums_off + s16 * s_sc, scal, mask=s16 < 9, sem="relaxed")  # [16] scalar columns
+        tl.atomic_add(sums_ptr + sums_off + (9 + cols) * s_sc, psum, mask=in_col, sem="relaxed")  # [EP] probability sums
+        tl.atomic_add(counts_ptr + counts_off + cols * s_ce, cnt.to(tl.int64), mask=in_col, sem="relaxed")  # [EP] assignments
         if HAS_DROPPED:
-            tl.atomic_add(counts_ptr + counts_off + s_ck + cols * s_ce, drp.to(tl.int64), mask=in_col)  # [EP]
+            tl.atomic_add(counts_ptr + counts_off + s_ck + cols * s_ce, drp.to(tl.int64), mask=in_col, sem="relaxed")  # [EP]
         if COSEL:  # the diagonal: [e, e] at e * (s_xi + s_xj)
-            tl.atomic_add(cosel_ptr + cosel_off + cols * (s_xi + s_xj), chosen_by.to(tl.int64), mask=in_col)  # [EP]
+            tl.atomic_add(cosel_ptr + cosel_off + cols * (s_xi + s_xj), chosen_by.to(tl.int64), mask=in_col,
+                          sem="relaxed")  # [EP]
         if RANKS:  # counts row 2 (RANK_TOKENS), column r
-            tl.atomic_add(counts_ptr + counts_off + 2 * s_ck + cols * s_ce, on_rank.to(tl.int64), mask=in_col)  # [EP]
+            tl.atomic_add(counts_ptr + counts_off + 2 * s_ck + cols * s_ce, on_rank.to(tl.int64), mask=in_col,
+                          sem="relaxed")  # [EP]
         top = c_amax.to(tl.float64)  # [] >= 0
-        tl.atomic_max(absmax_bits_ptr + absmax_off, top.to(tl.int64, bitcast=True))  # int order == float order
+        tl.atomic_max(absmax_bits_ptr + absmax_off, top.to(tl.int64, bitcast=True), sem="relaxed")  # int order == float order
 
         # -- would-be drops: capacity from the whole call's counts --
         if CAPACITY:
@@ -282,6 +290,16 @@ if AVAILABLE:
     _kernel = _observe_kernel
 else:
     _kernel = None
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n (n >= 1): triton.next_power_of_2 in plain Python, which costs
+    a launch microseconds less than calling Triton's helper."""
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
 
 # Cached per device / (device, E_PAD): never allocated per call.
 _SCRATCH: Dict[Tuple[torch.device, int], torch.Tensor] = {}
@@ -320,7 +338,7 @@ def reserve(device, num_experts: int) -> None:
     if device.type == "cuda" and device.index is None:  # the key observe uses: the tensor's own device
         device = torch.device("cuda", torch.cuda.current_device())
     _program_cap(device)
-    _scratch(device, max(2, triton.next_power_of_2(num_experts)))
+    _scratch(device, max(2, _pow2(num_experts)))
 
 
 def _mask_plan(mask: Optional[torch.Tensor], num_tokens: int, positions: Optional[torch.Tensor],
@@ -374,6 +392,19 @@ def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Option
                               or num_experts > ranks.shape[1] or counts.shape[1] < 3):
         raise ValueError(f"ranks must be int64 [G, E_max] with room for gate row {row} and {num_experts} experts, "
                          "and counts must have the rank row (see moewatch.hotpath.layout)")
+    launch(logits, indices, probs, dropped, valid, mask, positions, grid, sums, counts, absmax, row, top_k, scoring,
+           capacity_factor, cosel, ranks)
+
+
+def launch(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Optional[torch.Tensor],
+           dropped: Optional[torch.Tensor], valid: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+           positions: Optional[torch.Tensor], grid: int, sums: torch.Tensor, counts: torch.Tensor,
+           absmax: torch.Tensor, row: int, top_k: int, scoring: int, capacity_factor: float,
+           cosel: Optional[torch.Tensor] = None, ranks: Optional[torch.Tensor] = None) -> None:
+    """``observe`` without checking the accumulators against the call: for a caller that made
+    them for its gates (``device.DeviceBank``), where each check costs the forward's thread
+    time at every gate call. The call's own top-k is still checked."""
+    num_tokens, num_experts = logits.shape
     k_slots = top_k if indices is None else indices.shape[1]
     if not 1 <= k_slots <= MAX_SLOTS or (indices is None and top_k > num_experts):
         raise ValueError(f"top-k must be 1..min({MAX_SLOTS}, E), not {k_slots} with E = {num_experts}")
@@ -381,10 +412,10 @@ def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Option
         return  # the reference adds zeros (and max with 0 leaves absmax >= 0 unchanged)
 
     device = logits.device
-    e_pad = max(2, triton.next_power_of_2(num_experts))
+    e_pad = max(2, _pow2(num_experts))
     tile, max_block_t = _TILE.get(device.type, _TILE["cuda"])
-    block_t = max(1, min(tile // e_pad, max_block_t, max(2, triton.next_power_of_2(num_tokens))))
-    blocks = triton.cdiv(num_tokens, block_t)
+    block_t = max(1, min(tile // e_pad, max_block_t, max(2, _pow2(num_tokens))))
+    blocks = _cdiv(num_tokens, block_t)
     programs = min(blocks, _program_cap(device))
     capacity_factor = float(capacity_factor or 0.0)
     capacity = dropped is None and capacity_factor > 0
@@ -417,7 +448,7 @@ def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Option
     _kernel[(programs,)](
         logits, pr, ix, dr, va, ma, po,
         sums, counts, absmax.view(torch.int64), scratch, xs, rk,
-        num_tokens, num_experts, triton.cdiv(blocks, programs),
+        num_tokens, num_experts, _cdiv(blocks, programs),
         logits.stride(0), logits.stride(1), s_pt, s_pe, s_it, s_ik, s_dt, s_dk, s_v, s_mb, s_ml, s_pos,
         row * sums.stride(0), sums.stride(1), row * counts.stride(0), counts.stride(1), counts.stride(2),
         row * absmax.stride(0),
