@@ -108,3 +108,25 @@ def test_a_gate_wider_than_the_kernel_takes_the_reference_on_the_device_and_coun
     assert observe.launches == []
     (assigned,) = counts.values()
     assert assigned.shape == (experts,) and int(assigned.sum()) == 2 * ids.numel()
+
+
+@pytest.mark.parametrize("tokens,capacity_factor,block_t,shared_drops", [
+    (64, 0.0, 4, False),  # at most 4 tokens a block on CUDA (measured fastest, docs/performance.md)
+    (64, 1.25, 64, False),  # would-be drops at decode sizes: one program, no shared scratch
+    (300, 1.25, 128, True),  # past 128 tokens: several programs, the scratch's ticket
+])
+def test_cuda_blocks_take_4_tokens_except_decode_sized_calls_with_would_be_drops(
+        monkeypatch, tokens, capacity_factor, block_t, shared_drops):
+    from moewatch.hotpath import layout, triton_backend
+
+    experts = 8
+    recorder = Recorder()
+    monkeypatch.setattr(triton_backend, "_kernel", recorder)
+    monkeypatch.setitem(triton_backend._TILE, "cpu", triton_backend._TILE["cuda"])  # CUDA's tiles, on CPU tensors
+    logits = torch.randn(tokens, experts)
+    sums = torch.zeros(1, layout.NUM_SCALARS + experts, dtype=torch.float64)
+    counts = torch.zeros(1, layout.COUNT_ROWS, experts, dtype=torch.int64)
+    triton_backend.launch(logits, None, None, None, None, None, None, 0, sums, counts,
+                          torch.zeros(1, dtype=torch.float64), 0, 2, 0, capacity_factor)
+    ((_, kwargs),) = recorder.launches
+    assert (kwargs["BLOCK_T"], kwargs["SHARED_DROPS"]) == (block_t, shared_drops)

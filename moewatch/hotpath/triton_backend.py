@@ -10,7 +10,8 @@ Kernel structure
 ----------------
 - Tiles: a program handles ``BLOCK_T`` tokens x ``E_PAD`` experts at a time (``E_PAD`` = E
   padded to a power of two, 2..256; padded columns are masked). On CUDA a tile is at most 1024
-  elements (8 per thread on up to 4 warps) and 4 tokens, and no larger than T needs.
+  elements (8 per thread on up to 4 warps) and 4 tokens (128 for calls with would-be drops, so
+  that decode-sized ones run in one program), and no larger than T needs.
 - Grid: ``min(blocks, cap)`` programs (``cap`` = 4 per SM on CUDA); each program loops over
   every ``num_programs``-th block and keeps its partial sums in registers (float64 scalars and
   per-expert float64 vectors for the weighted sums, int32 for counts), so a call costs one set
@@ -68,6 +69,10 @@ MAX_SLOTS = 8
 # 10.4 / 8.7 / 6.3; T 1 unchanged; prefill (T 8192) E 8: 11.4 / 7.5 / 7.7, E 64: 24.9 / 23.4 / 25.7.
 # CPU (the interpreter, which pays per operation, not per element): large tiles, a few blocks a call.
 _TILE = {"cuda": (1024, 4), "cpu": (1 << 16, 8192)}
+# Calls with would-be drops (capacity factor, no native drops) take up to this many tokens a block, so
+# that a decode-sized one runs in one program: several share a scratch buffer per device (see
+# "Would-be drops" above), which two streams must not use at once.
+_ONE_PROGRAM_TOKENS = 128
 
 # The kernel writes the scalar columns by literal position (0..8, then 9 + expert).
 if (TOKENS, ENTROPY, LOGIT_SUM, LOGIT_SQSUM, LOGIT_FINITE, TOP1, MARGIN, ZLOSS, NONFINITE) != tuple(range(9)) \
@@ -412,13 +417,15 @@ def launch(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Optiona
         return  # the reference adds zeros (and max with 0 leaves absmax >= 0 unchanged)
 
     device = logits.device
+    capacity_factor = float(capacity_factor or 0.0)
+    capacity = dropped is None and capacity_factor > 0
     e_pad = max(2, _pow2(num_experts))
     tile, max_block_t = _TILE.get(device.type, _TILE["cuda"])
+    if capacity:  # decode-sized calls with would-be drops stay in one program: no shared scratch
+        max_block_t = max(max_block_t, _ONE_PROGRAM_TOKENS)
     block_t = max(1, min(tile // e_pad, max_block_t, max(2, _pow2(num_tokens))))
     blocks = _cdiv(num_tokens, block_t)
     programs = min(blocks, _program_cap(device))
-    capacity_factor = float(capacity_factor or 0.0)
-    capacity = dropped is None and capacity_factor > 0
     shared = capacity and programs > 1
     scratch = _scratch(device, e_pad) if shared else sums  # unused pointer when not shared
 
