@@ -364,6 +364,14 @@ def _as_loadable(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
+def _pointer(t: Optional[torch.Tensor], dims: int, stand_in: torch.Tensor):
+    """(tensor, its strides) for a kernel argument; None: a stand-in pointer, never read, and 0 strides."""
+    if t is None:
+        return stand_in, (0,) * dims
+    t = _as_loadable(t)
+    return t, t.stride()
+
+
 def observe(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Optional[torch.Tensor],
             dropped: Optional[torch.Tensor], valid: Optional[torch.Tensor], mask: Optional[torch.Tensor],
             positions: Optional[torch.Tensor], grid: int, sums: torch.Tensor, counts: torch.Tensor,
@@ -437,31 +445,26 @@ def launch(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Optiona
     seq, col0, width = plan if plan is not None else (1, 0, 0)
     use_pos = weights == _W_MASK and positions is not None
 
-    def ptr(t, dims):  # (tensor or a stand-in, its strides), the stand-in is never read
-        if t is None:
-            return sums, (0,) * dims
-        t = _as_loadable(t)
-        return t, t.stride()
-
-    pr, (s_pt, s_pe) = ptr(probs, 2)
-    ix, (s_it, s_ik) = ptr(indices, 2)
-    dr, (s_dt, s_dk) = ptr(dropped, 2)
-    va, (s_v,) = ptr(valid, 1)
-    ma, (s_mb, s_ml) = ptr(mask if weights == _W_MASK else None, 2)
-    po, (s_pos,) = ptr(positions if use_pos else None, 1)
-    xs, (s_xi, s_xj) = (cosel, cosel.stride()[1:]) if cosel is not None else (counts, (0, 0))
-    rk, s_r = (ranks, ranks.stride(1)) if ranks is not None else (counts, 0)
+    pr, (s_pt, s_pe) = _pointer(probs, 2, sums)
+    ix, (s_it, s_ik) = _pointer(indices, 2, sums)
+    dr, (s_dt, s_dk) = _pointer(dropped, 2, sums)
+    va, (s_v,) = _pointer(valid, 1, sums)
+    ma, (s_mb, s_ml) = _pointer(mask if weights == _W_MASK else None, 2, sums)
+    po, (s_pos,) = _pointer(positions if use_pos else None, 1, sums)
+    s_x0, s_xi, s_xj = cosel.stride() if cosel is not None else (0, 0, 0)
+    s_r0, s_r = ranks.stride() if ranks is not None else (0, 0)
+    s_s0, s_sc = sums.stride()
+    s_c0, s_ck, s_ce = counts.stride()
     elems = block_t * e_pad
     _kernel[(programs,)](
         logits, pr, ix, dr, va, ma, po,
-        sums, counts, absmax.view(torch.int64), scratch, xs, rk,
+        sums, counts, absmax.view(torch.int64), scratch, cosel if cosel is not None else counts,
+        ranks if ranks is not None else counts,
         num_tokens, num_experts, _cdiv(blocks, programs),
-        logits.stride(0), logits.stride(1), s_pt, s_pe, s_it, s_ik, s_dt, s_dk, s_v, s_mb, s_ml, s_pos,
-        row * sums.stride(0), sums.stride(1), row * counts.stride(0), counts.stride(1), counts.stride(2),
-        row * absmax.stride(0),
+        *logits.stride(), s_pt, s_pe, s_it, s_ik, s_dt, s_dk, s_v, s_mb, s_ml, s_pos,
+        row * s_s0, s_sc, row * s_c0, s_ck, s_ce, row * absmax.stride(0),
         seq, col0, width,
-        row * cosel.stride(0) if cosel is not None else 0, s_xi, s_xj,
-        row * ranks.stride(0) if ranks is not None else 0, s_r,
+        row * s_x0, s_xi, s_xj, row * s_r0, s_r,
         SCORING=SIGMOID if scoring_code(scoring) == SIGMOID else SOFTMAX, HAS_PROBS=probs is not None,
         HAS_INDICES=indices is not None, HAS_DROPPED=dropped is not None, WEIGHTS=weights,
         HAS_POSITIONS=use_pos, K_SLOTS=k_slots, TOP_K=int(top_k) if capacity else 0, CAPACITY=capacity,
