@@ -148,33 +148,9 @@ def check_windows_under_graphs(device) -> str:
     return "CUDA graph: one window per forward (replays included), 64 tokens on every gate in each"
 
 
-def check_compile(device) -> str:
-    model = tiny_mixtral(layers=1).to(device)
-    ids = torch.randint(0, 128, (2, 16), device=device)
-    from torch._dynamo.utils import counters
-
-    graphs_before = counters["stats"]["unique_graphs"]
-    mon = moewatch.attach(model, background=False)
-    with torch.no_grad():
-        model(ids)
-        eager = mon.counts()
-        compiled = torch.compile(model, fullgraph=True)
-        compiled(ids)
-    got = _delta(mon.counts(), eager)
-    graphs = counters["stats"]["unique_graphs"] - graphs_before
-    errors = mon.error_counts()
-    mon.detach()
-    torch._dynamo.reset()
-    assert graphs == 1, f"{graphs} graphs compiled, not one"
-    assert errors == {}, errors  # a hook error (say, in the forward's rows) would not show in the counts
-    for name in eager:
-        np.testing.assert_array_equal(got[name], eager[name])
-    return "torch.compile(fullgraph=True) (inductor): counts equal eager"
-
-
-def _reduce_overhead_counts(model, ids, options):
-    """(one eager forward's counts, what 5 calls of the model compiled with mode='reduce-overhead'
-    add, graphs compiled, errors) for ``model`` watched."""
+def _compiled_counts(model, ids, options, calls: int = 1, **compile_options):
+    """(one eager forward's counts, what ``calls`` calls of the model compiled with
+    ``fullgraph=True`` and ``compile_options`` add, graphs compiled, errors) for ``model`` watched."""
     from torch._dynamo.utils import counters
 
     graphs_before = counters["stats"]["unique_graphs"]
@@ -183,8 +159,8 @@ def _reduce_overhead_counts(model, ids, options):
         with torch.no_grad():
             model(ids)
             eager = mon.counts()
-            compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-            for _ in range(5):  # warm-up runs, then recorded CUDA graphs replay
+            compiled = torch.compile(model, fullgraph=True, **compile_options)
+            for _ in range(calls):  # with reduce-overhead: warm-up runs, then recorded CUDA graphs replay
                 compiled(ids)
             torch.cuda.synchronize()
         return eager, _delta(mon.counts(), eager), counters["stats"]["unique_graphs"] - graphs_before, \
@@ -192,6 +168,16 @@ def _reduce_overhead_counts(model, ids, options):
     finally:
         mon.detach()
         torch._dynamo.reset()
+
+
+def check_compile(device) -> str:
+    model = tiny_mixtral(layers=1).to(device)
+    eager, got, graphs, errors = _compiled_counts(model, torch.randint(0, 128, (2, 16), device=device), {})
+    assert graphs == 1, f"{graphs} graphs compiled, not one"
+    assert errors == {}, errors  # a hook error (say, in the forward's rows) would not show in the counts
+    for name in eager:
+        np.testing.assert_array_equal(got[name], eager[name])
+    return "torch.compile(fullgraph=True) (inductor): counts equal eager"
 
 
 def _failure(run) -> str:
@@ -213,8 +199,8 @@ def check_reduce_overhead(device) -> str:
     and watched may fail only where it fails alone (the model's own code, not moewatch's)."""
     torch.manual_seed(6)
     scratch = TinyMoELM().to(device).eval()
-    eager, got, graphs, errors = _reduce_overhead_counts(scratch, torch.randint(0, 64, (4, 16), device=device),
-                                                         dict(gates="*.router", top_k=2))
+    eager, got, graphs, errors = _compiled_counts(scratch, torch.randint(0, 64, (4, 16), device=device),
+                                                  dict(gates="*.router", top_k=2), 5, mode="reduce-overhead")
     assert graphs == 1, f"{graphs} graphs compiled, not one"
     assert errors == {}, errors  # a hook error (say, in the forward's rows) would not show in the counts
     for name in eager:
@@ -231,7 +217,7 @@ def check_reduce_overhead(device) -> str:
         torch._dynamo.reset()
 
     def watched():
-        eager, got, _, errors = _reduce_overhead_counts(model, ids, {})
+        eager, got, _, errors = _compiled_counts(model, ids, {}, 5, mode="reduce-overhead")
         assert errors == {}, errors
         for name in eager:
             np.testing.assert_array_equal(got[name], 5 * eager[name])

@@ -296,7 +296,8 @@ if AVAILABLE:
 else:
     _kernel = None
 
-def _pow2(n: int) -> int:
+
+def next_pow2(n: int) -> int:
     """The least power of two >= n (n >= 1): triton.next_power_of_2 in plain Python, which costs
     a launch microseconds less than calling Triton's helper."""
     return 1 << (n - 1).bit_length()
@@ -343,7 +344,7 @@ def reserve(device, num_experts: int) -> None:
     if device.type == "cuda" and device.index is None:  # the key observe uses: the tensor's own device
         device = torch.device("cuda", torch.cuda.current_device())
     _program_cap(device)
-    _scratch(device, max(2, _pow2(num_experts)))
+    _scratch(device, max(2, next_pow2(num_experts)))
 
 
 def _mask_plan(mask: Optional[torch.Tensor], num_tokens: int, positions: Optional[torch.Tensor],
@@ -427,11 +428,11 @@ def launch(logits: torch.Tensor, indices: Optional[torch.Tensor], probs: Optiona
     device = logits.device
     capacity_factor = float(capacity_factor or 0.0)
     capacity = dropped is None and capacity_factor > 0
-    e_pad = max(2, _pow2(num_experts))
+    e_pad = max(2, next_pow2(num_experts))
     tile, max_block_t = _TILE.get(device.type, _TILE["cuda"])
     if capacity:  # decode-sized calls with would-be drops stay in one program: no shared scratch
         max_block_t = max(max_block_t, _ONE_PROGRAM_TOKENS)
-    block_t = max(1, min(tile // e_pad, max_block_t, max(2, _pow2(num_tokens))))
+    block_t = max(1, min(tile // e_pad, max_block_t, max(2, next_pow2(num_tokens))))
     blocks = _cdiv(num_tokens, block_t)
     programs = min(blocks, _program_cap(device))
     shared = capacity and programs > 1

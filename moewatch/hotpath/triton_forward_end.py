@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from .layout import TOKENS
+from .triton_backend import next_pow2
 
 try:
     import triton
@@ -104,7 +105,6 @@ def forward_end(bank, pending: Optional[PendingRows]) -> None:
     num_gates = bank.sums.shape[0]
     add_tokens, add_sq, run_coef, run_len, continued = pending if pending is not None else (0, 0, 0, 0, False)
     runs = bank._request_runs.runs
-    g_pad = max(2, 1 << (num_gates - 1).bit_length())  # the next power of 2 (Triton's helper costs more)
     _forward_end_kernel[(1,)](
         bank.sums, bank.counts, bank.absmax, bank.rows, bank._row_run, runs,
         bank.base_tokens, bank.window_tokens, bank.force, bank.cut_ptr,
@@ -112,6 +112,6 @@ def forward_end(bank, pending: Optional[PendingRows]) -> None:
         num_gates, bank.sums.numel(), bank.counts.numel(), runs.numel(),
         int(add_tokens), int(add_sq), int(run_coef), int(run_len),
         sums_cols=bank.sums.shape[1], SLOTS=bank.cut_sums.shape[0], HAS_ROWS=pending is not None,
-        CONTINUED=bool(continued), G_PAD=g_pad, BLOCK=BLOCK,
+        CONTINUED=bool(continued), G_PAD=max(2, next_pow2(num_gates)), BLOCK=BLOCK,
         num_warps=4,
     )
