@@ -17,15 +17,21 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load_local_stack():
-    """exporters/local_stack.py as a module (the folder is not a package), loaded once."""
-    if "moewatch_local_stack" in sys.modules:
-        return sys.modules["moewatch_local_stack"]
-    spec = importlib.util.spec_from_file_location("moewatch_local_stack", os.path.join(ROOT, "exporters", "local_stack.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """exporters/local_stack.py as a module (the folder is not a package), loaded once (under a
+    lock: a thread must not get the module while another is still executing it)."""
+    with _LOAD_LOCK:
+        if "moewatch_local_stack" in sys.modules:
+            return sys.modules["moewatch_local_stack"]
+        path = os.path.join(ROOT, "exporters", "local_stack.py")
+        spec = importlib.util.spec_from_file_location("moewatch_local_stack", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
 
 
 def start_stack(request, **kwargs):

@@ -76,15 +76,22 @@ def main() -> None:
     started = time.time()
     # "compile_backend": vLLM's compilation with another Dynamo backend than its default inductor
     extra = {"compilation_config": {"backend": config["compile_backend"]}} if config.get("compile_backend") else {}
-    llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"], dtype="float32",
+    llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"],
+              dtype=config.get("dtype", "float32"),
               max_model_len=config.get("max_model_len", 256), max_num_seqs=8, max_num_batched_tokens=256, seed=0,
-              kv_cache_memory_bytes=64 * 2**20, enable_prefix_caching=False,
+              kv_cache_memory_bytes=config.get("kv_cache_bytes", 64 * 2**20),
+              enable_prefix_caching=bool(config.get("prefix_caching")), block_size=config.get("block_size"),
               tensor_parallel_size=config.get("tensor_parallel", 1), **extra)
     startup = time.time() - started
     llm.collective_rpc(arm)
-    params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, detokenize=False)
+    # ignore_eos: every prompt generates max_tokens (a random model may emit its end token early)
+    params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, detokenize=False,
+                            ignore_eos=bool(config.get("ignore_eos")))
     prompts = [{"prompt_token_ids": ids} for ids in config["prompts"]]
     outputs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    for batch in config.get("then", []):  # further batches, each after the one before has finished
+        more = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        outputs += [list(o.outputs[0].token_ids) for o in more]
     result = {"outputs": outputs, "startup_s": startup, "prompt_tokens": sum(len(p) for p in config["prompts"])}
     result["workers"] = llm.collective_rpc(worker_report)
     if config.get("drill"):

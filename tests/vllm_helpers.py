@@ -72,6 +72,14 @@ def write_models(out_dir: str) -> dict:
     return {name: os.path.join(out_dir, name) for name in ("mixtral", "deepseek_v3")}
 
 
+def write_families(out_dir: str) -> dict:
+    """More tiny checkpoints, one per family of ``vllm_models.FAMILIES``: {family: directory}."""
+    done = subprocess.run([PYTHON, MODELS, "families", out_dir], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise VllmUnavailable(f"writing the family checkpoints failed:\n{done.stderr[-3000:]}")
+    return {os.path.basename(path): path for path in done.stdout.split()}
+
+
 class EngineRun:
     """One ``tests/vllm_child.py`` run: started, its RESULT line read, then ended."""
 
@@ -125,3 +133,22 @@ class EngineRun:
         except (subprocess.TimeoutExpired, OSError):
             self.process.kill()
             self.process.wait(timeout=30)
+
+
+def engine_result(config: dict, core: int = 0) -> dict:
+    """One ``vllm_child.py`` run's RESULT, the child stopped after it."""
+    run = EngineRun(config, core=core)
+    try:
+        return run.result()
+    finally:
+        run.stop()
+
+
+def require_venv() -> None:
+    """:func:`ensure_venv` for a test fixture: a venv that cannot be built fails the test."""
+    import pytest
+
+    try:
+        ensure_venv()
+    except VllmUnavailable as error:
+        pytest.fail(f"the vLLM venv could not be built: {error}")

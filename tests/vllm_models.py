@@ -5,7 +5,8 @@ about 1e-6 and every expert ties; these checkpoints are written with transformer
 initialisation (a wider ``initializer_range``), and the DeepSeek-V3 one with a random, non-zero
 score-correction bias, so that routing is decisive and the bias changes it.
 
-Run with the vLLM venv's python (its transformers): ``python vllm_models.py all DIR``.
+Run with the vLLM venv's python (its transformers): ``python vllm_models.py all DIR`` (the Mixtral and
+the DeepSeek-V3-style model), ``python vllm_models.py families DIR`` (more families, ``FAMILIES``).
 """
 from __future__ import annotations
 
@@ -83,6 +84,66 @@ def deepseek_v3(out_dir: str, seed: int = 0) -> str:
 
 MODELS = {"mixtral": mixtral, "deepseek_v3": deepseek_v3}
 
-if __name__ == "__main__":  # python vllm_models.py all|mixtral|deepseek_v3 DIR: one subfolder per model
-    for key in (MODELS if sys.argv[1] == "all" else [sys.argv[1]]):
-        print(MODELS[key](os.path.join(sys.argv[2], key)))
+# More of vLLM's MoE families (tests/test_vllm_families.py), each at the scale of the Mixtral
+# above: transformers' config class, the family's MoE fields (8 experts), and the architecture
+# vLLM registers where transformers saves another name (vLLM would otherwise fall back to
+# running transformers' own modelling code).
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.08, tie_word_embeddings=False)
+FAMILIES = {
+    # shared expert with its own one-wide gate beside the router's gate
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+                                         num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]), None),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=32,
+                                         decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True), None),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2), None),
+    # the gate is a module named "router", with a bias
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, head_dim=32, sliding_window=64), None),
+    # top-1 then a sigmoid, by a custom routing function
+    "llama4": ("Llama4TextConfig", dict(num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                        head_dim=32, intermediate_size_mlp=64), None),
+    # sigmoid scoring with a score-correction bias, DeepSeek-V3's router in GLM's model
+    "glm4_moe": ("Glm4MoeConfig", dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                                       num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
+                                       head_dim=32), None),
+    # sigmoid then top-k, by a custom routing function
+    "cohere2_moe": ("Cohere2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=32,
+                                             expert_selection_fn="sigmoid"), None),
+    # hybrid: gated delta-net (linear attention) layers between full attention ones; a shared
+    # expert; vLLM's CPU build runs its linear attention in bfloat16 only (the test serves it so)
+    "qwen3_next": ("Qwen3NextConfig", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+                                           num_experts_per_tok=2, head_dim=64, linear_num_value_heads=2,
+                                           linear_num_key_heads=2, linear_key_head_dim=64, linear_value_head_dim=64,
+                                           full_attention_interval=2), None),
+    # sparsemixer, a custom routing function of its own
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=8, num_experts_per_tok=2), "PhiMoEForCausalLM"),
+}
+
+
+def family(name: str, out_dir: str, seed: int = 0) -> str:
+    """One of FAMILIES as a random checkpoint."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_class, fields, architecture = FAMILIES[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{**_SMALL, **fields})
+    _finish(AutoModelForCausalLM.from_config(config).float(), out_dir)
+    if architecture is not None:
+        config_path = os.path.join(out_dir, "config.json")
+        with open(config_path) as f:
+            saved = json.load(f)
+        saved["architectures"] = [architecture]
+        with open(config_path, "w") as f:
+            json.dump(saved, f, indent=1)
+    return out_dir
+
+
+if __name__ == "__main__":
+    # python vllm_models.py all|mixtral|deepseek_v3|families DIR: one subfolder per model
+    if sys.argv[1] == "families":
+        for key in FAMILIES:
+            print(family(key, os.path.join(sys.argv[2], key)))
+    else:
+        for key in (MODELS if sys.argv[1] == "all" else [sys.argv[1]]):
+            print(MODELS[key](os.path.join(sys.argv[2], key)))

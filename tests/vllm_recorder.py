@@ -97,6 +97,12 @@ def install() -> None:
     def execute_model(self, scheduler_output, *args, **kwargs):
         if STATE["armed"] and scheduler_output.total_num_scheduled_tokens > 0:
             SCHEDULED.append(dict(scheduler_output.num_scheduled_tokens))
+            # the scheduler's own account: requests it preempted (their tokens run again when
+            # they resume), and prompt tokens a new request found in the prefix cache (never run)
+            STATE["preempted"] = STATE.get("preempted", 0) + len(getattr(scheduler_output, "preempted_req_ids", None)
+                                                                  or ())
+            STATE["cached"] = STATE.get("cached", 0) + sum(
+                r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs)
         return execute(self, scheduler_output, *args, **kwargs)
 
     Worker.execute_model = execute_model
@@ -135,6 +141,8 @@ def worker_report(worker) -> dict:
               "vllm_ranks": {label: group.rank_in_group for label, group in groups.items() if group is not None},
               "local_rank": int(getattr(worker, "local_rank", 0)),
               "dp_calls": STATE.get("dp_calls", [])[:64],  # (DP ranks' token counts, rows routed here)
+              "scheduled_tokens": sum(sum(step.values()) for step in SCHEDULED),  # tokens the model ran
+              "preempted": STATE.get("preempted", 0), "prefix_cached": STATE.get("cached", 0),
               "graph_breaks": sum(counters["graph_break"].values()),
               "unique_graphs": int(counters["stats"]["unique_graphs"])}
     mons = monitors()

@@ -143,6 +143,41 @@ def _route_notes(router) -> str:
     return "; ".join(parts)
 
 
+# How vLLM's routers score the logits where they do not say it themselves: its routing methods
+# (``RoutingMethodType`` names), and its models' custom routing functions (module, qualname),
+# which replace the router's own ``scoring_func`` (the CPU router keeps its default there)
+_SIGMOID_METHODS = frozenset({"DeepSeekV3", "Llama4", "Sigmoid", "SigmoidRenorm", "MiniMax2"})
+_SOFTMAX_METHODS = frozenset({"Default", "Renormalize", "RenormalizeNaive"})
+_SIGMOID_FUNCTIONS = frozenset({("vllm.model_executor.models.llama4", "Llama4MoE.custom_routing_function"),
+                                ("vllm.model_executor.models.cohere2_moe", "token_choice_with_bias")})
+
+
+def _routing_method(router) -> Optional[str]:
+    try:
+        return router.routing_method_type.name
+    except Exception:  # noqa: BLE001 (a router of another layout)
+        return None
+
+
+def router_scoring(router) -> Tuple[str, str]:
+    """(scoring function, a note for the gate's notes) of a vLLM router: its ``scoring_func``,
+    unless a custom routing function replaces it; a known one's scoring, or what the router's
+    routing method says; a routing function that says neither is summarised as softmax, and
+    the note says so."""
+    function = getattr(router, "custom_routing_function", None)
+    scoring = getattr(router, "scoring_func", None)
+    if function is None and isinstance(scoring, str):
+        return scoring, ""
+    method = _routing_method(router)
+    name = getattr(function, "__qualname__", None)
+    if (getattr(function, "__module__", None), name) in _SIGMOID_FUNCTIONS or method in _SIGMOID_METHODS:
+        return "sigmoid", f"; sigmoid scoring (vLLM's {name or method})"
+    if function is None and method in _SOFTMAX_METHODS:
+        return "softmax", ""
+    what = name or method or type(router).__name__
+    return "softmax", f"; routing function {what}: its scoring is not known, the logits are summarised as softmax"
+
+
 def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
     """The GateSpec of one vLLM MoE layer (see the module docstring)."""
     router = getattr(layer, "router", None)
@@ -155,8 +190,8 @@ def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
     config = getattr(layer, "moe_config", None)
     num_experts = int(getattr(config, "num_logical_experts", 0) or router.global_num_experts)
     top_k = int(router.top_k)
-    scoring = str(getattr(router, "scoring_func", "softmax"))
-    notes = _route_notes(router)
+    scoring, scoring_note = router_scoring(router)
+    notes = _route_notes(router) + scoring_note
     if scoring not in SCORINGS:
         notes += f"; scoring {scoring!r} is summarised as softmax"
         scoring = "softmax"
@@ -405,4 +440,4 @@ def attach(model: nn.Module, baseline=None, **options) -> Any:
 
 
 __all__ = ["EngineAttachWarning", "VllmEngine", "attach", "compiled_already", "engine_of", "find_gate",
-           "layer_spec", "moe_layers", "watched_engine"]
+           "layer_spec", "moe_layers", "router_scoring", "watched_engine"]

