@@ -43,10 +43,20 @@ EXPECTED = {
 }
 
 
-def _run(name: str, model_dir: str, core: int) -> dict:
-    config = {"model": model_dir, "eager": False, "dtype": BFLOAT16.get(name, "float32"), "multiprocess": False,
+# Fire drills (eager engines: a fault is put on a gate after start-up, which a compiled graph
+# would not see) on the families whose gate is not a plain softmax top-k gate named "gate"
+DRILLED = ("gpt_oss", "llama4")
+# A round is one prefill forward, one window: 200 tokens, so that a top-1 gate's window holds the
+# 20 assignments per expert of a fair split that the no-baseline load rules need to judge it
+DRILL = [list(range(60, 110)), list(range(150, 200)), [5, 6, 7, 8] * 12 + [9, 9], list(range(1, 51))]
+
+
+def _run(name: str, model_dir: str, core: int, drill: bool = False) -> dict:
+    config = {"model": model_dir, "eager": drill, "dtype": BFLOAT16.get(name, "float32"), "multiprocess": False,
               "moewatch": True, "port": free_ports(1), "max_tokens": MAX_TOKENS, "prompts": PROMPTS, "ignore_eos": True,
               "options": {"MOEWATCH_WINDOW_TOKENS": "64", "MOEWATCH_MODEL_NAME": name}}
+    if drill:
+        config["drill"] = DRILL
     return engine_result(config, core)
 
 
@@ -55,10 +65,13 @@ def family_runs():
     require_venv()
     models = write_families(tempfile.mkdtemp(prefix="moewatch-vllm-families-"))
     assert sorted(models) == sorted(EXPECTED)
-    names = sorted(EXPECTED)
+    runs = [(name, False) for name in sorted(EXPECTED)] + [(name, True) for name in DRILLED]
     with ThreadPoolExecutor(max_workers=2) as pool:  # one engine a core
-        futures = {name: pool.submit(_run, name, models[name], index % 2) for index, name in enumerate(names)}
-        return {name: future.result() for name, future in futures.items()}
+        futures = {(name, drill): pool.submit(_run, name, models[name], index % 2, drill)
+                   for index, (name, drill) in enumerate(runs)}
+        results = {key: future.result() for key, future in futures.items()}
+    return {**{name: results[name, False] for name in EXPECTED},
+            **{f"{name}-drill": results[name, True] for name in DRILLED}}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
@@ -84,3 +97,21 @@ def test_a_routing_function_of_unknown_scoring_says_so_in_the_gate_notes(family_
     assert all("phimoe_routing_function: its scoring is not known" in g["notes"] for g in worker["gates"])
     (worker,) = family_runs["llama4"]["workers"]
     assert all("sigmoid scoring (vLLM's Llama4MoE.custom_routing_function)" in g["notes"] for g in worker["gates"])
+
+
+@pytest.mark.parametrize("family", DRILLED)
+def test_an_injected_collapse_is_caught_on_the_familys_gates(family_runs, family):
+    result = family_runs[f"{family}-drill"]
+    (before,) = result["workers"]
+    assert before["severity"] == "ok" and before["errors"] == {}  # healthy traffic first
+    (drill,) = result["drill"]
+    assert drill["gates"] == [g["name"] for g in before["gates"]]
+    (after,) = result["drill_workers"]
+    assert after["severity"] == "collapse", after["health"]
+    top_k = EXPECTED[family][1]
+    for layer, counts in after["counts"].items():  # the engine really routed the faulted logits
+        added = [a - b for a, b in zip(counts, before["counts"][layer])]
+        assert sum(added) == top_k * 3 * sum(len(p) for p in DRILL)  # three rounds of prefill
+        assert sum(added[:2]) > 0.8 * sum(added)
+    assert list(after["counts"].values()) == list(after["recorded"].values())
+    assert result["drill_end"] == [{"active": False}]
