@@ -63,8 +63,8 @@ def _samples(port: int, name: str) -> dict:
 def served():
     require_venv()
     model = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-serve-"))["mixtral"]
-    api_port = free_ports(1)
-    metrics_port = free_ports(1)
+    api_port = free_ports(2)  # and moewatch's, the next one: two separate picks could coincide
+    metrics_port = api_port + 1
     env = dict(os.environ, MOEWATCH_PORT=str(metrics_port), MOEWATCH_WINDOW_SECONDS="1", OMP_NUM_THREADS="1",
                VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CACHE_ROOT=tempfile.mkdtemp(prefix="moewatch-vllm-cache-"))
     env.pop("PYTHONPATH", None)

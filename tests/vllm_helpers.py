@@ -33,11 +33,13 @@ class VllmUnavailable(RuntimeError):
     """The vLLM venv could not be built (the message has the failing step's output)."""
 
 
-def _run(argv: List[str], timeout: float) -> None:
+def _run(argv: List[str], timeout: float) -> str:
+    """Run a set-up step; its standard output (raises VllmUnavailable with its output if it fails)."""
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise VllmUnavailable(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                               f"{done.stderr[-3000:]}")
+    return done.stdout
 
 
 def _plugin_registered() -> bool:
@@ -74,10 +76,8 @@ def write_models(out_dir: str) -> dict:
 
 def write_families(out_dir: str) -> dict:
     """More tiny checkpoints, one per family of ``vllm_models.FAMILIES``: {family: directory}."""
-    done = subprocess.run([PYTHON, MODELS, "families", out_dir], capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        raise VllmUnavailable(f"writing the family checkpoints failed:\n{done.stderr[-3000:]}")
-    return {os.path.basename(path): path for path in done.stdout.split()}
+    written = _run([PYTHON, MODELS, "families", out_dir], 900)  # a directory a line
+    return {os.path.basename(path): path for path in written.split()}
 
 
 class EngineRun:
