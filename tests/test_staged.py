@@ -222,3 +222,49 @@ def test_the_reader_reduces_on_its_own_thread_alone_and_the_model_keeps_its_thre
     worker.start()
     worker.join()
     assert fresh == [threads_before]  # a thread the user starts later still gets the model's count
+
+
+def _bank(num_gates=2):
+    from moewatch.errors import ErrorLog
+    from moewatch.hotpath.layout import SOFTMAX
+
+    gates = [staged.GateParams(f"g{i}", num_experts=8, top_k=2, scoring=SOFTMAX, capacity_factor=0.0)
+             for i in range(num_gates)]
+    return staged.StagedBank(gates, ErrorLog())
+
+
+def _reduced(bank):
+    bank.take(float("inf"), False, lambda *cut: None)
+    return bank.live()
+
+
+def test_one_batched_reduction_of_mixed_calls_equals_reducing_them_one_by_one():
+    """A window whose calls mix the router's own indices with none, and padding weights with
+    none, across two gates of one kind: the batched reduction (or its fall-back) gives exactly
+    the sums of reducing every call alone."""
+    torch.manual_seed(0)
+    calls = []
+    for n in range(12):
+        tokens = 1 + n % 5
+        logits = torch.randn(tokens, 8)
+        # the router's own choice (not the logits' top-2, so a mix-up shows), or None: top-2 of the logits
+        indices = torch.stack([torch.randperm(8)[:2] for _ in range(tokens)]) if n % 3 else None  # [T, 2]
+        valid = (torch.rand(tokens) > 0.3).float() if n % 4 == 1 else None  # [T] or None
+        calls.append((n % 2, logits, indices, valid))
+    batched = _bank()
+    for row, logits, indices, valid in calls:
+        batched.begin()
+        batched.stage(row, logits, indices, None, None, valid, None, 0, True)
+        batched.end()
+    sums, counts = _reduced(batched)
+    alone = _bank()
+    for row, logits, indices, valid in calls:
+        alone.begin()
+        alone.stage(row, logits, indices, None, None, valid, None, 0, True)
+        alone.end()
+        _reduced(alone)
+    expected_sums, expected_counts = alone.live()
+    assert batched.errors.counts() == {} and alone.errors.counts() == {}
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_allclose(sums, expected_sums, rtol=1e-9, atol=1e-9)
+    assert counts[:, 0].sum() == 2 * sum(int(v.sum()) if v is not None else l.shape[0] for _, l, _, v in calls)

@@ -315,7 +315,7 @@ class StagedBank:
         tensors = (logits, indices, probs, dropped, valid, mask, positions)
         versions = None if copy else _versions(tensors)
         # logits (and probs) dominate; the small tensors are not worth counting on this path
-        nbytes = logits.numel() * logits.element_size() * (1 if probs is None else 2)
+        nbytes = logits.nbytes * (1 if probs is None else 2)
         # A call is a plain tuple here (a Call's fields, made into one by the reader): cheapest.
         if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
             # Reduce now (a big call amortises the ops; bounded memory when the reader lags).
@@ -324,8 +324,11 @@ class StagedBank:
             if versions is None:  # buffers that may be reused or modified untracked: copy
                 if mask is not None:  # only the columns this call's tokens sit at: [B, S]
                     mask = mask_tail(mask, logits.shape[0], positions, grid)
-                tensors = tuple([None if t is None else t.clone()
-                                 for t in (logits, indices, probs, dropped, valid, mask, positions)])
+                # most calls carry logits and the router's indices alone: no loop over the seven
+                tensors = (logits.clone(), None if indices is None else indices.clone(),
+                           None if probs is None else probs.clone(), None if dropped is None else dropped.clone(),
+                           None if valid is None else valid.clone(), None if mask is None else mask.clone(),
+                           None if positions is None else positions.clone())
             call = (row, grid, tensors, versions, nbytes, None)
             self._staged_bytes += nbytes
         if state.depth:
@@ -375,7 +378,10 @@ class StagedBank:
             last_time = None
             while self._committed:
                 commit_time, staged, rows, thread = self._committed.popleft()
-                calls = [call for call in map(self._call, staged) if call is not None]
+                # a staged call's own fields (6) make a Call at once; an output record (5) is extracted
+                calls = [Call(*fields) if len(fields) == 6 else self._call(fields) for fields in staged]
+                if None in calls:  # records that cannot be counted (their errors are recorded)
+                    calls = [call for call in calls if call is not None]
                 if rows is not None and calls:
                     self._count_rows(rows, thread)
                 last_time = commit_time
@@ -399,7 +405,7 @@ class StagedBank:
         its requests instead (``RequestTokens``)."""
         totals = self._rows
         if isinstance(rows, RequestTokens):
-            tokens, squares = self._request_runs.add(rows).tolist()
+            tokens, squares = self._request_runs.add(rows)
         else:
             batch, length, continued = rows
             last = self._row_runs.get(thread)
@@ -470,7 +476,7 @@ class StagedBank:
                 group = by_row[row]
                 if not merged:
                     self._reduce_row(row, group)
-                self._staged_bytes -= sum(c.nbytes for c in group)
+                self._staged_bytes -= sum([c.nbytes for c in group])
                 sampler = self.sampler_of(row)
                 if sampler is not None:
                     for call in group:
@@ -497,11 +503,12 @@ class StagedBank:
         try:
             calls = [call for _, group in groups for call in group]
             batch = self._batch(groups[0][0], calls)
-            starts, first = [], 0
+            ends = np.cumsum(batch.pop("lengths"))  # [calls]: tokens up to each call's end
+            starts, first_call = [], 0  # each gate's first token
             for _, group in groups:
-                starts.append(first)
-                first += sum(call.logits.shape[0] for call in group)
-            if first != batch["logits"].shape[1]:  # calls of several dimensions: gate by gate
+                starts.append(0 if first_call == 0 else int(ends[first_call - 1]))
+                first_call += len(group)
+            if int(ends[-1]) != batch["logits"].shape[1]:  # calls of several dimensions: gate by gate
                 return False
             parts = numpy_backend.segment_sums(**batch, starts=starts)
         except Exception:
@@ -560,40 +567,34 @@ class StagedBank:
     def _reduce_many(self, row: int, group: List[Call]) -> GateSums:
         """One reduction of many calls of gate ``row``; raises where one of them is bad (the
         caller then reduces them one by one, so the bad ones are found and the others count)."""
-        (part,) = numpy_backend.segment_sums(**self._batch(row, group))
+        batch = self._batch(row, group)
+        del batch["lengths"]
+        (part,) = numpy_backend.segment_sums(**batch)
         return part
 
     def _batch(self, row: int, group: List[Call]) -> dict:
         """The arguments of one reduction of the calls (of gate ``row``, or of gates of its kind):
         their tensors concatenated, padding weights and call numbers where needed."""
         gate = self.gates[row]
-        masks: dict = {}
-        # one pass over the calls: the reader runs this for every call of every window
-        logits, indices, probs, dropped, lengths, weights = [], [], [], [], [], []
-        padded = False  # some call has padding weights
+        # The reader runs this for every call of every window: a comprehension per column (about
+        # half the time of one loop appending to each).
+        logits = [call.logits for call in group]  # [T_i, E]
+        indices = [call.indices for call in group]  # [T_i, k] or None
+        probs = [call.probs for call in group]  # [T_i, E] or None
+        dropped = [call.dropped for call in group]  # [T_i, k] or None
+        lengths = [t.shape[0] for t in logits]
         # A batch mixes calls with and without the router's own indices/probs/drops only in
         # odd models; reduce those one by one rather than guess.
-        first = group[0]
-        no_indices, no_probs, no_dropped = first.indices is None, first.probs is None, first.dropped is None
-        for call in group:
-            logits.append(call.logits)  # [T_i, E]
-            indices.append(call.indices)  # [T_i, k] or None
-            probs.append(call.probs)  # [T_i, E] or None
-            dropped.append(call.dropped)  # [T_i, k] or None
-            lengths.append(call.logits.shape[0])
-            if ((call.indices is None) is not no_indices or (call.probs is None) is not no_probs
-                    or (call.dropped is None) is not no_dropped):
-                raise _Mixed()
-            if call.valid is None and call.mask is None:  # _weights' None, without its call
-                weights.append(None)
-            else:
-                weights.append(self._weights(call, masks))  # [T_i]
-                padded = True
+        if not (_all_or_none(indices) and _all_or_none(probs) and _all_or_none(dropped)):
+            raise _Mixed()
+        padded = any([call.valid is not None or call.mask is not None for call in group])  # some call has padding weights
         all_logits = concat_experts(logits)  # [E, sum T]: fails where the calls' widths differ
         if all_logits.shape[0] != gate.num_experts:
             self._check_width(gate, all_logits.T)
         valid = None  # [sum T] float64, or None when no call has padding
         if padded:
+            masks: dict = {}
+            weights = [self._weights(call, masks) for call in group]  # [T_i] or None (no padding)
             valid = np.concatenate([np.ones(n) if w is None else as_array(w, np.float64)
                                     for w, n in zip(weights, lengths)])
         call_ids = None  # [sum T] which call each token came from: only the would-be drops need it
@@ -605,7 +606,7 @@ class StagedBank:
         return dict(logits=all_logits, indices=cat(indices, np.int64), valid=valid, scoring=gate.scoring,
                     top_k=gate.top_k, probs=cat(probs), dropped=cat(dropped, np.int64),
                     capacity_factor=gate.capacity_factor, call_ids=call_ids, num_calls=len(group),
-                    ranks=self.ranks[row], coselect=True, expert_major=True)
+                    ranks=self.ranks[row], coselect=True, expert_major=True, lengths=lengths)
 
     @staticmethod
     def _check_width(gate: GateParams, logits) -> None:
@@ -629,6 +630,13 @@ class StagedBank:
         every forward reduced so far (call after ``take``)."""
         with self._drain:
             return self.cosel.numpy().copy()
+
+
+def _all_or_none(column: list) -> bool:
+    """Whether every member of ``column`` is None, or none is (by identity: ``in`` would compare
+    tensors with ``==``)."""
+    missing = [member is None for member in column]
+    return all(missing) or not any(missing)
 
 
 def _modified() -> RuntimeError:
