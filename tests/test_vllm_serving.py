@@ -13,13 +13,10 @@ then another with the same prefix (a cache hit), then 8 requests that need twice
 """
 from __future__ import annotations
 
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, require_venv, write_models
+from vllm_helpers import engine_result, with_and_without_moewatch
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -43,12 +40,7 @@ def _run(model_dir: str, moewatch: bool, core: int) -> dict:
 
 @pytest.fixture(scope="module")
 def serving_runs():
-    require_venv()
-    models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-serving-"))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        on = pool.submit(_run, models["mixtral"], True, 0)
-        off = pool.submit(_run, models["mixtral"], False, 1)
-        return {"on": on.result(), "off": off.result()}
+    return with_and_without_moewatch(_run, "moewatch-vllm-serving-")
 
 
 def test_the_engine_hit_its_prefix_cache_and_preempted_requests(serving_runs):

@@ -76,6 +76,8 @@ def main() -> None:
     started = time.time()
     # "compile_backend": vLLM's compilation with another Dynamo backend than its default inductor
     extra = {"compilation_config": {"backend": config["compile_backend"]}} if config.get("compile_backend") else {}
+    if config.get("speculative"):  # e.g. {"method": "ngram", "num_speculative_tokens": 3, ...}
+        extra["speculative_config"] = config["speculative"]
     llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"],
               dtype=config.get("dtype", "float32"),
               max_model_len=config.get("max_model_len", 256), max_num_seqs=8, max_num_batched_tokens=256, seed=0,

@@ -16,7 +16,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-vllm")
@@ -142,6 +143,17 @@ def engine_result(config: dict, core: int = 0) -> dict:
         return run.result()
     finally:
         run.stop()
+
+
+def with_and_without_moewatch(run: Callable[[str, bool, int], dict], prefix: str, model: str = "mixtral") -> dict:
+    """``run(checkpoint, moewatch, core)`` of a fresh checkpoint of ``model``, with moewatch on
+    (on core 0) and off (on core 1) at once: ``{"on": result, "off": result}``."""
+    require_venv()
+    models = write_models(tempfile.mkdtemp(prefix=prefix))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        on = pool.submit(run, models[model], True, 0)
+        off = pool.submit(run, models[model], False, 1)
+        return {"on": on.result(), "off": off.result()}
 
 
 def require_venv() -> None:

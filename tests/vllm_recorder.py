@@ -103,6 +103,9 @@ def install() -> None:
                                                                   or ())
             STATE["cached"] = STATE.get("cached", 0) + sum(
                 r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs)
+            # draft tokens a speculative decoder proposed for this step (verified by this forward)
+            STATE["drafts"] = STATE.get("drafts", 0) + sum(
+                len(drafts) for drafts in (getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}).values())
         return execute(self, scheduler_output, *args, **kwargs)
 
     Worker.execute_model = execute_model
@@ -143,6 +146,7 @@ def worker_report(worker) -> dict:
               "dp_calls": STATE.get("dp_calls", [])[:64],  # (DP ranks' token counts, rows routed here)
               "scheduled_tokens": sum(sum(step.values()) for step in SCHEDULED),  # tokens the model ran
               "preempted": STATE.get("preempted", 0), "prefix_cached": STATE.get("cached", 0),
+              "draft_tokens": STATE.get("drafts", 0),
               "graph_breaks": sum(counters["graph_break"].values()),
               "unique_graphs": int(counters["stats"]["unique_graphs"])}
     mons = monitors()
