@@ -73,11 +73,15 @@ RUNS = {
                                    tensor_parallel=2),
     "mixtral-compile-tp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
                                     tensor_parallel=2),
+    "mixtral-compile-pp2-on": dict(model="mixtral", eager=False, multiprocess=True, moewatch=True, scrape=True,
+                                   pipeline_parallel=2),
+    "mixtral-compile-pp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
+                                    pipeline_parallel=2),
 }
 # Pairs started together (one with Prometheus scraping, one without, where possible).
 ORDER = [("mixtral-compile-on", "mixtral-compile-off"), ("deepseek_v3-compile-mp-on", "deepseek_v3-compile-mp-off"),
          ("mixtral-eager-on", "deepseek_v3-eager-on"), ("deepseek_v3-dynamo-on", "deepseek_v3-dynamo-off"),
-         ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off")]
+         ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off"), ("mixtral-compile-pp2-on", "mixtral-compile-pp2-off")]
 
 
 def _scrape(stack, port: int, model: str, workers: int = 1) -> dict:
@@ -108,9 +112,10 @@ def _scrape(stack, port: int, model: str, workers: int = 1) -> dict:
 
 
 def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
-    workers = spec.get("tensor_parallel", 1)
+    workers = spec.get("tensor_parallel", 1) * spec.get("pipeline_parallel", 1)
     port = free_ports(workers)  # MOEWATCH_PORT + local rank, per worker
-    config = {"tensor_parallel": workers, "model": models[spec["model"]], "eager": spec["eager"],
+    config = {"tensor_parallel": spec.get("tensor_parallel", 1), "pipeline_parallel": spec.get("pipeline_parallel", 1),
+              "model": models[spec["model"]], "eager": spec["eager"],
               "multiprocess": spec["multiprocess"], "moewatch": spec["moewatch"], "port": port,
               "max_tokens": MAX_TOKENS, "prompts": PROMPTS,
               "options": {"MOEWATCH_WINDOW_TOKENS": str(WINDOW_TOKENS), "MOEWATCH_MODEL_NAME": name,
@@ -303,23 +308,36 @@ def test_padding_rows_and_warm_up_forwards_are_not_real_tokens(engine_runs):
     assert seen["scheduled_armed"] == seen["armed"] and seen["scheduled_unpadded"] is None
 
 
-def test_tensor_parallel_workers_each_count_every_token_and_serve_their_own_metrics(engine_runs):
-    result = engine_runs["mixtral-compile-tp2-on"]
+def _two_workers(result: dict, group: str) -> list:
+    """The two workers of a run, by rank: ranks 0 and 1 of vLLM's ``group`` and local ranks 0
+    and 1, each counting exactly its own engine's routing, compiled, without error."""
     workers = sorted(result["workers"], key=lambda w: w["rank"])
-    assert [w["vllm_ranks"]["tp"] for w in workers] == [0, 1] and [w["local_rank"] for w in workers] == [0, 1]
-    for worker in workers:  # counts equal that worker's own routing, compiled, without error
+    assert [w["vllm_ranks"][group] for w in workers] == [0, 1] and [w["local_rank"] for w in workers] == [0, 1]
+    for worker in workers:
         _check_worker(worker)
         assert worker["parallel_ranks"] == worker["vllm_ranks"]
-    # the gate is replicated across tensor-parallel ranks: each routes (and counts) every token
-    assert workers[0]["counts"] == workers[1]["counts"]
-    scraped = result["scraped"]
-    assert scraped["ranks"] == ["0", "1"]  # one /metrics per worker, on MOEWATCH_PORT + local rank
+    return workers
+
+
+def _check_scraped_per_worker(scraped: dict, workers: list) -> dict:
+    """What a real Prometheus scraped from two workers: a /metrics each (on MOEWATCH_PORT + local
+    rank) with that worker's counts, and its place in vLLM's parallel groups as labels."""
+    assert scraped["ranks"] == ["0", "1"]
     for worker in workers:
         by_layer = scraped["counts_by_rank"][str(worker["rank"])]
         assert {layer: [c.get(e, 0) for e in range(len(worker["counts"][layer]))]
                 for layer, c in by_layer.items()} == worker["counts"]
     expected = [{"rank": str(w["rank"]), **{f"{g}_rank": str(r) for g, r in w["vllm_ranks"].items()}} for w in workers]
     assert sorted(scraped["parallel"], key=lambda p: p["rank"]) == expected
+    return scraped
+
+
+def test_tensor_parallel_workers_each_count_every_token_and_serve_their_own_metrics(engine_runs):
+    result = engine_runs["mixtral-compile-tp2-on"]
+    workers = _two_workers(result, "tp")
+    # the gate is replicated across tensor-parallel ranks: each routes (and counts) every token
+    assert workers[0]["counts"] == workers[1]["counts"]
+    scraped = _check_scraped_per_worker(result["scraped"], workers)
     # docs/vllm.md's join counts the replica's tokens once (from tensor-parallel rank 0), not once per rank
     top_k = {gate["name"]: gate["top_k"] for gate in workers[0]["gates"]}
     assert scraped["tokens_by_dp"] == {("0", layer): sum(counts) / top_k[layer]
@@ -328,6 +346,27 @@ def test_tensor_parallel_workers_each_count_every_token_and_serve_their_own_metr
 
 def test_tensor_parallel_outputs_are_those_without_moewatch(engine_runs):
     off, on = engine_runs["mixtral-compile-tp2-off"], engine_runs["mixtral-compile-tp2-on"]
+    assert on["outputs"] == off["outputs"] and len(set(map(tuple, off["outputs"]))) > 1
+    assert [w["graph_breaks"] for w in on["workers"]] == [w["graph_breaks"] for w in off["workers"]]
+
+
+def test_pipeline_stages_each_watch_their_own_layers_and_serve_their_own_metrics(engine_runs):
+    """Two pipeline stages: each worker holds half the layers; it watches those, counts every
+    token that reached them, and the fleet's join puts the whole model together."""
+    result = engine_runs["mixtral-compile-pp2-on"]
+    workers = _two_workers(result, "pp")
+    first, second = (set(w["counts"]) for w in workers)
+    everything = set(engine_runs["mixtral-compile-on"]["workers"][0]["counts"])  # the one-worker engine's layers
+    assert first and second and first.isdisjoint(second) and first | second == everything
+    scraped = _check_scraped_per_worker(result["scraped"], workers)
+    # docs/vllm.md's join: every layer of the replica once, each from the stage that holds it
+    top_k = {gate["name"]: gate["top_k"] for w in workers for gate in w["gates"]}
+    assert scraped["tokens_by_dp"] == {("0", layer): sum(counts) / top_k[layer]
+                                       for w in workers for layer, counts in w["counts"].items()}
+
+
+def test_pipeline_parallel_outputs_are_those_without_moewatch(engine_runs):
+    off, on = engine_runs["mixtral-compile-pp2-off"], engine_runs["mixtral-compile-pp2-on"]
     assert on["outputs"] == off["outputs"] and len(set(map(tuple, off["outputs"]))) > 1
     assert [w["graph_breaks"] for w in on["workers"]] == [w["graph_breaks"] for w in off["workers"]]
 

@@ -83,7 +83,8 @@ def main() -> None:
               max_model_len=config.get("max_model_len", 256), max_num_seqs=8, max_num_batched_tokens=256, seed=0,
               kv_cache_memory_bytes=config.get("kv_cache_bytes", 64 * 2**20),
               enable_prefix_caching=bool(config.get("prefix_caching")), block_size=config.get("block_size"),
-              tensor_parallel_size=config.get("tensor_parallel", 1), **extra)
+              tensor_parallel_size=config.get("tensor_parallel", 1),
+              pipeline_parallel_size=config.get("pipeline_parallel", 1), **extra)
     startup = time.time() - started
     llm.collective_rpc(arm)
     # ignore_eos: every prompt generates max_tokens (a random model may emit its end token early)

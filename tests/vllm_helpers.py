@@ -95,7 +95,7 @@ class EngineRun:
         # A tensor-parallel run binds each worker to a core of its own ("0|1": vLLM's list per
         # local rank; its automatic binding wants a NUMA node per worker).
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-        workers = int(config.get("tensor_parallel", 1))
+        workers = int(config.get("tensor_parallel", 1)) * int(config.get("pipeline_parallel", 1))
         if "VLLM_CPU_OMP_THREADS_BIND" not in (env or {}):  # a data-parallel run gives the host's whole list
             child_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[(core + w) % len(cores)])
                                                               for w in range(workers))
