@@ -157,6 +157,32 @@ class Baseline:
         """A baseline from the windows a monitor holds (what ``mon.baseline()`` returns)."""
         return cls.from_frame(monitor.windows(), model_name=monitor.model_name)
 
+    def only(self, names: Sequence[str]) -> "Baseline":
+        """This baseline for the gates ``names`` alone (those it has): where a process runs part
+        of the model (a pipeline stage), the whole model's baseline serves for its part."""
+        kept = {name: self.gates[name] for name in names if name in self.gates}
+        return Baseline(gates=kept, model_name=self.model_name, created=self.created, meta=dict(self.meta))
+
+    @classmethod
+    def merged(cls, parts: Sequence["Baseline"]) -> "Baseline":
+        """One baseline of the gates of ``parts`` (baselines of one model's disjoint parts, e.g.
+        each pipeline stage's). Raises :class:`BaselineError` where a gate is in two parts or
+        the parts name different models."""
+        names = sorted({part.model_name for part in parts if part.model_name})
+        if len(names) > 1:
+            raise BaselineError(f"the baselines are of different models ({', '.join(map(repr, names))}): "
+                                "merge only the parts of one model")
+        gates: Dict[str, GateBaseline] = {}
+        for part in parts:
+            for name, gate in part.gates.items():
+                if name in gates:
+                    raise BaselineError(f"gate {name!r} is in more than one of the baselines merged: "
+                                        "merge the parts of one model, each gate from one part")
+                gates[name] = gate
+        first = parts[0]
+        return cls(gates=gates, model_name=names[0] if names else "", created=first.created,
+                   meta=dict(first.meta, merged_from=len(parts)))
+
     # -- checking --------------------------------------------------------------------------
     def check_gates(self, gates: Sequence) -> None:
         """Raise :class:`BaselineError` naming every difference with the monitored ``gates``."""

@@ -1,5 +1,5 @@
 """``moewatch baseline record MODEL_DIR DATA... -o baseline.json``, ``moewatch baseline build
-DUMP.parquet -o baseline.json`` and ``moewatch baseline show FILE``."""
+DUMP.parquet... -o baseline.json`` and ``moewatch baseline show FILE``."""
 from __future__ import annotations
 
 import argparse
@@ -21,8 +21,11 @@ def add_parser(subparsers) -> None:
     build = sub.add_parser("build", help="build a baseline from the windows of a Parquet dump",
                            description="Build a baseline from a dump's windows. Windows whose verdict in the "
                                        "dump was not ok (drift, collapse, monitoring failing) are left out, and "
-                                       "listed, unless --keep-flagged.")
-    build.add_argument("dump", help="a dump written by mon.dump() or into dump_dir (its windows)")
+                                       "listed, unless --keep-flagged. Several dumps of one model's disjoint "
+                                       "parts (each pipeline stage's worker dumps its own layers) make one "
+                                       "baseline of all of them.")
+    build.add_argument("dump", nargs="+", help="a dump written by mon.dump() or into dump_dir (its windows); "
+                                               "or one per part of the model")
     build.add_argument("-o", "--output", required=True, help="baseline JSON file to write")
     build.add_argument("--model-name", default="",
                        help="the model name recorded in the baseline (default: the dump's model name)")
@@ -36,12 +39,17 @@ def add_parser(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .baseline_build import baseline_from_dump
+    from .baseline_build import LeftOut, baseline_from_dump
 
     try:
         # the dump reader checks the format, version and checksums; flagged windows are left out
-        baseline, left = baseline_from_dump(args.dump, keep_flagged=args.keep_flagged,
-                                            model_name=args.model_name or None)
+        built = [baseline_from_dump(dump, keep_flagged=args.keep_flagged, model_name=args.model_name or None)
+                 for dump in args.dump]
+        baseline = built[0][0] if len(built) == 1 else Baseline.merged([part for part, _ in built])
+        left = LeftOut()  # what each dump left out, gate by gate
+        for _, part in built:
+            for gate, rows in part.gates.items():
+                left.gates.setdefault(gate, []).extend(rows)
         baseline.save(args.output)
     except (OSError, ValueError, DumpError) as error:  # BaselineError, DumpFormatError are ValueErrors
         print("moewatch baseline build: " + " ".join(str(error).splitlines()), file=sys.stderr)

@@ -97,6 +97,9 @@ class Monitor:
         self._force_asked = False  # the reader asked the device banks for a cut (window_seconds)
         self._taking = False  # a take is under way (on the thread that holds the lock)
         self._baseline = as_baseline(baseline)  # loaded once: the detector's, and a dump's metadata
+        if self._baseline is not None and engine is not None and engine.holds_part_of_model():
+            # a pipeline stage: the whole model's baseline, for the layers this stage holds
+            self._baseline = self._baseline.only([spec.info.name for spec in specs])
         self._detector = self._make_detector(self._baseline)
         self._exporters = self._start_exporters()
         # sampled per-token decisions for dumps (None unless sample_decisions > 0)

@@ -115,3 +115,49 @@ def test_a_baseline_of_another_model_warns(incident, tmp_path):
         moewatch.attach(model, baseline=base, background=False, model_name="tiny-moe").detach()
     assert same_model("/models/tiny-moe/", "./tiny-moe") and same_model("", "anything")
     assert not same_model("org/model-a", "org/model-b")
+
+
+def _part(incident, folder, gates, model_name=None) -> str:
+    """The incident dump's rows of ``gates`` alone, written back as a real dump (a pipeline
+    stage's worker dumps only the layers it holds)."""
+    dump = read_dump(incident)
+    frame = dump.windows
+    rows = frame[frame["gate"].isin(gates)].reset_index(drop=True)
+    meta = {k: v for k, v in dump.metadata.items() if k not in ("window_columns", "rows")}
+    meta["gates"] = [gate for gate in meta["gates"] if gate["name"] in gates]
+    if model_name is not None:
+        meta["model_name"] = model_name
+    path = str(folder / f"part-{'-'.join(g.split('.')[2] for g in gates)}-{model_name or 'same'}.parquet")
+    write_table_atomic(dump_table(rows, dump.decisions, meta), path)
+    return path
+
+
+def test_the_dumps_of_a_models_parts_build_one_baseline_of_all_its_gates(incident, tmp_path, capsys):
+    whole = tmp_path / "whole.json"
+    assert cli_main(["baseline", "build", incident, "-o", str(whole)]) == 0
+    gates = sorted(Baseline.load(whole).gates)
+    assert len(gates) == 2 and COLLAPSING in gates
+    parts = [_part(incident, tmp_path, [gate]) for gate in gates]
+    capsys.readouterr()
+    merged = tmp_path / "merged.json"
+    assert cli_main(["baseline", "build", *parts, "-o", str(merged)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{COLLAPSING}: " in printed and "collapse" in printed  # what its part's dump flagged
+    expected, got = Baseline.load(whole), Baseline.load(merged)
+    assert sorted(got.gates) == gates and got.model_name == "tiny-moe"
+    for gate in gates:  # each gate as the whole dump gives it
+        np.testing.assert_array_equal(got.gates[gate].expert_counts, expected.gates[gate].expert_counts)
+    # and a stage of the model uses the whole baseline for the layers it holds
+    stage = got.only([COLLAPSING, "model.layers.9.mlp.gate"])
+    assert list(stage.gates) == [COLLAPSING] and stage.model_name == got.model_name
+
+
+def test_parts_that_overlap_or_are_of_other_models_are_refused(incident, tmp_path, capsys):
+    gate = COLLAPSING
+    same = _part(incident, tmp_path, [gate])
+    assert cli_main(["baseline", "build", same, same, "-o", str(tmp_path / "twice.json")]) == 2
+    assert f"gate {gate!r} is in more than one of the baselines merged" in capsys.readouterr().err
+    other = _part(incident, tmp_path, ["model.layers.0.mlp.gate"], model_name="another-moe")
+    assert cli_main(["baseline", "build", same, other, "-o", str(tmp_path / "mixed.json")]) == 2
+    assert "the baselines are of different models ('another-moe', 'tiny-moe')" in capsys.readouterr().err
+    assert not (tmp_path / "twice.json").exists() and not (tmp_path / "mixed.json").exists()

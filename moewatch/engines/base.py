@@ -47,6 +47,11 @@ class Engine:
         """The ``model`` label the engine serves the model under, or None."""
         return None
 
+    def holds_part_of_model(self) -> bool:
+        """Whether this process runs only some of the model's MoE layers (a pipeline stage): a
+        baseline of the whole model is then used for the layers this stage holds."""
+        return False
+
     def parallel_ranks(self) -> Dict[str, int]:
         """This process's rank in each parallel group the engine runs it in, by group: ``tp``
         (tensor), ``pp`` (pipeline), ``dp`` (data), ``ep`` (expert parallel); only the groups

@@ -336,6 +336,15 @@ class VllmEngine(Engine):
             self._whole_steps_here = not split
         return self._whole_steps_here
 
+    def holds_part_of_model(self) -> bool:
+        """Whether this worker is one of several pipeline stages (each holds some layers)."""
+        try:
+            from vllm.distributed import parallel_state
+
+            return parallel_state.get_pp_group().world_size > 1
+        except (ImportError, AttributeError, AssertionError):  # no pipeline group here
+            return False
+
     def parallel_ranks(self) -> Dict[str, int]:
         """The worker's rank in vLLM's tensor, pipeline, data and expert parallel groups (those
         vLLM has set up: its parallel state is ready before the model loads)."""
