@@ -97,6 +97,10 @@ def main() -> None:
         outputs += [list(o.outputs[0].token_ids) for o in more]
     result = {"outputs": outputs, "startup_s": startup, "prompt_tokens": sum(len(p) for p in config["prompts"])}
     result["workers"] = llm.collective_rpc(worker_report)
+    if config.get("reload"):  # new weights loaded in place (as RL trainers update a served policy)
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": config["reload"]})
+        result["outputs_reloaded"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        result["reloaded_workers"] = llm.collective_rpc(worker_report)
     if config.get("drill"):
         result["drill"] = llm.collective_rpc(fault_drill)
         drill_prompts = [{"prompt_token_ids": ids} for ids in config["drill"]]
