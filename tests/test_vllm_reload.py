@@ -9,14 +9,12 @@ serves the same prompts again.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
 
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import PYTHON, engine_result, require_venv, write_models
+from vllm_helpers import engine_result, require_venv, write_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -28,10 +26,7 @@ MAX_TOKENS = 8
 def reloaded():
     require_venv()
     models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-reload-"))
-    other = os.path.join(tempfile.mkdtemp(prefix="moewatch-vllm-reload-"), "mixtral")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    subprocess.run([PYTHON, "-c", f"import sys; sys.path.insert(0, {tests!r}); from vllm_models import mixtral; "
-                    f"mixtral({other!r}, seed=5)"], check=True, timeout=300)
+    other = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-reload-"), seed=5, which="mixtral")["mixtral"]
     config = {"model": models["mixtral"], "eager": False, "multiprocess": False, "moewatch": True,
               "port": free_ports(1), "max_tokens": MAX_TOKENS, "prompts": PROMPTS, "reload": other}
     return engine_result(config)

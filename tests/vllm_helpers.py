@@ -69,10 +69,11 @@ def ensure_venv() -> str:
     return PYTHON
 
 
-def write_models(out_dir: str) -> dict:
-    """The tiny random checkpoints (``tests/vllm_models.py``): {name: directory}."""
-    _run([PYTHON, MODELS, "all", out_dir], 600)
-    return {name: os.path.join(out_dir, name) for name in ("mixtral", "deepseek_v3")}
+def write_models(out_dir: str, seed: int = 0, which: str = "all") -> dict:
+    """The tiny random checkpoints (``tests/vllm_models.py``; ``which``: all, or one of them),
+    their weights drawn from ``seed``: {name: directory}."""
+    _run([PYTHON, MODELS, which, out_dir, str(seed)], 600)
+    return {name: os.path.join(out_dir, name) for name in (("mixtral", "deepseek_v3") if which == "all" else (which,))}
 
 
 def write_families(out_dir: str) -> dict:

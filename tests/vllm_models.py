@@ -156,10 +156,11 @@ def family(name: str, out_dir: str, seed: int = 0) -> str:
 
 
 if __name__ == "__main__":
-    # python vllm_models.py all|mixtral|deepseek_v3|families DIR: one subfolder per model
+    # python vllm_models.py all|mixtral|deepseek_v3|families DIR [SEED]: one subfolder per model
+    seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     if sys.argv[1] == "families":
         for key in FAMILIES:
-            print(family(key, os.path.join(sys.argv[2], key)))
+            print(family(key, os.path.join(sys.argv[2], key), seed))
     else:
         for key in (MODELS if sys.argv[1] == "all" else [sys.argv[1]]):
-            print(MODELS[key](os.path.join(sys.argv[2], key)))
+            print(MODELS[key](os.path.join(sys.argv[2], key), seed))

@@ -502,8 +502,8 @@ class StagedBank:
         that fails (nothing was added: the caller reduces them gate by gate)."""
         try:
             calls = [call for _, group in groups for call in group]
-            batch = self._batch(groups[0][0], calls)
-            ends = np.cumsum(batch.pop("lengths"))  # [calls]: tokens up to each call's end
+            batch, lengths = self._batch(groups[0][0], calls)
+            ends = np.cumsum(lengths)  # [calls]: tokens up to each call's end
             starts, first_call = [], 0  # each gate's first token
             for _, group in groups:
                 starts.append(0 if first_call == 0 else int(ends[first_call - 1]))
@@ -567,14 +567,14 @@ class StagedBank:
     def _reduce_many(self, row: int, group: List[Call]) -> GateSums:
         """One reduction of many calls of gate ``row``; raises where one of them is bad (the
         caller then reduces them one by one, so the bad ones are found and the others count)."""
-        batch = self._batch(row, group)
-        del batch["lengths"]
+        batch, _ = self._batch(row, group)
         (part,) = numpy_backend.segment_sums(**batch)
         return part
 
-    def _batch(self, row: int, group: List[Call]) -> dict:
+    def _batch(self, row: int, group: List[Call]) -> Tuple[dict, List[int]]:
         """The arguments of one reduction of the calls (of gate ``row``, or of gates of its kind):
-        their tensors concatenated, padding weights and call numbers where needed."""
+        their tensors concatenated, padding weights and call numbers where needed; and each
+        call's tokens."""
         gate = self.gates[row]
         # The reader runs this for every call of every window: a comprehension per column (about
         # half the time of one loop appending to each).
@@ -606,7 +606,7 @@ class StagedBank:
         return dict(logits=all_logits, indices=cat(indices, np.int64), valid=valid, scoring=gate.scoring,
                     top_k=gate.top_k, probs=cat(probs), dropped=cat(dropped, np.int64),
                     capacity_factor=gate.capacity_factor, call_ids=call_ids, num_calls=len(group),
-                    ranks=self.ranks[row], coselect=True, expert_major=True, lengths=lengths)
+                    ranks=self.ranks[row], coselect=True, expert_major=True), lengths
 
     @staticmethod
     def _check_width(gate: GateParams, logits) -> None:
