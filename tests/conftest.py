@@ -10,8 +10,19 @@ torch.set_num_threads(1)
 
 try:  # tests import them from here; child processes import this file with tests/ on sys.path
     from tests.tiny_models import padded_batch, tiny_mixtral  # noqa: E402,F401
+    from tests import vllm_helpers  # noqa: E402
 except ModuleNotFoundError:
     from tiny_models import padded_batch, tiny_mixtral  # noqa: E402,F401
+    import vllm_helpers  # noqa: E402
+
+
+def pytest_collection_finish(session) -> None:
+    """Where engine tests will run and the vLLM venv is not built yet, start building it now:
+    the build takes minutes, mostly on one core, while the tests before the engine tests run
+    on one thread (above). The engine tests' own ``ensure_venv`` waits for it (a file lock),
+    and reports its failure, if any, by building again."""
+    if any(item.nodeid.startswith("tests/test_vllm") for item in session.items):
+        vllm_helpers.build_in_background()
 
 
 @pytest.fixture

@@ -34,14 +34,15 @@ engine itself.
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import pytest
 
 from export_helpers import free_ports, start_stack
-from vllm_helpers import EngineRun, VllmUnavailable, ensure_venv, write_models
+from vllm_helpers import EngineRun, VllmUnavailable, ensure_venv, on_free_cores, write_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -78,10 +79,13 @@ RUNS = {
     "mixtral-compile-pp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
                                     pipeline_parallel=2),
 }
-# Pairs started together (one with Prometheus scraping, one without, where possible).
+# The runs in this order, two at a time, each on a core of its own (a run starts when one ends).
 ORDER = [("mixtral-compile-on", "mixtral-compile-off"), ("deepseek_v3-compile-mp-on", "deepseek_v3-compile-mp-off"),
          ("mixtral-eager-on", "deepseek_v3-eager-on"), ("deepseek_v3-dynamo-on", "deepseek_v3-dynamo-off"),
          ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off"), ("mixtral-compile-pp2-on", "mixtral-compile-pp2-off")]
+
+
+_ONE_SCRAPE_AT_A_TIME = threading.Lock()
 
 
 def _scrape(stack, port: int, model: str, workers: int = 1) -> dict:
@@ -131,7 +135,8 @@ def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
     try:
         result = run.result()
         if spec.get("scrape"):
-            result["scraped"] = _scrape(stack, port, name, workers)
+            with _ONE_SCRAPE_AT_A_TIME:  # one Prometheus, its targets set per run
+                result["scraped"] = _scrape(stack, port, name, workers)
         return result
     finally:
         run.stop()
@@ -145,14 +150,8 @@ def engine_runs(request):
         pytest.fail(f"the vLLM venv could not be built: {error}")
     models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-models-"))
     stack = start_stack(request, alertmanager=False)
-    results = {}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for pair in ORDER:
-            futures = {name: pool.submit(_one_run, name, RUNS[name], models, stack, core)
-                       for core, name in enumerate(pair)}
-            for name, future in futures.items():
-                results[name] = future.result()
-    return results
+    return on_free_cores({name: functools.partial(_one_run, name, RUNS[name], models, stack)
+                          for pair in ORDER for name in pair})
 
 
 def _expected_assignments(top_k: int) -> int:

@@ -18,13 +18,13 @@ engine: the injected collapse is routed by the engine and caught.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, require_venv, write_families
+from vllm_helpers import engine_result, on_free_cores, require_venv, write_families
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -71,10 +71,8 @@ def family_runs():
     models = write_families(tempfile.mkdtemp(prefix="moewatch-vllm-families-"))
     assert sorted(models) == sorted(EXPECTED)
     runs = [(name, False) for name in sorted(EXPECTED)] + [(name, True) for name in DRILLED]
-    with ThreadPoolExecutor(max_workers=2) as pool:  # one engine a core
-        futures = {(name, drill): pool.submit(_run, name, models[name], index % 2, drill)
-                   for index, (name, drill) in enumerate(runs)}
-        results = {key: future.result() for key, future in futures.items()}
+    results = on_free_cores({(name, drill): functools.partial(_run, name, models[name], drill=drill)
+                             for name, drill in runs})  # one engine a core
     return {**{name: results[name, False] for name in EXPECTED},
             **{f"{name}-drill": results[name, True] for name in DRILLED}}
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional
+from typing import Callable, Dict, Hashable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-vllm")
@@ -67,6 +68,15 @@ def ensure_venv() -> str:
         elif not _plugin_registered():  # a venv made by hand, or for another checkout
             _run([PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-e", ROOT], 600)
     return PYTHON
+
+
+def build_in_background() -> Optional[subprocess.Popen]:
+    """Start :func:`ensure_venv` in a process of its own (its output discarded), unless the venv
+    is built already; returns the process, or None."""
+    if os.path.exists(READY):
+        return None
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
 
 
 def write_models(out_dir: str, seed: int = 0, which: str = "all") -> dict:
@@ -146,6 +156,25 @@ def engine_result(config: dict, core: int = 0) -> dict:
         run.stop()
 
 
+def on_free_cores(runs: Dict[Hashable, Callable[[int], dict]], cores: int = 2) -> Dict[Hashable, dict]:
+    """``{key: run(core)}``: the runs in order, ``cores`` at a time, each given a core no other
+    running run has (a run starts on the core that the first run to end frees)."""
+    free: queue.Queue = queue.Queue()
+    for core in range(cores):
+        free.put(core)
+
+    def on_a_free_core(run: Callable[[int], dict]) -> dict:
+        core = free.get()
+        try:
+            return run(core)
+        finally:
+            free.put(core)
+
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        futures = {key: pool.submit(on_a_free_core, run) for key, run in runs.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
 def with_and_without_moewatch(run: Callable[[str, bool, int], dict], prefix: str, model: str = "mixtral") -> dict:
     """``run(checkpoint, moewatch, core)`` of a fresh checkpoint of ``model``, with moewatch on
     (on core 0) and off (on core 1) at once: ``{"on": result, "off": result}``."""
@@ -165,3 +194,7 @@ def require_venv() -> None:
         ensure_venv()
     except VllmUnavailable as error:
         pytest.fail(f"the vLLM venv could not be built: {error}")
+
+
+if __name__ == "__main__":  # build_in_background's process
+    ensure_venv()
