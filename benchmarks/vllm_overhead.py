@@ -12,8 +12,11 @@ drifting machine load and another job's bursts hit them alike:
 Rounds go on for ``--seconds`` a workload. Printed per workload and engine: the median tokens/s
 and its range, and the median of the round-by-round ratio of its time to the plain engine's with
 a 95% confidence interval; then the verdict on the target (moewatch's cost <= 2%: met when the
-whole interval is under it, against each plain engine). Every engine's threads are bound to the
-same core (``VLLM_CPU_OMP_THREADS_BIND``, the last allowed core unless set). Run with the vLLM venv's python::
+whole interval is under it, against each plain engine). Every engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), where vLLM binds no thread, so each engine's process binds
+itself, every thread of it, to the same core (``--core``, the last allowed core unless set), as
+vLLM binds a served worker's process to its cores: moewatch's reader shares the core with the
+model, it does not run beside it on an idle one. Run with the vLLM venv's python::
 
     .venv-vllm/bin/python benchmarks/vllm_overhead.py                    # a tiny random Mixtral
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --size mixtral-shaped   # hidden 1024, 280M
@@ -52,6 +55,8 @@ def _prompts(kind: str, decode_tokens: int, vocab: int = 256) -> tuple:
 
 def child(args) -> None:
     """One engine: start, say READY, then run each workload asked for on stdin; print its result."""
+    # before vLLM starts a thread: every thread of the engine (the model's, moewatch's reader) on this core
+    os.sched_setaffinity(0, {args.core})
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=args.model, skip_tokenizer_init=True, enforce_eager=args.eager, dtype="float32",
@@ -71,15 +76,14 @@ def child(args) -> None:
 
 
 class Engine:
-    def __init__(self, model: str, moewatch: bool, eager: bool, port: int, decode_tokens: int):
+    def __init__(self, model: str, moewatch: bool, eager: bool, port: int, decode_tokens: int, core: int):
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        # every engine's threads on the same core(s): they take turns, and an engine bound
-        # elsewhere would differ by its core (a first run measured 2.6% between two plain ones)
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(max(os.sched_getaffinity(0))))
         env.pop("MOEWATCH_PORT", None)
         if moewatch:
             env["MOEWATCH_PORT"] = str(port)
-        argv = [sys.executable, os.path.abspath(__file__), "--child", "--model", model,
+        # every engine on the same core: they take turns, and an engine on another core would
+        # differ by its core (a first run measured 2.6% between two plain ones)
+        argv = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--core", str(core),
                 "--decode-tokens", str(decode_tokens)] + (["--eager"] if eager else [])
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         text=True, env=env)
@@ -133,6 +137,8 @@ def main() -> None:
                              "16: short batches, many rounds)")
     parser.add_argument("--port", type=int, default=19480, help="MOEWATCH_PORT of the monitored engine")
     parser.add_argument("--target", type=float, default=0.02, help="the cost target (default 0.02: 2%%)")
+    parser.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)),
+                        help="the core every engine's threads are bound to (default: the last allowed one)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -145,10 +151,10 @@ def main() -> None:
         write = mixtral if args.size == "tiny" else mixtral_shaped
         args.model = write(os.path.join(tempfile.mkdtemp(prefix="moewatch-bench-"), "mixtral"))
     print(f"model {args.model}, compilation {'off (enforce_eager)' if args.eager else 'on'}, "
-          f"{args.seconds:.0f} s per workload, engines taking turns batch by batch")
-    engines = {"off": Engine(args.model, False, args.eager, args.port, args.decode_tokens),
-               "off'": Engine(args.model, False, args.eager, args.port, args.decode_tokens),
-               "on": Engine(args.model, True, args.eager, args.port, args.decode_tokens)}
+          f"{args.seconds:.0f} s per workload, engines taking turns batch by batch, every engine on core {args.core}")
+    engines = {"off": Engine(args.model, False, args.eager, args.port, args.decode_tokens, args.core),
+               "off'": Engine(args.model, False, args.eager, args.port, args.decode_tokens, args.core),
+               "on": Engine(args.model, True, args.eager, args.port, args.decode_tokens, args.core)}
     try:
         results = {kind: measure(engines, kind, args.seconds, args.min_rounds) for kind in WORKLOADS}
     finally:

@@ -16,7 +16,12 @@ import os
 import sys
 import time
 
-import torch
+if __name__ == "__main__" and "bind_core" in json.loads(sys.argv[1]):
+    # an in-process engine (vLLM binds only the workers it starts): every thread it will start,
+    # the model's and moewatch's, on this core, as vLLM binds a served worker's process
+    os.sched_setaffinity(0, {json.loads(sys.argv[1])["bind_core"]})
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vllm_recorder  # noqa: E402  (also imported here in vLLM's spawned engine process)
@@ -51,6 +56,30 @@ def quiet_traffic(llm) -> dict:
         llm.generate(prompts(1, 384), prefill, use_tqdm=False)
     (report,) = llm.collective_rpc(quiet_report)
     return {**switched, **report}
+
+
+def serve_by_steps(llm, prompts: list, params, abort: dict) -> list:
+    """The requests added to the engine and stepped by hand, as a server does; after
+    ``abort["after_steps"]`` steps the requests at ``abort["indices"]`` are aborted (clients that
+    went away). Each request's sequences (``params.n`` of them), or None where it was aborted."""
+    from vllm.sampling_params import RequestOutputKind
+
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY  # one output a request, its n samples together
+    engine = llm.llm_engine
+    ids = [f"request-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    finished: dict = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = [list(seq.token_ids) for seq in output.outputs]
+        steps += 1
+        if steps == abort["after_steps"]:
+            engine.abort_request([ids[i] for i in abort["indices"]])
+    return [finished.get(request_id) for request_id in ids]
 
 
 def main() -> None:
@@ -88,10 +117,15 @@ def main() -> None:
     startup = time.time() - started
     llm.collective_rpc(arm)
     # ignore_eos: every prompt generates max_tokens (a random model may emit its end token early)
-    params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, detokenize=False,
+    # n > 1: parallel sampling, seeded (the same samples with and without moewatch)
+    params = SamplingParams(max_tokens=config["max_tokens"], temperature=config.get("temperature", 0.0),
+                            n=config.get("n", 1), seed=config.get("seed"), detokenize=False,
                             ignore_eos=bool(config.get("ignore_eos")))
     prompts = [{"prompt_token_ids": ids} for ids in config["prompts"]]
-    outputs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    if config.get("abort"):
+        outputs = serve_by_steps(llm, prompts, params, config["abort"])
+    else:
+        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
     for batch in config.get("then", []):  # further batches, each after the one before has finished
         more = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
         outputs += [list(o.outputs[0].token_ids) for o in more]

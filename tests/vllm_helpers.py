@@ -103,13 +103,16 @@ class EngineRun:
         child_env["OMP_NUM_THREADS"] = "1"
         # One OpenMP thread on one core: the same float sums on every run (greedy outputs of
         # random tiny models have near ties), and two runs at once on two cores side by side.
-        # A tensor-parallel run binds each worker to a core of its own ("0|1": vLLM's list per
-        # local rank; its automatic binding wants a NUMA node per worker).
+        # vLLM binds the workers it starts in processes of their own ("0|1": its list per local
+        # rank; its automatic binding wants a NUMA node per worker); an in-process engine it does
+        # not bind, so its process binds itself, every thread, as a served worker is bound.
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
         workers = int(config.get("tensor_parallel", 1)) * int(config.get("pipeline_parallel", 1))
         if "VLLM_CPU_OMP_THREADS_BIND" not in (env or {}):  # a data-parallel run gives the host's whole list
             child_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[(core + w) % len(cores)])
                                                               for w in range(workers))
+            if not config.get("multiprocess"):
+                config = dict(config, bind_core=cores[core % len(cores)])  # vllm_child binds itself
         self.process = subprocess.Popen([PYTHON, CHILD, json.dumps(config)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=child_env, cwd=ROOT)

@@ -145,6 +145,7 @@ def worker_report(worker) -> dict:
               "local_rank": int(getattr(worker, "local_rank", 0)),
               "dp_calls": STATE.get("dp_calls", [])[:64],  # (DP ranks' token counts, rows routed here)
               "scheduled_tokens": sum(sum(step.values()) for step in SCHEDULED),  # tokens the model ran
+              "scheduled_by_request": _tokens_by_request(),
               "preempted": STATE.get("preempted", 0), "prefix_cached": STATE.get("cached", 0),
               "draft_tokens": STATE.get("drafts", 0),
               "graph_breaks": sum(counters["graph_break"].values()),
@@ -166,6 +167,15 @@ def worker_report(worker) -> dict:
         report["requests_known"] = bool(frame["requests"].notna().any())
         report["requests"] = _requests_by_window(frame)
     return report
+
+
+def _tokens_by_request() -> Dict[str, int]:
+    """The tokens the model ran for each request (the scheduler's id), over every step."""
+    totals: Dict[str, int] = {}
+    for step in SCHEDULED:
+        for request, count in step.items():
+            totals[request] = totals.get(request, 0) + count
+    return totals
 
 
 def _requests_by_window(frame) -> list:
