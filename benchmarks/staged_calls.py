@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moewatch  # noqa: E402
-from moewatch.hotpath import ops  # noqa: E402
 from moewatch.hotpath.requests import RequestTokens  # noqa: E402
 from tests.moe_from_scratch import TinyMoELM  # noqa: E402
 
@@ -41,7 +40,6 @@ def main(argv=None) -> int:
     mon = moewatch.attach(model, gates="blocks.*.router", top_k=2, num_experts=8, background=False)
     banks = mon._banks
     bank = banks.banks[0]
-    bank_id = next(key for key, value in ops._BANKS.items() if value is bank)  # the id the op is given
     tokens, experts = args.requests, 8
     logits = torch.randn(tokens, experts)  # [T, E]
     indices = torch.topk(logits, 2).indices  # [T, k]
@@ -51,7 +49,7 @@ def main(argv=None) -> int:
     def forward() -> None:
         banks.begin(None, None, RequestTokens.of_step(step))
         for row in range(len(mon.gates)):
-            stage(logits, indices, None, None, None, None, bank.token, bank_id, row, 0)
+            stage(logits, indices, None, None, None, None, bank.token, bank.bank_id, row, 0)
         banks.end()
 
     forward_us, reader_us = [], []
