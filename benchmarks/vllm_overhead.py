@@ -22,6 +22,7 @@ model, it does not run beside it on an idle one. Run with the vLLM venv's python
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --size mixtral-shaped   # hidden 1024, 280M
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --seconds 600
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --eager            # enforce_eager=True
+    .venv-vllm/bin/python benchmarks/vllm_overhead.py --split --workloads decode   # what the cost is made of
 
 Without ``--model`` it writes a random Mixtral (``tests/vllm_models.py``): by default the tests'
 tiny one, whose experts are so small that moewatch's per-layer cost weighs far more than on a
@@ -62,6 +63,14 @@ def child(args) -> None:
     llm = LLM(model=args.model, skip_tokenizer_init=True, enforce_eager=args.eager, dtype="float32",
               max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048, seed=0,
               kv_cache_memory_bytes=256 * 2**20, enable_prefix_caching=False)
+    if args.variant:  # --split: parts of moewatch's work left out, to tell what each costs
+        from moewatch.engines.vllm_plugin import monitors
+        from moewatch.hotpath.staged import StagedBank
+
+        StagedBank.stage = lambda self, *a, **k: None  # each gate's op still goes into Python, stages nothing
+        if args.variant == "no-hooks":
+            for monitor in monitors():
+                monitor._masks.banks = None  # the root forward's hooks return at once
     print("READY", flush=True)
     for line in sys.stdin:
         kind = line.strip()
@@ -76,7 +85,8 @@ def child(args) -> None:
 
 
 class Engine:
-    def __init__(self, model: str, moewatch: bool, eager: bool, port: int, decode_tokens: int, core: int):
+    def __init__(self, model: str, moewatch: bool, eager: bool, port: int, decode_tokens: int, core: int,
+                 variant: str = ""):
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         env.pop("MOEWATCH_PORT", None)
         if moewatch:
@@ -84,7 +94,8 @@ class Engine:
         # every engine on the same core: they take turns, and an engine on another core would
         # differ by its core (a first run measured 2.6% between two plain ones)
         argv = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--core", str(core),
-                "--decode-tokens", str(decode_tokens)] + (["--eager"] if eager else [])
+                "--decode-tokens", str(decode_tokens)] + (["--eager"] if eager else []) \
+            + (["--variant", variant] if variant else [])
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         text=True, env=env)
         self._expect("READY")
@@ -139,7 +150,13 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.02, help="the cost target (default 0.02: 2%%)")
     parser.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)),
                         help="the core every engine's threads are bound to (default: the last allowed one)")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--split", action="store_true",
+                        help="two more monitored engines, to tell what moewatch's cost is made of: 'no-stage' "
+                             "(each gate's op is dispatched into Python but stages nothing: the reader has "
+                             "nothing to reduce) and 'no-hooks' (that, and the root forward's hooks return at once)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=("no-stage", "no-hooks"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -155,12 +172,16 @@ def main() -> None:
     engines = {"off": Engine(args.model, False, args.eager, args.port, args.decode_tokens, args.core),
                "off'": Engine(args.model, False, args.eager, args.port, args.decode_tokens, args.core),
                "on": Engine(args.model, True, args.eager, args.port, args.decode_tokens, args.core)}
+    if args.split:
+        for offset, variant in enumerate(("no-stage", "no-hooks"), start=1):
+            engines[variant] = Engine(args.model, True, args.eager, args.port + offset, args.decode_tokens,
+                                      args.core, variant)
     try:
-        results = {kind: measure(engines, kind, args.seconds, args.min_rounds) for kind in WORKLOADS}
+        results = {kind: measure(engines, kind, args.seconds, args.min_rounds) for kind in args.workloads}
     finally:
         for engine in engines.values():
             engine.close()
-    print(f"{'workload':<9} {'engine':<7} {'rounds':>6} {'median tok/s':>13} {'min':>9} {'max':>9}"
+    print(f"{'workload':<9} {'engine':<9} {'rounds':>6} {'median tok/s':>13} {'min':>9} {'max':>9}"
           f"   time vs off, paired: median [95% CI]")
     for kind, samples in results.items():
         for name, runs in samples.items():
@@ -169,7 +190,7 @@ def main() -> None:
             if name != "off":
                 ratios = [took / base[1] for (_, took), base in zip(runs, samples["off"])]
                 paired = "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci(ratios))
-            print(f"{kind:<9} {name:<7} {len(runs):>6} {statistics.median(rates):>13.1f} {min(rates):>9.1f} "
+            print(f"{kind:<9} {name:<9} {len(runs):>6} {statistics.median(rates):>13.1f} {min(rates):>9.1f} "
                   f"{max(rates):>9.1f}   {paired}")
         # against each plain engine; the verdict takes the less favourable of the two
         bounds = [median_ci([on[1] / off[1] for on, off in zip(samples["on"], samples[plain])])

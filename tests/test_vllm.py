@@ -10,7 +10,8 @@ moewatch switched on the way a user does it: ``MOEWATCH_PORT`` and ``MOEWATCH_*`
 model      compile    processes    moewatch  also
 =========  =========  ===========  ========  ==============================================
 mixtral    on         in-process   on        /metrics scraped by a real Prometheus
-mixtral    on         in-process   off       outputs and graphs without moewatch
+mixtral    on         in-process   off       outputs and graphs without moewatch, with
+                                               vLLM's compile cache on (its default)
 mixtral    eager      in-process   on        fault drill; detach, then the same outputs;
                                                quiet traffic against a baseline of busy windows
 deepseek   on         worker proc  on        /metrics of the worker scraped by Prometheus
@@ -36,13 +37,12 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import threading
 
 import pytest
 
 from export_helpers import free_ports, start_stack
-from vllm_helpers import EngineRun, VllmUnavailable, ensure_venv, on_free_cores, write_models
+from vllm_helpers import EngineRun, VllmUnavailable, ensure_venv, on_free_cores, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -60,7 +60,8 @@ WINDOW_TOKENS = 64
 
 RUNS = {
     "mixtral-compile-on": dict(model="mixtral", eager=False, multiprocess=False, moewatch=True, scrape=True),
-    "mixtral-compile-off": dict(model="mixtral", eager=False, multiprocess=False, moewatch=False),
+    # vLLM's compile cache on, as its default (the others without moewatch have it off: vllm_helpers)
+    "mixtral-compile-off": dict(model="mixtral", eager=False, multiprocess=False, moewatch=False, compile_cache=True),
     "mixtral-eager-on": dict(model="mixtral", eager=True, multiprocess=False, moewatch=True, drill=True, quiet=True),
     "deepseek_v3-compile-mp-on": dict(model="deepseek_v3", eager=False, multiprocess=True, moewatch=True,
                                       scrape=True),
@@ -127,7 +128,7 @@ def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
               "serve_until_stdin_closes": bool(spec.get("scrape")), "detach": bool(spec.get("drill")),
               "late_attach": (not spec["moewatch"] and not spec["eager"] and not spec.get("compile_backend")
                               and workers == 1),
-              "compile_backend": spec.get("compile_backend"),
+              "compile_backend": spec.get("compile_backend"), "compile_cache": bool(spec.get("compile_cache")),
               "quiet": bool(spec.get("quiet")), "max_model_len": 512 if spec.get("quiet") else 256}
     if spec.get("drill"):
         config["drill"] = DRILL
@@ -148,7 +149,7 @@ def engine_runs(request):
         ensure_venv()
     except VllmUnavailable as error:
         pytest.fail(f"the vLLM venv could not be built: {error}")
-    models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-models-"))
+    models = shared_models()
     stack = start_stack(request, alertmanager=False)
     return on_free_cores({name: functools.partial(_one_run, name, RUNS[name], models, stack)
                           for pair in ORDER for name in pair})
@@ -394,7 +395,7 @@ def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_
         ensure_venv()
     except VllmUnavailable as error:
         pytest.fail(f"the vLLM venv could not be built: {error}")
-    models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-models-"))
+    models = shared_models()
     stack = start_stack(request, alertmanager=False)
     port, master = free_ports(2), free_ports(1)
     runs = []

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, require_venv, write_models
+from vllm_helpers import engine_result, require_venv, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -44,7 +44,7 @@ def _serve(model_dir: str, traffic: list, options: dict, stages: int, **config) 
 def _flow(stages: int) -> dict:
     """Serve healthy traffic dumping, build the baseline, serve again with it and drill."""
     require_venv()
-    models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-baseline-"))
+    models = shared_models()
     dumps = tempfile.mkdtemp(prefix="moewatch-vllm-dumps-")
     # 1. a healthy while, compiled as served, dumping: each worker's shutdown dump holds its windows
     healthy = _serve(models["mixtral"], _traffic(0, 6), {"MOEWATCH_DUMP_DIR": dumps}, stages, eager=False)

@@ -37,7 +37,7 @@ def _run(model_dir: str, moewatch: bool, core: int) -> dict:
 
 @pytest.fixture(scope="module")
 def lifecycle_runs():
-    return with_and_without_moewatch(_run, "moewatch-vllm-lifecycle-")
+    return with_and_without_moewatch(_run)
 
 
 def test_the_engine_sampled_in_parallel_and_dropped_the_aborted_requests(lifecycle_runs):

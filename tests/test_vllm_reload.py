@@ -9,12 +9,11 @@ serves the same prompts again.
 """
 from __future__ import annotations
 
-import tempfile
 
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, require_venv, write_models
+from vllm_helpers import engine_result, require_venv, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -25,8 +24,8 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def reloaded():
     require_venv()
-    models = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-reload-"))
-    other = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-reload-"), seed=5, which="mixtral")["mixtral"]
+    models = shared_models()
+    other = shared_models(seed=5, which="mixtral")["mixtral"]
     config = {"model": models["mixtral"], "eager": False, "multiprocess": False, "moewatch": True,
               "port": free_ports(1), "max_tokens": MAX_TOKENS, "prompts": PROMPTS, "reload": other}
     return engine_result(config)

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from export_helpers import free_ports
-from vllm_helpers import PYTHON, ROOT, require_venv, write_models
+from vllm_helpers import PYTHON, ROOT, require_venv, shared_models
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -62,7 +62,7 @@ def _samples(port: int, name: str) -> dict:
 @pytest.fixture(scope="module")
 def served():
     require_venv()
-    model = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-serve-"))["mixtral"]
+    model = shared_models()["mixtral"]
     api_port = free_ports(2)  # and moewatch's, the next one: two separate picks could coincide
     metrics_port = api_port + 1
     env = dict(os.environ, MOEWATCH_PORT=str(metrics_port), MOEWATCH_WINDOW_SECONDS="1", OMP_NUM_THREADS="1",

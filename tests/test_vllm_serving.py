@@ -40,7 +40,7 @@ def _run(model_dir: str, moewatch: bool, core: int) -> dict:
 
 @pytest.fixture(scope="module")
 def serving_runs():
-    return with_and_without_moewatch(_run, "moewatch-vllm-serving-")
+    return with_and_without_moewatch(_run)
 
 
 def test_the_engine_hit_its_prefix_cache_and_preempted_requests(serving_runs):

@@ -33,7 +33,7 @@ def _run(model_dir: str, moewatch: bool, core: int) -> dict:
 
 @pytest.fixture(scope="module")
 def speculative_runs():
-    return with_and_without_moewatch(_run, "moewatch-vllm-speculative-")
+    return with_and_without_moewatch(_run)
 
 
 def test_draft_tokens_are_counted_as_the_engine_routed_them(speculative_runs):

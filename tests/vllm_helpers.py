@@ -17,6 +17,7 @@ import queue
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Hashable, List, Optional
 
@@ -86,6 +87,19 @@ def write_models(out_dir: str, seed: int = 0, which: str = "all") -> dict:
     return {name: os.path.join(out_dir, name) for name in (("mixtral", "deepseek_v3") if which == "all" else (which,))}
 
 
+_WRITTEN: Dict[tuple, dict] = {}
+_WRITTEN_LOCK = threading.Lock()
+
+
+def shared_models(seed: int = 0, which: str = "all") -> dict:
+    """:func:`write_models`' checkpoints, written once per test session (about 5 s each time):
+    engines only read them. {name: directory}."""
+    with _WRITTEN_LOCK:
+        if (seed, which) not in _WRITTEN:
+            _WRITTEN[seed, which] = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-models-"), seed, which)
+        return dict(_WRITTEN[seed, which])
+
+
 def write_families(out_dir: str) -> dict:
     """More tiny checkpoints, one per family of ``vllm_models.FAMILIES``: {family: directory}."""
     written = _run([PYTHON, MODELS, "families", out_dir], 900)  # a directory a line
@@ -101,6 +115,12 @@ class EngineRun:
         child_env.pop("PYTHONPATH", None)
         child_env.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="moewatch-vllm-cache-"))
         child_env["OMP_NUM_THREADS"] = "1"
+        # vLLM's compile cache (its artifacts and an inductor cache of its own, under the fresh
+        # VLLM_CACHE_ROOT above) costs an engine ~13 s of start-up to fill, and no run reads it
+        # back. The plugin switches it off where moewatch is on; a run without moewatch has it off
+        # too, so that the two differ by moewatch alone, unless it asks for vLLM's default.
+        if not config.get("moewatch") and not config.get("compile_cache"):
+            child_env.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
         # One OpenMP thread on one core: the same float sums on every run (greedy outputs of
         # random tiny models have near ties), and two runs at once on two cores side by side.
         # vLLM binds the workers it starts in processes of their own ("0|1": its list per local
@@ -120,8 +140,6 @@ class EngineRun:
 
     def result(self, timeout: float = 400.0) -> dict:
         """The child's RESULT (raises with the child's output when it ends without one)."""
-        import threading
-
         found: dict = {}
 
         def read() -> None:
@@ -178,11 +196,11 @@ def on_free_cores(runs: Dict[Hashable, Callable[[int], dict]], cores: int = 2) -
         return {key: future.result() for key, future in futures.items()}
 
 
-def with_and_without_moewatch(run: Callable[[str, bool, int], dict], prefix: str, model: str = "mixtral") -> dict:
-    """``run(checkpoint, moewatch, core)`` of a fresh checkpoint of ``model``, with moewatch on
+def with_and_without_moewatch(run: Callable[[str, bool, int], dict], model: str = "mixtral") -> dict:
+    """``run(checkpoint, moewatch, core)`` of the tiny checkpoint of ``model``, with moewatch on
     (on core 0) and off (on core 1) at once: ``{"on": result, "off": result}``."""
     require_venv()
-    models = write_models(tempfile.mkdtemp(prefix=prefix))
+    models = shared_models()
     with ThreadPoolExecutor(max_workers=2) as pool:
         on = pool.submit(run, models[model], True, 0)
         off = pool.submit(run, models[model], False, 1)
