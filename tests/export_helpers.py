@@ -46,6 +46,32 @@ def start_stack(request, **kwargs):
     return stack.start()
 
 
+_SESSION_STACK = None
+_SESSION_STACK_LOCK = threading.Lock()
+
+
+def session_stack():
+    """A Prometheus (without Alertmanager) for the session's engine runs, started on first use
+    from whichever thread (engine runs start before any engine test: ``vllm_helpers.ENGINES``),
+    stopped when the session ends (:func:`stop_session_stack`). Raises the stack's
+    ``StackUnavailable`` where it cannot be installed."""
+    global _SESSION_STACK
+    with _SESSION_STACK_LOCK:
+        if _SESSION_STACK is None:
+            local_stack = load_local_stack()
+            local_stack.ensure_installed()
+            _SESSION_STACK = local_stack.LocalStack(alertmanager=False).start()
+        return _SESSION_STACK
+
+
+def stop_session_stack() -> None:
+    global _SESSION_STACK
+    with _SESSION_STACK_LOCK:
+        if _SESSION_STACK is not None:
+            _SESSION_STACK.stop()
+            _SESSION_STACK = None
+
+
 class CollapseFault:
     """Forward hooks on every Mixtral gate that, while ``on``, push the router onto experts 0 and 1.
 

@@ -41,8 +41,8 @@ import threading
 
 import pytest
 
-from export_helpers import free_ports, start_stack
-from vllm_helpers import EngineRun, VllmUnavailable, ensure_venv, on_free_cores, shared_models
+from export_helpers import free_ports, load_local_stack, session_stack, start_stack
+from vllm_helpers import ENGINES, EngineRun, VllmUnavailable, ensure_venv, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -80,7 +80,7 @@ RUNS = {
     "mixtral-compile-pp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
                                     pipeline_parallel=2),
 }
-# The runs in this order, two at a time, each on a core of its own (a run starts when one ends).
+# The runs in this order, each on a core of its own (a run starts when one ends: vllm_helpers.ENGINES).
 ORDER = [("mixtral-compile-on", "mixtral-compile-off"), ("deepseek_v3-compile-mp-on", "deepseek_v3-compile-mp-off"),
          ("mixtral-eager-on", "deepseek_v3-eager-on"), ("deepseek_v3-dynamo-on", "deepseek_v3-dynamo-off"),
          ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off"), ("mixtral-compile-pp2-on", "mixtral-compile-pp2-off")]
@@ -116,7 +116,8 @@ def _scrape(stack, port: int, model: str, workers: int = 1) -> dict:
             "parallel": parallel, "tokens_by_dp": tokens_by_dp}
 
 
-def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
+def _one_run(name: str, spec: dict, core: int) -> dict:
+    models = shared_models()
     workers = spec.get("tensor_parallel", 1) * spec.get("pipeline_parallel", 1)
     port = free_ports(workers)  # MOEWATCH_PORT + local rank, per worker
     config = {"tensor_parallel": spec.get("tensor_parallel", 1), "pipeline_parallel": spec.get("pipeline_parallel", 1),
@@ -137,22 +138,28 @@ def _one_run(name: str, spec: dict, models: dict, stack, core: int) -> dict:
         result = run.result()
         if spec.get("scrape"):
             with _ONE_SCRAPE_AT_A_TIME:  # one Prometheus, its targets set per run
-                result["scraped"] = _scrape(stack, port, name, workers)
+                result["scraped"] = _scrape(session_stack(), port, name, workers)
         return result
     finally:
         run.stop()
 
 
+def engine_runs_to_queue() -> dict:
+    """This module's engine runs, queued for the session from collection on (``conftest.py``)."""
+    return {name: functools.partial(_one_run, name, RUNS[name]) for pair in ORDER for name in pair}
+
+
 @pytest.fixture(scope="module")
-def engine_runs(request):
+def engine_runs():
     try:
         ensure_venv()
     except VllmUnavailable as error:
         pytest.fail(f"the vLLM venv could not be built: {error}")
-    models = shared_models()
-    stack = start_stack(request, alertmanager=False)
-    return on_free_cores({name: functools.partial(_one_run, name, RUNS[name], models, stack)
-                          for pair in ORDER for name in pair})
+    try:
+        session_stack()  # the runs that scrape start it, or have
+    except load_local_stack().StackUnavailable as why:
+        pytest.skip(f"real Prometheus unavailable: {why}")
+    return ENGINES.results(engine_runs_to_queue())
 
 
 def _expected_assignments(top_k: int) -> int:

@@ -10,19 +10,19 @@ from both dumps and given to both stages, each judging its own layers against it
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, require_venv, shared_models
+from vllm_helpers import ENGINES, engine_result, require_venv, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -35,20 +35,19 @@ def _traffic(seed: int, batches: int) -> list:
     return [torch.randint(1, 250, (16, 24), generator=gen).tolist() for _ in range(batches)]
 
 
-def _serve(model_dir: str, traffic: list, options: dict, stages: int, **config) -> dict:
+def _serve(model_dir: str, traffic: list, options: dict, stages: int, core: int, **config) -> dict:
     run = {"model": model_dir, "multiprocess": stages > 1, "pipeline_parallel": stages, "moewatch": True,
            "port": free_ports(stages), "max_tokens": 8, "ignore_eos": True, "prompts": traffic[0],
            "then": traffic[1:], "options": {"MOEWATCH_WINDOW_TOKENS": str(WINDOW_TOKENS), **options}, **config}
-    return engine_result(run, core=1 if stages == 1 else 0)  # two stages: vLLM binds them to cores 0 and 1
+    return engine_result(run, core=core)  # two stages: on that core and the next
 
 
-def _flow(stages: int) -> dict:
+def _flow(stages: int, core: int) -> dict:
     """Serve healthy traffic dumping, build the baseline, serve again with it and drill."""
-    require_venv()
     models = shared_models()
     dumps = tempfile.mkdtemp(prefix="moewatch-vllm-dumps-")
     # 1. a healthy while, compiled as served, dumping: each worker's shutdown dump holds its windows
-    healthy = _serve(models["mixtral"], _traffic(0, 6), {"MOEWATCH_DUMP_DIR": dumps}, stages, eager=False)
+    healthy = _serve(models["mixtral"], _traffic(0, 6), {"MOEWATCH_DUMP_DIR": dumps}, stages, core, eager=False)
     found = sorted(glob.glob(os.path.join(dumps, "*-shutdown.parquet")))
     # 2. the baseline, from the command line (one dump per pipeline stage: one baseline of them all)
     baseline = os.path.join(dumps, "baseline.json")
@@ -60,17 +59,21 @@ def _flow(stages: int) -> dict:
     judged = None
     if built.returncode == 0:
         drill = {"eager": True, "drill": _traffic(2, 1)[0][:4], "drill_rounds": 4} if stages == 1 else {"eager": False}
-        judged = _serve(models["mixtral"], _traffic(1, 6), {"MOEWATCH_BASELINE": baseline}, stages, **drill)
+        judged = _serve(models["mixtral"], _traffic(1, 6), {"MOEWATCH_BASELINE": baseline}, stages, core, **drill)
     return {"healthy": healthy, "dumps": found, "built": built, "baseline": baseline, "judged": judged}
+
+
+def engine_runs_to_queue() -> dict:
+    """This module's engine runs (each flow one after the other on a core), queued for the
+    session from collection on (``conftest.py``)."""
+    return {("baseline", stages): functools.partial(_flow, stages) for stages in (1, 2)}
 
 
 @pytest.fixture(scope="module")
 def baseline_flows() -> dict:
-    """Both flows at once (one after the other they took 160 s, one core idle for most of it)."""
     require_venv()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        flows = {stages: pool.submit(_flow, stages) for stages in (1, 2)}
-        return {stages: flow.result() for stages, flow in flows.items()}
+    flows = ENGINES.results(engine_runs_to_queue())
+    return {stages: flows["baseline", stages] for stages in (1, 2)}
 
 
 @pytest.fixture(params=[1, 2], ids=["one-worker", "two-pipeline-stages"])

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import tempfile
 
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, on_free_cores, require_venv, write_families
+from vllm_helpers import ENGINES, engine_result, require_venv, shared_families
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -56,25 +55,29 @@ DRILLED = ("gpt_oss", "llama4")
 DRILL = [list(range(60, 110)), list(range(150, 200)), [5, 6, 7, 8] * 12 + [9, 9], list(range(1, 51))]
 
 
-def _run(name: str, model_dir: str, core: int, drill: bool = False) -> dict:
-    config = {"model": model_dir, "eager": drill, "dtype": BFLOAT16.get(name, "float32"), "multiprocess": False,
-              "moewatch": True, "port": free_ports(1), "max_tokens": MAX_TOKENS, "prompts": PROMPTS, "ignore_eos": True,
+def _run(name: str, core: int, drill: bool = False) -> dict:
+    config = {"model": shared_families()[name], "eager": drill, "dtype": BFLOAT16.get(name, "float32"),
+              "multiprocess": False, "moewatch": True, "port": free_ports(1), "max_tokens": MAX_TOKENS,
+              "prompts": PROMPTS, "ignore_eos": True,
               "options": {"MOEWATCH_WINDOW_TOKENS": "64", "MOEWATCH_MODEL_NAME": name}}
     if drill:
         config["drill"] = DRILL
     return engine_result(config, core)
 
 
+def engine_runs_to_queue() -> dict:
+    """This module's engine runs, queued for the session from collection on (``conftest.py``)."""
+    runs = [(name, False) for name in sorted(EXPECTED)] + [(name, True) for name in DRILLED]
+    return {("families", name, drill): functools.partial(_run, name, drill=drill) for name, drill in runs}
+
+
 @pytest.fixture(scope="module")
 def family_runs():
     require_venv()
-    models = write_families(tempfile.mkdtemp(prefix="moewatch-vllm-families-"))
-    assert sorted(models) == sorted(EXPECTED)
-    runs = [(name, False) for name in sorted(EXPECTED)] + [(name, True) for name in DRILLED]
-    results = on_free_cores({(name, drill): functools.partial(_run, name, models[name], drill=drill)
-                             for name, drill in runs})  # one engine a core
-    return {**{name: results[name, False] for name in EXPECTED},
-            **{f"{name}-drill": results[name, True] for name in DRILLED}}
+    assert sorted(shared_families()) == sorted(EXPECTED)
+    results = ENGINES.results(engine_runs_to_queue())  # one engine a core
+    return {**{name: results["families", name, False] for name in EXPECTED},
+            **{f"{name}-drill": results["families", name, True] for name in DRILLED}}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))

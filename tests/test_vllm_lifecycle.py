@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, with_and_without_moewatch
+from vllm_helpers import engine_result, with_and_without_moewatch, with_and_without_runs
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -35,9 +35,14 @@ def _run(model_dir: str, moewatch: bool, core: int) -> dict:
     return engine_result(config, core)
 
 
+def engine_runs_to_queue() -> dict:
+    """This module's engine runs, queued for the session from collection on (``conftest.py``)."""
+    return with_and_without_runs(_run, "lifecycle")
+
+
 @pytest.fixture(scope="module")
 def lifecycle_runs():
-    return with_and_without_moewatch(_run)
+    return with_and_without_moewatch(_run, "lifecycle")
 
 
 def test_the_engine_sampled_in_parallel_and_dropped_the_aborted_requests(lifecycle_runs):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, require_venv, shared_models
+from vllm_helpers import ENGINES, engine_result, require_venv, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -21,14 +21,23 @@ PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(10 + 3 * i)] for i in range(4)]
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def reloaded():
-    require_venv()
+def _reload_run(core: int) -> dict:
     models = shared_models()
     other = shared_models(seed=5, which="mixtral")["mixtral"]
     config = {"model": models["mixtral"], "eager": False, "multiprocess": False, "moewatch": True,
               "port": free_ports(1), "max_tokens": MAX_TOKENS, "prompts": PROMPTS, "reload": other}
-    return engine_result(config)
+    return engine_result(config, core)
+
+
+def engine_runs_to_queue() -> dict:
+    """This module's engine run, queued for the session from collection on (``conftest.py``)."""
+    return {("reload",): _reload_run}
+
+
+@pytest.fixture(scope="module")
+def reloaded():
+    require_venv()
+    return ENGINES.results(engine_runs_to_queue())["reload",]
 
 
 def test_counts_after_an_in_place_reload_are_the_new_weights_routing(reloaded):

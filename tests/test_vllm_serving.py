@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, with_and_without_moewatch
+from vllm_helpers import engine_result, with_and_without_moewatch, with_and_without_runs
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -38,9 +38,14 @@ def _run(model_dir: str, moewatch: bool, core: int) -> dict:
     return engine_result(config, core)
 
 
+def engine_runs_to_queue() -> dict:
+    """This module's engine runs, queued for the session from collection on (``conftest.py``)."""
+    return with_and_without_runs(_run, "serving")
+
+
 @pytest.fixture(scope="module")
 def serving_runs():
-    return with_and_without_moewatch(_run)
+    return with_and_without_moewatch(_run, "serving")
 
 
 def test_the_engine_hit_its_prefix_cache_and_preempted_requests(serving_runs):

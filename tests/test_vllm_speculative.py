@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import engine_result, with_and_without_moewatch
+from vllm_helpers import engine_result, with_and_without_moewatch, with_and_without_runs
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -31,9 +31,14 @@ def _run(model_dir: str, moewatch: bool, core: int) -> dict:
     return engine_result(config, core)
 
 
+def engine_runs_to_queue() -> dict:
+    """This module's engine runs, queued for the session from collection on (``conftest.py``)."""
+    return with_and_without_runs(_run, "speculative")
+
+
 @pytest.fixture(scope="module")
 def speculative_runs():
-    return with_and_without_moewatch(_run)
+    return with_and_without_moewatch(_run, "speculative")
 
 
 def test_draft_tokens_are_counted_as_the_engine_routed_them(speculative_runs):

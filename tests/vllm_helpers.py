@@ -11,6 +11,7 @@ the build finished; an interrupted build is redone.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import queue
@@ -18,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Hashable, List, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, Hashable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-vllm")
@@ -100,6 +101,14 @@ def shared_models(seed: int = 0, which: str = "all") -> dict:
         return dict(_WRITTEN[seed, which])
 
 
+def shared_families() -> dict:
+    """:func:`write_families`' checkpoints, written once per test session: {family: directory}."""
+    with _WRITTEN_LOCK:
+        if "families" not in _WRITTEN:
+            _WRITTEN["families"] = write_families(tempfile.mkdtemp(prefix="moewatch-vllm-families-"))
+        return dict(_WRITTEN["families"])
+
+
 def write_families(out_dir: str) -> dict:
     """More tiny checkpoints, one per family of ``vllm_models.FAMILIES``: {family: directory}."""
     written = _run([PYTHON, MODELS, "families", out_dir], 900)  # a directory a line
@@ -177,34 +186,84 @@ def engine_result(config: dict, core: int = 0) -> dict:
         run.stop()
 
 
-def on_free_cores(runs: Dict[Hashable, Callable[[int], dict]], cores: int = 2) -> Dict[Hashable, dict]:
-    """``{key: run(core)}``: the runs in order, ``cores`` at a time, each given a core no other
-    running run has (a run starts on the core that the first run to end frees)."""
-    free: queue.Queue = queue.Queue()
-    for core in range(cores):
-        free.put(core)
+class EngineQueue:
+    """The session's engine runs on the machine's cores, queued as soon as they are known.
 
-    def on_a_free_core(run: Callable[[int], dict]) -> dict:
-        core = free.get()
+    Engine runs take most of the suite's time, and the tests before the engine tests run on one
+    thread, leaving a core idle: conftest queues every engine run at collection (each engine test
+    module's ``engine_runs_to_queue()``), and the queue runs them on that core alone until the first
+    engine test begins, then on every core. A run is ``run(core) -> result``, started on a core
+    that no other running run has (the first one freed); a module's fixture takes its results
+    with :meth:`results`, waiting for those not done yet. Runs wait for the venv (a build under
+    way holds its file lock) before they take a core.
+    """
+
+    def __init__(self, cores: int = 2):
+        self._free: queue.Queue = queue.Queue()
+        self._free.put(cores - 1)  # the core the one-thread tests before the engine tests leave idle
+        self._held_back = list(range(cores - 1))
+        self._pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="engine-run")
+        self._futures: Dict[Hashable, Future] = {}
+        self._lock = threading.Lock()
+        self._venv_error: Optional[VllmUnavailable] = None
+
+    def queue(self, runs: Dict[Hashable, Callable[[int], Any]]) -> None:
+        """Queue the runs whose keys are not queued yet (keys are unique across the session)."""
+        with self._lock:
+            for key, run in runs.items():
+                if key not in self._futures:
+                    self._futures[key] = self._pool.submit(self._on_a_free_core, run)
+
+    def _on_a_free_core(self, run: Callable[[int], Any]) -> Any:
+        if self._venv_error is None:
+            try:
+                ensure_venv()
+            except VllmUnavailable as error:  # the runs after it do not try again (minutes each)
+                self._venv_error = error
+        if self._venv_error is not None:
+            raise self._venv_error
+        core = self._free.get()
         try:
             return run(core)
         finally:
-            free.put(core)
+            self._free.put(core)
 
-    with ThreadPoolExecutor(max_workers=cores) as pool:
-        futures = {key: pool.submit(on_a_free_core, run) for key, run in runs.items()}
-        return {key: future.result() for key, future in futures.items()}
+    def use_every_core(self) -> None:
+        """From now on, runs on every core (the engine tests have begun)."""
+        with self._lock:
+            held, self._held_back = self._held_back, []
+        for core in held:
+            self._free.put(core)
+
+    def results(self, runs: Dict[Hashable, Callable[[int], Any]]) -> Dict[Hashable, Any]:
+        """``{key: run(core)}`` of these runs: those queued already waited for, the others queued now
+        (raises what a run raised)."""
+        self.queue(runs)
+        self.use_every_core()  # a fixture waits for engines: the engine tests have begun
+        return {key: self._futures[key].result() for key in runs}
+
+    def close(self) -> None:
+        """Drop the runs not started (the session ends); those running finish."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def with_and_without_moewatch(run: Callable[[str, bool, int], dict], model: str = "mixtral") -> dict:
-    """``run(checkpoint, moewatch, core)`` of the tiny checkpoint of ``model``, with moewatch on
-    (on core 0) and off (on core 1) at once: ``{"on": result, "off": result}``."""
+ENGINES = EngineQueue()
+
+
+def with_and_without_runs(run: Callable[[str, bool, int], dict], name: str, model: str = "mixtral") -> dict:
+    """Two engine runs to queue, ``run(checkpoint, moewatch, core)`` of the tiny checkpoint of
+    ``model`` with moewatch on and off: keys ``(name, "on")`` and ``(name, "off")``."""
+    def on_core(moewatch: bool, core: int) -> dict:
+        return run(shared_models()[model], moewatch, core)
+
+    return {(name, "on"): functools.partial(on_core, True), (name, "off"): functools.partial(on_core, False)}
+
+
+def with_and_without_moewatch(run: Callable[[str, bool, int], dict], name: str, model: str = "mixtral") -> dict:
+    """The results of :func:`with_and_without_runs`: ``{"on": result, "off": result}``."""
     require_venv()
-    models = shared_models()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        on = pool.submit(run, models[model], True, 0)
-        off = pool.submit(run, models[model], False, 1)
-        return {"on": on.result(), "off": off.result()}
+    results = ENGINES.results(with_and_without_runs(run, name, model))
+    return {"on": results[name, "on"], "off": results[name, "off"]}
 
 
 def require_venv() -> None:
