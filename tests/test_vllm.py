@@ -42,7 +42,7 @@ import threading
 import pytest
 
 from export_helpers import free_ports, load_local_stack, session_stack, start_stack
-from vllm_helpers import ENGINES, EngineRun, VllmUnavailable, ensure_venv, shared_models
+from vllm_helpers import ENGINES, EngineRun, require_venv, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -151,10 +151,7 @@ def engine_runs_to_queue() -> dict:
 
 @pytest.fixture(scope="module")
 def engine_runs():
-    try:
-        ensure_venv()
-    except VllmUnavailable as error:
-        pytest.fail(f"the vLLM venv could not be built: {error}")
+    require_venv()
     try:
         session_stack()  # the runs that scrape start it, or have
     except load_local_stack().StackUnavailable as why:
@@ -398,10 +395,7 @@ def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_
     kernel dispatches after routing, so each router sees its replica's tokens; where vLLM
     gathers them before routing instead (naive dispatch) the recorder and moewatch both take
     this replica's rows (``tests/test_gathered_routing.py`` checks moewatch's side of it)."""
-    try:
-        ensure_venv()
-    except VllmUnavailable as error:
-        pytest.fail(f"the vLLM venv could not be built: {error}")
+    require_venv()
     models = shared_models()
     stack = start_stack(request, alertmanager=False)
     port, master = free_ports(2), free_ports(1)

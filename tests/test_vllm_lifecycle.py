@@ -42,7 +42,7 @@ def engine_runs_to_queue() -> dict:
 
 @pytest.fixture(scope="module")
 def lifecycle_runs():
-    return with_and_without_moewatch(_run, "lifecycle")
+    return with_and_without_moewatch(engine_runs_to_queue())
 
 
 def test_the_engine_sampled_in_parallel_and_dropped_the_aborted_requests(lifecycle_runs):

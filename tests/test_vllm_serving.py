@@ -45,7 +45,7 @@ def engine_runs_to_queue() -> dict:
 
 @pytest.fixture(scope="module")
 def serving_runs():
-    return with_and_without_moewatch(_run, "serving")
+    return with_and_without_moewatch(engine_runs_to_queue())
 
 
 def test_the_engine_hit_its_prefix_cache_and_preempted_requests(serving_runs):

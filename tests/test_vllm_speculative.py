@@ -38,7 +38,7 @@ def engine_runs_to_queue() -> dict:
 
 @pytest.fixture(scope="module")
 def speculative_runs():
-    return with_and_without_moewatch(_run, "speculative")
+    return with_and_without_moewatch(engine_runs_to_queue())
 
 
 def test_draft_tokens_are_counted_as_the_engine_routed_them(speculative_runs):

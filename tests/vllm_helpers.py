@@ -88,25 +88,27 @@ def write_models(out_dir: str, seed: int = 0, which: str = "all") -> dict:
     return {name: os.path.join(out_dir, name) for name in (("mixtral", "deepseek_v3") if which == "all" else (which,))}
 
 
-_WRITTEN: Dict[tuple, dict] = {}
+_WRITTEN: Dict[Hashable, dict] = {}
 _WRITTEN_LOCK = threading.Lock()
+
+
+def _written_once(key: Hashable, write: Callable[[str], dict]) -> dict:
+    """``write(a fresh directory)``'s checkpoints, written once per test session: engines only read them."""
+    with _WRITTEN_LOCK:
+        if key not in _WRITTEN:
+            _WRITTEN[key] = write(tempfile.mkdtemp(prefix="moewatch-vllm-models-"))
+        return dict(_WRITTEN[key])
 
 
 def shared_models(seed: int = 0, which: str = "all") -> dict:
     """:func:`write_models`' checkpoints, written once per test session (about 5 s each time):
-    engines only read them. {name: directory}."""
-    with _WRITTEN_LOCK:
-        if (seed, which) not in _WRITTEN:
-            _WRITTEN[seed, which] = write_models(tempfile.mkdtemp(prefix="moewatch-vllm-models-"), seed, which)
-        return dict(_WRITTEN[seed, which])
+    {name: directory}."""
+    return _written_once((seed, which), lambda out_dir: write_models(out_dir, seed, which))
 
 
 def shared_families() -> dict:
     """:func:`write_families`' checkpoints, written once per test session: {family: directory}."""
-    with _WRITTEN_LOCK:
-        if "families" not in _WRITTEN:
-            _WRITTEN["families"] = write_families(tempfile.mkdtemp(prefix="moewatch-vllm-families-"))
-        return dict(_WRITTEN["families"])
+    return _written_once("families", write_families)
 
 
 def write_families(out_dir: str) -> dict:
@@ -259,11 +261,10 @@ def with_and_without_runs(run: Callable[[str, bool, int], dict], name: str, mode
     return {(name, "on"): functools.partial(on_core, True), (name, "off"): functools.partial(on_core, False)}
 
 
-def with_and_without_moewatch(run: Callable[[str, bool, int], dict], name: str, model: str = "mixtral") -> dict:
-    """The results of :func:`with_and_without_runs`: ``{"on": result, "off": result}``."""
+def with_and_without_moewatch(runs: Dict[Hashable, Callable[[int], dict]]) -> dict:
+    """The results of :func:`with_and_without_runs`' runs: ``{"on": result, "off": result}``."""
     require_venv()
-    results = ENGINES.results(with_and_without_runs(run, name, model))
-    return {"on": results[name, "on"], "off": results[name, "off"]}
+    return {key[-1]: result for key, result in ENGINES.results(runs).items()}
 
 
 def require_venv() -> None:
