@@ -75,6 +75,11 @@ RUNS = {
                                    tensor_parallel=2),
     "mixtral-compile-tp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
                                     tensor_parallel=2),
+    # expert parallelism: each of the two workers holds 4 of the 8 experts (vllm_ep_experts)
+    "mixtral-compile-ep2-on": dict(model="mixtral", eager=False, multiprocess=True, moewatch=True, scrape=True,
+                                   tensor_parallel=2, expert_parallel=True),
+    "mixtral-compile-ep2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
+                                    tensor_parallel=2, expert_parallel=True),
     "mixtral-compile-pp2-on": dict(model="mixtral", eager=False, multiprocess=True, moewatch=True, scrape=True,
                                    pipeline_parallel=2),
     "mixtral-compile-pp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
@@ -83,7 +88,8 @@ RUNS = {
 # The runs in this order, each on a core of its own (a run starts when one ends: vllm_helpers.ENGINES).
 ORDER = [("mixtral-compile-on", "mixtral-compile-off"), ("deepseek_v3-compile-mp-on", "deepseek_v3-compile-mp-off"),
          ("mixtral-eager-on", "deepseek_v3-eager-on"), ("deepseek_v3-dynamo-on", "deepseek_v3-dynamo-off"),
-         ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off"), ("mixtral-compile-pp2-on", "mixtral-compile-pp2-off")]
+         ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off"), ("mixtral-compile-pp2-on", "mixtral-compile-pp2-off"),
+         ("mixtral-compile-ep2-on", "mixtral-compile-ep2-off")]
 
 
 _ONE_SCRAPE_AT_A_TIME = threading.Lock()
@@ -130,6 +136,7 @@ def _one_run(name: str, spec: dict, core: int) -> dict:
               "late_attach": (not spec["moewatch"] and not spec["eager"] and not spec.get("compile_backend")
                               and workers == 1),
               "compile_backend": spec.get("compile_backend"), "compile_cache": bool(spec.get("compile_cache")),
+              "expert_parallel": bool(spec.get("expert_parallel")),
               "quiet": bool(spec.get("quiet")), "max_model_len": 512 if spec.get("quiet") else 256}
     if spec.get("drill"):
         config["drill"] = DRILL
@@ -354,6 +361,28 @@ def test_tensor_parallel_outputs_are_those_without_moewatch(engine_runs):
     assert [w["graph_breaks"] for w in on["workers"]] == [w["graph_breaks"] for w in off["workers"]]
 
 
+def test_expert_parallel_workers_count_the_routers_global_expert_ids(engine_runs):
+    """Expert parallelism: each worker holds 4 of a layer's 8 experts, and the router on each
+    still chooses among all 8 for every token. moewatch counts those global ids (not the local
+    slots the experts kernel uses), on every worker, with its expert-parallel rank as a label."""
+    result = engine_runs["mixtral-compile-ep2-on"]
+    workers = _two_workers(result, "ep")
+    for worker in workers:
+        assert worker["local_experts"] == [4] * len(worker["gates"])  # expert parallelism was on
+        assert worker["expert_map_calls"] > 0
+        assert [gate["num_experts"] for gate in worker["gates"]] == [8] * len(worker["gates"])
+        assert all(len(counts) == 8 and all(c > 0 for c in counts[4:]) and all(c > 0 for c in counts[:4])
+                   for counts in worker["counts"].values())
+    assert workers[0]["counts"] == workers[1]["counts"]  # the router is replicated: every token on each
+    assert [w["vllm_ranks"]["tp"] for w in workers] == [0, 1]
+    _check_scraped_per_worker(result["scraped"], workers)
+    # the same tokens as the plain engines: expert parallelism moves experts, not routing
+    off = engine_runs["mixtral-compile-ep2-off"]
+    assert result["outputs"] == off["outputs"] == engine_runs["mixtral-compile-tp2-off"]["outputs"]
+    assert all(w["local_experts"] == [4] * len(w["local_experts"]) for w in off["workers"])
+    assert [w["graph_breaks"] for w in result["workers"]] == [w["graph_breaks"] for w in off["workers"]]
+
+
 def test_pipeline_stages_each_watch_their_own_layers_and_serve_their_own_metrics(engine_runs):
     """Two pipeline stages: each worker holds half the layers; it watches those, counts every
     token that reached them, and the fleet's join puts the whole model together."""
@@ -381,7 +410,8 @@ DP_PROMPTS = [PROMPTS[:3], PROMPTS[3:]]
 DP_MAX_TOKENS = 6
 
 
-def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_metrics(request):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["dp", "dp-ep"])
+def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_metrics(request, expert_parallel):
     """Two offline data-parallel replicas (``VLLM_DP_SIZE=2``: an engine process each, as vLLM's
     offline data-parallel launch runs them) on one host, eager, moewatch on in both with the
     same ``MOEWATCH_PORT``. vLLM's CPU workers number their local ranks from 0 in each replica;
@@ -394,7 +424,10 @@ def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_
     ``tests/vllm_dp_transport.py``; routing and dispatch are vLLM's own. On this build the MoE
     kernel dispatches after routing, so each router sees its replica's tokens; where vLLM
     gathers them before routing instead (naive dispatch) the recorder and moewatch both take
-    this replica's rows (``tests/test_gathered_routing.py`` checks moewatch's side of it)."""
+    this replica's rows (``tests/test_gathered_routing.py`` checks moewatch's side of it).
+
+    With ``expert_parallel`` each replica also holds 4 of each layer's 8 experts, and its
+    experts kernel computes them for both replicas' tokens (``tests/vllm_ep_experts.py``)."""
     require_venv()
     models = shared_models()
     stack = start_stack(request, alertmanager=False)
@@ -403,7 +436,7 @@ def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_
     for replica in range(2):
         config = {"tensor_parallel": 1, "model": models["mixtral"], "eager": True, "multiprocess": False,
                   "moewatch": True, "port": port, "max_tokens": DP_MAX_TOKENS, "prompts": DP_PROMPTS[replica],
-                  "dp_transport": True, "serve_until_stdin_closes": True,
+                  "dp_transport": True, "serve_until_stdin_closes": True, "expert_parallel": expert_parallel,
                   "options": {"MOEWATCH_MODEL_NAME": "dp", "MOEWATCH_BACKGROUND": "true"}}
         env = {"VLLM_DP_SIZE": "2", "VLLM_DP_RANK": str(replica), "VLLM_DP_RANK_LOCAL": str(replica),
                "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(master),
@@ -423,6 +456,10 @@ def test_data_parallel_replicas_each_count_their_own_tokens_and_serve_their_own_
     workers = [result["workers"][0] for result in results]
     for replica, worker in enumerate(workers):
         assert worker["vllm_ranks"]["dp"] == replica and worker["parallel_ranks"] == worker["vllm_ranks"]
+        # expert parallelism across the replicas: half the experts each, the other half elsewhere
+        assert worker["local_experts"] == ([4, 4] if expert_parallel else [8, 8])
+        assert (worker["expert_map_calls"] > 0) == expert_parallel
+        assert worker["vllm_ranks"]["ep"] == replica and [g["num_experts"] for g in worker["gates"]] == [8, 8]
         assert worker["errors"] == {} and worker["monitoring"] == "ok", worker["health"]
         real = sum(len(p) for p in DP_PROMPTS[replica]) + len(DP_PROMPTS[replica]) * (DP_MAX_TOKENS - 1)
         top_k = {gate["name"]: gate["top_k"] for gate in worker["gates"]}

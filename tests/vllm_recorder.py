@@ -117,6 +117,14 @@ def arm(worker) -> bool:
     return True
 
 
+def _expert_map_calls() -> int:
+    """Experts-kernel calls that came with an expert map (``tests/vllm_ep_experts.py``; 0 without it)."""
+    import sys
+
+    module = sys.modules.get("vllm_ep_experts")
+    return int(module.STATE["mapped_calls"]) if module is not None else 0
+
+
 def worker_report(worker) -> dict:
     """Run in the worker: recorded counts, moewatch's counts, its verdict and gates."""
     from moewatch.engines.vllm_plugin import monitors
@@ -149,6 +157,9 @@ def worker_report(worker) -> dict:
               "preempted": STATE.get("preempted", 0), "prefix_cached": STATE.get("cached", 0),
               "draft_tokens": STATE.get("drafts", 0),
               "graph_breaks": sum(counters["graph_break"].values()),
+              # per layer: the experts this worker holds (E / ranks under expert parallelism)
+              "local_experts": [int(layer.moe_config.num_local_experts) for _, layer in layers],
+              "expert_map_calls": _expert_map_calls(),
               "unique_graphs": int(counters["stats"]["unique_graphs"])}
     mons = monitors()
     if mons:
