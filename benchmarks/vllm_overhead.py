@@ -23,6 +23,7 @@ model, it does not run beside it on an idle one. Run with the vLLM venv's python
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --seconds 600
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --eager            # enforce_eager=True
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --split --workloads decode   # what the cost is made of
+    .venv-vllm/bin/python benchmarks/vllm_overhead.py --instances 3     # three processes per set-up
 
 Without ``--model`` it writes a random Mixtral (``tests/vllm_models.py``): by default the tests'
 tiny one, whose experts are so small that moewatch's per-layer cost weighs far more than on a
@@ -155,6 +156,10 @@ def main() -> None:
                         help="two more monitored engines, to tell what moewatch's cost is made of: 'no-stage' "
                              "(each gate's op is dispatched into Python but stages nothing: the reader has "
                              "nothing to reduce) and 'no-hooks' (that, and the root forward's hooks return at once)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="processes per set-up (default 1); each set-up's time per round is the mean of its "
+                             "processes', so that two processes of the same engine, which differ by a few %% for "
+                             "as long as they live, weigh less in the comparison")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("no-stage", "no-hooks"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,18 +174,23 @@ def main() -> None:
         args.model = write(os.path.join(tempfile.mkdtemp(prefix="moewatch-bench-"), "mixtral"))
     print(f"model {args.model}, compilation {'off (enforce_eager)' if args.eager else 'on'}, "
           f"{args.seconds:.0f} s per workload, engines taking turns batch by batch, every engine on core {args.core}")
-    engines = {"off": Engine(args.model, False, args.eager, args.port, args.decode_tokens, args.core),
-               "off'": Engine(args.model, False, args.eager, args.port, args.decode_tokens, args.core),
-               "on": Engine(args.model, True, args.eager, args.port, args.decode_tokens, args.core)}
+    # each set-up's engines ("off", "off'", "on", the --split variants): --instances processes
+    setups = [("off", False, ""), ("off'", False, ""), ("on", True, "")]
     if args.split:
-        for offset, variant in enumerate(("no-stage", "no-hooks"), start=1):
-            engines[variant] = Engine(args.model, True, args.eager, args.port + offset, args.decode_tokens,
-                                      args.core, variant)
+        setups += [("no-stage", True, "no-stage"), ("no-hooks", True, "no-hooks")]
+    engines: Dict[str, Engine] = {}
+    ports = iter(range(args.port, args.port + 1000))
+    for instance in range(1, args.instances + 1):
+        for name, monitored, variant in setups:
+            label = name if args.instances == 1 else f"{name}#{instance}"
+            engines[label] = Engine(args.model, monitored, args.eager, next(ports) if monitored else args.port,
+                                    args.decode_tokens, args.core, variant)
     try:
-        results = {kind: measure(engines, kind, args.seconds, args.min_rounds) for kind in args.workloads}
+        measured = {kind: measure(engines, kind, args.seconds, args.min_rounds) for kind in args.workloads}
     finally:
         for engine in engines.values():
             engine.close()
+    results = {kind: pooled(samples, [name for name, _, _ in setups]) for kind, samples in measured.items()}
     print(f"{'workload':<9} {'engine':<9} {'rounds':>6} {'median tok/s':>13} {'min':>9} {'max':>9}"
           f"   time vs off, paired: median [95% CI]")
     for kind, samples in results.items():
@@ -192,6 +202,11 @@ def main() -> None:
                 paired = "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci(ratios))
             print(f"{kind:<9} {name:<9} {len(runs):>6} {statistics.median(rates):>13.1f} {min(rates):>9.1f} "
                   f"{max(rates):>9.1f}   {paired}")
+        if args.instances > 1:  # each process against the pool of plain ones: how far processes differ
+            for label, runs in measured[kind].items():
+                ratios = [took / base[1] for (_, took), base in zip(runs, samples["off"])]
+                print(f"{kind:<9}   {label:<9} {len(runs):>4}   time vs the off pool's mean, paired: "
+                      "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci(ratios)))
         # against each plain engine; the verdict takes the less favourable of the two
         bounds = [median_ci([on[1] / off[1] for on, off in zip(samples["on"], samples[plain])])
                   for plain in ("off", "off'")]
@@ -200,6 +215,18 @@ def main() -> None:
                             for plain, (mid, lo, hi) in zip(("off", "off'"), bounds))
         print(f"{kind:<9} moewatch's cost <= {args.target:.0%}: {verdict(low, high, 1 + args.target)} "
               f"(time {against}; off' against off shows what the run resolves)")
+
+
+def pooled(samples: Dict[str, List[tuple]], setups: List[str]) -> Dict[str, List[tuple]]:
+    """Per set-up and round, the mean (tokens, seconds) of its processes ("on#1", "on#2", ...; a
+    set-up of one process is its own pool): a process's lasting offset (where its memory lies)
+    then weighs 1/N in the set-up's time instead of whole."""
+    pools = {}
+    for setup in setups:
+        members = [runs for label, runs in samples.items() if label == setup or label.startswith(setup + "#")]
+        pools[setup] = [(statistics.fmean(r[0] for r in round_), statistics.fmean(r[1] for r in round_))
+                        for round_ in zip(*members)]
+    return pools
 
 
 if __name__ == "__main__":

@@ -78,8 +78,6 @@ RUNS = {
     # expert parallelism: each of the two workers holds 4 of the 8 experts (vllm_ep_experts)
     "mixtral-compile-ep2-on": dict(model="mixtral", eager=False, multiprocess=True, moewatch=True, scrape=True,
                                    tensor_parallel=2, expert_parallel=True),
-    "mixtral-compile-ep2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
-                                    tensor_parallel=2, expert_parallel=True),
     "mixtral-compile-pp2-on": dict(model="mixtral", eager=False, multiprocess=True, moewatch=True, scrape=True,
                                    pipeline_parallel=2),
     "mixtral-compile-pp2-off": dict(model="mixtral", eager=False, multiprocess=True, moewatch=False,
@@ -89,7 +87,7 @@ RUNS = {
 ORDER = [("mixtral-compile-on", "mixtral-compile-off"), ("deepseek_v3-compile-mp-on", "deepseek_v3-compile-mp-off"),
          ("mixtral-eager-on", "deepseek_v3-eager-on"), ("deepseek_v3-dynamo-on", "deepseek_v3-dynamo-off"),
          ("mixtral-compile-tp2-on", "mixtral-compile-tp2-off"), ("mixtral-compile-pp2-on", "mixtral-compile-pp2-off"),
-         ("mixtral-compile-ep2-on", "mixtral-compile-ep2-off")]
+         ("mixtral-compile-ep2-on",)]
 
 
 _ONE_SCRAPE_AT_A_TIME = threading.Lock()
@@ -376,10 +374,11 @@ def test_expert_parallel_workers_count_the_routers_global_expert_ids(engine_runs
     assert workers[0]["counts"] == workers[1]["counts"]  # the router is replicated: every token on each
     assert [w["vllm_ranks"]["tp"] for w in workers] == [0, 1]
     _check_scraped_per_worker(result["scraped"], workers)
-    # the same tokens as the plain engines: expert parallelism moves experts, not routing
-    off = engine_runs["mixtral-compile-ep2-off"]
-    assert result["outputs"] == off["outputs"] == engine_runs["mixtral-compile-tp2-off"]["outputs"]
-    assert all(w["local_experts"] == [4] * len(w["local_experts"]) for w in off["workers"])
+    # the tokens of the plain tensor-parallel engine (no moewatch, every expert on each worker):
+    # expert parallelism moves the experts, not the routing, and moewatch changes neither
+    off = engine_runs["mixtral-compile-tp2-off"]
+    assert all(w["local_experts"] == [8] * len(w["local_experts"]) for w in off["workers"])
+    assert result["outputs"] == off["outputs"] and len(set(map(tuple, off["outputs"]))) > 1
     assert [w["graph_breaks"] for w in result["workers"]] == [w["graph_breaks"] for w in off["workers"]]
 
 
