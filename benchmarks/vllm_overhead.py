@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -156,7 +157,7 @@ def main() -> None:
                         help="two more monitored engines, to tell what moewatch's cost is made of: 'no-stage' "
                              "(each gate's op is dispatched into Python but stages nothing: the reader has "
                              "nothing to reduce) and 'no-hooks' (that, and the root forward's hooks return at once)")
-    parser.add_argument("--instances", type=int, default=1,
+    parser.add_argument("--instances", type=int, default=1, choices=range(1, 9), metavar="N",
                         help="processes per set-up (default 1); each set-up's time per round is the mean of its "
                              "processes', so that two processes of the same engine, which differ by a few %% for "
                              "as long as they live, weigh less in the comparison")
@@ -203,10 +204,18 @@ def main() -> None:
             print(f"{kind:<9} {name:<9} {len(runs):>6} {statistics.median(rates):>13.1f} {min(rates):>9.1f} "
                   f"{max(rates):>9.1f}   {paired}")
         if args.instances > 1:  # each process against the pool of plain ones: how far processes differ
+            per_process = {}
             for label, runs in measured[kind].items():
                 ratios = [took / base[1] for (_, took), base in zip(runs, samples["off"])]
+                per_process[label] = median_ci(ratios)
                 print(f"{kind:<9}   {label:<9} {len(runs):>4}   time vs the off pool's mean, paired: "
-                      "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci(ratios)))
+                      "{:.3f} [{:.3f}, {:.3f}]".format(*per_process[label]))
+            plain = [mid for label, (mid, _, _) in per_process.items() if label.split("#")[0] in ("off", "off'")]
+            monitored = [mid for label, (mid, _, _) in per_process.items() if label.split("#")[0] == "on"]
+            mid, low, high = between_processes(monitored, plain)
+            print(f"{kind:<9} between processes (each process's median, {len(monitored)} monitored against "
+                  f"{len(plain)} plain; Welch): time {mid:.3f} [{low:.3f}, {high:.3f}]; moewatch's cost "
+                  f"<= {args.target:.0%}: {verdict(low, high, 1 + args.target)}")
         # against each plain engine; the verdict takes the less favourable of the two
         bounds = [median_ci([on[1] / off[1] for on, off in zip(samples["on"], samples[plain])])
                   for plain in ("off", "off'")]
@@ -215,6 +224,19 @@ def main() -> None:
                             for plain, (mid, lo, hi) in zip(("off", "off'"), bounds))
         print(f"{kind:<9} moewatch's cost <= {args.target:.0%}: {verdict(low, high, 1 + args.target)} "
               f"(time {against}; off' against off shows what the run resolves)")
+
+
+def between_processes(monitored: List[float], plain: List[float]) -> tuple:
+    """The ratio of the monitored processes' mean time to the plain ones' (each process's median
+    ratio to a common base, averaged in logs) with a Welch 95% interval: where processes of one
+    engine differ by more than the rounds resolve, this is what a user's next process may see."""
+    from scipy import stats
+
+    a, b = [math.log(v) for v in monitored], [math.log(v) for v in plain]
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    diff, half = statistics.fmean(a) - statistics.fmean(b), stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    return math.exp(diff), math.exp(diff - half), math.exp(diff + half)
 
 
 def pooled(samples: Dict[str, List[tuple]], setups: List[str]) -> Dict[str, List[tuple]]:
