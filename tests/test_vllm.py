@@ -369,8 +369,8 @@ def test_expert_parallel_workers_count_the_routers_global_expert_ids(engine_runs
         assert worker["local_experts"] == [4] * len(worker["gates"])  # expert parallelism was on
         assert worker["expert_map_calls"] > 0
         assert [gate["num_experts"] for gate in worker["gates"]] == [8] * len(worker["gates"])
-        assert all(len(counts) == 8 and all(c > 0 for c in counts[4:]) and all(c > 0 for c in counts[:4])
-                   for counts in worker["counts"].values())
+        # every expert counted, those held here and those held by the other worker alike
+        assert all(len(counts) == 8 and all(c > 0 for c in counts) for counts in worker["counts"].values())
     assert workers[0]["counts"] == workers[1]["counts"]  # the router is replicated: every token on each
     assert [w["vllm_ranks"]["tp"] for w in workers] == [0, 1]
     _check_scraped_per_worker(result["scraped"], workers)

