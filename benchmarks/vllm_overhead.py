@@ -387,7 +387,8 @@ def report_switch(measured: Dict[str, Dict[str, List[tuple]]], engines: Dict[str
     """--switch: per workload, moewatch's work switched on against off inside each process
     ("on#i" against "emptied#i", round by round), pooled over processes; then what the switch
     leaves on (each gate's op dispatched into Python, the emptied hooks' calls, the step's
-    wrapper), from the emptied processes against the plain ones and from the op's timed dispatch."""
+    wrapper), from the emptied processes against the plain ones and from its parts timed in loops;
+    and the verdict by parts: the pooled interval times one plus that timed share."""
     from scipy import stats
 
     print(f"{'workload':<9} {'process':<10} {'rounds':>6}   time, moewatch's work on vs off in one process: "
