@@ -87,6 +87,7 @@ class _Switch:
         self.clocks = [time.pthread_getcpuclockid(monitor._reader.ident) for monitor in self.monitors
                        if monitor._reader is not None]  # the reader threads' CPU clocks
         self.carried = 0.0  # reader CPU seconds not yet charged to an on batch
+        self.charged = 0.0  # reader CPU seconds in (or charged to) the on batches, per batch
         self.last = self.reader_seconds()  # at the end of the last batch
 
     def reader_seconds(self) -> float:
@@ -99,6 +100,7 @@ class _Switch:
         self.carried += before - self.last  # run between batches, while other engines ran
         self.last = before + inside
         if on:
+            self.charged += inside + self.carried  # the reader's share of the on batches' time
             elapsed, self.carried = elapsed + self.carried, 0.0
         else:
             elapsed, self.carried = elapsed - inside, self.carried + inside
@@ -189,7 +191,7 @@ def child(args) -> None:
             continue
         if switch is not None:
             switch.set(state == "on")
-            switch.calls = 0
+            switch.calls = switch.charged = 0
         prompts, max_tokens = _prompts(kind, args.decode_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False, ignore_eos=True)
         reader_before = switch.reader_seconds() if switch is not None else 0.0
@@ -203,6 +205,8 @@ def child(args) -> None:
         result = {"kind": kind, "tokens": tokens, "seconds": elapsed}
         if switch is not None and state == "off":
             result["gate_calls"] = switch.calls
+        if switch is not None and state == "on":
+            result["reader"] = switch.charged
         print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -219,6 +223,8 @@ class Engine:
                 "--decode-tokens", str(decode_tokens)] + (["--eager"] if eager else []) \
             + (["--variant", variant] if variant else [])
         self.gate_calls: Dict[str, List[int]] = {}  # (--switch) per workload: gate calls of each batch run off
+        # (--switch) per workload: (the reader's CPU seconds, the batch's seconds) of each on batch
+        self.reader: Dict[str, List[tuple]] = {}
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         text=True, env=env)
         self._expect("READY")
@@ -236,6 +242,8 @@ class Engine:
         result = json.loads(self._expect("RESULT ")[len("RESULT "):])
         if "gate_calls" in result:
             self.gate_calls.setdefault(kind, []).append(result["gate_calls"])
+        if "reader" in result:
+            self.reader.setdefault(kind, []).append((result["reader"], result["seconds"]))
         return result["tokens"], result["seconds"]
 
     def left_on_seconds(self) -> dict:
@@ -398,8 +406,11 @@ def report_switch(measured: Dict[str, Dict[str, List[tuple]]], engines: Dict[str
         ratios = {suffix: [on[1] / off[1] for on, off in zip(samples["on" + suffix], samples["emptied" + suffix])]
                   for suffix in labels}
         for suffix in labels:
+            reader = engines["switch" + suffix].reader[kind]
+            share = sum(r for r, _ in reader) / sum(t for _, t in reader)
             print(f"{kind:<9} {'on' + suffix:<10} {len(ratios[suffix]):>6}   "
-                  "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci(ratios[suffix])))
+                  "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci(ratios[suffix])) +
+                  f"   (the reader's CPU: {share:.2%} of the on batches' time)")
         # per round, the geometric mean over processes: each process's own ratio, equally weighted
         per_round = [math.exp(statistics.fmean(math.log(r) for r in round_)) for round_ in zip(*ratios.values())]
         mid, low, high = median_ci(per_round)
