@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -145,15 +146,31 @@ SAVE = None  # --save: a file the raw samples are appended to
 # set-ups whose own code is timed (HookTimer): the monitors and output_router_logits' extra work
 OWN_CODE = ("moewatch", "naive", "router")
 class Clock:
-    """Wall and process-CPU seconds of a block. CPU time is far less disturbed than wall time by
-    other processes on a shared machine; both are reported."""
+    """Wall and process-CPU seconds of a block, and the process's minor page faults in it. CPU
+    time is far less disturbed than wall time by other processes on a shared machine; both are
+    reported. Page faults: where the allocator hands a forward's activations back to the system
+    and faults them in again (thousands a forward), their count moves its time."""
 
     def __enter__(self):
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults
+
+
+def keep_heap() -> None:
+    """Ask glibc's malloc to keep freed memory in the process (no trimming; blocks up to 32 MiB
+    from the heap, not from mmap), so that a forward's activations are not faulted in afresh
+    every forward. It applies to every set-up alike."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameters (malloc.h)
+    if not (libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_mmap_threshold, 32 * 2**20)):
+        raise SystemExit("--keep-heap: mallopt refused the settings (not glibc?)")
 
 
 class HookTimer:
@@ -230,8 +247,9 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
     mean of its two brackets, and every set-up, the A/A control included, is timed in the same
     position. Rounds go on until ``seconds`` have passed (at least ``min_rounds``).
 
-    Per set-up and round: (wall, cpu, own code, bracket wall, bracket cpu) seconds; own code is
-    the time of the monitor's code on the forward's thread (see :class:`HookTimer`)."""
+    Per set-up and round: (wall, cpu, own code, bracket wall, bracket cpu) seconds, and the
+    sample's minor page faults; own code is the time of the monitor's code on the forward's
+    thread (see :class:`HookTimer`)."""
     base, others = names[0], list(names[1:])
     times = {name: [] for name in names}
     timer = HookTimer()
@@ -242,7 +260,7 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
         timer.total = 0.0
         with Clock() as clock:
             forward(module, kwargs, after)
-        return clock.wall, clock.cpu, timer.total
+        return clock.wall, clock.cpu, timer.total, clock.faults
 
     try:
         for round_ in range(max_rounds + 1):  # round 0 warms up (and compiles) and is dropped
@@ -259,8 +277,8 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
                 after_sample = timed(base)
                 if round_:
                     bracket = [(b * a) ** 0.5 for b, a in zip(before[:2], after_sample[:2])]
-                    times[name].append((*sample, *bracket))
-                    times[base].append((*before, *before[:2]))
+                    times[name].append((*sample[:3], *bracket, sample[3]))
+                    times[base].append((*before[:3], *before[:2], before[3]))
                 before = after_sample
     finally:
         timer.close()
@@ -335,7 +353,7 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
     rounds = min(len(t) for t in times.values())
     print(f"\n{title}: {rounds} rounds, one forward a sample, each between two of its base")
     print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'wall vs base [95% CI]':>26}"
-          f"{'cpu ms':>10}{'cpu vs base [95% CI]':>26}{'own code':>10}")
+          f"{'cpu ms':>10}{'cpu vs base [95% CI]':>26}{'own code':>10}{'faults':>9}")
     paired = {}
     for name, samples in times.items():
         wall = statistics.median(t[0] for t in samples)
@@ -347,12 +365,14 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
             cpu_ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci([t[1] / t[4] for t in samples]))
         if name in OWN_CODE:
             own = f"{statistics.median(o / t[0] for o, t in zip(own_code[name], samples)):.3%}"
+        faults = statistics.median(t[5] for t in samples)
         print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{ratio:>26}{cpu * 1e3:>10.2f}"
-              f"{cpu_ratio:>26}{own:>10}")
+              f"{cpu_ratio:>26}{own:>10}{faults:>9.0f}")
     print("  (base: none for the eager set-ups, compiled for comp+mw; none' and compiled' are the base "
           "again, timed as the others: what the measurement resolves. Own code: the monitor's time a "
           f"forward as a share of the forward; moewatch's includes its reader's, {reader * 1e6:.0f} us a "
-          "forward in steady state; router's is a lower bound)")
+          "forward in steady state; router's is a lower bound. Faults: the process's minor page faults a "
+          "forward, median)")
     for name, other in VERSUS:
         if name in times and other in times:
             mine, theirs = times[name], times[other]
@@ -486,6 +506,8 @@ def main(argv=None) -> int:
                         help="only these set-ups beside the bases (none, compiled), e.g. \"none'\" "
                              "moewatch: more rounds a second, for a narrower interval on one target")
     parser.add_argument("--no-prefill", dest="prefill_run", action="store_false", help="skip the prefill shape")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="glibc malloc keeps freed memory (no page faults a forward; every set-up alike)")
     parser.add_argument("--save", metavar="FILE", help="append every sample to FILE (JSON, a line a shape)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -494,8 +516,11 @@ def main(argv=None) -> int:
     SAVE = args.save
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_heap:
+        keep_heap()
     print(f"moewatch {moewatch.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads; python {sys.version.split()[0]}")
+          f"{torch.get_num_threads()} torch threads; python {sys.version.split()[0]}"
+          + ("; malloc keeps freed memory (--keep-heap)" if args.keep_heap else ""))
     model = mixtral_shaped(args.hidden, args.layers, args.experts, args.top_k, args.vocab)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"Mixtral-shaped: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
