@@ -85,6 +85,15 @@ def serve_by_steps(llm, prompts: list, params, abort: dict) -> list:
     return [finished.get(request_id) for request_id in ids]
 
 
+def uses_mla(model: str) -> bool:
+    """Whether the checkpoint's attention is multi-head latent attention (DeepSeek-V2/V3 style)."""
+    try:
+        with open(os.path.join(model, "config.json")) as config:
+            return json.load(config).get("kv_lora_rank") is not None
+    except (OSError, ValueError):
+        return False
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     torch.set_num_threads(1)
@@ -109,6 +118,11 @@ def main() -> None:
     extra = {"compilation_config": {"backend": config["compile_backend"]}} if config.get("compile_backend") else {}
     if config.get("speculative"):  # e.g. {"method": "ngram", "num_speculative_tokens": 3, ...}
         extra["speculative_config"] = config["speculative"]
+    if uses_mla(config["model"]):
+        # vLLM picks its AMX MLA kernel where the CPU has AMX tiles (Sapphire Rapids and later),
+        # which takes bf16/fp16/int8 weights only: the same float32 model would fail to load there
+        # and run elsewhere. The reference CPU MLA kernel runs on every x86 CPU.
+        extra["attention_backend"] = "CPU_MLA"
     llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"],
               dtype=config.get("dtype", "float32"),
               max_model_len=config.get("max_model_len", 256), max_num_seqs=8, max_num_batched_tokens=256, seed=0,
