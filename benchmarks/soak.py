@@ -116,16 +116,22 @@ def main(argv=None) -> int:
                     scrapes["failed"] += 1
                     print(f"scrape failed: {error}", file=sys.stderr)
 
-    def measure() -> tuple:
-        """(RSS MiB, OS threads, Python threads, open fds) between scrapes; the least of a few
-        reads, so a server thread finishing its last request is not counted as a leak."""
+    def measure(floor: tuple = None) -> tuple:
+        """(RSS MiB, OS threads, Python threads, open fds) between scrapes; the least of several
+        reads, so that what is open only for a moment (a server thread finishing its last request,
+        the dump writer's file while it writes one) is not counted as a leak. With ``floor`` (the
+        first row's threads and fds), reads go on for up to a second until none of them is above
+        it: a leaked thread or descriptor stays open through every read, a passing one does not."""
         with quiet:
-            reads = []
-            for _ in range(5):
+            reads, deadline = [], time.perf_counter() + 1.0
+            while True:
                 status = proc_status()
                 reads.append((status["rss_mib"], status["os_threads"], threading.active_count(), open_fds()))
+                least = tuple(min(r[i] for r in reads) for i in range(4))
+                if len(reads) >= 5 and (floor is None or all(now <= then for now, then in zip(least[1:], floor))
+                                        or time.perf_counter() > deadline):
+                    return least
                 time.sleep(0.01)
-        return tuple(min(r[i] for r in reads) for i in range(4))
 
     scraping = threading.Thread(target=scraper, name="soak-scraper", daemon=True)
     scraping.start()
@@ -147,7 +153,8 @@ def main(argv=None) -> int:
                 mon.dump(os.path.join(work, "manual.parquet"))
                 errors = ", ".join(f"{k} {v}" for k, v in sorted(mon.error_counts().items())) or "-"
                 windows = mon.windows()
-                row = (i, time.perf_counter() - start, *measure(),
+                floor = rows[1][3:6] if len(rows) > 1 else None  # row 0 is warm-up (see below)
+                row = (i, time.perf_counter() - start, *measure(floor),
                        int(windows["window"].max() + 1) if len(windows) else 0, scrapes["ok"], errors)
                 rows.append(row)
                 print(f"| {row[0]:,} | {row[1]:.0f} | {row[2]:.1f} | {row[3]} | {row[4]} | {row[5]} | "
