@@ -1,0 +1,73 @@
+"""Page faults of a model's prefill forwards while small gate outputs are held across forwards.
+
+No moewatch here: a plain forward hook on each gate of the Mixtral-shaped model of
+``overhead.py`` keeps the gate's outputs (by reference, or copies with ``--copies``) for
+``--held`` forwards, then drops them, as a monitor that reduces later does. Printed per phase
+(the model alone, outputs held, released): each forward's wall milliseconds and the process's
+minor page faults. With glibc's default malloc, small blocks kept alive between a forward's
+large temporaries make the allocator give memory back to the system and fault it in again.
+
+    python benchmarks/held_outputs.py --held 8
+    python benchmarks/held_outputs.py --held 8 --copies
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import mixtral_shaped, prefill_forward  # noqa: E402
+
+
+def phase(label: str, forward, forwards: int) -> None:
+    """Run ``forwards`` forwards; print each one's (wall ms, minor page faults)."""
+    samples = []
+    for _ in range(forwards):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        started = time.perf_counter()
+        forward()
+        wall = time.perf_counter() - started
+        samples.append((round(wall * 1e3), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+    print(f"{label:<24} (ms, faults) a forward: {samples}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--held", type=int, default=8, help="forwards whose gate outputs are kept")
+    parser.add_argument("--copies", action="store_true", help="keep copies of the outputs, not the outputs")
+    parser.add_argument("--forwards", type=int, default=10, help="forwards a phase")
+    args = parser.parse_args(argv)
+    model = mixtral_shaped(1024, 4, 8, 2, 8192)
+    run = prefill_forward(4, 128, 8192)
+
+    def forward() -> None:
+        run(model, {}, None)
+
+    gates = [module for name, module in model.named_modules() if name.endswith("mlp.gate")]
+    held: list = []
+
+    def keep(module, inputs, output) -> None:
+        outputs = output if isinstance(output, tuple) else (output,)
+        held.append(tuple(t.clone() for t in outputs) if args.copies else outputs)
+        if len(held) >= args.held * len(gates):
+            held.clear()
+
+    print(f"torch {torch.__version__}; {len(gates)} gates, prefill 4 x 128; outputs held for {args.held} "
+          f"forwards ({'copies' if args.copies else 'by reference'})")
+    phase("the model alone", forward, args.forwards)
+    handles = [gate.register_forward_hook(keep) for gate in gates]
+    phase("gate outputs held", forward, args.forwards)
+    for handle in handles:
+        handle.remove()
+    held.clear()
+    phase("released", forward, args.forwards)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
