@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import mixtral_shaped, prefill_forward  # noqa: E402
+from overhead import Clock, mixtral_shaped, prefill_forward  # noqa: E402
 
 
 def phase(label: str, forward, forwards: int) -> None:
     """Run ``forwards`` forwards; print each one's (wall ms, minor page faults)."""
     samples = []
     for _ in range(forwards):
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        started = time.perf_counter()
-        forward()
-        wall = time.perf_counter() - started
-        samples.append((round(wall * 1e3), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+        with Clock() as clock:
+            forward()
+        samples.append((round(clock.wall * 1e3), clock.faults))
     print(f"{label:<24} (ms, faults) a forward: {samples}")
 
 
