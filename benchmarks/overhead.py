@@ -9,6 +9,11 @@ Set-ups, interleaved forward by forward (so drifting machine load hits them alik
   router    output_router_logits=True and statistics computed on the host from the outputs
   compiled  torch.compile(model, fullgraph=True) (inductor, static shapes), alone; compiled' again
   comp+mw   the same with moewatch attached before compiling (its ops traced into the graph)
+  kept      a copy of the model with moewatch attached for the whole run (moewatch attaches and
+            detaches around each of its samples; kept is the steady state of a served model);
+            copy  another copy alone, its A/A control; held  kept with prefill-sized calls held by
+            reference until the reader reduces them, not copied into its arena. Only where
+            --setups names them.
 
 Shapes: prefill (batch 4 x 128 tokens) and one decode step on a static KV cache (transformers'
 StaticCache, the cache compiled decoding uses; batch 1, 8, 64). A sample is one forward; each
@@ -24,6 +29,7 @@ small monitored forwards.
     python benchmarks/overhead.py                 # the full run (about 30 min on 2 cores)
     python benchmarks/overhead.py --quick         # 30 s a shape, decode batch 1 and 8
     python benchmarks/overhead.py --no-compiled   # without the compiled set-ups
+    python benchmarks/overhead.py --no-compiled --decode-batches --setups copy kept held  # prefill, steady state
 
 Also printed: ATen ops dispatched per gate call with moewatch (eager), from one forward.
 """
@@ -97,12 +103,16 @@ def host_router_stats(router_logits, top_k: int) -> None:
         -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1).mean()
 
 
-def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, tuple]:
+def setups(model, experts: int, top_k: int, compiled: bool = True, kept: bool = False) -> Dict[str, tuple]:
     """name -> (enter, exit, forward kwargs, after-forward callback, the module to call).
 
     ``none'`` is the model alone a second time: its ratio to ``none`` is what the measurement
     resolves (an A/A control), read beside every other ratio. ``compiled'`` is the same for the
-    compiled model."""
+    compiled model. With ``kept``: ``kept``, a copy of the model monitored for the whole run
+    (the steady state of a served model: ``moewatch`` attaches and detaches around each of its
+    samples), and ``copy``, another copy alone (its A/A control: a copy's own placement)."""
+    import copy
+
     state = {}
 
     def attach_moewatch():
@@ -120,9 +130,16 @@ def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, 
         "router": (*nothing, {"output_router_logits": True},
                    lambda out: host_router_stats(out.router_logits, top_k), model),
     }
+    if kept:
+        alone, watched, holding = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+        state["kept"] = moewatch.attach(watched)
+        state["held"] = moewatch.attach(holding)
+        for bank in state["held"]._banks.banks:  # prefill calls held by reference, not copied
+            bank.arena_min_tokens = float("inf")
+        cases["copy"] = (*nothing, {}, None, alone)
+        cases["kept"] = (*nothing, {}, None, watched)
+        cases["held"] = (*nothing, {}, None, holding)
     if compiled:
-        import copy
-
         # A copy of the model, monitored for the whole run and compiled with the monitor's ops in
         # its graph; the model itself compiled alone (its eager set-ups detach before it traces).
         twin = copy.deepcopy(model)
@@ -137,14 +154,17 @@ def setups(model, experts: int, top_k: int, compiled: bool = True) -> Dict[str, 
 
 
 # Which set-ups are interleaved together, and the set-up each is compared with.
-GROUPS = (("none", "none'", "moewatch", "naive", "router"), ("compiled", "compiled'", "comp+mw"))
-BASE = {"none'": "none", "moewatch": "none", "naive": "none", "router": "none",
+GROUPS = (("none", "none'", "moewatch", "naive", "router", "copy", "kept", "held"),
+          ("compiled", "compiled'", "comp+mw"))
+BASE = {"none'": "none", "moewatch": "none", "naive": "none", "router": "none", "copy": "none", "kept": "none",
+        "held": "none",
         "compiled'": "compiled", "comp+mw": "compiled"}
+KEPT = ("copy", "kept", "held")  # made only where --setups names one (three more copies of the model)
 # moewatch against the alternatives a user has, pair by pair in the same rounds
-VERSUS = (("moewatch", "naive"), ("moewatch", "router"))
+VERSUS = (("moewatch", "naive"), ("moewatch", "router"), ("kept", "held"))
 SAVE = None  # --save: a file the raw samples are appended to
 # set-ups whose own code is timed (HookTimer): the monitors and output_router_logits' extra work
-OWN_CODE = ("moewatch", "naive", "router")
+OWN_CODE = ("moewatch", "naive", "router", "kept", "held")
 class Clock:
     """Wall and process-CPU seconds of a block, and the process's minor page faults in it. CPU
     time is far less disturbed than wall time by other processes on a shared machine; both are
@@ -369,7 +389,8 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
         print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{ratio:>26}{cpu * 1e3:>10.2f}"
               f"{cpu_ratio:>26}{own:>10}{faults:>9.0f}")
     print("  (base: none for the eager set-ups, compiled for comp+mw; none' and compiled' are the base "
-          "again, timed as the others: what the measurement resolves. Own code: the monitor's time a "
+          "again, timed as the others: what the measurement resolves; copy: a copy of the model alone, kept: "
+          "a copy monitored for the whole run (held: its prefill calls held, not copied). Own code: the monitor's time a "
           f"forward as a share of the forward; moewatch's includes its reader's, {reader * 1e6:.0f} us a "
           "forward in steady state; router's is a lower bound. Faults: the process's minor page faults a "
           "forward, median)")
@@ -383,7 +404,7 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
             line += (f"; own code {spent[0]:.0f} us vs {spent[1]:.0f} us a forward, "
                      f"{mid:.3f} [{low:.3f}, {high:.3f}]: {_cheaper(low, high)}")
             print(line)
-    for name, control in (("moewatch", "none'"), ("comp+mw", "compiled'")):
+    for name, control in (("moewatch", "none'"), ("kept", "copy"), ("held", "copy"), ("comp+mw", "compiled'")):
         if name not in paired:
             continue
         # against the A/A control too: it sits where the monitor does in the chain, so a bias of
@@ -504,7 +525,8 @@ def main(argv=None) -> int:
                         help="leave out the compiled set-ups (their compilation takes minutes)")
     parser.add_argument("--setups", nargs="+", metavar="NAME",
                         help="only these set-ups beside the bases (none, compiled), e.g. \"none'\" "
-                             "moewatch: more rounds a second, for a narrower interval on one target")
+                             "moewatch: more rounds a second, for a narrower interval on one target; "
+                             "copy, kept and held (copies monitored for the whole run) only when named")
     parser.add_argument("--no-prefill", dest="prefill_run", action="store_false", help="skip the prefill shape")
     parser.add_argument("--keep-heap", action="store_true",
                         help="glibc malloc keeps freed memory (no page faults a forward; every set-up alike)")
@@ -527,7 +549,8 @@ def main(argv=None) -> int:
           f"top-{args.top_k}, vocab {args.vocab}, {params:.0f}M parameters, float32; "
           f"{args.seconds:.0f} s a shape")
     dispatch_report(model, args.experts, args.top_k)
-    cases = setups(model, args.experts, args.top_k, args.compiled)
+    cases = setups(model, args.experts, args.top_k, args.compiled,
+                   kept=bool(args.setups and set(KEPT) & set(args.setups)))
     if args.setups:
         unknown = set(args.setups) - set(cases)
         if unknown:

@@ -6,6 +6,7 @@ one kernel, and no Python lock, thread-local or value-dependent branch sits in t
 - ``layout``       the accumulators every backend adds into and every reader reads
 - ``reference``    the readable torch implementation: the oracle, and the fallback
 - ``staged``       CPU: the forward stages the call, the reader reduces calls in batches
+- ``arena``        CPU: reusable mapped slots for copies of prefill-sized staged calls
 - ``numpy_backend`` the CPU reader's reduction: the reference's statistics in numpy, many gates a pass
 - ``device``       other devices: statistics added on the device, windows cut at forward ends
 - ``triton_backend`` CUDA: one Triton kernel per call (tested on CPU with ``TRITON_INTERPRET=1``)

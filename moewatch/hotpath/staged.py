@@ -3,7 +3,8 @@
 On a CPU every tensor op costs microseconds of dispatch, so computing the statistics of a gate
 call where it happens (dozens of small ops) would cost the forward hundreds of microseconds.
 Here the forward's thread only *records* the call: a reference to its tensors (eager mode,
-where the version counter proves later that they were not modified in place) or a copy
+where the version counter proves later that they were not modified in place), a copy in the
+bank's arena (eager calls of prefill size: ``arena`` says why they are not held), or a copy
 (compiled code and inference tensors, whose buffers may be reused). The reader thread later
 takes every recorded call of a window and computes the reference's statistics over all of them
 together (``numpy_backend``: one pass for all the gates of a kind), so the per-op overhead is
@@ -28,6 +29,7 @@ import torch
 from ..adapters.base import flat_tokens, width_error
 from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOKENS
 from . import numpy_backend
+from .arena import StagingArena
 from .gathered import Locate, own_decisions
 from .numpy_backend import as_array, concat, concat_experts
 from .reference import GateSums, mask_tail, mask_weights
@@ -51,6 +53,11 @@ HOLD_CALLS = 1024
 # LOOK_SECONDS later (windows that age out, at window_seconds, are taken when they do).
 LOOK_SECONDS = 5.0
 LOOK_FORWARDS = 256
+# Eager calls of at least this many tokens (prefill sizes) are copied into the bank's arena and
+# their outputs let go, rather than held until the reader reduces them (see ``arena``: held
+# outputs cost a prefill forward thousands of page faults under glibc's malloc). A copy costs
+# the forward's thread a few microseconds, which decode-sized calls are spared.
+ARENA_MIN_TOKENS = 256
 
 
 class GateParams:
@@ -69,13 +76,18 @@ class GateParams:
 
 
 class Call:
-    """One staged gate call: its tensors, and their version counters when held by reference."""
+    """One staged gate call: its tensors (or arena copies), and their version counters when held
+    by reference."""
 
     __slots__ = ("row", "logits", "indices", "probs", "dropped", "valid", "mask", "positions", "grid",
-                 "versions", "reduced", "nbytes")
+                 "versions", "reduced", "nbytes", "in_arena")
 
-    def __init__(self, row: int, grid: int, tensors, versions: Optional[tuple], nbytes: int, reduced=None):
+    def __init__(self, row: int, grid: int, tensors, versions: Optional[tuple], nbytes: int, reduced=None,
+                 in_arena: bool = False):
         self.row = row
+        # logits, indices (and the mask, where copied) are numpy copies in the bank's arena, given
+        # back once reduced
+        self.in_arena = in_arena
         self.grid = grid
         (self.logits, self.indices, self.probs, self.dropped, self.valid, self.mask,
          self.positions) = tensors
@@ -151,6 +163,8 @@ class StagedBank:
         self._widths = [g.num_experts for g in self.gates]
         self._mask_keys = [g.mask_key for g in self.gates]
         self._held: List[Call] = []  # calls of whole forwards taken but not reduced (take(hold=True))
+        self._arena = StagingArena(MAX_STAGED_BYTES // 2)  # copies of prefill-sized eager calls
+        self.arena_min_tokens = ARENA_MIN_TOKENS  # calls of fewer tokens are not copied into it
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         self._window_gate_tokens = [0.0] * num_gates  # per gate: a list, no tensor op per call
         # the requests' tokens and tokens squared, summed since attach (Window.rows): floats, as
@@ -240,11 +254,49 @@ class StagedBank:
             return
         self._staged_bytes += nbytes
         state = self._thread
-        if state.depth:  # an output record (see _call); the mask [B, L] or None
-            state.pending.append((row, output, versions, state.masks.get(self._mask_keys[row]), nbytes))
+        mask = state.masks.get(self._mask_keys[row]) if state.depth else None  # [B, L] or None
+        record = None
+        if first.shape[0] >= self.arena_min_tokens and type(output) is tuple and self._picks[row] is not None:
+            record = self._copied(row, output, mask, nbytes)  # a prefill-sized call: copied, not held
+        if record is None:  # an output record (see _call)
+            record = (row, output, versions, mask, nbytes)
+        if state.depth:
+            state.pending.append(record)
         else:  # a gate called outside a monitored root forward is a forward of its own, without a mask
-            self._committed.append((time.time(), [(row, output, versions, None, nbytes)], None, None))
+            self._committed.append((time.time(), [record], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
+
+    def _copied(self, row: int, output: tuple, mask, nbytes: int) -> Optional[tuple]:
+        """A staged call's fields with the (logits, indices) its extract picks out of ``output``
+        copied into the arena (see ``arena``), or None where they cannot be (they stay held)."""
+        picks = self._picks[row]
+        try:
+            logits = output[picks[0]]  # [T, E]
+            indices = None if picks[1] is None else output[picks[1]]  # [T, k]
+        except (TypeError, IndexError):
+            return None
+        if logits.dim() != 2 or (indices is not None and indices.dim() != 2):
+            return None
+        copies = self._arena_copies((logits, indices))
+        if copies is None:
+            return None
+        return (row, 0, (copies[0], copies[1], None, None, None, mask, None), None, nbytes, None, True)
+
+    def _arena_copies(self, tensors: tuple) -> Optional[tuple]:
+        """Copies of the tensors (None members stay None) in the arena, or None where one cannot
+        be made (the arena is full, a dtype numpy cannot read): nothing is kept then. The reader
+        makes them numpy arrays (``_record_call``)."""
+        arena, copies = self._arena, []
+        for tensor in tensors:
+            copy = None
+            if tensor is not None:
+                copy = arena.copy(tensor)
+                if copy is None:
+                    for made in copies:
+                        arena.give(made)
+                    return None
+            copies.append(copy)
+        return tuple(copies)
 
     def _extracted(self, row: int, output):
         """The Routing of a kept output of gate ``row``, its width checked (raises as the hook would)."""
@@ -263,7 +315,7 @@ class StagedBank:
         versions, mask, nbytes) extracted here, on the reader's thread. None: it cannot be
         counted (with ``count``, the error is recorded and its bytes released)."""
         if len(fields) != 5:
-            return Call(*fields)
+            return self._record_call(fields)
         row, output, versions, mask, nbytes = fields
         picks = self._picks[row]
         if picks is not None and type(output) is tuple:
@@ -321,15 +373,23 @@ class StagedBank:
             # Reduce now (a big call amortises the ops; bounded memory when the reader lags).
             call = (row, grid, _NO_TENSORS, None, 0, self._reduce_one(row, tensors, grid))
         else:
+            in_arena = False
             if versions is None:  # buffers that may be reused or modified untracked: copy
                 if mask is not None:  # only the columns this call's tokens sit at: [B, S]
                     mask = mask_tail(mask, logits.shape[0], positions, grid)
-                # most calls carry logits and the router's indices alone: no loop over the seven
-                tensors = (logits.clone(), None if indices is None else indices.clone(),
-                           None if probs is None else probs.clone(), None if dropped is None else dropped.clone(),
-                           None if valid is None else valid.clone(), None if mask is None else mask.clone(),
-                           None if positions is None else positions.clone())
-            call = (row, grid, tensors, versions, nbytes, None)
+                copies = None
+                if logits.shape[0] >= self.arena_min_tokens and probs is None and dropped is None and valid is None \
+                        and positions is None:  # prefill size, the commonest call: into the arena
+                    copies = self._arena_copies((logits, indices, mask))
+                if copies is not None:
+                    tensors, in_arena = (copies[0], copies[1], None, None, None, copies[2], None), True
+                else:  # most calls carry logits and the router's indices alone: no loop over the seven
+                    tensors = (logits.clone(), None if indices is None else indices.clone(),
+                               None if probs is None else probs.clone(),
+                               None if dropped is None else dropped.clone(),
+                               None if valid is None else valid.clone(), None if mask is None else mask.clone(),
+                               None if positions is None else positions.clone())
+            call = (row, grid, tensors, versions, nbytes, None, in_arena)
             self._staged_bytes += nbytes
         if state.depth:
             state.pending.append(call)
@@ -337,8 +397,22 @@ class StagedBank:
             self._committed.append((time.time(), [call], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
 
+    def _record_call(self, fields: tuple) -> Call:
+        """The Call of a staged call's own fields (6, or 7 with arena copies: their numpy views
+        are made here, on the reader's thread)."""
+        call = Call(*fields)
+        if call.in_arena:  # the copies are tuples (an eager call's mask is the model's own tensor)
+            view = self._arena.view
+            call.logits = view(call.logits)
+            if type(call.indices) is tuple:
+                call.indices = view(call.indices)
+            if type(call.mask) is tuple:
+                call.mask = view(call.mask)
+        return call
+
     def waiting(self) -> List[Call]:
-        """The calls of whole forwards staged and not reduced yet, oldest first."""
+        """The calls of whole forwards staged and not reduced yet, oldest first (a look only:
+        they stay staged)."""
         calls = [self._call(fields, count=False) for _, staged, _, _ in list(self._committed) for fields in staged]
         return list(self._held) + [call for call in calls if call is not None]
 
@@ -378,8 +452,8 @@ class StagedBank:
             last_time = None
             while self._committed:
                 commit_time, staged, rows, thread = self._committed.popleft()
-                # a staged call's own fields (6) make a Call at once; an output record (5) is extracted
-                calls = [Call(*fields) if len(fields) == 6 else self._call(fields) for fields in staged]
+                # a staged call's own fields (6, 7) make a Call at once; an output record (5) is extracted
+                calls = [self._call(fields) for fields in staged]
                 if None in calls:  # records that cannot be counted (their errors are recorded)
                     calls = [call for call in calls if call is not None]
                 if rows is not None and calls:
@@ -451,12 +525,12 @@ class StagedBank:
             return call.valid
         if call.mask is None:
             return None
-        mask = call.mask  # calls of one forward share the mask's memory (eager): reduce it once
+        mask = _tensor(call.mask)  # calls of one forward share the mask's memory (eager): reduce it once
         key = (mask.data_ptr(), tuple(mask.shape), mask.stride(), call.logits.shape[0], id(call.positions),
                call.grid)
         if cache is not None and key in cache:
             return cache[key]
-        weights = mask_weights(call.mask, call.logits.shape[0], call.positions, call.grid)
+        weights = mask_weights(mask, call.logits.shape[0], call.positions, call.grid)
         if cache is not None:
             cache[key] = weights
         return weights
@@ -464,6 +538,12 @@ class StagedBank:
     def _reduce(self, calls: List[Call]) -> None:
         """Add the calls into the accumulators: one batched reduction per kind of gate (all the
         gates of most models: one pass for all of them), else per gate, else per call."""
+        try:
+            self._reduce_by_kind(calls)
+        finally:
+            self._give_back(calls)
+
+    def _reduce_by_kind(self, calls: List[Call]) -> None:
         by_row: Dict[int, List[Call]] = {}
         for call in calls:
             if call.reduced is not None:
@@ -481,10 +561,20 @@ class StagedBank:
                 if sampler is not None:
                     for call in group:
                         try:
-                            sampler.record(call.logits, call.indices, call.probs, self._weights(call),
-                                           call.positions)
+                            sampler.record(_tensor(call.logits), _tensor(call.indices), call.probs,
+                                           self._weights(call), call.positions)
                         except Exception as error:
                             self.errors.record("hook", error, where=self.gates[row].name)
+
+    def _give_back(self, calls: List[Call]) -> None:
+        """Give the arena slots of reduced (or dropped) calls back for reuse."""
+        arena = self._arena
+        for call in calls:
+            if call.in_arena:
+                arena.give(call.logits)
+                arena.give(call.indices)
+                arena.give(call.mask)
+                call.logits = call.indices = call.mask = None
 
     def _kinds(self, by_row: Dict[int, List[Call]]) -> List[List[int]]:
         """The rows with calls, grouped by what their reduction needs to know (same number of
@@ -558,7 +648,7 @@ class StagedBank:
         gate = self.gates[row]
         self._check_width(gate, logits)
         if valid is None:
-            valid = mask_weights(mask, logits.shape[0], positions, grid)
+            valid = mask_weights(_tensor(mask), logits.shape[0], positions, grid)
         (part,) = numpy_backend.segment_sums(logits.reshape(-1, gate.num_experts), indices, valid, gate.scoring,
                                              gate.top_k, probs, dropped, gate.capacity_factor,
                                              ranks=self.ranks[row], coselect=True)
@@ -630,6 +720,11 @@ class StagedBank:
         every forward reduced so far (call after ``take``)."""
         with self._drain:
             return self.cosel.numpy().copy()
+
+
+def _tensor(value):
+    """A tensor of an arena copy (numpy), or the value as it is."""
+    return torch.from_numpy(value) if type(value) is np.ndarray else value
 
 
 def _all_or_none(column: list) -> bool:

@@ -1,0 +1,170 @@
+"""Prefill-sized eager gate calls are copied into the staging arena, and their outputs let go.
+
+Holding a big call's outputs until the reader reduces them costs the model page faults under
+glibc's malloc (``moewatch.hotpath.arena``); the copies must count exactly what the held
+outputs counted, their slots must come back for reuse, and a full arena falls back to holding.
+"""
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import moewatch
+from moewatch.hotpath import staged
+from moewatch.hotpath.arena import MIN_SLOT_BYTES, StagingArena
+from tests.conftest import padded_batch, tiny_mixtral
+
+
+def test_a_copy_equals_its_source_and_its_slot_is_reused_once_given_back():
+    arena = StagingArena(max_bytes=64 * 2**20)
+    source = torch.randn(300, 8)
+    copy = arena.copy(source)
+    view = arena.view(copy)
+    np.testing.assert_array_equal(view, source.numpy())
+    assert view.dtype == np.float32 and view.shape == (300, 8)
+    assert not np.shares_memory(view, source.numpy())
+    address = view.ctypes.data
+    arena.give(view)
+    assert arena.slots()[0] == 1
+    again = arena.view(arena.copy(source[:260]))  # a smaller call of the same size class: the same slot
+    assert again.ctypes.data == address
+    np.testing.assert_array_equal(again, source[:260].numpy())
+    strided = torch.arange(600).reshape(300, 2).t()  # not contiguous
+    np.testing.assert_array_equal(arena.view(arena.copy(strided)), strided.numpy())
+    offset = torch.arange(1000, dtype=torch.int32)[100:400].reshape(150, 2)  # a view with a storage offset
+    np.testing.assert_array_equal(arena.view(arena.copy(offset)), offset.numpy())
+
+
+def test_a_full_arena_or_a_dtype_numpy_cannot_read_gets_no_copy():
+    arena = StagingArena(max_bytes=2 * 2**20)
+    assert arena.copy(torch.zeros(2**20 // 4)) is None  # a chunk is 8 MiB: over the limit
+    assert arena.copy(torch.zeros(4)) is None
+    assert arena.slots() == (0, 0)
+    assert MIN_SLOT_BYTES <= 8 * 2**20
+    assert StagingArena(max_bytes=64 * 2**20).copy(torch.zeros(300, 8, dtype=torch.bfloat16)) is None
+
+
+def _prefill():
+    return padded_batch(seed=3, batch=3, length=100)  # 300 tokens: over staged.ARENA_MIN_TOKENS
+
+
+def _counts(model, ids, mask, forwards=3):
+    mon = moewatch.attach(model, background=False)
+    with torch.no_grad():
+        for _ in range(forwards):
+            model(ids, attention_mask=mask)
+    counts, errors = mon.counts(), mon.error_counts()
+    banks = list(mon._banks.banks)
+    mon.detach()
+    return counts, errors, banks
+
+
+def test_prefill_calls_are_copied_count_exactly_and_give_their_slots_back(one_thread, monkeypatch):
+    model = tiny_mixtral()
+    ids, mask = _prefill()
+    assert ids.numel() >= staged.ARENA_MIN_TOKENS
+    copied, errors, banks = _counts(model, ids, mask)
+    assert errors == {}
+    free, mapped = banks[0]._arena.slots()
+    assert mapped > 0, "the prefill calls were not copied into the arena"
+    assert free == 2 * 2 * 3, "every copy's slot (logits and indices, 2 gates, 3 forwards) is given back"
+    monkeypatch.setattr(staged, "ARENA_MIN_TOKENS", 10**9)  # the same calls held by reference
+    held, errors, banks = _counts(model, ids, mask)
+    assert errors == {} and banks[0]._arena.slots() == (0, 0)
+    assert set(copied) == set(held)
+    for name in held:
+        np.testing.assert_array_equal(copied[name], held[name])
+    for name in held:  # not vacuous: padded tokens are left out, every real one is counted twice
+        assert held[name].sum() == 3 * int(mask.sum()) * 2
+
+
+@pytest.mark.parametrize("tokens, released", [(300, True), (12, False)])
+def test_a_prefill_calls_output_is_let_go_at_once_a_decode_calls_is_held(one_thread, tokens, released):
+    model = tiny_mixtral()
+    ids, mask = padded_batch(seed=3, batch=3, length=tokens // 3)
+    mon = moewatch.attach(model, background=False)
+    outputs = []
+    gate = model.model.layers[0].mlp.gate
+    handle = gate.register_forward_hook(lambda module, inputs, output: outputs.append(weakref.ref(output[0])))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    handle.remove()
+    gc.collect()
+    assert (outputs[0]() is None) == released
+    mon.counts()  # the reader reduces the call: the held output goes too
+    gc.collect()
+    assert outputs[0]() is None
+    mon.detach()
+
+
+def test_outputs_that_cannot_be_copied_are_held_and_still_count(one_thread, monkeypatch):
+    model = tiny_mixtral()
+    ids, mask = _prefill()
+    expected, _, _ = _counts(model, ids, mask, forwards=1)
+    monkeypatch.setattr(staged.StagingArena, "copy", lambda self, tensor: None)  # a full arena
+    got, errors, banks = _counts(model, ids, mask, forwards=1)
+    assert errors == {} and banks[0]._arena.slots() == (0, 0)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_reusing_the_slots_leaves_the_parents_staged_copies_alone(one_thread):
+    import os
+
+    model = tiny_mixtral()
+    ids, mask = _prefill()
+    other_ids, other_mask = padded_batch(seed=8, batch=3, length=100)
+    expected, _, _ = _counts(model, ids, mask, forwards=1)
+    mon = moewatch.attach(model, background=False)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # staged in arena slots, not reduced yet
+    pid = os.fork()
+    if pid == 0:  # the child reduces what it inherited, then reuses those slots for its own forward
+        code = 1
+        try:
+            mon.counts()
+            with torch.no_grad():
+                model(other_ids, attention_mask=other_mask)
+            mon.counts()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    got = mon.counts()
+    mon.detach()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def _free_slots(mon) -> int:
+    return sum(bank._arena.slots()[0] for bank in mon._banks.banks)
+
+
+@pytest.mark.parametrize("how", ["inference_mode", "compiled"])
+def test_copied_prefill_calls_go_to_the_arena_with_their_mask_and_count_exactly(how, one_thread):
+    """Inference tensors and compiled code are copied, never held: prefill-sized ones into the
+    arena, the padding mask's columns with them."""
+    model = tiny_mixtral()
+    ids, mask = _prefill()
+    expected, _, _ = _counts(model, ids, mask, forwards=1)
+    torch._dynamo.reset()
+    mon = moewatch.attach(model, background=False)
+    try:
+        run = torch.compile(model, backend="eager", fullgraph=True) if how == "compiled" else model
+        context = torch.inference_mode if how == "inference_mode" else torch.no_grad
+        with context():
+            run(ids, attention_mask=mask)
+            run(ids, attention_mask=mask)
+        got = mon.counts()
+        assert mon.error_counts() == {}
+        # logits, indices and the mask's columns of each call: 2 gates, 2 forwards
+        assert _free_slots(mon) == 3 * 2 * 2
+        for name in expected:
+            np.testing.assert_array_equal(got[name], 2 * expected[name])
+    finally:
+        mon.detach()
+        torch._dynamo.reset()
