@@ -80,7 +80,7 @@ class _Switch:
 
         self.monitors = monitors()
         if not self.monitors:
-            raise RuntimeError("--switch: the engine has no monitor (is MOEWATCH_PORT set?)")
+            raise RuntimeError("the engine has no monitor (is MOEWATCH_PORT set?)")
         self.banks = [monitor._masks.banks for monitor in self.monitors]
         self.staged = [bank for banks in self.banks for bank in banks.banks if isinstance(bank, StagedBank)]
         self.calls = 0  # gate calls while off (each one's op dispatched into Python, nothing staged)
@@ -110,13 +110,18 @@ class _Switch:
         self.calls += 1
 
     def set(self, on: bool) -> None:
+        self.set_parts(stage=on, hooks=on)
+
+    def set_parts(self, stage: bool, hooks: bool) -> None:
+        """``stage``: each gate's op stages its call (else it goes into Python and returns, counted);
+        ``hooks``: the root forward's hooks do their work (else they return at once)."""
         for bank in self.staged:  # the compiled op looks the bank's stage up at every call
-            if on:
+            if stage:
                 bank.__dict__.pop("stage", None)
             else:
                 bank.stage = self._count
         for monitor, banks in zip(self.monitors, self.banks):
-            monitor._masks.banks = banks if on else None
+            monitor._masks.banks = banks if hooks else None
 
     def left_on_seconds(self, calls: int = 20000) -> dict:
         """What the off state still runs, each part timed in a loop (caches warm, so a lower
@@ -176,13 +181,7 @@ def child(args) -> None:
               kv_cache_memory_bytes=256 * 2**20, enable_prefix_caching=False)
     switch = _Switch() if args.variant == "switch" else None
     if args.variant in ("no-stage", "no-hooks"):  # --split: parts of moewatch's work left out, to tell what each costs
-        from moewatch.engines.vllm_plugin import monitors
-        from moewatch.hotpath.staged import StagedBank
-
-        StagedBank.stage = lambda self, *a, **k: None  # each gate's op still goes into Python, stages nothing
-        if args.variant == "no-hooks":
-            for monitor in monitors():
-                monitor._masks.banks = None  # the root forward's hooks return at once
+        _Switch().set_parts(stage=False, hooks=args.variant == "no-stage")
     print("READY", flush=True)
     for line in sys.stdin:
         kind, _, state = line.strip().partition(" ")  # state: "on" or "off" (--switch), else ""
