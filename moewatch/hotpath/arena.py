@@ -5,8 +5,9 @@ forwards later, leaves blocks of malloc's heap alive between the forward's large
 when the reader lets them go, the freed temporaries around them merge into the top of the heap,
 glibc's malloc gives it back to the system, and the next forward faults it in again, thousands
 of page faults a forward that the model alone does not take (``benchmarks/held_outputs.py``).
-Any block the forward's thread allocates and the reader frees does it, however small (a numpy
-view's shape, 32 bytes): copies in fresh buffers did it, and so did views made per call. So the
+Copies in fresh buffers did the same, and so, in one long run, did copies into mapped slots
+whose numpy views (their shapes malloc'd) were made per call on the forward's thread: any block
+it allocates and the reader frees may do it, however small. So the
 forward's thread copies such calls into slots of memory mapped by this arena (anonymous
 ``mmap``, private to the process), with ``memmove`` from the tensor's data and nothing
 allocated per call but Python objects (which live apart from malloc's heap); the reader makes
