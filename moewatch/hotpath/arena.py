@@ -21,6 +21,7 @@ takes a lock, which steady traffic stops doing once its slots exist.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import threading
 from collections import deque
@@ -80,10 +81,8 @@ class StagingArena:
     def view(copy) -> np.ndarray:
         """The numpy array of a ``copy`` (the reader's: views made here are not the forward's)."""
         slot, shape, dtype = copy
-        count = 1
-        for extent in shape:
-            count *= extent
-        return slot[0][:count * NUMPY_DTYPES[dtype].itemsize].view(NUMPY_DTYPES[dtype]).reshape(tuple(shape))
+        numpy_dtype = NUMPY_DTYPES[dtype]
+        return slot[0][:math.prod(shape) * numpy_dtype.itemsize].view(numpy_dtype).reshape(tuple(shape))
 
     def give(self, copy) -> None:
         """Give back the slot of a ``copy`` or of its ``view`` (its memory is reused: drop every

@@ -47,12 +47,17 @@ def as_array(tensor: torch.Tensor, dtype=np.float32) -> np.ndarray:
     return array if array.dtype == dtype else array.astype(dtype)
 
 
+def as_tensor(value):
+    """A tensor of a numpy array (a staged call's copy in the arena: ``arena``), or the value as
+    it is (a tensor, None)."""
+    return torch.from_numpy(value) if type(value) is np.ndarray else value
+
+
 def concat(tensors, dtype=np.float32) -> np.ndarray:
     """The tensors [T_i, W] (or [..., W]) of many calls as one array [sum T_i, W] of ``dtype``:
     one ``torch.cat`` (converting each call's tensor on its own cost the reader ~6 us a call)."""
     width = tensors[0].shape[-1]
-    # members may be numpy arrays: staged copies in the arena (``arena``)
-    tensors = [torch.from_numpy(t) if type(t) is np.ndarray else t for t in tensors]
+    tensors = [as_tensor(t) for t in tensors]  # members may be arena copies (numpy)
     with torch.no_grad():  # the reader's grad mode is on: no history for tensors that require grad
         joined = torch.cat([t if t.dim() == 2 else t.reshape(-1, width) for t in tensors])  # fails where widths differ
     return as_array(joined, dtype)

@@ -31,7 +31,7 @@ from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOK
 from . import numpy_backend
 from .arena import StagingArena
 from .gathered import Locate, own_decisions
-from .numpy_backend import as_array, concat, concat_experts
+from .numpy_backend import as_array, as_tensor, concat, concat_experts
 from .reference import GateSums, mask_tail, mask_weights
 from .requests import HostRequestRuns, RequestTokens
 
@@ -525,7 +525,7 @@ class StagedBank:
             return call.valid
         if call.mask is None:
             return None
-        mask = _tensor(call.mask)  # calls of one forward share the mask's memory (eager): reduce it once
+        mask = as_tensor(call.mask)  # calls of one forward share the mask's memory (eager): reduce it once
         key = (mask.data_ptr(), tuple(mask.shape), mask.stride(), call.logits.shape[0], id(call.positions),
                call.grid)
         if cache is not None and key in cache:
@@ -561,7 +561,7 @@ class StagedBank:
                 if sampler is not None:
                     for call in group:
                         try:
-                            sampler.record(_tensor(call.logits), _tensor(call.indices), call.probs,
+                            sampler.record(as_tensor(call.logits), as_tensor(call.indices), call.probs,
                                            self._weights(call), call.positions)
                         except Exception as error:
                             self.errors.record("hook", error, where=self.gates[row].name)
@@ -648,7 +648,7 @@ class StagedBank:
         gate = self.gates[row]
         self._check_width(gate, logits)
         if valid is None:
-            valid = mask_weights(_tensor(mask), logits.shape[0], positions, grid)
+            valid = mask_weights(as_tensor(mask), logits.shape[0], positions, grid)
         (part,) = numpy_backend.segment_sums(logits.reshape(-1, gate.num_experts), indices, valid, gate.scoring,
                                              gate.top_k, probs, dropped, gate.capacity_factor,
                                              ranks=self.ranks[row], coselect=True)
@@ -720,11 +720,6 @@ class StagedBank:
         every forward reduced so far (call after ``take``)."""
         with self._drain:
             return self.cosel.numpy().copy()
-
-
-def _tensor(value):
-    """A tensor of an arena copy (numpy), or the value as it is."""
-    return torch.from_numpy(value) if type(value) is np.ndarray else value
 
 
 def _all_or_none(column: list) -> bool:
