@@ -116,9 +116,9 @@ def _wrap_warm_up(original):
 
 
 def _wrap_execute(original):
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        from .vllm import watched_engine
+    from .vllm import watched_engine  # once, not per step: a step of a small model is a millisecond
 
+    def execute_model(self, scheduler_output, *args, **kwargs):
         engine = watched_engine(self)
         if engine is not None:
             engine.schedule(scheduler_output)

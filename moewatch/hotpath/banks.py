@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .device import DeviceBank
 from .layout import SCORING_CODES, symmetric
-from .staged import GateParams, StagedBank
+from .staged import NO_MASKS, GateParams, StagedBank
 from ..context import skip_top_level_frames
 
 BACKENDS = ("auto", "staged", "device")
@@ -27,7 +27,7 @@ BACKENDS = ("auto", "staged", "device")
 class _ThreadMasks(threading.local):
     def __init__(self) -> None:
         self.depth = 0
-        self.masks: Dict[str, torch.Tensor] = {}
+        self.masks: Mapping[str, torch.Tensor] = NO_MASKS
 
 
 class Banks:
@@ -72,10 +72,12 @@ class Banks:
         ``rows``: (B, L, continued), its token rows (one per request; ``continued``: those of
         this thread's previous forward, one decode step on); or the requests its engine named
         (``moewatch.hotpath.requests.RequestTokens``); or None where neither is known."""
+        # runs at every root forward: a decode step of a small model is a millisecond
         state = self._thread
-        state.depth += 1
-        if state.depth == 1:
-            state.masks = {"attention_mask": mask, "decoder_attention_mask": decoder_mask}
+        depth = state.depth = state.depth + 1
+        if depth == 1:
+            state.masks = NO_MASKS if mask is None and decoder_mask is None else \
+                {"attention_mask": mask, "decoder_attention_mask": decoder_mask}
         else:
             rows = None  # a nested forward's tokens are the outer one's
         masks = state.masks
@@ -84,9 +86,10 @@ class Banks:
 
     def end(self, ticks=None) -> None:
         state = self._thread
-        state.depth = max(0, state.depth - 1)
-        if state.depth == 0:
-            state.masks = {}
+        if state.depth <= 1:
+            state.depth, state.masks = 0, NO_MASKS
+        else:
+            state.depth -= 1
         for bank in self.banks:
             bank.end()
 

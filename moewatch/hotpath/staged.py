@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import threading
 import time
+from threading import get_ident
 from collections import deque
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +60,11 @@ LOOK_FORWARDS = 256
 # outputs cost a prefill forward thousands of page faults under glibc's malloc). A copy costs
 # the forward's thread a few microseconds, which decode-sized calls are spared.
 ARENA_MIN_TOKENS = 256
+
+
+# The masks of a root forward without padding masks, and of no forward: one read-only mapping,
+# not a dict made at every forward.
+NO_MASKS: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 class GateParams:
@@ -126,7 +133,7 @@ class ThreadState(threading.local):
     def __init__(self) -> None:
         self.depth = 0
         self.pending: List[Call] = []
-        self.masks: Dict[str, torch.Tensor] = {}  # the padding masks of the root forward, by key
+        self.masks: Mapping[str, torch.Tensor] = NO_MASKS  # the padding masks of the root forward, by key
         # the root forward's token rows: (B, L, continued), or the RequestTokens an engine named
         self.rows: Optional[Tuple[int, int, bool]] = None
 
@@ -197,20 +204,22 @@ class StagedBank:
         """A root forward begins on this thread; ``masks``: its padding masks by key ([B, L] each);
         ``rows``: its token rows (B, L, continued), its engine's ``RequestTokens``, or None."""
         state = self._thread
-        state.depth += 1
-        if state.depth == 1:  # a nested forward keeps the outer one's masks
-            state.masks = masks or {}
+        depth = state.depth = state.depth + 1
+        if depth == 1:  # a nested forward keeps the outer one's masks
+            state.masks = masks or NO_MASKS
             state.rows = rows
 
     def end(self, ticks=None) -> None:
         state = self._thread
-        state.depth = max(0, state.depth - 1)
-        if state.depth == 0:
-            state.masks = {}
-            if state.pending:
+        if state.depth > 1:
+            state.depth -= 1
+        else:
+            state.depth, state.masks = 0, NO_MASKS
+            pending = state.pending
+            if pending:
                 committed = self._committed
                 rows = state.rows
-                committed.append((time.time(), state.pending, rows, threading.get_ident()))
+                committed.append((time.time(), pending, rows, get_ident()))
                 state.pending = []
                 bound = self._waiting_bound
                 if bound is not None:  # a gate sees at most the forward's B x L tokens
