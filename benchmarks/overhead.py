@@ -9,11 +9,12 @@ Set-ups, interleaved forward by forward (so drifting machine load hits them alik
   router    output_router_logits=True and statistics computed on the host from the outputs
   compiled  torch.compile(model, fullgraph=True) (inductor, static shapes), alone; compiled' again
   comp+mw   the same with moewatch attached before compiling (its ops traced into the graph)
-  kept      a copy of the model with moewatch attached for the whole run (moewatch attaches and
-            detaches around each of its samples; kept is the steady state of a served model);
-            copy  another copy alone, its A/A control; held  kept with prefill-sized calls held by
-            reference until the reader reduces them, not copied into its arena. Only where
-            --setups names them.
+  kept      a copy of the model with moewatch attached for stretches of 30 s (moewatch
+            attaches and detaches around each of its samples; kept is the steady state of a served
+            model); copy  another copy alone, its A/A control; held  kept with prefill-sized calls
+            held by reference until the reader reduces them, not copied into its arena. The three
+            copies rotate their roles stretch by stretch (copies differ in speed by a few %).
+            Only where --setups names them.
 
 Shapes: prefill (batch 4 x 128 tokens) and one decode step on a static KV cache (transformers'
 StaticCache, the cache compiled decoding uses; batch 1, 8, 64). A sample is one forward; each
@@ -108,9 +109,10 @@ def setups(model, experts: int, top_k: int, compiled: bool = True, kept: bool = 
 
     ``none'`` is the model alone a second time: its ratio to ``none`` is what the measurement
     resolves (an A/A control), read beside every other ratio. ``compiled'`` is the same for the
-    compiled model. With ``kept``: ``kept``, a copy of the model monitored for the whole run
+    compiled model. With ``kept``: ``kept``, a copy of the model monitored for long stretches
     (the steady state of a served model: ``moewatch`` attaches and detaches around each of its
-    samples), and ``copy``, another copy alone (its A/A control: a copy's own placement)."""
+    samples), ``held`` the same with its prefill calls held, and ``copy``, a copy alone: three
+    copies whose roles rotate (:class:`Roles`)."""
     import copy
 
     state = {}
@@ -131,14 +133,11 @@ def setups(model, experts: int, top_k: int, compiled: bool = True, kept: bool = 
                    lambda out: host_router_stats(out.router_logits, top_k), model),
     }
     if kept:
-        alone, watched, holding = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
-        state["kept"] = moewatch.attach(watched)
-        state["held"] = moewatch.attach(holding)
-        for bank in state["held"]._banks.banks:  # prefill calls held by reference, not copied
-            bank.arena_min_tokens = float("inf")
-        cases["copy"] = (*nothing, {}, None, alone)
-        cases["kept"] = (*nothing, {}, None, watched)
-        cases["held"] = (*nothing, {}, None, holding)
+        global ROLES
+        copies = [copy.deepcopy(model) for _ in Roles.NAMES]
+        for name, module in zip(Roles.NAMES, copies):  # the module is set by ROLES at each rotation
+            cases[name] = [*nothing, {}, None, module]
+        ROLES = Roles(copies, cases)
     if compiled:
         # A copy of the model, monitored for the whole run and compiled with the monitor's ops in
         # its graph; the model itself compiled alone (its eager set-ups detach before it traces).
@@ -163,6 +162,66 @@ KEPT = ("copy", "kept", "held")  # made only where --setups names one (three mor
 # moewatch against the alternatives a user has, pair by pair in the same rounds
 VERSUS = (("moewatch", "naive"), ("moewatch", "router"), ("kept", "held"))
 SAVE = None  # --save: a file the raw samples are appended to
+READER_A_FORWARD: Dict[str, float] = {}  # set-up -> its reader's CPU seconds a forward, in the last shape run
+
+
+class Roles:
+    """The copies of the model behind the ``copy``, ``kept`` and ``held`` set-ups, their roles
+    rotated every ``every`` seconds (at the next round's start).
+
+    Copies of one model run at their own speed, for as long as they live (where their weights
+    landed: in one run, a copy alone took 0.95 of the model's time at decode batch 64, and the
+    monitored copy 1.10), so a monitored copy against another copy would measure the copies.
+    Rotated, each copy plays each role in turn: over whole rotations the copies' own speeds
+    weigh alike in every role. ``kept``'s and ``held``'s monitors are attached anew to their
+    copy at each rotation (interleave's untimed forward before each sample covers a new
+    monitor's first forward), and their reader threads' CPU time is summed across them, each
+    one's detach included. A stretch is long enough for a monitor's steady state (its reader
+    looks every few seconds and cuts windows) and short enough for several rotations a shape."""
+
+    NAMES = ("copy", "kept", "held")
+
+    def __init__(self, copies: list, cases: dict, every: float = 30.0):
+        self.copies, self.cases, self.every = copies, cases, every
+        self.phase = -1
+        self.monitors: Dict[str, object] = {}
+        self._reader_cpu = {"kept": 0.0, "held": 0.0}  # of the monitors detached so far
+        self._clocks: Dict[str, list] = {}
+        self.rotate()
+
+    def maybe_rotate(self) -> None:
+        """Rotate the roles where the stretch has lasted ``every`` seconds."""
+        if time.perf_counter() - self._since >= self.every:
+            self.rotate()
+
+    def rotate(self) -> None:
+        self.phase = phase = (self.phase + 1) % len(self.copies)
+        for name in list(self.monitors):
+            self._detach(name)
+        for index, name in enumerate(self.NAMES):
+            module = self.copies[(index + phase) % len(self.copies)]
+            self.cases[name][4] = module
+            if name == "copy":
+                continue
+            monitor = self.monitors[name] = moewatch.attach(module)
+            if name == "held":  # prefill calls held by reference, not copied into the arena
+                for bank in monitor._banks.banks:
+                    bank.arena_min_tokens = float("inf")
+            self._clocks[name] = HookTimer.monitor_clock(monitor)
+        self._since = time.perf_counter()
+
+    def _detach(self, name: str) -> None:
+        self._reader_cpu[name] += HookTimer.reader_seconds(self._clocks.pop(name, []))
+        started = time.thread_time()
+        self.monitors.pop(name).detach()  # its last flush reduces what its reader had not: charged too
+        self._reader_cpu[name] += time.thread_time() - started
+
+    def reader_seconds(self, name: str) -> float:
+        """CPU seconds of ``name``'s monitors' readers so far (the one attached now included)."""
+        return self._reader_cpu[name] + HookTimer.reader_seconds(self._clocks.get(name, []))
+
+
+ROLES = None  # the Roles of copy, kept and held, where --setups names one
 # set-ups whose own code is timed (HookTimer): the monitors and output_router_logits' extra work
 OWN_CODE = ("moewatch", "naive", "router", "kept", "held")
 class Clock:
@@ -241,6 +300,15 @@ class HookTimer:
         return clocks
 
     @staticmethod
+    def monitor_clock(monitor) -> list:
+        """(CPU clock, its reading now) of one attached monitor's reader thread, as :meth:`reader_clock`."""
+        reader = getattr(monitor, "_reader", None)
+        if reader is None or reader.ident is None:
+            return []
+        clock = time.pthread_getcpuclockid(reader.ident)
+        return [(clock, time.clock_gettime(clock))]
+
+    @staticmethod
     def reader_seconds(clocks: list) -> float:
         """CPU seconds the threads of :meth:`reader_clock` have run since it was read."""
         total = 0.0
@@ -273,6 +341,11 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
     base, others = names[0], list(names[1:])
     times = {name: [] for name in names}
     timer = HookTimer()
+    # kept's and held's readers: their CPU time while the group runs, over every forward of
+    # their set-up (timed or not), is their readers' cost a forward
+    rotating = ROLES if ROLES is not None and set(names) & set(Roles.NAMES) else None
+    readers = {name: ROLES.reader_seconds(name) for name in ("kept", "held") if name in names}
+    forwards = {name: 0 for name in readers}
     started = time.perf_counter()
 
     def timed(name):
@@ -287,12 +360,16 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
             if round_ > min_rounds and time.perf_counter() - started > seconds:
                 break
             shift = round_ % len(others)
+            if rotating is not None:
+                rotating.maybe_rotate()
             before = timed(base)
             for name in others[shift:] + others[:shift]:
                 enter, leave, kwargs, after, module = cases[name]
                 enter()
                 forward(module, kwargs, after)  # untimed: a monitor's first forward sets up its state
                 sample = timed(name)
+                if name in forwards:
+                    forwards[name] += 2
                 leave()
                 after_sample = timed(base)
                 if round_:
@@ -302,6 +379,8 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
                 before = after_sample
     finally:
         timer.close()
+    for name, before in readers.items():  # the reader's CPU a forward, charged to each sample
+        READER_A_FORWARD[name] = (ROLES.reader_seconds(name) - before) / max(1, forwards[name])
     return times
 
 
@@ -366,10 +445,11 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
     base brackets (median and 95% confidence interval, wall and CPU), and the time of the
     monitor's own code; then moewatch against the naive hook and output_router_logits, pair by
     pair, by wall time and by the time of each one's own code (moewatch's: its hooks, plus
-    ``reader``, its steady-state work off the forward's thread a forward), and the verdicts on the
-    target."""
-    own_code = {name: [t[2] + (reader if name == "moewatch" else 0.0) for t in samples]
-                for name, samples in times.items()}
+    ``reader``, its steady-state work off the forward's thread a forward; kept's and held's: their
+    hooks, plus their reader thread's CPU time over the shape's run a forward of theirs), and the
+    verdicts on the target."""
+    readers = dict(READER_A_FORWARD, moewatch=reader)  # each monitor's reader CPU a forward
+    own_code = {name: [t[2] + readers.get(name, 0.0) for t in samples] for name, samples in times.items()}
     rounds = min(len(t) for t in times.values())
     print(f"\n{title}: {rounds} rounds, one forward a sample, each between two of its base")
     print(f"  {'set-up':<10}{'tokens/s':>10}{'wall ms':>10}{'wall vs base [95% CI]':>26}"
@@ -390,10 +470,12 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
               f"{cpu_ratio:>26}{own:>10}{faults:>9.0f}")
     print("  (base: none for the eager set-ups, compiled for comp+mw; none' and compiled' are the base "
           "again, timed as the others: what the measurement resolves; copy: a copy of the model alone, kept: "
-          "a copy monitored for the whole run (held: its prefill calls held, not copied). Own code: the monitor's time a "
+          "a copy monitored for stretches of 30 s (held: its prefill calls held, not copied), the copies' roles "
+          "rotated. Own code: the monitor's time a "
           f"forward as a share of the forward; moewatch's includes its reader's, {reader * 1e6:.0f} us a "
-          "forward in steady state; router's is a lower bound. Faults: the process's minor page faults a "
-          "forward, median)")
+          "forward in steady state" + "".join(f", {name}'s {readers[name] * 1e6:.0f} us" for name in KEPT
+                                              if name in readers and name in times) +
+          "; router's is a lower bound. Faults: the process's minor page faults a forward, median)")
     for name, other in VERSUS:
         if name in times and other in times:
             mine, theirs = times[name], times[other]
@@ -427,6 +509,7 @@ def _cheaper(low: float, high: float) -> str:
 def run_shape(title: str, cases, forward: Callable, tokens: int, target: float, seconds: float,
               min_rounds: int, max_rounds: int) -> None:
     times = {}
+    READER_A_FORWARD.clear()
     groups = [[n for n in group if n in cases] for group in GROUPS]
     groups = [g for g in groups if len(g) > 1]  # a base with nothing to compare is not run
     total = sum(len(g) for g in groups)
@@ -438,7 +521,8 @@ def run_shape(title: str, cases, forward: Callable, tokens: int, target: float, 
         import json
 
         with open(SAVE, "a") as out:  # one line a shape: every sample, for analyses of one's own
-            out.write(json.dumps({"shape": title, "reader": reader, "samples": times}) + "\n")
+            out.write(json.dumps({"shape": title, "reader": reader, "readers": READER_A_FORWARD,
+                                  "samples": times}) + "\n")
 
 
 def dispatch_report(model, experts: int, top_k: int) -> None:
@@ -526,7 +610,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setups", nargs="+", metavar="NAME",
                         help="only these set-ups beside the bases (none, compiled), e.g. \"none'\" "
                              "moewatch: more rounds a second, for a narrower interval on one target; "
-                             "copy, kept and held (copies monitored for the whole run) only when named")
+                             "copy, kept and held (copies monitored for stretches of the run) only when named")
     parser.add_argument("--no-prefill", dest="prefill_run", action="store_false", help="skip the prefill shape")
     parser.add_argument("--keep-heap", action="store_true",
                         help="glibc malloc keeps freed memory (no page faults a forward; every set-up alike)")
