@@ -179,7 +179,7 @@ class Roles:
     one's detach included. A stretch is long enough for a monitor's steady state (its reader
     looks every few seconds and cuts windows) and short enough for several rotations a shape."""
 
-    NAMES = ("copy", "kept", "held")
+    NAMES = KEPT
 
     def __init__(self, copies: list, cases: dict, every: float = 30.0):
         self.copies, self.cases, self.every = copies, cases, every
