@@ -10,12 +10,11 @@ Set-ups, interleaved forward by forward (so drifting machine load hits them alik
   compiled  torch.compile(model, fullgraph=True) (inductor, static shapes), alone; compiled' again
   comp+mw   the same with moewatch attached before compiling (its ops traced into the graph), on
             a twin of the model's modules that shares its weights
-  kept      a copy of the model with moewatch attached for stretches of 30 s (moewatch
-            attaches and detaches around each of its samples; kept is the steady state of a served
-            model); copy  another copy alone, its A/A control; held  kept with prefill-sized calls
-            held by reference until the reader reduces them, not copied into its arena. The three
-            copies rotate their roles stretch by stretch (copies differ in speed by a few %).
-            Only where --setups names them.
+  kept      a twin of the model (its modules copied, its weights shared) with moewatch attached
+            for the whole run (moewatch attaches and detaches around each of its samples; kept is
+            the steady state of a served model); copy  a twin alone, its control; held  kept with
+            prefill-sized calls held by reference until the reader reduces them, not copied into
+            its arena. Only where --setups names them.
 
 Shapes: prefill (batch 4 x 128 tokens) and one decode step on a static KV cache (transformers'
 StaticCache, the cache compiled decoding uses; batch 1, 8, 64). A sample is one forward; each
@@ -45,7 +44,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -105,17 +104,15 @@ def host_router_stats(router_logits, top_k: int) -> None:
         -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1).mean()
 
 
-def setups(model, experts: int, top_k: int, compiled: bool = True, kept: bool = False) -> Dict[str, tuple]:
+def setups(model, experts: int, top_k: int, compiled: bool = True, kept: Sequence[str] = ()) -> Dict[str, tuple]:
     """name -> (enter, exit, forward kwargs, after-forward callback, the module to call).
 
     ``none'`` is the model alone a second time: its ratio to ``none`` is what the measurement
     resolves (an A/A control), read beside every other ratio. ``compiled'`` is the same for the
-    compiled model. With ``kept``: ``kept``, a copy of the model monitored for long stretches
-    (the steady state of a served model: ``moewatch`` attaches and detaches around each of its
-    samples), ``held`` the same with its prefill calls held, and ``copy``, a copy alone: three
-    copies whose roles rotate (:class:`Roles`)."""
-    import copy
-
+    compiled model. ``kept`` names which of these to make: ``kept``, a twin of the model
+    monitored for the whole run (the steady state of a served model: ``moewatch`` attaches and
+    detaches around each of its samples), ``held`` the same with its prefill calls held, and
+    ``copy``, a twin alone (:class:`Twins`)."""
     state = {}
 
     def attach_moewatch():
@@ -134,11 +131,8 @@ def setups(model, experts: int, top_k: int, compiled: bool = True, kept: bool = 
                    lambda out: host_router_stats(out.router_logits, top_k), model),
     }
     if kept:
-        global ROLES
-        copies = [copy.deepcopy(model) for _ in Roles.NAMES]
-        for name, module in zip(Roles.NAMES, copies):  # the module is set by ROLES at each rotation
-            cases[name] = [*nothing, {}, None, module]
-        ROLES = Roles(copies, cases)
+        global TWINS
+        TWINS = Twins(model, cases, kept)
     if compiled:
         # A twin of the model, monitored for the whole run and compiled with the monitor's ops in
         # its graph; the model itself compiled alone (its eager set-ups detach before it traces).
@@ -172,70 +166,44 @@ GROUPS = (("none", "none'", "moewatch", "naive", "router", "copy", "kept", "held
 BASE = {"none'": "none", "moewatch": "none", "naive": "none", "router": "none", "copy": "none", "kept": "none",
         "held": "none",
         "compiled'": "compiled", "comp+mw": "compiled"}
-KEPT = ("copy", "kept", "held")  # made only where --setups names one (three more copies of the model)
+KEPT = ("copy", "kept", "held")  # made only where --setups names one (three twins of the model)
 # moewatch against the alternatives a user has, pair by pair in the same rounds
 VERSUS = (("moewatch", "naive"), ("moewatch", "router"), ("kept", "held"))
 SAVE = None  # --save: a file the raw samples are appended to
 READER_A_FORWARD: Dict[str, float] = {}  # set-up -> its reader's CPU seconds a forward, in the last shape run
 
 
-class Roles:
-    """The copies of the model behind the ``copy``, ``kept`` and ``held`` set-ups, their roles
-    rotated every ``every`` seconds (at the next round's start).
+class Twins:
+    """The twins behind the ``copy``, ``kept`` and ``held`` set-ups: the model's modules copied,
+    its weights shared (:func:`sharing_weights`); ``kept``'s and ``held``'s monitors attached for
+    the whole run, as a served model's is.
 
-    Copies of one model run at their own speed, for as long as they live (where their weights
-    landed: in one run, a copy alone took 0.95 of the model's time at decode batch 64, and the
-    monitored copy 1.10), so a monitored copy against another copy would measure the copies.
-    Rotated, each copy plays each role in turn: over whole rotations the copies' own speeds
-    weigh alike in every role. ``kept``'s and ``held``'s monitors are attached anew to their
-    copy at each rotation (interleave's untimed forward before each sample covers a new
-    monitor's first forward), and their reader threads' CPU time is summed across them, each
-    one's detach included. A stretch is long enough for a monitor's steady state (its reader
-    looks every few seconds and cuts windows) and short enough for several rotations a shape."""
+    Deep copies of the model ran at their own speed for as long as they lived (where their
+    weights landed: in one run a copy alone took 0.95 of the model's time at decode batch 64,
+    and a monitored copy 1.10), so a monitored copy against the model measured the copies.
+    Twins read the model's own weights: ``copy``, a twin alone, is the control that a twin
+    costs nothing by itself. Each monitor's reader thread's CPU time is read from its clock."""
 
-    NAMES = KEPT
-
-    def __init__(self, copies: list, cases: dict, every: float = 30.0):
-        self.copies, self.cases, self.every = copies, cases, every
-        self.phase = -1
+    def __init__(self, model, cases: dict, names: Sequence[str]):
         self.monitors: Dict[str, object] = {}
-        self._reader_cpu = {"kept": 0.0, "held": 0.0}  # of the monitors detached so far
         self._clocks: Dict[str, list] = {}
-        self.rotate()
-
-    def maybe_rotate(self) -> None:
-        """Rotate the roles where the stretch has lasted ``every`` seconds."""
-        if time.perf_counter() - self._since >= self.every:
-            self.rotate()
-
-    def rotate(self) -> None:
-        self.phase = phase = (self.phase + 1) % len(self.copies)
-        for name in list(self.monitors):
-            self._detach(name)
-        for index, name in enumerate(self.NAMES):
-            module = self.copies[(index + phase) % len(self.copies)]
-            self.cases[name][4] = module
+        for name in (name for name in KEPT if name in names):
+            twin = sharing_weights(model)
+            cases[name] = (lambda: None, lambda: None, {}, None, twin)
             if name == "copy":
                 continue
-            monitor = self.monitors[name] = moewatch.attach(module)
+            monitor = self.monitors[name] = moewatch.attach(twin)
             if name == "held":  # prefill calls held by reference, not copied into the arena
                 for bank in monitor._banks.banks:
                     bank.arena_min_tokens = float("inf")
             self._clocks[name] = HookTimer.monitor_clock(monitor)
-        self._since = time.perf_counter()
-
-    def _detach(self, name: str) -> None:
-        self._reader_cpu[name] += HookTimer.reader_seconds(self._clocks.pop(name, []))
-        started = time.thread_time()
-        self.monitors.pop(name).detach()  # its last flush reduces what its reader had not: charged too
-        self._reader_cpu[name] += time.thread_time() - started
 
     def reader_seconds(self, name: str) -> float:
-        """CPU seconds of ``name``'s monitors' readers so far (the one attached now included)."""
-        return self._reader_cpu[name] + HookTimer.reader_seconds(self._clocks.get(name, []))
+        """CPU seconds ``name``'s monitor's reader has run since it started."""
+        return HookTimer.reader_seconds(self._clocks.get(name, []))
 
 
-ROLES = None  # the Roles of copy, kept and held, where --setups names one
+TWINS = None  # the Twins of copy, kept and held, where --setups names one
 # set-ups whose own code is timed (HookTimer): the monitors and output_router_logits' extra work
 OWN_CODE = ("moewatch", "naive", "router", "kept", "held")
 class Clock:
@@ -357,8 +325,7 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
     timer = HookTimer()
     # kept's and held's readers: their CPU time while the group runs, over every forward of
     # their set-up (timed or not), is their readers' cost a forward
-    rotating = ROLES if ROLES is not None and set(names) & set(Roles.NAMES) else None
-    readers = {name: ROLES.reader_seconds(name) for name in ("kept", "held") if name in names}
+    readers = {name: TWINS.reader_seconds(name) for name in ("kept", "held") if name in names}
     forwards = {name: 0 for name in readers}
     started = time.perf_counter()
 
@@ -374,8 +341,6 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
             if round_ > min_rounds and time.perf_counter() - started > seconds:
                 break
             shift = round_ % len(others)
-            if rotating is not None:
-                rotating.maybe_rotate()
             before = timed(base)
             for name in others[shift:] + others[:shift]:
                 enter, leave, kwargs, after, module = cases[name]
@@ -394,7 +359,7 @@ def interleave(cases, names, forward: Callable, seconds: float, min_rounds: int,
     finally:
         timer.close()
     for name, before in readers.items():  # the reader's CPU a forward, charged to each sample
-        READER_A_FORWARD[name] = (ROLES.reader_seconds(name) - before) / max(1, forwards[name])
+        READER_A_FORWARD[name] = (TWINS.reader_seconds(name) - before) / max(1, forwards[name])
     return times
 
 
@@ -483,9 +448,9 @@ def report(title: str, times: Dict[str, List[tuple]], tokens: int, target: float
         print(f"  {name:<10}{tokens / wall:>10.1f}{wall * 1e3:>10.2f}{ratio:>26}{cpu * 1e3:>10.2f}"
               f"{cpu_ratio:>26}{own:>10}{faults:>9.0f}")
     print("  (base: none for the eager set-ups, compiled for comp+mw; none' and compiled' are the base "
-          "again, timed as the others: what the measurement resolves; copy: a copy of the model alone, kept: "
-          "a copy monitored for stretches of 30 s (held: its prefill calls held, not copied), the copies' roles "
-          "rotated. Own code: the monitor's time a "
+          "again, timed as the others: what the measurement resolves; copy: a twin of the model alone (its "
+          "modules copied, its weights shared), kept: a twin monitored the whole run (held: its prefill calls "
+          "held, not copied). Own code: the monitor's time a "
           f"forward as a share of the forward; moewatch's includes its reader's, {reader * 1e6:.0f} us a "
           "forward in steady state" + "".join(f", {name}'s {readers[name] * 1e6:.0f} us" for name in KEPT
                                               if name in readers and name in times) +
@@ -624,7 +589,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setups", nargs="+", metavar="NAME",
                         help="only these set-ups beside the bases (none, compiled), e.g. \"none'\" "
                              "moewatch: more rounds a second, for a narrower interval on one target; "
-                             "copy, kept and held (copies monitored for stretches of the run) only when named")
+                             "copy, kept and held (twins of the model, monitored the whole run) only when named")
     parser.add_argument("--no-prefill", dest="prefill_run", action="store_false", help="skip the prefill shape")
     parser.add_argument("--keep-heap", action="store_true",
                         help="glibc malloc keeps freed memory (no page faults a forward; every set-up alike)")
@@ -648,7 +613,7 @@ def main(argv=None) -> int:
           f"{args.seconds:.0f} s a shape")
     dispatch_report(model, args.experts, args.top_k)
     cases = setups(model, args.experts, args.top_k, args.compiled,
-                   kept=bool(args.setups and set(KEPT) & set(args.setups)))
+                   kept=[name for name in KEPT if name in (args.setups or ())])
     if args.setups:
         unknown = set(args.setups) - set(cases)
         if unknown:
