@@ -6,7 +6,9 @@ Set-ups, interleaved forward by forward (so drifting machine load hits them alik
   moewatch  moewatch.attach(model) with its background reader
   naive     a forward hook per gate copying the routing to the host every call (.tolist(),
             as hand-written monitors do)
-  router    output_router_logits=True and statistics computed on the host from the outputs
+  router    output_router_logits=True and statistics computed on the host from the outputs, on a
+            twin of the model (its modules copied, its weights shared: the hooks transformers
+            leaves on a model that was asked for its router logits stay off the model)
   compiled  torch.compile(model, fullgraph=True) (inductor, static shapes), alone; compiled' again
   comp+mw   the same with moewatch attached before compiling (its ops traced into the graph), on
             a twin of the model's modules that shares its weights
@@ -127,8 +129,11 @@ def setups(model, experts: int, top_k: int, compiled: bool = True, kept: Sequenc
         "none'": (*nothing, {}, None, model),
         "moewatch": (attach_moewatch, lambda: state.pop("mon").detach(), {}, None, model),
         "naive": (attach_naive, lambda: state.pop("naive").remove(), {}, None, model),
+        # on a twin: transformers installs hooks that capture the router logits at the first
+        # forward that asks for them and leaves them on the model, where every later forward
+        # pays for them (0.3-0.5% at decode batch 1), the model alone's included
         "router": (*nothing, {"output_router_logits": True},
-                   lambda out: host_router_stats(out.router_logits, top_k), model),
+                   lambda out: host_router_stats(out.router_logits, top_k), sharing_weights(model)),
     }
     if kept:
         global TWINS
