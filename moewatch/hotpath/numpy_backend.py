@@ -10,7 +10,9 @@ with it, on the reader thread, because there:
 - the gates of a kind are one pass (``segment_sums``): S gates cost about what one does;
 - fewer passes: finite logits (the common case) are recognised by their per-token sums, so
   the non-finite replacement and its comparison are skipped; the per-token quantities are
-  written into one table and summed once; narrow routers keep a running top two.
+  written into one table and summed once; narrow routers keep a running top two; co-selection
+  where no token repeats an expert (every top-k) counts each pair of slots in one pass and takes
+  its diagonal from the counts.
 
 Measured on one warm thread (2-core machine, E = 8, k = 2, co-selection on): about 3x less
 time than the torch reference at 400 and at 16k tokens (94 vs 275 us; 1.1 vs 3.2 ms), ~70 ns
@@ -190,7 +192,7 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
         if calls is not None and traffic is not None:
             calls = calls[traffic]
         drops = would_be_drops(chosen, top_k, capacity_factor, calls, num_calls, num_experts, owner, num_segments)
-    cosel = coselection(chosen, num_experts, owner, num_segments) if coselect else None  # [S, E, E]
+    cosel = coselection(chosen, num_experts, owner, num_segments, counts) if coselect else None  # [S, E, E]
     touched = None
     if ranks is not None:
         touched = rank_tokens(chosen, _input(ranks, np.int64))[None]  # [1, E]
@@ -271,15 +273,14 @@ def _counts(float_counts: np.ndarray) -> np.ndarray:
 
 
 def coselection(chosen: np.ndarray, num_experts: int, owner: Optional[np.ndarray] = None,
-                num_segments: int = 1) -> np.ndarray:
+                num_segments: int = 1, diagonal: Optional[np.ndarray] = None) -> np.ndarray:
     """int64 [S, E, E] upper triangles: :func:`reference.coselection` of the traffic tokens' slots
     ``chosen`` [T', k] (a token's experts are a set: a repeated id counts once), per segment
-    (``owner`` [T']: each token's segment; None: one)."""
+    (``owner`` [T']: each token's segment; None: one). ``diagonal`` [S, E]: the tokens that
+    chose each expert, where the caller has counted them (used when no token repeats an id)."""
     num_tokens, k = chosen.shape
     size = num_experts * num_experts
     ids = np.ascontiguousarray(chosen.T)  # [k, T']
-    if owner is not None:  # each segment's pairs in a square of its own
-        base = owner * size  # [T']
     keep = None  # [k, T'] the first slot naming its expert, or None: a token's ids are distinct
     for later in range(1, k):
         repeated = (ids[:later] == ids[later]).any(axis=0)  # [T']
@@ -287,18 +288,44 @@ def coselection(chosen: np.ndarray, num_experts: int, owner: Optional[np.ndarray
             if keep is None:
                 keep = np.ones((k, num_tokens), dtype=bool)
             keep[later] = ~repeated
+    if keep is None:
+        return _distinct_coselection(ids, num_experts, owner, num_segments, diagonal)
+    base = None if owner is None else owner * size  # [T'] each segment's pairs in a square of its own
     parts = []
     for a in range(k):  # (a, a): tokens that chose ids[a]; (a, b): pairs at (min id, max id)
         for b in range(a, k):
             flat = ids[a] * (num_experts + 1) if a == b else (
                 np.minimum(ids[a], ids[b]) * num_experts + np.maximum(ids[a], ids[b]))  # [T']
-            if owner is not None:
+            if base is not None:
                 flat = flat + base
-            if keep is not None:
-                flat = flat[keep[a] & keep[b]]
+            flat = flat[keep[a] & keep[b]]
             parts.append(flat)
     flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     return np.bincount(flat, minlength=num_segments * size).reshape(num_segments, num_experts, num_experts)
+
+
+def _distinct_coselection(ids: np.ndarray, num_experts: int, owner: Optional[np.ndarray], num_segments: int,
+                          diagonal: Optional[np.ndarray]) -> np.ndarray:
+    """:func:`coselection` where no token names an expert twice (every router's top-k): each
+    ordered pair of slots (a < b) counted at (ids[a], ids[b]) in one pass, then folded onto the
+    upper triangle; the diagonal is the tokens per expert. ``ids`` [k, T']. Fewer passes than
+    ordering every pair (min and max) and counting the diagonal's slots with them."""
+    k, num_tokens = ids.shape
+    size = num_experts * num_experts
+    keys = [ids[a] * num_experts + ids[b] for a in range(k) for b in range(a + 1, k)]  # [T'] each
+    if owner is not None:
+        base = owner * size  # [T']
+        keys = [key + base for key in keys]
+    flat = keys[0] if len(keys) == 1 else (np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64))
+    ordered = np.bincount(flat, minlength=num_segments * size).reshape(num_segments, num_experts, num_experts)
+    pairs = np.triu(ordered + ordered.transpose(0, 2, 1), 1)  # [S, E, E] strictly upper
+    if diagonal is None:
+        slots = ids if owner is None else ids + owner * num_experts  # [k, T'] (segment, expert)
+        diagonal = np.bincount(slots.ravel(), minlength=num_segments * num_experts).reshape(num_segments,
+                                                                                             num_experts)
+    experts = np.arange(num_experts)
+    pairs[:, experts, experts] = diagonal
+    return pairs
 
 
 def rank_tokens(chosen: np.ndarray, ranks: np.ndarray) -> np.ndarray:
