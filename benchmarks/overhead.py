@@ -106,6 +106,10 @@ def host_router_stats(router_logits, top_k: int) -> None:
         -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1).mean()
 
 
+# the enter and exit of a set-up that attaches nothing around its samples
+NOTHING = (lambda: None, lambda: None)
+
+
 def setups(model, experts: int, top_k: int, compiled: bool = True, kept: Sequence[str] = ()) -> Dict[str, tuple]:
     """name -> (enter, exit, forward kwargs, after-forward callback, the module to call).
 
@@ -123,7 +127,7 @@ def setups(model, experts: int, top_k: int, compiled: bool = True, kept: Sequenc
     def attach_naive():
         state["naive"] = NaiveHostMonitor(model, experts)
 
-    nothing = (lambda: None, lambda: None)
+    nothing = NOTHING
     cases = {
         "none": (*nothing, {}, None, model),
         "none'": (*nothing, {}, None, model),
@@ -190,11 +194,11 @@ class Twins:
     costs nothing by itself. Each monitor's reader thread's CPU time is read from its clock."""
 
     def __init__(self, model, cases: dict, names: Sequence[str]):
-        self.monitors: Dict[str, object] = {}
+        self.monitors: Dict[str, object] = {}  # referenced for the whole run: attached until it ends
         self._clocks: Dict[str, list] = {}
         for name in (name for name in KEPT if name in names):
             twin = sharing_weights(model)
-            cases[name] = (lambda: None, lambda: None, {}, None, twin)
+            cases[name] = (*NOTHING, {}, None, twin)
             if name == "copy":
                 continue
             monitor = self.monitors[name] = moewatch.attach(twin)
@@ -211,6 +215,8 @@ class Twins:
 TWINS = None  # the Twins of copy, kept and held, where --setups names one
 # set-ups whose own code is timed (HookTimer): the monitors and output_router_logits' extra work
 OWN_CODE = ("moewatch", "naive", "router", "kept", "held")
+
+
 class Clock:
     """Wall and process-CPU seconds of a block, and the process's minor page faults in it. CPU
     time is far less disturbed than wall time by other processes on a shared machine; both are
