@@ -190,12 +190,16 @@ def test_expert_ids_out_of_range_or_of_another_shape_raise():
 
 
 @pytest.mark.parametrize("seed", range(8))
-@pytest.mark.parametrize("pieces", ["one", "many"])
+@pytest.mark.parametrize("pieces", ["one", "many", "sliced", "many sliced"])
 def test_segments_equal_each_gate_reduced_alone(seed, pieces, monkeypatch):
     """Several gates' calls in one pass (the reader's merged reduction): each segment's sums
     equal the reference's sums of that segment alone; empty segments add nothing. "many": the
-    tokens are reduced in pieces of 8-16 tokens, so pieces cut segments and segments share pieces."""
-    if pieces == "many":
+    tokens are reduced in pieces of 8-16 tokens, so pieces cut segments and segments share pieces.
+    "sliced": a piece's segments are summed slice by slice (as long segments are), not by one
+    reduceat."""
+    if "sliced" in pieces:
+        monkeypatch.setattr(numpy_backend, "SLICED_SEGMENT_TOKENS", 1)
+    if "many" in pieces:
         monkeypatch.setattr(numpy_backend, "PIECE_VALUES", 128)
         monkeypatch.setattr(numpy_backend, "MIN_PIECE_TOKENS", 8)
     g = torch.Generator().manual_seed(500 + seed)

@@ -20,7 +20,8 @@ a token at large sizes, ~150 ns with the model's threads busy beside it.
 
 Counts, drops, co-selection and tokens per rank are exact (integer ops on the same ids). Float
 sums agree with the reference to float tolerance: numpy's float32 exp and log may differ from
-torch's by an ulp, and both sum in float64. Where the router gives no indices, the top-k is
+torch's by an ulp; the reference sums in float64, this in float64 across pieces of at most 16k
+tokens and, unweighted, pairwise in float32 within one (token counts stay exact). Where the router gives no indices, the top-k is
 taken by ``torch.topk`` on these probabilities in the reference's layout, so exact ties break
 as the reference breaks them.
 """
@@ -126,6 +127,9 @@ def segment_sums(logits, indices, valid, scoring, top_k: int, probs=None, droppe
 # little faster (fewer ops), with the model's threads busy beside them.
 PIECE_VALUES = 131072
 MIN_PIECE_TOKENS = 256  # wide routers: the ops' own overhead stays small beside their work
+# Segments of a piece at least this long on average are summed slice by slice (pairwise, in
+# float32: 16k tokens of 8 experts in 4 segments 55 us, against 187 us for reduceat in float64).
+SLICED_SEGMENT_TOKENS = 256
 
 
 def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capacity_factor, call_ids, num_calls,
@@ -159,10 +163,18 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
         rows, local = _pieces(starts, ends, first, last)  # the segments in this piece, where they start in it
         if w is not None:  # weighted sums in float64, as the reference's (no BLAS: its threads spin)
             table = table.astype(np.float64) * w
-        if rows.shape[0] == 1:  # the common case: pairwise float64 sums
-            total[rows[0]] += table.sum(axis=1, dtype=np.float64)
+        # A piece's sums are pairwise in the table's dtype (float32 unweighted: relative error
+        # about 1e-7 over a piece's <= 16k tokens; a cast to float64 tripled their cost), the
+        # pieces' in float64. reduceat sums sequentially: in float64 only.
+        if rows.shape[0] == 1:  # the common case
+            total[rows[0]] += table.sum(axis=1)
             absmax[rows[0]] = max(absmax[rows[0]], float(magnitude.max()))
-        else:
+        elif last - first >= SLICED_SEGMENT_TOKENS * rows.shape[0]:  # a few long segments: slice by slice
+            bounds = np.append(local, last - first)  # [S' + 1]
+            for row, begin, end in zip(rows.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
+                total[row] += table[:, begin:end].sum(axis=1)
+                absmax[row] = max(absmax[row], float(magnitude[begin:end].max()))
+        else:  # many short segments: one call
             total[rows] += np.add.reduceat(table, local, axis=1, dtype=np.float64).T
             absmax[rows] = np.maximum(absmax[rows], np.maximum.reduceat(magnitude, local))
     if slots is None:
