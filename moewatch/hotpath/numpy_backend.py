@@ -21,9 +21,9 @@ a token at large sizes, ~150 ns with the model's threads busy beside it.
 Counts, drops, co-selection and tokens per rank are exact (integer ops on the same ids). Float
 sums agree with the reference to float tolerance: numpy's float32 exp and log may differ from
 torch's by an ulp; the reference sums in float64, this in float64 across pieces of at most 16k
-tokens and, unweighted, pairwise in float32 within one (token counts stay exact). Where the router gives no indices, the top-k is
-taken by ``torch.topk`` on these probabilities in the reference's layout, so exact ties break
-as the reference breaks them.
+tokens and, unweighted, pairwise in float32 within one (token counts stay exact). Where the
+router gives no indices, the top-k is taken by ``torch.topk`` on these probabilities in the
+reference's layout, so exact ties break as the reference breaks them.
 """
 from __future__ import annotations
 
