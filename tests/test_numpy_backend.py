@@ -162,6 +162,39 @@ def test_numpy_reduction_equals_the_reference(name):
                want, args)
 
 
+@pytest.mark.parametrize("blocks", ["as set", "short"])
+@pytest.mark.parametrize("experts", [8, 31, 32, 128])
+def test_concat_experts_lays_many_calls_out_expert_major(experts, blocks, monkeypatch):
+    """The reader's join of many calls' logits: arena copies (numpy, fp32/fp16), tensors (bf16,
+    3-D, requiring grad) and a mix of both give the calls' rows one after the other as one
+    C-contiguous float32 [E, sum T], narrow or wide, in blocks of any length ("short": 7 tokens,
+    so blocks split calls); no token at all gives [E, 0]; calls of another width raise, as
+    torch.cat does (the caller then reduces gate by gate)."""
+    if blocks == "short":
+        monkeypatch.setattr(numpy_backend, "WIDE_BLOCK_TOKENS", 7)
+        monkeypatch.setattr(numpy_backend, "NARROW_BLOCK_TOKENS", 7)
+    generator = torch.Generator().manual_seed(experts)
+    calls = [torch.randn(tokens, experts, generator=generator) for tokens in (300, 1, 257, 0, 40)]
+    want = torch.cat(calls).numpy().T  # [E, sum T]
+    arrays = [call.numpy() for call in calls]
+    half = [call.numpy().astype(np.float16) for call in calls]
+    tensors = [calls[0].to(torch.bfloat16), calls[1].reshape(1, 1, experts), calls[2].requires_grad_(),
+               calls[3], calls[4]]
+    mixed = [arrays[0], calls[1], arrays[2], calls[3], arrays[4]]
+    # each set of members and how many leading columns came in half precision (bf16, fp16)
+    for members, rounded in ((arrays, 0), (half, want.shape[1]), (tensors, 300), (mixed, 0)):
+        got = numpy_backend.concat_experts(members)
+        assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and got.shape == want.shape
+        np.testing.assert_array_equal(got[:, rounded:], want[:, rounded:])
+        np.testing.assert_allclose(got[:, :rounded], want[:, :rounded], rtol=1e-2, atol=1e-2)
+    for empty in ([arrays[3]], [calls[3], calls[3]]):
+        assert numpy_backend.concat_experts(empty).shape == (experts, 0)
+    with pytest.raises((ValueError, RuntimeError)):
+        numpy_backend.concat_experts([arrays[0], np.zeros((3, experts + 1), dtype=np.float32)])
+    with pytest.raises((ValueError, RuntimeError)):
+        numpy_backend.concat_experts([calls[0], torch.zeros(3, experts + 1)])
+
+
 def test_exact_ties_break_as_the_reference_breaks_them():
     """No indices: the top-k of tied probabilities is the reference's own choice among equals."""
     x = torch.tensor([[0.0, 3.0, 3.0, 1.0, 3.0, 0.0, 0.0, 0.0],

@@ -71,11 +71,30 @@ def concat(tensors, dtype=np.float32) -> np.ndarray:
     return as_array(joined, dtype)
 
 
+# The [T, E] -> [E, T] copy goes block by block of tokens: numpy's transposing copy of a whole
+# wide array thrashes the cache (16k tokens of 64 experts: 6.6 ms whole, 0.63 ms in blocks of 64
+# tokens; 4k tokens of 256: 6.8 ms, 0.65 ms). Narrow routers copy well in long blocks, where a
+# short block's own overhead would show (16k tokens of 8 experts: 38 us whole).
+WIDE_EXPERTS = 32
+WIDE_BLOCK_TOKENS = 64
+NARROW_BLOCK_TOKENS = 8192
+
+
 def concat_experts(tensors) -> np.ndarray:
-    """The logits [T_i, E] (or [..., E]) of many calls as one float32 array [E, sum T_i], the
-    layout the reduction works in (a concatenation, then numpy's transposing copy: 5x faster
-    than concatenating transposed views with torch, measured)."""
-    return np.ascontiguousarray(concat(tensors).T)
+    """The logits [T_i, E] (or [..., E]) of many calls as one C-contiguous float32 array
+    [E, sum T_i], the layout the reduction works in: the calls' rows in order, each call's
+    transposed blocks copied straight into their columns (see ``WIDE_BLOCK_TOKENS``). Tensors
+    are joined by one ``torch.cat`` first (converting each call's tensor on its own cost ~6 us
+    a call); arena copies (numpy arrays) are read where they are."""
+    width = tensors[0].shape[-1]
+    if not all([type(t) is np.ndarray and t.ndim == 2 for t in tensors]):
+        tensors = [concat(tensors)]  # [sum T, E] float32
+    block = WIDE_BLOCK_TOKENS if width >= WIDE_EXPERTS else NARROW_BLOCK_TOKENS
+    blocks = [t[first:first + block].T for t in tensors for first in range(0, t.shape[0], block)]  # [E, <= block]
+    out = np.empty((width, sum([b.shape[1] for b in blocks])), dtype=np.float32)  # [E, sum T]
+    if blocks:  # else no token at all: [E, 0]
+        np.concatenate(blocks, axis=1, out=out)  # fails where the calls' widths differ, as torch.cat
+    return out
 
 
 def _input(value, dtype=np.float32) -> Optional[np.ndarray]:
