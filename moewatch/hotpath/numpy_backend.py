@@ -61,11 +61,21 @@ def concat(tensors, dtype=np.float32) -> np.ndarray:
     one ``torch.cat`` (converting each call's tensor on its own cost the reader ~6 us a call),
     or one ``np.concatenate`` where every member is an array (the arena's copies: a tensor of
     each cost ~1 us, 44 prefill calls' logits 79 us against 25)."""
-    width = tensors[0].shape[-1]
-    if all([type(t) is np.ndarray and t.ndim == 2 for t in tensors]):
+    if _all_arrays(tensors):
         joined = np.concatenate(tensors)  # fails where widths differ, as torch.cat
         return joined if joined.dtype == dtype else joined.astype(dtype)
-    tensors = [as_tensor(t) for t in tensors]  # members may be arena copies (numpy)
+    return _cat_tensors(tensors, dtype)
+
+
+def _all_arrays(tensors) -> bool:
+    """Whether every member is a 2-D numpy array (an arena copy)."""
+    return all([type(t) is np.ndarray and t.ndim == 2 for t in tensors])
+
+
+def _cat_tensors(tensors, dtype=np.float32) -> np.ndarray:
+    """:func:`concat` by one ``torch.cat`` (members may be arena copies, or of more dimensions)."""
+    width = tensors[0].shape[-1]
+    tensors = [as_tensor(t) for t in tensors]
     with torch.no_grad():  # the reader's grad mode is on: no history for tensors that require grad
         joined = torch.cat([t if t.dim() == 2 else t.reshape(-1, width) for t in tensors])  # fails where widths differ
     return as_array(joined, dtype)
@@ -87,10 +97,12 @@ def concat_experts(tensors) -> np.ndarray:
     are joined by one ``torch.cat`` first (converting each call's tensor on its own cost ~6 us
     a call); arena copies (numpy arrays) are read where they are."""
     width = tensors[0].shape[-1]
-    if not all([type(t) is np.ndarray and t.ndim == 2 for t in tensors]):
-        tensors = [concat(tensors)]  # [sum T, E] float32
+    if not _all_arrays(tensors):
+        tensors = [_cat_tensors(tensors)]  # [sum T, E] float32
     block = WIDE_BLOCK_TOKENS if width >= WIDE_EXPERTS else NARROW_BLOCK_TOKENS
     blocks = [t[first:first + block].T for t in tensors for first in range(0, t.shape[0], block)]  # [E, <= block]
+    if len(blocks) == 1:  # one short or narrow array: numpy's own copy has the least overhead
+        return np.ascontiguousarray(blocks[0], dtype=np.float32)
     out = np.empty((width, sum([b.shape[1] for b in blocks])), dtype=np.float32)  # [E, sum T]
     if blocks:  # else no token at all: [E, 0]
         np.concatenate(blocks, axis=1, out=out)  # fails where the calls' widths differ, as torch.cat
