@@ -240,7 +240,7 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
         if calls is not None and traffic is not None:
             calls = calls[traffic]
         drops = would_be_drops(chosen, top_k, capacity_factor, calls, num_calls, num_experts, owner, num_segments)
-    cosel = coselection(chosen, num_experts, owner, num_segments, counts) if coselect else None  # [S, E, E]
+    cosel = coselection(chosen, num_experts, counts, owner, num_segments) if coselect else None  # [S, E, E]
     touched = None
     if ranks is not None:
         touched = rank_tokens(chosen, _input(ranks, np.int64))[None]  # [1, E]
@@ -320,12 +320,12 @@ def _counts(float_counts: np.ndarray) -> np.ndarray:
     return np.rint(float_counts).astype(np.int64)
 
 
-def coselection(chosen: np.ndarray, num_experts: int, owner: Optional[np.ndarray] = None,
-                num_segments: int = 1, diagonal: Optional[np.ndarray] = None) -> np.ndarray:
+def coselection(chosen: np.ndarray, num_experts: int, diagonal: np.ndarray, owner: Optional[np.ndarray] = None,
+                num_segments: int = 1) -> np.ndarray:
     """int64 [S, E, E] upper triangles: :func:`reference.coselection` of the traffic tokens' slots
     ``chosen`` [T', k] (a token's experts are a set: a repeated id counts once), per segment
-    (``owner`` [T']: each token's segment; None: one). ``diagonal`` [S, E]: the tokens that
-    chose each expert, where the caller has counted them (used when no token repeats an id)."""
+    (``owner`` [T']: each token's segment; None: one). ``diagonal`` [S, E]: the slots naming
+    each expert, as the caller counted them (the diagonal where no token repeats an id)."""
     num_tokens, k = chosen.shape
     size = num_experts * num_experts
     ids = np.ascontiguousarray(chosen.T)  # [k, T']
@@ -353,13 +353,14 @@ def coselection(chosen: np.ndarray, num_experts: int, owner: Optional[np.ndarray
 
 
 def _distinct_coselection(ids: np.ndarray, num_experts: int, owner: Optional[np.ndarray], num_segments: int,
-                          diagonal: Optional[np.ndarray]) -> np.ndarray:
+                          diagonal: np.ndarray) -> np.ndarray:
     """:func:`coselection` where no token names an expert twice (every router's top-k): each
     ordered pair of slots (a < b) counted at (ids[a], ids[b]) in one pass, then folded onto the
-    upper triangle; the diagonal is the tokens per expert. ``ids`` [k, T']. Fewer passes than
-    ordering every pair (min and max) and counting the diagonal's slots with them. The keys are
-    written in place, a slot against all later ones per op: k - 1 adds, not k (k - 1) / 2 of each
-    op and a concatenation (8,192 tokens of 64 experts, top-8, 4 segments: 0.62 ms, not 0.90)."""
+    upper triangle; the diagonal is ``diagonal``, the tokens per expert. ``ids`` [k, T']. Fewer
+    passes than ordering every pair (min and max) and counting the diagonal's slots with them.
+    The keys are written in place, a slot against all later ones per op: k - 1 adds, not
+    k (k - 1) / 2 of each op and a concatenation (8,192 tokens of 64 experts, top-8, 4 segments:
+    0.62 ms, not 0.90)."""
     k, num_tokens = ids.shape
     size = num_experts * num_experts
     # [k - 1, T'] the (segment, first id) part of a key, for each slot but the last
@@ -372,10 +373,6 @@ def _distinct_coselection(ids: np.ndarray, num_experts: int, owner: Optional[np.
     ordered = np.bincount(flat.ravel(), minlength=num_segments * size).reshape(num_segments, num_experts,
                                                                                 num_experts)
     pairs = np.triu(ordered + ordered.transpose(0, 2, 1), 1)  # [S, E, E] strictly upper
-    if diagonal is None:
-        slots = ids if owner is None else ids + owner * num_experts  # [k, T'] (segment, expert)
-        diagonal = np.bincount(slots.ravel(), minlength=num_segments * num_experts).reshape(num_segments,
-                                                                                             num_experts)
     experts = np.arange(num_experts)
     pairs[:, experts, experts] = diagonal
     return pairs
