@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import moewatch  # noqa: E402
 from moewatch.hotpath import numpy_backend, staged  # noqa: E402
+from reader_ab import in_a_model, summary  # noqa: E402  (benchmarks/reader_ab.py)
 
 # (kind, calls, tokens a call, experts): what a window's join sees
 SHAPES = [
@@ -51,15 +51,6 @@ def whole_copy(tensors) -> np.ndarray:
 
 
 JOINS = {"blocks": numpy_backend.concat_experts, "whole": whole_copy}
-
-
-def summary(label: str, times: dict, unit: float, name: str) -> None:
-    blocks, whole = times["blocks"], times["whole"]
-    ratios = [b / w for b, w in zip(blocks, whole)]
-    print(f"  {label:34s} blocks {statistics.median(blocks) * unit:9.1f} [{min(blocks) * unit:.1f}, "
-          f"{max(blocks) * unit:.1f}]   whole {statistics.median(whole) * unit:9.1f} [{min(whole) * unit:.1f}, "
-          f"{max(whole) * unit:.1f}] {name}   blocks / whole {statistics.median(ratios):.3f} "
-          f"[{min(ratios):.3f}, {max(ratios):.3f}]")
 
 
 def joins_alone(repeats: int) -> None:
@@ -81,7 +72,7 @@ def joins_alone(repeats: int) -> None:
         summary(f"{kind} {calls} x [{tokens}, {experts}]", times, 1e6, "us")
 
 
-def in_a_model(rounds: int) -> None:
+def olmoe_prefill(rounds: int) -> None:
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
@@ -90,34 +81,13 @@ def in_a_model(rounds: int) -> None:
                          max_position_embeddings=2048, eos_token_id=0)
     model = OlmoeForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (4, 512))
-    window_forwards = 4  # 2,048 tokens a gate a forward: a window of 8,192
-    monitor = moewatch.attach(model, background=False, window_tokens=window_forwards * ids.numel())
-    times = {name: [] for name in JOINS}
-    forward_seconds = []
-    with torch.no_grad():
-        model(ids)
-        monitor.flush()
-        for round_index in range(rounds):
-            order = list(JOINS) if round_index % 2 == 0 else list(JOINS)[::-1]
-            for name in order:
-                staged.concat_experts = JOINS[name]  # the reader's join, by the name it calls
-                started = time.perf_counter()
-                for _ in range(window_forwards):
-                    model(ids)
-                forward_seconds.append((time.perf_counter() - started) / window_forwards)
-                started = time.thread_time()
-                monitor.flush()
-                times[name].append((time.thread_time() - started) / window_forwards)
-    staged.concat_experts = numpy_backend.concat_experts
-    errors = monitor.error_counts()
-    monitor.detach()
-    assert not errors, errors
-    forward = statistics.median(forward_seconds)
-    print(f"\nOLMoE-shaped (hidden 512, 4 layers, 64 experts, top-8), prefill 4 x 512: a forward {forward * 1e3:.0f} ms"
-          f" (median); the reduction's CPU a forward, median [min, max] over {rounds} rounds, ms:")
-    summary("reduction a forward", times, 1e3, "ms")
-    for name, values in times.items():
-        print(f"  {name}: {statistics.median(values) / forward * 100:.2f}% of a forward")
+
+    def way(join):
+        def switch():
+            staged.concat_experts = join  # the reader's join, by the name it calls
+        return switch
+    in_a_model("OLMoE-shaped (hidden 512, 4 layers, 64 experts, top-8), prefill 4 x 512", model, ids, 4, rounds,
+               {name: way(join) for name, join in JOINS.items()})
 
 
 def main(argv=None) -> int:
@@ -128,7 +98,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     joins_alone(args.repeats)
     if args.model:
-        in_a_model(args.rounds)
+        olmoe_prefill(args.rounds)
     return 0
 
 

@@ -13,6 +13,10 @@ Tolerances. Counts, drops, co-selection, tokens per rank, absmax and the integer
 for the logit sum, whose terms cancel, the weighted sum of |finite logit|. Why: both do the same
 float32 per-token math on the same upcast inputs, with numpy's and torch's exp/log (an ulp or
 two apart) and different summation orders over experts (~1e-7 relative), then float64 sums.
+
+Every test runs twice: with the compiled kernel (``numba_backend``, which takes softmax scoring
+with the router's own ids: most cases here) and with numpy alone. The compiled run fails where
+numba, a test dependency, cannot compile the kernel, rather than quietly testing numpy twice.
 """
 from __future__ import annotations
 
@@ -22,9 +26,18 @@ import numpy as np
 import pytest
 import torch
 
-from moewatch.hotpath import layout, numpy_backend, reference
+from moewatch.hotpath import layout, numba_backend, numpy_backend, reference
 
 RTOL, ATOL_PER_TOKEN = 1e-5, 1e-6
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def kernel(request, monkeypatch):
+    """Each test with the compiled kernel, then with numpy alone."""
+    monkeypatch.setattr(numba_backend, "enabled", request.param == "compiled")
+    if request.param == "compiled":
+        assert numba_backend.available(), "numba could not compile the reader's kernel"
+    return request.param
 EXACT_COLUMNS = (layout.TOKENS, layout.LOGIT_FINITE, layout.NONFINITE)
 
 
@@ -261,5 +274,33 @@ def test_segments_equal_each_gate_reduced_alone(seed, pieces, monkeypatch):
     assert len(got) == len(parts)
     for part, segment in zip(parts, got):
         want = reference.gate_sums(**dict(part, num_calls=2))
+        _check(reference.GateSums(*[None if v is None else torch.from_numpy(np.asarray(v)) for v in segment]),
+               want, part)
+
+
+@pytest.mark.parametrize("experts, k, repeats", [(8, 2, False), (64, 8, False), (60, 6, True), (1, 1, False)])
+def test_the_common_case_runs_the_compiled_kernel_across_blocks(experts, k, repeats, kernel, monkeypatch):
+    """Softmax scoring with the router's own ids (every softmax MoE the hooks know) is reduced by
+    the compiled kernel when it is on, by numpy when it is off, to the reference's sums: segments
+    that start and end inside the kernel's blocks of 64 tokens (sizes 0, 63, 64, 65, 130, 1),
+    padding, non-finite logits and whole NaN rows, and ids repeated within a token."""
+    ran = []
+    compiled_sums = numba_backend.segment_sums
+    monkeypatch.setattr(numba_backend, "segment_sums", lambda *a: ran.append(1) or compiled_sums(*a))
+    sizes = [0, 63, 64, 65, 130, 1]
+    parts = [_case(700 + i, n, experts, k, torch.float32, valid="binary" if i % 2 else None, nonfinite=0.05,
+                   nan_rows=1 if n > 1 else 0, repeats=repeats)
+             for i, n in enumerate(sizes)]
+    for part in parts:
+        if part["valid"] is None:  # each segment with weights, some all ones
+            part["valid"] = torch.ones(part["logits"].shape[0])
+    joined = {key: torch.cat([part[key] for part in parts]) for key in ("logits", "indices", "valid")}
+    starts = np.cumsum([0] + sizes[:-1])
+    got = numpy_backend.segment_sums(numpy_backend.concat_experts([joined["logits"]]), joined["indices"],
+                                     joined["valid"], layout.SOFTMAX, k, coselect=True, starts=starts,
+                                     expert_major=True)
+    assert len(ran) == (1 if kernel == "compiled" else 0)
+    for part, segment in zip(parts, got):
+        want = reference.gate_sums(**part)
         _check(reference.GateSums(*[None if v is None else torch.from_numpy(np.asarray(v)) for v in segment]),
                want, part)

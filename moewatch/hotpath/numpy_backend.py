@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy.special import entr
 
-from . import reference
+from . import numba_backend, reference
 from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, SOFTMAX,
                      TOKENS, TOP1, ZLOSS)
 from .reference import GateSums, scoring_code
@@ -183,42 +183,27 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
     given = None if probs is None else _input(probs)  # [T, E] float32 or None
     weights = None if valid is None else _input(valid, np.float64)  # [T] or None: every token is traffic
     slots = None if indices is None else _input(indices, np.int64)  # [T, k]; else the top-k, piece by piece
-    top_parts = []
     ends = np.append(starts[1:], num_tokens)  # [S]
-    total = np.zeros((num_segments, NUM_SCALARS + num_experts))  # [S, C] float64
-    absmax = np.zeros(num_segments)  # [S]
-    step = max(MIN_PIECE_TOKENS, PIECE_VALUES // num_experts)
-    for first in range(0, num_tokens, step):
-        last = min(num_tokens, first + step)
-        w = None if weights is None else weights[first:last]  # [n]
-        x = raw[:, first:last] if expert_major else raw[first:last].T  # [E, n]
-        table, magnitude = _token_stats(x, None if given is None else given[first:last], scoring, w)
-        if slots is None:  # the reference's top-k on these probabilities, laid out as the reference's
-            p = table[NUM_SCALARS:]  # [E, n]
-            top_parts.append(torch.topk(torch.from_numpy(p).t(), top_k, dim=-1).indices.numpy())  # [n, k]
-        rows, local = _pieces(starts, ends, first, last)  # the segments in this piece, where they start in it
-        if w is not None:  # weighted sums in float64, as the reference's (no BLAS: its threads spin)
-            table = table.astype(np.float64) * w
-        # A piece's sums are pairwise in the table's dtype (float32 unweighted: relative error
-        # about 1e-7 over a piece's <= 16k tokens; a cast to float64 tripled their cost), the
-        # pieces' in float64. reduceat sums sequentially: in float64 only.
-        if rows.shape[0] == 1:  # the common case
-            total[rows[0]] += table.sum(axis=1)
-            absmax[rows[0]] = max(absmax[rows[0]], float(magnitude.max()))
-        elif last - first >= SLICED_SEGMENT_TOKENS * rows.shape[0]:  # a few long segments: slice by slice
-            bounds = np.append(local, last - first)  # [S' + 1]
-            for row, begin, end in zip(rows.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
-                total[row] += table[:, begin:end].sum(axis=1)
-                absmax[row] = max(absmax[row], float(magnitude[begin:end].max()))
-        else:  # many short segments: one call
-            total[rows] += np.add.reduceat(table, local, axis=1, dtype=np.float64).T
-            absmax[rows] = np.maximum(absmax[rows], np.maximum.reduceat(magnitude, local))
+    compiled = (slots is not None and given is None and scoring_code(scoring) == SOFTMAX
+                and numba_backend.available())  # the common case, in one compiled pass
+    if not compiled:
+        total, absmax, top_parts = _table_sums(raw, given, scoring, weights, starts, ends, expert_major,
+                                               None if slots is not None else top_k)
     if slots is None:
         slots = np.concatenate(top_parts)  # [T, k]
     if slots.ndim != 2 or slots.shape[0] != num_tokens:  # as the reference, which cannot pair them either
         raise ValueError(f"expert ids of shape {tuple(slots.shape)} for {num_tokens} tokens: [T, k] expected")
     if slots.size and (slots.min() < 0 or slots.max() >= num_experts):
         raise IndexError(f"expert ids must lie in [0, {num_experts}), got {slots.min()}..{slots.max()}")
+
+    if compiled:
+        whole = dropped is None and capacity_factor <= 0 and ranks is None  # else drops, ranks below
+        expert_rows = raw if expert_major else concat_experts([raw])  # [E, T]
+        total, absmax, counts, cosel = numba_backend.segment_sums(expert_rows, slots, weights, starts, ends,
+                                                                  coselect and whole)
+        if whole:
+            return [GateSums(total[s, :NUM_SCALARS], total[s, NUM_SCALARS:], counts[s], None, absmax[s],
+                             None if cosel is None else cosel[s], None) for s in range(num_segments)]
 
     traffic = None if weights is None else weights != 0  # [T] bool, or None: every token
     owner = None  # [T'] the segment of each traffic token, or None: one segment
@@ -248,6 +233,44 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
                      None if drops is None else drops[s], absmax[s],
                      None if cosel is None else cosel[s], None if touched is None else touched[s])
             for s in range(num_segments)]
+
+
+def _table_sums(raw, given, scoring, weights, starts, ends, expert_major, top_k):
+    """The float sums of each segment with numpy, piece by piece: float64 [S, C], float64 [S]
+    max |logit|, and the top-k of each piece's probabilities ([n, k] arrays) where ``top_k`` is
+    given (the router gave no expert ids)."""
+    num_tokens, num_experts = raw.shape[::-1] if expert_major else raw.shape
+    num_segments = starts.shape[0]
+    top_parts = []
+    total = np.zeros((num_segments, NUM_SCALARS + num_experts))  # [S, C] float64
+    absmax = np.zeros(num_segments)  # [S]
+    step = max(MIN_PIECE_TOKENS, PIECE_VALUES // num_experts)
+    for first in range(0, num_tokens, step):
+        last = min(num_tokens, first + step)
+        w = None if weights is None else weights[first:last]  # [n]
+        x = raw[:, first:last] if expert_major else raw[first:last].T  # [E, n]
+        table, magnitude = _token_stats(x, None if given is None else given[first:last], scoring, w)
+        if top_k is not None:  # the reference's top-k on these probabilities, laid out as the reference's
+            p = table[NUM_SCALARS:]  # [E, n]
+            top_parts.append(torch.topk(torch.from_numpy(p).t(), top_k, dim=-1).indices.numpy())  # [n, k]
+        rows, local = _pieces(starts, ends, first, last)  # the segments in this piece, where they start in it
+        if w is not None:  # weighted sums in float64, as the reference's (no BLAS: its threads spin)
+            table = table.astype(np.float64) * w
+        # A piece's sums are pairwise in the table's dtype (float32 unweighted: relative error
+        # about 1e-7 over a piece's <= 16k tokens; a cast to float64 tripled their cost), the
+        # pieces' in float64. reduceat sums sequentially: in float64 only.
+        if rows.shape[0] == 1:  # the common case
+            total[rows[0]] += table.sum(axis=1)
+            absmax[rows[0]] = max(absmax[rows[0]], float(magnitude.max()))
+        elif last - first >= SLICED_SEGMENT_TOKENS * rows.shape[0]:  # a few long segments: slice by slice
+            bounds = np.append(local, last - first)  # [S' + 1]
+            for row, begin, end in zip(rows.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
+                total[row] += table[:, begin:end].sum(axis=1)
+                absmax[row] = max(absmax[row], float(magnitude[begin:end].max()))
+        else:  # many short segments: one call
+            total[rows] += np.add.reduceat(table, local, axis=1, dtype=np.float64).T
+            absmax[rows] = np.maximum(absmax[rows], np.maximum.reduceat(magnitude, local))
+    return total, absmax, top_parts
 
 
 def _pieces(starts: np.ndarray, ends: np.ndarray, first: int, last: int):

@@ -30,7 +30,7 @@ import torch
 
 from ..adapters.base import flat_tokens, width_error
 from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOKENS
-from . import numpy_backend
+from . import numba_backend, numpy_backend
 from .arena import StagingArena
 from .gathered import Locate, own_decisions
 from .numpy_backend import as_array, as_tensor, concat, concat_experts
@@ -173,6 +173,9 @@ class StagedBank:
         self._arena = StagingArena(MAX_STAGED_BYTES // 2)  # copies of prefill-sized eager calls
         self.arena_min_tokens = ARENA_MIN_TOKENS  # calls of fewer tokens are not copied into it
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
+        # the reader's compiled kernel is compiled (or loaded from numba's cache) here, at attach,
+        # not by the reader beside a forward: compiling holds the interpreter lock for a second
+        numba_backend.available()
         self._window_gate_tokens = [0.0] * num_gates  # per gate: a list, no tensor op per call
         # the requests' tokens and tokens squared, summed since attach (Window.rows): floats, as
         # numpy's in-place adds cost the reader a microsecond a forward
