@@ -1,27 +1,29 @@
-"""The CPU reader's float statistics in one compiled pass (numba), where numba is installed.
+"""The CPU reader's reduction, common case, in one compiled pass (numba, where it is installed).
 
 :mod:`numpy_backend` computes a window's per-token quantities with some thirty numpy ops, each a
-pass over an [E, n] temporary: at decode sizes the ops' own overhead is most of the cost (about
-50 us for 32 tokens of 8 experts, of which the arithmetic is a few), at prefill sizes the
-passes through memory are (8,192 tokens of 8 experts: about 340 us on one warm thread). This
-kernel makes one pass: for each block of 64 tokens of a segment, the block's logits [E, 64] are
-read once into a scratch that stays in L1, and every per-token quantity is made and summed
-there. Its exp is a polynomial of its own that the compiler vectorises across the block's
-tokens (numba has no vector exp without Intel's SVML): relative error about 2e-7, as an ulp or
-two of float32, within the tolerance the backends are tested to (``tests/test_numba_backend.py``).
-Measured side by side (``python benchmarks/reader_join.py --kernel``): about 2.5x less time than
-numpy at prefill sizes, 3-4x for wide routers, 10-20x at decode sizes.
+pass over an [E, n] temporary: at decode sizes the ops' own overhead is most of the cost, at
+prefill sizes the passes through memory are. This kernel makes one pass: for each block of 64
+tokens of a segment, the block's logits [E, 64] are read once into a scratch that stays in L1
+and every per-token quantity is made and summed there; then the counts and co-selection, token
+by token. Its exp is a polynomial of its own that the compiler vectorises across the block's
+tokens (numba has no vector exp without Intel's SVML): relative error about 2e-7, an ulp or two
+of float32, within the tolerance the backends are tested to against the reference
+(``tests/test_numpy_backend.py`` runs every case with this kernel and without it). Measured side
+by side (``python benchmarks/reader_kernel.py``, one reduction of 4 gates, co-selection on):
+about 1.7x less time than numpy at prefill sizes, 2-2.6x for wide routers, 3.5-4.5x at decode
+sizes.
 
-It takes the common case only: softmax scoring from the logits, the router's own expert ids
-(so no top-k is taken here), with or without padding weights. Sigmoid scoring and router-given
-probabilities stay with numpy. It runs without the interpreter lock (``nogil``), so the model's
-thread is not held while the reader reduces.
+It takes the common case: softmax scoring from the logits with the router's own expert ids (so
+no top-k is taken here), with or without padding weights. Sigmoid scoring, router-given
+probabilities and routers without ids stay with numpy; with native or would-be drops or a
+placement, the kernel makes the float statistics and numpy the integer ones. It runs without the
+interpreter lock (``nogil``), so the model's thread is not held while the reader reduces.
 
-numba compiles the kernel on first use, about a second and a half holding the interpreter lock,
-then caches it on disk (``cache=True``; later processes load it in milliseconds). The staged
-backend calls :func:`available` when it is attached, so that this happens before the model
-runs, never on the reader beside a forward. Where numba is absent, cannot compile or cannot
-cache, :func:`available` says False and numpy reduces, to the same sums.
+numba compiles the kernel on first use: about 2 s holding the interpreter lock, most of it
+numba's own start-up, which a process pays even where the machine code comes from numba's disk
+cache (``cache=True``). The staged backend calls :func:`available` when it is attached, so that
+this happens before the model runs, never on the reader beside a forward. Where numba is absent
+or cannot compile, :func:`available` says False and numpy reduces, to the same sums.
 """
 from __future__ import annotations
 
@@ -80,20 +82,24 @@ def segment_sums(logits: np.ndarray, slots: np.ndarray, weights: Optional[np.nda
 
 
 def _compile():
-    """The compiled kernel, or False where numba is absent or fails (numpy then reduces)."""
+    """The compiled kernel, or False where numba is absent or cannot compile it (numpy then
+    reduces). Cached on disk where numba finds a place to (beside this file, else its user-wide
+    cache directory); compiled for this process alone where it finds none."""
     try:
         import numba
     except Exception:
         return False
-    try:
-        kernel = numba.njit(nogil=True, cache=True, fastmath=_FAST_MATH, boundscheck=False)(_softmax_sums)
-        # compile (or load) now, on small arguments: not on the reader beside a forward
-        kernel(np.zeros((2, 1), np.float32), np.zeros((1, 1), np.int64), np.ones(0), False, np.zeros(1, np.int64),
-               np.ones(1, np.int64), True, np.zeros((1, NUM_SCALARS + 2)), np.zeros(1), np.zeros((1, 2), np.int64),
-               np.zeros((1, 2, 2), np.int64))
-        return kernel
-    except Exception:
-        return False
+    for cache in (True, False):
+        try:
+            kernel = numba.njit(nogil=True, cache=cache, fastmath=_FAST_MATH, boundscheck=False)(_softmax_sums)
+            # compile (or load) now, on small arguments: not on the reader beside a forward
+            kernel(np.zeros((2, 1), np.float32), np.zeros((1, 1), np.int64), np.ones(0), False,
+                   np.zeros(1, np.int64), np.ones(1, np.int64), True, np.zeros((1, NUM_SCALARS + 2)), np.zeros(1),
+                   np.zeros((1, 2), np.int64), np.zeros((1, 2, 2), np.int64))
+            return kernel
+        except Exception:
+            continue
+    return False
 
 
 # Reassociation lets sums over a block's tokens vectorise; no 'nnan'/'ninf': the kernel tests
