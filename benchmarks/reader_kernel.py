@@ -35,16 +35,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moewatch.hotpath import numba_backend, numpy_backend  # noqa: E402
 from reader_ab import in_a_model, summary  # noqa: E402  (benchmarks/reader_ab.py)
 
-# (label, gates, tokens a gate, experts, top-k, padded): what one of the reader's reductions sees
+# (label, gates, tokens a gate, experts, top-k, padded, scoring): what one of the reader's reductions sees
 SHAPES = [
-    ("decode, Mixtral, batch 8", 4, 8, 8, 2, False),
-    ("decode, Mixtral, 16 steps of batch 8", 4, 128, 8, 2, False),
-    ("decode, padded", 4, 128, 8, 2, True),
-    ("decode, OLMoE, 16 steps of batch 8", 4, 128, 64, 8, False),
-    ("prefill, Mixtral, 4 x 512", 4, 2048, 8, 2, False),
-    ("prefill, Mixtral, padded", 4, 2048, 8, 2, True),
-    ("prefill, OLMoE, 4 x 512", 4, 2048, 64, 8, False),
-    ("prefill, 128 experts, top-8", 4, 1024, 128, 8, False),
+    ("decode, Mixtral, batch 8", 4, 8, 8, 2, False, "softmax"),
+    ("decode, Mixtral, 16 steps of batch 8", 4, 128, 8, 2, False, "softmax"),
+    ("decode, padded", 4, 128, 8, 2, True, "softmax"),
+    ("decode, OLMoE, 16 steps of batch 8", 4, 128, 64, 8, False, "softmax"),
+    ("decode, sigmoid, 256 experts, top-8", 4, 128, 256, 8, False, "sigmoid"),
+    ("prefill, Mixtral, 4 x 512", 4, 2048, 8, 2, False, "softmax"),
+    ("prefill, Mixtral, padded", 4, 2048, 8, 2, True, "softmax"),
+    ("prefill, OLMoE, 4 x 512", 4, 2048, 64, 8, False, "softmax"),
+    ("prefill, 128 experts, top-8", 4, 1024, 128, 8, False, "softmax"),
+    ("prefill, sigmoid, 256 experts, top-8", 4, 512, 256, 8, False, "sigmoid"),
 ]
 WAYS = ("compiled", "numpy")
 
@@ -59,12 +61,12 @@ SWITCHES = {way: (lambda way=way: switch(way)) for way in WAYS}
 def reductions_alone(repeats: int) -> None:
     print(f"one reduction of S gates' tokens, one thread; median [min, max] over {repeats} repeats, us:")
     rng = np.random.default_rng(0)
-    for label, gates, tokens, experts, top_k, padded in SHAPES:
+    for label, gates, tokens, experts, top_k, padded, scoring in SHAPES:
         total = gates * tokens
         logits = (2 * rng.standard_normal((experts, total))).astype(np.float32)  # [E, T] as the reader joins
         indices = np.argsort(-logits.T, axis=1)[:, :top_k].astype(np.int64)  # [T, k]
         valid = (rng.random(total) < 0.8).astype(np.float64) if padded else None  # [T]
-        args = dict(logits=logits, indices=indices, valid=valid, scoring="softmax", top_k=top_k, coselect=True,
+        args = dict(logits=logits, indices=indices, valid=valid, scoring=scoring, top_k=top_k, coselect=True,
                     starts=np.arange(gates) * tokens, expert_major=True)
         results = {}
         for way in WAYS:

@@ -278,26 +278,30 @@ def test_segments_equal_each_gate_reduced_alone(seed, pieces, monkeypatch):
                want, part)
 
 
+@pytest.mark.parametrize("scoring", [layout.SOFTMAX, layout.SIGMOID])
 @pytest.mark.parametrize("experts, k, repeats", [(8, 2, False), (64, 8, False), (60, 6, True), (1, 1, False)])
-def test_the_common_case_runs_the_compiled_kernel_across_blocks(experts, k, repeats, kernel, monkeypatch):
-    """Softmax scoring with the router's own ids (every softmax MoE the hooks know) is reduced by
-    the compiled kernel when it is on, by numpy when it is off, to the reference's sums: segments
-    that start and end inside the kernel's blocks of 64 tokens (sizes 0, 63, 64, 65, 130, 1),
-    padding, non-finite logits and whole NaN rows, and ids repeated within a token."""
+def test_the_common_case_runs_the_compiled_kernel_across_blocks(experts, k, repeats, scoring, kernel, monkeypatch):
+    """Softmax or sigmoid scoring with the router's own ids (every MoE the hooks know but those
+    that give their own probabilities) is reduced by the compiled kernel when it is on, by numpy
+    when it is off, to the reference's sums: segments that start and end inside the kernel's
+    blocks of 64 tokens (sizes 0, 63, 64, 65, 130, 1), padding, non-finite logits and whole NaN
+    rows, logits far out (sigmoid's exp(-x) at its clamps), ids repeated within a token."""
     ran = []
     compiled_sums = numba_backend.segment_sums
     monkeypatch.setattr(numba_backend, "segment_sums", lambda *a: ran.append(1) or compiled_sums(*a))
     sizes = [0, 63, 64, 65, 130, 1]
-    parts = [_case(700 + i, n, experts, k, torch.float32, valid="binary" if i % 2 else None, nonfinite=0.05,
-                   nan_rows=1 if n > 1 else 0, repeats=repeats)
+    parts = [_case(700 + i, n, experts, k, torch.float32, scoring=scoring, valid="binary" if i % 2 else None,
+                   nonfinite=0.05, nan_rows=1 if n > 1 else 0, repeats=repeats, scale=[1.0, 30.0][i % 2])
              for i, n in enumerate(sizes)]
     for part in parts:
         if part["valid"] is None:  # each segment with weights, some all ones
             part["valid"] = torch.ones(part["logits"].shape[0])
+        if part["logits"].shape[0] > 2:  # beyond the exps' clamps (-87, 88)
+            part["logits"][2, 0], part["logits"][2, -1] = 100.0, -100.0
     joined = {key: torch.cat([part[key] for part in parts]) for key in ("logits", "indices", "valid")}
     starts = np.cumsum([0] + sizes[:-1])
     got = numpy_backend.segment_sums(numpy_backend.concat_experts([joined["logits"]]), joined["indices"],
-                                     joined["valid"], layout.SOFTMAX, k, coselect=True, starts=starts,
+                                     joined["valid"], scoring, k, coselect=True, starts=starts,
                                      expert_major=True)
     assert len(ran) == (1 if kernel == "compiled" else 0)
     for part, segment in zip(parts, got):

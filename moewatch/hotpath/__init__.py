@@ -8,7 +8,7 @@ one kernel, and no Python lock, thread-local or value-dependent branch sits in t
 - ``staged``       CPU: the forward stages the call, the reader reduces calls in batches
 - ``arena``        CPU: reusable mapped slots for copies of prefill-sized staged calls
 - ``numpy_backend`` the CPU reader's reduction: the reference's statistics in numpy, many gates a pass
-- ``numba_backend`` the same reduction's common case (softmax, the router's ids) in one compiled pass
+- ``numba_backend`` the same reduction's common case (the router's own ids) in one compiled pass
 - ``device``       other devices: statistics added on the device, windows cut at forward ends
 - ``triton_backend`` CUDA: one Triton kernel per call (tested on CPU with ``TRITON_INTERPRET=1``)
 - ``ops``          the ``torch.library`` ops and what the hooks call

@@ -10,12 +10,13 @@ tokens (numba has no vector exp without Intel's SVML): relative error about 2e-7
 of float32, within the tolerance the backends are tested to against the reference
 (``tests/test_numpy_backend.py`` runs every case with this kernel and without it). Measured side
 by side (``python benchmarks/reader_kernel.py``, one reduction of 4 gates, co-selection on):
-about 1.7x less time than numpy at prefill sizes, 2-2.6x for wide routers, 3.5-4.5x at decode
-sizes.
+about 1.7x less time than numpy at prefill sizes, 2-3x for wide routers, 3-5x at decode sizes,
+2.4-4.8x with sigmoid scoring.
 
-It takes the common case: softmax scoring from the logits with the router's own expert ids (so
-no top-k is taken here), with or without padding weights. Sigmoid scoring, router-given
-probabilities and routers without ids stay with numpy; with native or would-be drops or a
+It takes the common case: softmax or sigmoid scoring from the logits with the router's own
+expert ids (so no top-k is taken here), with or without padding weights (a log of its own for
+sigmoid's entropy, as for exp). Router-given probabilities and routers without ids stay with
+numpy; with native or would-be drops or a
 placement, the kernel makes the float statistics and numpy the integer ones. It runs without the
 interpreter lock (``nogil``), so the model's thread is not held while the reader reduces.
 
@@ -59,15 +60,16 @@ def available() -> bool:
 
 
 def segment_sums(logits: np.ndarray, slots: np.ndarray, weights: Optional[np.ndarray], starts: np.ndarray,
-                 ends: np.ndarray, coselect: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+                 ends: np.ndarray, coselect: bool, sigmoid: bool = False
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """What :func:`numpy_backend.segment_sums` gives for each segment, without drops or a
     placement: float64 [S, NUM_SCALARS + E] (the layout's columns, then the routing
     probabilities per expert) and float64 [S] the max |logit|, both weighted where ``weights``
     [T] (float64) is given; int64 [S, E] the traffic tokens' assignments; int64 [S, E, E] their
     co-selection (upper triangle, see ``layout``) where ``coselect``, else None. ``logits``
     float32 [E, T] expert-major; ``slots`` [T, k] the router's expert ids (each in [0, E));
-    segment s is tokens ``starts[s]`` to ``ends[s]``. Call only where :func:`available` said
-    True."""
+    segment s is tokens ``starts[s]`` to ``ends[s]``; ``sigmoid``: sigmoid scoring (the scores
+    normalised per token), else softmax. Call only where :func:`available` said True."""
     num_experts, num_segments = logits.shape[0], starts.shape[0]
     total = np.zeros((num_segments, NUM_SCALARS + num_experts))  # [S, C]
     absmax = np.zeros(num_segments)  # [S]
@@ -77,7 +79,7 @@ def segment_sums(logits: np.ndarray, slots: np.ndarray, weights: Optional[np.nda
     w = np.ascontiguousarray(weights, dtype=np.float64) if weighted else np.ones(0)  # [T] or [0]
     _kernel(np.ascontiguousarray(logits, dtype=np.float32), np.ascontiguousarray(slots, dtype=np.int64), w,
             weighted, np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(ends, dtype=np.int64),
-            coselect, total, absmax, counts, cosel)
+            coselect, sigmoid, total, absmax, counts, cosel)
     return total, absmax, counts, cosel if coselect else None
 
 
@@ -91,10 +93,10 @@ def _compile():
         return False
     for cache in (True, False):
         try:
-            kernel = numba.njit(nogil=True, cache=cache, fastmath=_FAST_MATH, boundscheck=False)(_softmax_sums)
+            kernel = numba.njit(nogil=True, cache=cache, fastmath=_FAST_MATH, boundscheck=False)(_gate_sums)
             # compile (or load) now, on small arguments: not on the reader beside a forward
             kernel(np.zeros((2, 1), np.float32), np.zeros((1, 1), np.int64), np.ones(0), False,
-                   np.zeros(1, np.int64), np.ones(1, np.int64), True, np.zeros((1, NUM_SCALARS + 2)), np.zeros(1),
+                   np.zeros(1, np.int64), np.ones(1, np.int64), True, False, np.zeros((1, NUM_SCALARS + 2)), np.zeros(1),
                    np.zeros((1, 2), np.int64), np.zeros((1, 2, 2), np.int64))
             return kernel
         except Exception:
@@ -114,15 +116,22 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2_HIGH = np.float32(0.693359375)
 _LN2_LOW = np.float32(-2.12194440e-4)
 _EXP_FLOOR = np.float32(-87.0)
+_EXP_CEILING = np.float32(88.0)  # sigmoid's exp(-x): 2**127 at most, below float32's largest
+
+# log(y) for y >= 1 (1 + exp(-x)): y = 2**m * f, f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(u),
+# u = (f - 1) / (f + 1) in [-0.172, 0.172], by its series to u**9 (truncation about 1e-9).
+_SQRT2 = np.float32(1.4142135623730951)
+_LN2 = np.float32(0.6931471805599453)
 
 
-def _softmax_sums(logits, slots, weights, weighted, starts, ends, coselect, total, absmax, counts,
-                  cosel):  # pragma: no cover - compiled
+def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid, total, absmax, counts,
+               cosel):  # pragma: no cover - compiled
     """The kernel (compiled by numba; the shapes: ``logits`` [E, T] float32, ``slots`` [T, k]
     int64, ``weights`` [T] float64 or [0], ``starts``/``ends`` [S] int64; added into: ``total``
     [S, C] float64, ``absmax`` [S] float64, ``counts`` [S, E] int64, ``cosel`` [S, E, E] int64
     or [0, 0, 0]). Per token, as :func:`numpy_backend._token_stats`: non-finite logits are
-    counted and read as 0; softmax p; entropy log(norm) - sum p (x - peak); the top two of p
+    counted and read as 0; softmax p, entropy log(norm) - sum p (x - peak); or with ``sigmoid``
+    p = s / max(sum s, 1e-30), s = 1 / (1 + exp(-x)), entropy from sum s log s; the top two of p
     (the second equals the top where two share it, 0 for one expert); logit sum and square
     sum; lse**2; max |x|. Per traffic token (weight not 0), as ``numpy_backend.coselection``:
     each slot counted; its experts as a set (a repeated id once), each pair at (min, max) and
@@ -142,7 +151,16 @@ def _softmax_sums(logits, slots, weights, weighted, starts, ends, coselect, tota
     shifted_sum = np.empty(block, np.float32)  # [b] sum exp(x - peak) * (x - peak)
     top1 = np.empty(block, np.float32)  # [b]
     second = np.empty(block, np.float32)  # [b]
-    inverse = np.empty(block, np.float32)  # [b] 1 / norm
+    inverse = np.empty(block, np.float32)  # [b] 1 / the sum p is normalised by
+    # sigmoid scoring only
+    score_sum = np.empty(block, np.float32)  # [b] sum s
+    score_log_sum = np.empty(block, np.float32)  # [b] sum s log s
+    below = np.empty(block, np.float32)  # [b] exp(-x) before its 2**j
+    ones_plus = np.empty(block, np.float32)  # [b] 1 + exp(-x) ...
+    ones_plus_bits = ones_plus.view(np.int32)  # ... as bits
+    mantissa_bits = np.empty(block, np.int32)  # [b] its mantissa with exponent 0 ...
+    mantissa = mantissa_bits.view(np.float32)  # ... read as a float in [1, 2)
+    exponent = np.empty(block, np.float32)  # [b] its power of two
     for segment in range(starts.shape[0]):
         sums = total[segment]  # [C]
         for first in range(starts[segment], ends[segment], block):
@@ -185,8 +203,50 @@ def _softmax_sums(logits, slots, weights, weighted, starts, ends, coselect, tota
                     exps[e, b] = z
                     norm[b] += z
                     shifted_sum[b] += z * (clean[e, b] - peak[b])
-            for b in range(n):
-                inverse[b] = np.float32(1) / norm[b]
+            if sigmoid:  # the scores s = 1 / (1 + exp(-x)) replace the exps; norm stays the softmax's (lse)
+                for b in range(n):
+                    score_sum[b] = 0
+                    score_log_sum[b] = 0
+                for e in range(num_experts):
+                    for b in range(n):  # exp(-x), see _LOG2E
+                        d = min(max(-clean[e, b], _EXP_FLOOR), _EXP_CEILING)
+                        j = np.floor(d * _LOG2E + np.float32(0.5))
+                        r = d - j * _LN2_HIGH - j * _LN2_LOW
+                        poly = np.float32(1.0 / 720) * r + np.float32(1.0 / 120)
+                        poly = poly * r + np.float32(1.0 / 24)
+                        poly = poly * r + np.float32(1.0 / 6)
+                        poly = poly * r + np.float32(0.5)
+                        poly = poly * r + np.float32(1)
+                        below[b] = poly * r + np.float32(1)
+                        scale_bits[b] = (np.int32(j) + np.int32(127)) << 23
+                    for b in range(n):
+                        y = np.float32(1) + below[b] * scale[b]
+                        ones_plus[b] = y
+                        score = np.float32(1) / y
+                        exps[e, b] = score
+                        score_sum[b] += score
+                    for b in range(n):  # log(1 + exp(-x)), see _SQRT2
+                        bits = ones_plus_bits[b]
+                        exponent[b] = np.float32((bits >> 23) - 127)
+                        mantissa_bits[b] = (bits & 0x007FFFFF) | 0x3F800000
+                    for b in range(n):
+                        f = mantissa[b]
+                        big = f > _SQRT2
+                        f = f * np.float32(0.5) if big else f
+                        u = (f - np.float32(1)) / (f + np.float32(1))
+                        u2 = u * u
+                        series = np.float32(1.0 / 9) * u2 + np.float32(1.0 / 7)
+                        series = series * u2 + np.float32(1.0 / 5)
+                        series = series * u2 + np.float32(1.0 / 3)
+                        series = series * u2 + np.float32(1)
+                        log_y = (exponent[b] + (np.float32(1) if big else np.float32(0))) * _LN2 \
+                            + np.float32(2) * u * series
+                        score_log_sum[b] -= exps[e, b] * log_y  # s log s, log s = -log(1 + exp(-x))
+                for b in range(n):
+                    inverse[b] = np.float32(1) / max(score_sum[b], np.float32(1e-30))
+            else:
+                for b in range(n):
+                    inverse[b] = np.float32(1) / norm[b]
             for e in range(num_experts):  # p, its top two, its sum per expert
                 expert_sum = 0.0
                 for b in range(n):
@@ -203,7 +263,11 @@ def _softmax_sums(logits, slots, weights, weighted, starts, ends, coselect, tota
                 log_norm = math.log(norm[b])
                 lse = peak[b] + log_norm
                 tokens += w
-                entropy += (log_norm - shifted_sum[b] * inverse[b]) * w
+                if sigmoid:  # -sum p log p, p = s / S', S' = max(S, 1e-30): (S / S') log S' - sum s log s / S'
+                    entropy += (score_sum[b] * inverse[b] * math.log(max(score_sum[b], np.float32(1e-30)))
+                                - score_log_sum[b] * inverse[b]) * w
+                else:
+                    entropy += (log_norm - shifted_sum[b] * inverse[b]) * w
                 logit_total += logit_sum[b] * w
                 square_total += square_sum[b] * w
                 finite_total += (num_experts - bad[b]) * w

@@ -34,8 +34,8 @@ import torch
 from scipy.special import entr
 
 from . import numba_backend, reference
-from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, SOFTMAX,
-                     TOKENS, TOP1, ZLOSS)
+from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, SIGMOID,
+                     SOFTMAX, TOKENS, TOP1, ZLOSS)
 from .reference import GateSums, scoring_code
 
 
@@ -184,8 +184,7 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
     weights = None if valid is None else _input(valid, np.float64)  # [T] or None: every token is traffic
     slots = None if indices is None else _input(indices, np.int64)  # [T, k]; else the top-k, piece by piece
     ends = np.append(starts[1:], num_tokens)  # [S]
-    compiled = (slots is not None and given is None and scoring_code(scoring) == SOFTMAX
-                and numba_backend.available())  # the common case, in one compiled pass
+    compiled = slots is not None and given is None and numba_backend.available()  # the common case, one pass
     if not compiled:
         total, absmax, top_parts = _table_sums(raw, given, scoring, weights, starts, ends, expert_major,
                                                None if slots is not None else top_k)
@@ -200,7 +199,8 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
         whole = dropped is None and capacity_factor <= 0 and ranks is None  # else drops, ranks below
         expert_rows = raw if expert_major else concat_experts([raw])  # [E, T]
         total, absmax, counts, cosel = numba_backend.segment_sums(expert_rows, slots, weights, starts, ends,
-                                                                  coselect and whole)
+                                                                  coselect and whole,
+                                                                  scoring_code(scoring) == SIGMOID)
         if whole:
             return [GateSums(total[s, :NUM_SCALARS], total[s, NUM_SCALARS:], counts[s], None, absmax[s],
                              None if cosel is None else cosel[s], None) for s in range(num_segments)]
