@@ -91,6 +91,9 @@ def _compile():
         import numba
     except Exception:
         return False
+    global _exp_parts
+    if not hasattr(_exp_parts, "py_func"):  # the kernel calls it: compiled first, inlined into it
+        _exp_parts = numba.njit(inline="always", fastmath=_FAST_MATH)(_exp_parts)
     for cache in (True, False):
         try:
             kernel = numba.njit(nogil=True, cache=cache, fastmath=_FAST_MATH, boundscheck=False)(_gate_sums)
@@ -108,7 +111,7 @@ def _compile():
 # logits for NaN and Inf, which those flags would let the compiler assume away.
 _FAST_MATH = {"reassoc", "nsz", "arcp", "contract"}
 
-# exp(d) for d <= 0 as 2**j * poly(r): j = round(d / ln 2), r = d - j ln 2 in [-ln2/2, ln2/2]
+# exp(d) for d in [-87, 88] as 2**j * poly(r): j = round(d / ln 2), r = d - j ln 2 in [-ln2/2, ln2/2]
 # (ln 2 split in two so that j ln 2 is exact), poly the degree-6 Taylor series (truncation
 # below 2e-7 relative on that range). d is clamped at -87, where exp is about 1.6e-38: the
 # reference's exp there is a denormal or 0, a difference far below float32 resolution of a sum.
@@ -122,6 +125,19 @@ _EXP_CEILING = np.float32(88.0)  # sigmoid's exp(-x): 2**127 at most, below floa
 # u = (f - 1) / (f + 1) in [-0.172, 0.172], by its series to u**9 (truncation about 1e-9).
 _SQRT2 = np.float32(1.4142135623730951)
 _LN2 = np.float32(0.6931471805599453)
+
+
+def _exp_parts(d):  # pragma: no cover - compiled, inlined into the kernel
+    """exp(d) = poly * 2**j for float32 d in [-87, 88] (see _LOG2E): (poly, the float32 bits of
+    2**j); the kernel multiplies them after a loop, so that both loops vectorise."""
+    j = np.floor(d * _LOG2E + np.float32(0.5))
+    r = d - j * _LN2_HIGH - j * _LN2_LOW  # [-ln2/2, ln2/2]
+    poly = np.float32(1.0 / 720) * r + np.float32(1.0 / 120)
+    poly = poly * r + np.float32(1.0 / 24)
+    poly = poly * r + np.float32(1.0 / 6)
+    poly = poly * r + np.float32(0.5)
+    poly = poly * r + np.float32(1)
+    return poly * r + np.float32(1), (np.int32(j) + np.int32(127)) << 23
 
 
 def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid, total, absmax, counts,
@@ -187,17 +203,8 @@ def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid
                     peak[b] = max(peak[b], v)
                     low[b] = min(low[b], v)
             for e in range(num_experts):
-                for b in range(n):  # exp(x - peak), see _LOG2E
-                    d = max(clean[e, b] - peak[b], _EXP_FLOOR)
-                    j = np.floor(d * _LOG2E + np.float32(0.5))
-                    r = d - j * _LN2_HIGH - j * _LN2_LOW
-                    poly = np.float32(1.0 / 720) * r + np.float32(1.0 / 120)
-                    poly = poly * r + np.float32(1.0 / 24)
-                    poly = poly * r + np.float32(1.0 / 6)
-                    poly = poly * r + np.float32(0.5)
-                    poly = poly * r + np.float32(1)
-                    exps[e, b] = poly * r + np.float32(1)
-                    scale_bits[b] = (np.int32(j) + np.int32(127)) << 23
+                for b in range(n):  # exp(x - peak), see _exp_parts
+                    exps[e, b], scale_bits[b] = _exp_parts(max(clean[e, b] - peak[b], _EXP_FLOOR))
                 for b in range(n):
                     z = exps[e, b] * scale[b]
                     exps[e, b] = z
@@ -208,17 +215,8 @@ def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid
                     score_sum[b] = 0
                     score_log_sum[b] = 0
                 for e in range(num_experts):
-                    for b in range(n):  # exp(-x), see _LOG2E
-                        d = min(max(-clean[e, b], _EXP_FLOOR), _EXP_CEILING)
-                        j = np.floor(d * _LOG2E + np.float32(0.5))
-                        r = d - j * _LN2_HIGH - j * _LN2_LOW
-                        poly = np.float32(1.0 / 720) * r + np.float32(1.0 / 120)
-                        poly = poly * r + np.float32(1.0 / 24)
-                        poly = poly * r + np.float32(1.0 / 6)
-                        poly = poly * r + np.float32(0.5)
-                        poly = poly * r + np.float32(1)
-                        below[b] = poly * r + np.float32(1)
-                        scale_bits[b] = (np.int32(j) + np.int32(127)) << 23
+                    for b in range(n):  # exp(-x), see _exp_parts
+                        below[b], scale_bits[b] = _exp_parts(min(max(-clean[e, b], _EXP_FLOOR), _EXP_CEILING))
                     for b in range(n):
                         y = np.float32(1) + below[b] * scale[b]
                         ones_plus[b] = y
