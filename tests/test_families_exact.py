@@ -198,3 +198,47 @@ def test_families_doc_is_generated_from_the_registry():
     assert render(committed) == committed, "docs/families.md is stale: run python -m moewatch.docs_families"
     for family in FAMILIES:
         assert f"\n| {family} | `" in committed, family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_compiled_reduction_gives_numpys_windows(family, monkeypatch):
+    """The reader's compiled kernel (numba_backend) and numpy alone reduce the same padded
+    batches of every family to the same windows: counts, co-selection and tokens equal, every
+    other statistic within float32 rounding. The kernel is checked to have run where the family
+    takes it (the router's own ids, no router-given probabilities)."""
+    from moewatch.hotpath import numba_backend
+
+    assert numba_backend.available(), "numba could not compile the reader's kernel"
+    ran = []
+    compiled_sums = numba_backend.segment_sums
+    monkeypatch.setattr(numba_backend, "segment_sums", lambda *a: ran.append(1) or compiled_sums(*a))
+    model = tiny_model(family)
+    batches = [padded_batch(seed) for seed in BATCH_SEEDS]
+    results = {}
+    for kernel in ("compiled", "numpy"):
+        monkeypatch.setattr(numba_backend, "enabled", kernel == "compiled")
+        mon = moewatch.attach(model, background=False)
+        try:
+            for batch in batches:
+                forward(model, batch)
+                mon.flush()
+            results[kernel] = (mon.counts(), mon.coselection(), mon.windows())
+        finally:
+            mon.detach()
+    (counts, cosel, frame), (want_counts, want_cosel, want_frame) = results["compiled"], results["numpy"]
+    assert ran, "the compiled kernel never ran"
+    assert set(counts) == set(want_counts)
+    for name in counts:
+        np.testing.assert_array_equal(counts[name], want_counts[name], err_msg=name)
+        np.testing.assert_array_equal(cosel[name], want_cosel[name], err_msg=name)
+    assert list(frame.columns) == list(want_frame.columns) and len(frame) == len(want_frame)
+    for column in frame.columns:
+        if column in ("t_start", "t_end"):  # the windows' times differ: two runs
+            continue
+        got, want = frame[column].to_numpy(), want_frame[column].to_numpy()
+        if got.dtype == object and isinstance(got[0], np.ndarray):  # per expert
+            got, want = np.stack(got), np.stack(want)
+        if got.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=column)
+        else:  # counts, names, sizes
+            assert (got == want).all(), column
