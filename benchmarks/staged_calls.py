@@ -3,13 +3,16 @@
 A decode step of a served engine on a CPU hands moewatch one root forward with its step's
 requests and one compiled gate call per MoE layer. This replays that pattern straight into a
 monitor's hot path, with nothing else running: ``--forwards`` forwards, each the root forward's
-begin (with a step of ``--requests`` one-token requests), one ``moewatch::stage`` op call per
+begin (with a step of ``--requests`` requests of ``--request-tokens`` tokens each: 1 for decode,
+more for prefill, whose calls of 256 tokens or more go through the arena), one
+``moewatch::stage`` op call per
 gate (through the dispatcher, as compiled code calls it: logits [T, E] and the router's indices
 [T, k], copied), and the end; then one take of the reader, which reduces them. It prints the
 thread CPU time a forward of each side (the forward's thread, the reader's take), median and
 minimum over ``--rounds`` rounds, and checks that every token was counted.
 
     python benchmarks/staged_calls.py --rounds 30
+    python benchmarks/staged_calls.py --rounds 30 --requests 2 --request-tokens 128
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from tests.moe_from_scratch import TinyMoELM  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=4, help="one-token requests a step (T)")
+    parser.add_argument("--requests", type=int, default=4, help="requests a step")
+    parser.add_argument("--request-tokens", type=int, default=1,
+                        help="tokens of each request in a step (1: decode; T = requests x this)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--forwards", type=int, default=512, help="forwards a round, then one take")
     args = parser.parse_args(argv)
@@ -40,11 +45,11 @@ def main(argv=None) -> int:
     mon = moewatch.attach(model, gates="blocks.*.router", top_k=2, num_experts=8, background=False)
     banks = mon._banks
     bank = banks.banks[0]
-    tokens, experts = args.requests, 8
+    tokens, experts = args.requests * args.request_tokens, 8
     logits = torch.randn(tokens, experts)  # [T, E]
     indices = torch.topk(logits, 2).indices  # [T, k]
     stage = torch.ops.moewatch.stage.default
-    step = {f"request-{i}": 1 for i in range(tokens)}
+    step = {f"request-{i}": args.request_tokens for i in range(args.requests)}
 
     def forward() -> None:
         banks.begin(None, None, RequestTokens.of_step(step))

@@ -37,6 +37,25 @@ def test_a_copy_equals_its_source_and_its_slot_is_reused_once_given_back():
     np.testing.assert_array_equal(arena.view(arena.copy(offset)), offset.numpy())
 
 
+def test_a_slots_view_is_made_again_only_for_another_shape_and_always_reads_the_new_copy():
+    """The reader's views of a slot are kept per slot (a step's calls come back at the same
+    shapes): the same shape and dtype get the same array, reading what was copied last."""
+    arena = StagingArena(max_bytes=64 * 2**20)
+    first = torch.randn(300, 8)
+    copy = arena.copy(first)
+    view = arena.view(copy)
+    arena.give(copy)  # given back by its copy (the reader's way), not by its view
+    second = torch.randn(300, 8)
+    again = arena.view(arena.copy(second))
+    assert again is view  # the same slot, shape and dtype: the kept view
+    np.testing.assert_array_equal(again, second.numpy())
+    arena.give(copy)
+    third = torch.randint(0, 8, (600, 2))  # the same size class (9,600 bytes), another shape and dtype
+    other = arena.view(arena.copy(third))
+    assert other is not view and other.ctypes.data == view.ctypes.data
+    np.testing.assert_array_equal(other, third.numpy())
+
+
 def test_a_full_arena_or_a_dtype_numpy_cannot_read_gets_no_copy():
     arena = StagingArena(max_bytes=2 * 2**20)
     assert arena.copy(torch.zeros(2**20 // 4)) is None  # a chunk is 8 MiB: over the limit

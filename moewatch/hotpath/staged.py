@@ -87,7 +87,7 @@ class Call:
     by reference."""
 
     __slots__ = ("row", "logits", "indices", "probs", "dropped", "valid", "mask", "positions", "grid",
-                 "versions", "reduced", "nbytes", "in_arena")
+                 "versions", "reduced", "nbytes", "in_arena", "copies")
 
     def __init__(self, row: int, grid: int, tensors, versions: Optional[tuple], nbytes: int, reduced=None,
                  in_arena: bool = False):
@@ -95,6 +95,7 @@ class Call:
         # logits, indices (and the mask, where copied) are numpy copies in the bank's arena, given
         # back once reduced
         self.in_arena = in_arena
+        self.copies = None  # with in_arena: the arena's copies the reader's views read (given back as they are)
         self.grid = grid
         (self.logits, self.indices, self.probs, self.dropped, self.valid, self.mask,
          self.positions) = tensors
@@ -414,6 +415,7 @@ class StagedBank:
         are made here, on the reader's thread)."""
         call = Call(*fields)
         if call.in_arena:  # the copies are tuples (an eager call's mask is the model's own tensor)
+            call.copies = (call.logits, call.indices, call.mask)  # given back by slot: no view to trace back
             view = self._arena.view
             call.logits = view(call.logits)
             if type(call.indices) is tuple:
@@ -583,10 +585,9 @@ class StagedBank:
         arena = self._arena
         for call in calls:
             if call.in_arena:
-                arena.give(call.logits)
-                arena.give(call.indices)
-                arena.give(call.mask)
-                call.logits = call.indices = call.mask = None
+                for copy in call.copies or (call.logits, call.indices, call.mask):
+                    arena.give(copy)
+                call.logits = call.indices = call.mask = call.copies = None
 
     def _kinds(self, by_row: Dict[int, List[Call]]) -> List[List[int]]:
         """The rows with calls, grouped by what their reduction needs to know (same number of
