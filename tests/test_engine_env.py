@@ -124,3 +124,21 @@ def test_each_data_parallel_replica_on_a_host_serves_on_ports_of_its_own(local_r
     # one replica: vLLM's local rank, whatever the platform
     config.data_parallel_size = 1
     assert port_offset(SimpleNamespace(local_rank=local_rank, parallel_config=config)) == local_rank
+
+
+def test_the_environment_can_turn_the_compiled_kernel_off():
+    """``MOEWATCH_CPU_KERNEL=numpy`` (a process's switch: an engine's workers read it too) leaves
+    the reduction to numpy; unset or ``numba``, the kernel reduces where numba is installed."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from moewatch.hotpath import numba_backend as k; print(k.enabled, k.available())"
+    seen = {}
+    for value in ("numpy", "numba", None):
+        env = {key: val for key, val in os.environ.items() if key != "MOEWATCH_CPU_KERNEL"}
+        if value is not None:
+            env["MOEWATCH_CPU_KERNEL"] = value
+        seen[value] = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                     timeout=120, check=True).stdout.split()
+    assert seen == {"numpy": ["False", "False"], "numba": ["True", "True"], None: ["True", "True"]}

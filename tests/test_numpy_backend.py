@@ -308,3 +308,4 @@ def test_the_common_case_runs_the_compiled_kernel_across_blocks(experts, k, repe
         want = reference.gate_sums(**part)
         _check(reference.GateSums(*[None if v is None else torch.from_numpy(np.asarray(v)) for v in segment]),
                want, part)
+

@@ -20,6 +20,7 @@ ENGINE_VARIABLES = {
     "PORT": "base port of /metrics (the plugin is off without it); each worker serves on PORT + local rank",
     "ADDR": "address /metrics listens on (default 127.0.0.1)",
     "BASELINE": "path of a baseline file (moewatch.attach's baseline=)",
+    "CPU_KERNEL": "the CPU reader's reduction: numba (the default where numba is installed) or numpy",
 }
 # Options that only Python code can pass (objects, not text).
 NOT_FROM_ENV = {"meter_provider"}

@@ -10,8 +10,8 @@ tokens (numba has no vector exp without Intel's SVML): relative error about 2e-7
 of float32, within the tolerance the backends are tested to against the reference
 (``tests/test_numpy_backend.py`` runs every case with this kernel and without it). Measured side
 by side (``python benchmarks/reader_kernel.py``, one reduction of 4 gates, co-selection on):
-about 1.7x less time than numpy at prefill sizes, 2-3x for wide routers, 3-5x at decode sizes,
-2.4-4.8x with sigmoid scoring.
+about 1.8x less time than numpy at prefill sizes, 2-2.8x for wide routers, 3-5x at decode sizes,
+2-4x with sigmoid scoring.
 
 It takes the common case: softmax or sigmoid scoring from the logits with the router's own
 expert ids (so no top-k is taken here), with or without padding weights (a log of its own for
@@ -28,7 +28,7 @@ or cannot compile, :func:`available` says False and numpy reduces, to the same s
 """
 from __future__ import annotations
 
-import math
+import os
 import threading
 from typing import Optional, Tuple
 
@@ -37,8 +37,9 @@ import numpy as np
 from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, TOKENS,
                      TOP1, ZLOSS)
 
-# Set False to reduce with numpy alone (benchmarks compare the two; tests run both).
-enabled = True
+# False: reduce with numpy alone (benchmarks compare the two; tests run both). The process's
+# MOEWATCH_CPU_KERNEL=numpy sets it at import (MOEWATCH_CPU_KERNEL=numba or unset: the kernel).
+enabled = os.environ.get("MOEWATCH_CPU_KERNEL", "numba").strip().lower() != "numpy"
 
 BLOCK_TOKENS = 64  # a block's [E, 64] float32 scratch: 2 KB at 8 experts, 64 KB at 256
 
@@ -91,9 +92,10 @@ def _compile():
         import numba
     except Exception:
         return False
-    global _exp_parts
-    if not hasattr(_exp_parts, "py_func"):  # the kernel calls it: compiled first, inlined into it
+    global _exp_parts, _logs
+    if not hasattr(_exp_parts, "py_func"):  # the kernel calls them: compiled first, inlined into it
         _exp_parts = numba.njit(inline="always", fastmath=_FAST_MATH)(_exp_parts)
+        _logs = numba.njit(inline="always", fastmath=_FAST_MATH)(_logs)
     for cache in (True, False):
         try:
             kernel = numba.njit(nogil=True, cache=cache, fastmath=_FAST_MATH, boundscheck=False)(_gate_sums)
@@ -121,7 +123,7 @@ _LN2_LOW = np.float32(-2.12194440e-4)
 _EXP_FLOOR = np.float32(-87.0)
 _EXP_CEILING = np.float32(88.0)  # sigmoid's exp(-x): 2**127 at most, below float32's largest
 
-# log(y) for y >= 1 (1 + exp(-x)): y = 2**m * f, f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(u),
+# log(y) for positive normal y (the softmax's norm, 1 + exp(-x), sigmoid's sum): y = 2**m * f, f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(u),
 # u = (f - 1) / (f + 1) in [-0.172, 0.172], by its series to u**9 (truncation about 1e-9).
 _SQRT2 = np.float32(1.4142135623730951)
 _LN2 = np.float32(0.6931471805599453)
@@ -138,6 +140,26 @@ def _exp_parts(d):  # pragma: no cover - compiled, inlined into the kernel
     poly = poly * r + np.float32(0.5)
     poly = poly * r + np.float32(1)
     return poly * r + np.float32(1), (np.int32(j) + np.int32(127)) << 23
+
+
+def _logs(bits, out, n, mantissa_bits, mantissa, exponent):  # pragma: no cover - compiled, inlined
+    """out[:n] = log of the positive normal float32 values whose bits are ``bits`` [n] (int32),
+    see _SQRT2; ``mantissa_bits`` (int32), its float32 view ``mantissa`` and ``exponent`` are
+    scratch of at least n. Two loops, so that both vectorise."""
+    for b in range(n):
+        exponent[b] = np.float32((bits[b] >> 23) - 127)
+        mantissa_bits[b] = (bits[b] & 0x007FFFFF) | 0x3F800000  # the mantissa, in [1, 2)
+    for b in range(n):
+        f = mantissa[b]
+        big = f > _SQRT2
+        f = f * np.float32(0.5) if big else f  # in [sqrt(1/2), sqrt(2))
+        u = (f - np.float32(1)) / (f + np.float32(1))
+        u2 = u * u
+        series = np.float32(1.0 / 9) * u2 + np.float32(1.0 / 7)
+        series = series * u2 + np.float32(1.0 / 5)
+        series = series * u2 + np.float32(1.0 / 3)
+        series = series * u2 + np.float32(1)
+        out[b] = (exponent[b] + (np.float32(1) if big else np.float32(0))) * _LN2 + np.float32(2) * u * series
 
 
 def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid, total, absmax, counts,
@@ -172,11 +194,14 @@ def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid
     score_sum = np.empty(block, np.float32)  # [b] sum s
     score_log_sum = np.empty(block, np.float32)  # [b] sum s log s
     below = np.empty(block, np.float32)  # [b] exp(-x) before its 2**j
-    ones_plus = np.empty(block, np.float32)  # [b] 1 + exp(-x) ...
-    ones_plus_bits = ones_plus.view(np.int32)  # ... as bits
-    mantissa_bits = np.empty(block, np.int32)  # [b] its mantissa with exponent 0 ...
-    mantissa = mantissa_bits.view(np.float32)  # ... read as a float in [1, 2)
-    exponent = np.empty(block, np.float32)  # [b] its power of two
+    positive = np.empty(block, np.float32)  # [b] 1 + exp(-x), or max(sum s, 1e-30): to take the log of
+    # logs (see _logs): the floats' bits, their mantissas with exponent 0 read as floats, their powers of two
+    norm_bits, positive_bits = norm.view(np.int32), positive.view(np.int32)
+    mantissa_bits = np.empty(block, np.int32)
+    mantissa = mantissa_bits.view(np.float32)
+    exponent = np.empty(block, np.float32)
+    log_norm = np.empty(block, np.float32)  # [b]
+    logs = np.empty(block, np.float32)  # [b] log of positive
     for segment in range(starts.shape[0]):
         sums = total[segment]  # [C]
         for first in range(starts[segment], ends[segment], block):
@@ -219,32 +244,21 @@ def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid
                         below[b], scale_bits[b] = _exp_parts(min(max(-clean[e, b], _EXP_FLOOR), _EXP_CEILING))
                     for b in range(n):
                         y = np.float32(1) + below[b] * scale[b]
-                        ones_plus[b] = y
+                        positive[b] = y
                         score = np.float32(1) / y
                         exps[e, b] = score
                         score_sum[b] += score
-                    for b in range(n):  # log(1 + exp(-x)), see _SQRT2
-                        bits = ones_plus_bits[b]
-                        exponent[b] = np.float32((bits >> 23) - 127)
-                        mantissa_bits[b] = (bits & 0x007FFFFF) | 0x3F800000
+                    _logs(positive_bits, logs, n, mantissa_bits, mantissa, exponent)  # log(1 + exp(-x))
                     for b in range(n):
-                        f = mantissa[b]
-                        big = f > _SQRT2
-                        f = f * np.float32(0.5) if big else f
-                        u = (f - np.float32(1)) / (f + np.float32(1))
-                        u2 = u * u
-                        series = np.float32(1.0 / 9) * u2 + np.float32(1.0 / 7)
-                        series = series * u2 + np.float32(1.0 / 5)
-                        series = series * u2 + np.float32(1.0 / 3)
-                        series = series * u2 + np.float32(1)
-                        log_y = (exponent[b] + (np.float32(1) if big else np.float32(0))) * _LN2 \
-                            + np.float32(2) * u * series
-                        score_log_sum[b] -= exps[e, b] * log_y  # s log s, log s = -log(1 + exp(-x))
+                        score_log_sum[b] -= exps[e, b] * logs[b]  # s log s, log s = -log(1 + exp(-x))
                 for b in range(n):
-                    inverse[b] = np.float32(1) / max(score_sum[b], np.float32(1e-30))
+                    positive[b] = max(score_sum[b], np.float32(1e-30))
+                    inverse[b] = np.float32(1) / positive[b]
+                _logs(positive_bits, logs, n, mantissa_bits, mantissa, exponent)  # log max(sum s, 1e-30)
             else:
                 for b in range(n):
                     inverse[b] = np.float32(1) / norm[b]
+            _logs(norm_bits, log_norm, n, mantissa_bits, mantissa, exponent)
             for e in range(num_experts):  # p, its top two, its sum per expert
                 expert_sum = 0.0
                 for b in range(n):
@@ -258,14 +272,12 @@ def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid
             largest = absmax[segment]
             for b in range(n):
                 w = weights[first + b] if weighted else 1.0
-                log_norm = math.log(norm[b])
-                lse = peak[b] + log_norm
+                lse = peak[b] + log_norm[b]
                 tokens += w
                 if sigmoid:  # -sum p log p, p = s / S', S' = max(S, 1e-30): (S / S') log S' - sum s log s / S'
-                    entropy += (score_sum[b] * inverse[b] * math.log(max(score_sum[b], np.float32(1e-30)))
-                                - score_log_sum[b] * inverse[b]) * w
+                    entropy += (score_sum[b] * inverse[b] * logs[b] - score_log_sum[b] * inverse[b]) * w
                 else:
-                    entropy += (log_norm - shifted_sum[b] * inverse[b]) * w
+                    entropy += (log_norm[b] - shifted_sum[b] * inverse[b]) * w
                 logit_total += logit_sum[b] * w
                 square_total += square_sum[b] * w
                 finite_total += (num_experts - bad[b]) * w
