@@ -16,8 +16,8 @@ about 1.8x less time than numpy at prefill sizes, 2-2.8x for wide routers, 3-5x 
 It takes the common case: softmax or sigmoid scoring from the logits with the router's own
 expert ids (so no top-k is taken here), with or without padding weights (a log of its own for
 sigmoid's entropy, as for exp). Router-given probabilities and routers without ids stay with
-numpy; with native or would-be drops or a
-placement, the kernel makes the float statistics and numpy the integer ones. It runs without the
+numpy; with native or would-be drops or a placement, the kernel makes the float statistics and
+the counts, numpy the drops, the co-selection and the tokens per rank. It runs without the
 interpreter lock (``nogil``), so the model's thread is not held while the reader reduces.
 
 numba compiles the kernel on first use: about 2 s holding the interpreter lock, most of it
@@ -123,8 +123,9 @@ _LN2_LOW = np.float32(-2.12194440e-4)
 _EXP_FLOOR = np.float32(-87.0)
 _EXP_CEILING = np.float32(88.0)  # sigmoid's exp(-x): 2**127 at most, below float32's largest
 
-# log(y) for positive normal y (the softmax's norm, 1 + exp(-x), sigmoid's sum): y = 2**m * f, f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(u),
-# u = (f - 1) / (f + 1) in [-0.172, 0.172], by its series to u**9 (truncation about 1e-9).
+# log(y) for positive normal y (the softmax's norm, 1 + exp(-x), sigmoid's sum): y = 2**m * f,
+# f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(u), u = (f - 1) / (f + 1) in [-0.172, 0.172], by
+# its series to u**9 (truncation about 1e-9).
 _SQRT2 = np.float32(1.4142135623730951)
 _LN2 = np.float32(0.6931471805599453)
 
@@ -311,14 +312,14 @@ def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid
                 for earlier in range(a):
                     distinct = distinct and slots[t, earlier] != slots[t, a]
             for a in range(k):
-                first = slots[t, a]
+                first_id = slots[t, a]
                 if not distinct:
                     repeated = False
                     for earlier in range(a):
-                        repeated = repeated or slots[t, earlier] == first
+                        repeated = repeated or slots[t, earlier] == first_id
                     if repeated:  # a set: the expert was counted at its first slot
                         continue
-                cosel[segment, first, first] += 1
+                cosel[segment, first_id, first_id] += 1
                 for b in range(a + 1, k):
                     second_id = slots[t, b]
                     again = False  # a pair is counted where its two ids first appear
@@ -326,4 +327,4 @@ def _gate_sums(logits, slots, weights, weighted, starts, ends, coselect, sigmoid
                         for earlier in range(b):
                             again = again or slots[t, earlier] == second_id
                     if not again:
-                        cosel[segment, min(first, second_id), max(first, second_id)] += 1
+                        cosel[segment, min(first_id, second_id), max(first_id, second_id)] += 1

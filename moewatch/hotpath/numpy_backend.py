@@ -212,7 +212,9 @@ def _segment_sums(logits, indices, valid, scoring, top_k, probs, dropped, capaci
         owner = owner if traffic is None else owner[traffic]
     chosen = slots if traffic is None else slots[traffic]  # [T', k] the traffic tokens' slots
     keyed = chosen if owner is None else owner[:, None] * num_experts + chosen  # [T', k] (segment, expert)
-    counts = np.bincount(keyed.ravel(), minlength=num_segments * num_experts).reshape(num_segments, num_experts)
+    if not compiled:  # else the kernel's counts (the same)
+        counts = np.bincount(keyed.ravel(), minlength=num_segments * num_experts).reshape(num_segments,
+                                                                                          num_experts)
     drops = None
     if dropped is not None:
         lost = _input(dropped, np.int64)  # [T, k]

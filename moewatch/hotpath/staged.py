@@ -175,7 +175,7 @@ class StagedBank:
         self.arena_min_tokens = ARENA_MIN_TOKENS  # calls of fewer tokens are not copied into it
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         # the reader's compiled kernel is compiled (or loaded from numba's cache) here, at attach,
-        # not by the reader beside a forward: compiling holds the interpreter lock for a second
+        # not by the reader beside a forward: that holds the interpreter lock for about 2 s
         numba_backend.available()
         self._window_gate_tokens = [0.0] * num_gates  # per gate: a list, no tensor op per call
         # the requests' tokens and tokens squared, summed since attach (Window.rows): floats, as
@@ -585,7 +585,7 @@ class StagedBank:
         arena = self._arena
         for call in calls:
             if call.in_arena:
-                for copy in call.copies or (call.logits, call.indices, call.mask):
+                for copy in call.copies:  # set by _record_call, the only maker of arena Calls
                     arena.give(copy)
                 call.logits = call.indices = call.mask = call.copies = None
 
