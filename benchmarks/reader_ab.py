@@ -7,6 +7,7 @@ reduction of whole windows in a monitored model.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -14,6 +15,15 @@ from typing import Callable, Dict, List
 import torch
 
 import moewatch
+
+
+def arguments(doc: str, model_help: str, rounds_help: str, argv=None) -> argparse.Namespace:
+    """The options both benchmarks take: --repeats (of the step alone), --model, --rounds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--model", action="store_true", help=model_help)
+    parser.add_argument("--rounds", type=int, default=10, help=rounds_help)
+    return parser.parse_args(argv)
 
 
 def summary(label: str, times: Dict[str, List[float]], unit: float, unit_name: str) -> None:

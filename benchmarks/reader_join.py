@@ -21,7 +21,6 @@ round-by-round ratio (this version against the whole copy).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moewatch.hotpath import numpy_backend, staged  # noqa: E402
-from reader_ab import in_a_model, summary  # noqa: E402  (benchmarks/reader_ab.py)
+from reader_ab import arguments, in_a_model, summary  # noqa: E402  (benchmarks/reader_ab.py)
 
 # (kind, calls, tokens a call, experts): what a window's join sees
 SHAPES = [
@@ -91,11 +90,7 @@ def olmoe_prefill(rounds: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--model", action="store_true", help="also the reduction in an OLMoE-shaped model")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of --model")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, "also the reduction in an OLMoE-shaped model", "rounds of --model", argv)
     joins_alone(args.repeats)
     if args.model:
         olmoe_prefill(args.rounds)

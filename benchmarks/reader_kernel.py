@@ -22,7 +22,6 @@ ratio (compiled against numpy alone).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moewatch.hotpath import numba_backend, numpy_backend  # noqa: E402
-from reader_ab import in_a_model, summary  # noqa: E402  (benchmarks/reader_ab.py)
+from reader_ab import arguments, in_a_model, summary  # noqa: E402  (benchmarks/reader_ab.py)
 
 # (label, gates, tokens a gate, experts, top-k, padded, scoring): what one of the reader's reductions sees
 SHAPES = [
@@ -108,11 +107,7 @@ def in_models(rounds: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--model", action="store_true", help="also the reduction in models")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of --model, each way")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, "also the reduction in models", "rounds of --model, each way", argv)
     if not numba_backend.available():
         print("numba is not installed (or cannot compile the kernel): nothing to compare")
         return 1
