@@ -26,7 +26,7 @@ def test_a_copy_equals_its_source_and_its_slot_is_reused_once_given_back():
     assert view.dtype == np.float32 and view.shape == (300, 8)
     assert not np.shares_memory(view, source.numpy())
     address = view.ctypes.data
-    arena.give(view)
+    arena.give(copy)
     assert arena.slots()[0] == 1
     again = arena.view(arena.copy(source[:260]))  # a smaller call of the same size class: the same slot
     assert again.ctypes.data == address
@@ -44,7 +44,7 @@ def test_a_slots_view_is_made_again_only_for_another_shape_and_always_reads_the_
     first = torch.randn(300, 8)
     copy = arena.copy(first)
     view = arena.view(copy)
-    arena.give(copy)  # given back by its copy (the reader's way), not by its view
+    arena.give(copy)
     second = torch.randn(300, 8)
     again = arena.view(arena.copy(second))
     assert again is view  # the same slot, shape and dtype: the kept view

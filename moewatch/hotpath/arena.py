@@ -92,15 +92,11 @@ class StagingArena:
         return array
 
     def give(self, copy) -> None:
-        """Give back the slot of a ``copy`` or of its ``view`` (its memory is reused: drop every
-        reference first); anything else (None, a tensor) is left alone."""
-        if type(copy) is tuple:
-            slot = copy[0]
-        elif type(copy) is np.ndarray and isinstance(copy.base, np.ndarray) \
-                and isinstance(copy.base.base, memoryview):  # numpy collapses a view onto the slot
-            slot = (copy.base, copy.base.ctypes.data)
-        else:
+        """Give back the slot of a ``copy`` (its memory is reused: drop every reference to its
+        views first); anything else (None, a tensor) is left alone."""
+        if type(copy) is not tuple:
             return
+        slot = copy[0]
         size = slot[0].nbytes
         free = self._free.get(size)
         if free is None:
