@@ -142,3 +142,11 @@ def test_the_environment_can_turn_the_compiled_kernel_off():
         seen[value] = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                      timeout=120, check=True).stdout.split()
     assert seen == {"numpy": ["False", "False"], "numba": ["True", "True"], None: ["True", "True"]}
+
+
+def test_a_cpu_kernel_that_is_neither_numba_nor_numpy_is_refused_at_start_up():
+    """A misspelt ``MOEWATCH_CPU_KERNEL`` would otherwise leave the kernel on without a word."""
+    with pytest.raises(EnvOptionError, match="MOEWATCH_CPU_KERNEL='nmupy' must be one of numba, numpy"):
+        options_from_env({"MOEWATCH_CPU_KERNEL": "nmupy"})
+    for value in ("numpy", " NumPy ", "numba"):
+        assert options_from_env({"MOEWATCH_CPU_KERNEL": value}) == {}

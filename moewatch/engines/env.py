@@ -12,6 +12,7 @@ import os
 from dataclasses import fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from ..hotpath.numba_backend import KERNEL_CHOICES
 from ..options import Options
 
 PREFIX = "MOEWATCH_"
@@ -99,6 +100,9 @@ def options_from_env(environ: Optional[Mapping[str, str]] = None) -> Dict[str, A
         except (TypeError, ValueError) as error:
             raise EnvOptionError(f"{variable(field.name)}={raw!r}: {error}") from None
         kwargs[field.name] = value
+    kernel = environ.get(PREFIX + "CPU_KERNEL")
+    if kernel is not None and kernel.strip().lower() not in KERNEL_CHOICES:  # else read at import
+        raise EnvOptionError(f"{PREFIX}CPU_KERNEL={kernel!r} must be one of {', '.join(KERNEL_CHOICES)}")
     baseline = environ.get(PREFIX + "BASELINE")
     if baseline is not None:
         if not baseline.strip():

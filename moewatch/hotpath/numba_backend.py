@@ -37,6 +37,8 @@ import numpy as np
 from .layout import (ENTROPY, LOGIT_FINITE, LOGIT_SQSUM, LOGIT_SUM, MARGIN, NONFINITE, NUM_SCALARS, TOKENS,
                      TOP1, ZLOSS)
 
+# The values of MOEWATCH_CPU_KERNEL (engines check it at start-up: ``engines.env``).
+KERNEL_CHOICES = ("numba", "numpy")
 # False: reduce with numpy alone (benchmarks compare the two; tests run both). The process's
 # MOEWATCH_CPU_KERNEL=numpy sets it at import (MOEWATCH_CPU_KERNEL=numba or unset: the kernel).
 enabled = os.environ.get("MOEWATCH_CPU_KERNEL", "numba").strip().lower() != "numpy"
