@@ -392,10 +392,7 @@ def reader_cost(cases, forward: Callable, seconds: float, min_forwards: int = 20
     for _ in range(2):
         forward(module, kwargs, after)
     clocks = HookTimer.reader_clock(known)
-    forwards, started = 0, time.perf_counter()
-    while forwards < min_forwards or time.perf_counter() - started < seconds:
-        forward(module, kwargs, after)
-        forwards += 1
+    forwards = back_to_back(forward, module, kwargs, after, seconds, min_forwards)
     spent = HookTimer.reader_seconds(clocks)
     leave_started = time.thread_time()
     leave()
@@ -405,15 +402,27 @@ def reader_cost(cases, forward: Callable, seconds: float, min_forwards: int = 20
 def kept_reader_cost(cases, name: str, forward: Callable, seconds: float, min_forwards: int = 20) -> float:
     """CPU seconds a forward of ``name``'s (kept's, held's) reader in steady state: its twin,
     monitored since the run began, runs forwards back to back for ``seconds`` (at least
-    ``min_forwards``), as a served model does, and its reader thread's CPU time over them is
-    divided by them (as :func:`reader_cost` does for ``moewatch``)."""
+    ``min_forwards``), as a served model does; its reader thread's CPU time over them, and a
+    flush on this thread of what the reader had not reduced yet (up to a look's 5 s of forwards),
+    are divided by them (as :func:`reader_cost` does for ``moewatch``, whose detach flushes)."""
     module, kwargs, after = cases[name][4], cases[name][2], cases[name][3]
-    forward(module, kwargs, after)  # the reader's state after the interleaved rounds: one forward in
-    before, forwards, started = TWINS.reader_seconds(name), 0, time.perf_counter()
+    forward(module, kwargs, after)  # untimed: the twin's first forward after the other set-ups' rounds
+    before = TWINS.reader_seconds(name)
+    forwards = back_to_back(forward, module, kwargs, after, seconds, min_forwards)
+    spent = TWINS.reader_seconds(name) - before
+    flush_started = time.thread_time()
+    TWINS.monitors[name].flush()
+    return (spent + time.thread_time() - flush_started) / forwards
+
+
+def back_to_back(forward: Callable, module, kwargs, after, seconds: float, min_forwards: int) -> int:
+    """Run forwards of ``module`` one after the other for ``seconds``, at least ``min_forwards``;
+    returns how many ran."""
+    forwards, started = 0, time.perf_counter()
     while forwards < min_forwards or time.perf_counter() - started < seconds:
         forward(module, kwargs, after)
         forwards += 1
-    return (TWINS.reader_seconds(name) - before) / forwards
+    return forwards
 
 
 def prefill_forward(batch: int, length: int, vocab: int) -> Callable:
