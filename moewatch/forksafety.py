@@ -37,10 +37,11 @@ def renew_locks(objects: Iterable[object]) -> None:
 
 def _after_fork_in_child() -> None:
     from . import monitor as monitor_module
-    from .hotpath import ops
+    from .hotpath import arena, ops
 
     monitor_module._ATTACH_LOCK = threading.Lock()
     ops._REGISTRY_LOCK = threading.Lock()
+    arena.after_fork_in_child()  # the staged copies' arena is the process's, not a monitor's
     for monitor in list(_MONITORS):
         try:
             monitor._after_fork_in_child()

@@ -148,7 +148,6 @@ class Monitor:
         """In a forked child: new locks everywhere (any could have been held), a new reader."""
         parts = [self, self.errors, self._status, self._banks, self._postmortem, *self._banks.banks,
                  *self._exporters]
-        parts += [bank._arena for bank in self._banks.banks if hasattr(bank, "_arena")]  # staged banks
         if self._decisions is not None:
             parts += list(self._decisions.rings.values())
         forksafety.renew_locks(parts)

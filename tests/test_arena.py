@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moewatch
+from moewatch.hotpath import arena as arena_module
 from moewatch.hotpath import staged
 from moewatch.hotpath.arena import MIN_SLOT_BYTES, StagingArena
 from tests.conftest import padded_batch, tiny_mixtral
@@ -69,34 +70,58 @@ def _prefill():
     return padded_batch(seed=3, batch=3, length=100)  # 300 tokens: over staged.ARENA_MIN_TOKENS
 
 
+def _shared_arena() -> StagingArena:
+    return arena_module.shared(staged.MAX_STAGED_BYTES // 2)
+
+
 def _counts(model, ids, mask, forwards=3):
+    """Counts and errors of ``forwards`` monitored forwards, and of the process's arena: the
+    copies made into it, the slots they held before the reduction and after the detach."""
+    arena = _shared_arena()
+    made, in_use = arena.copies_made, arena.in_use()
     mon = moewatch.attach(model, background=False)
+    assert all(bank._arena is arena for bank in mon._banks.banks)
     with torch.no_grad():
         for _ in range(forwards):
             model(ids, attention_mask=mask)
+    held = arena.in_use() - in_use
     counts, errors = mon.counts(), mon.error_counts()
-    banks = list(mon._banks.banks)
     mon.detach()
-    return counts, errors, banks
+    return counts, errors, (arena.copies_made - made, held, arena.in_use() - in_use)
 
 
 def test_prefill_calls_are_copied_count_exactly_and_give_their_slots_back(one_thread, monkeypatch):
     model = tiny_mixtral()
     ids, mask = _prefill()
     assert ids.numel() >= staged.ARENA_MIN_TOKENS
-    copied, errors, banks = _counts(model, ids, mask)
+    copied, errors, arena = _counts(model, ids, mask)
     assert errors == {}
-    free, mapped = banks[0]._arena.slots()
-    assert mapped > 0, "the prefill calls were not copied into the arena"
-    assert free == 2 * 2 * 3, "every copy's slot (logits and indices, 2 gates, 3 forwards) is given back"
+    # logits and indices, 2 gates, 3 forwards: copied, each in a slot until the reduction
+    assert arena[:2] == (2 * 2 * 3, 2 * 2 * 3), "the prefill calls were not copied into the arena"
+    assert arena[2] == 0, "every copy's slot is given back"
     monkeypatch.setattr(staged, "ARENA_MIN_TOKENS", 10**9)  # the same calls held by reference
-    held, errors, banks = _counts(model, ids, mask)
-    assert errors == {} and banks[0]._arena.slots() == (0, 0)
+    held, errors, arena = _counts(model, ids, mask)
+    assert errors == {} and arena == (0, 0, 0)
     assert set(copied) == set(held)
     for name in held:
         np.testing.assert_array_equal(copied[name], held[name])
     for name in held:  # not vacuous: padded tokens are left out, every real one is counted twice
         assert held[name].sum() == 3 * int(mask.sum()) * 2
+
+
+def test_a_monitor_attached_after_another_reuses_its_slots_without_mapping_more(one_thread):
+    """The arena is the process's: attaching again (around each evaluation run, say) must not
+    map and fault in fresh memory for the same traffic."""
+    model = tiny_mixtral()
+    ids, mask = _prefill()
+    arena = _shared_arena()
+    first, _, made = _counts(model, ids, mask, forwards=2)
+    mapped = arena.slots()[1]
+    again, errors, made_again = _counts(model, ids, mask, forwards=2)
+    assert errors == {} and made[0] == made_again[0] == 2 * 2 * 2
+    assert arena.slots()[1] == mapped, "the second monitor mapped memory of its own"
+    for name in first:
+        np.testing.assert_array_equal(again[name], first[name])
 
 
 @pytest.mark.parametrize("tokens, released", [(300, True), (12, False)])
@@ -122,9 +147,9 @@ def test_outputs_that_cannot_be_copied_are_held_and_still_count(one_thread, monk
     model = tiny_mixtral()
     ids, mask = _prefill()
     expected, _, _ = _counts(model, ids, mask, forwards=1)
-    monkeypatch.setattr(staged.StagingArena, "copy", lambda self, tensor: None)  # a full arena
-    got, errors, banks = _counts(model, ids, mask, forwards=1)
-    assert errors == {} and banks[0]._arena.slots() == (0, 0)
+    monkeypatch.setattr(StagingArena, "copy", lambda self, tensor: None)  # a full arena
+    got, errors, arena = _counts(model, ids, mask, forwards=1)
+    assert errors == {} and arena == (0, 0, 0)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
 
@@ -159,10 +184,6 @@ def test_a_forked_child_reusing_the_slots_leaves_the_parents_staged_copies_alone
         np.testing.assert_array_equal(got[name], expected[name])
 
 
-def _free_slots(mon) -> int:
-    return sum(bank._arena.slots()[0] for bank in mon._banks.banks)
-
-
 @pytest.mark.parametrize("how", ["inference_mode", "compiled"])
 def test_copied_prefill_calls_go_to_the_arena_with_their_mask_and_count_exactly(how, one_thread):
     """Inference tensors and compiled code are copied, never held: prefill-sized ones into the
@@ -171,6 +192,8 @@ def test_copied_prefill_calls_go_to_the_arena_with_their_mask_and_count_exactly(
     ids, mask = _prefill()
     expected, _, _ = _counts(model, ids, mask, forwards=1)
     torch._dynamo.reset()
+    arena = _shared_arena()
+    made, in_use = arena.copies_made, arena.in_use()
     mon = moewatch.attach(model, background=False)
     try:
         run = torch.compile(model, backend="eager", fullgraph=True) if how == "compiled" else model
@@ -181,7 +204,8 @@ def test_copied_prefill_calls_go_to_the_arena_with_their_mask_and_count_exactly(
         got = mon.counts()
         assert mon.error_counts() == {}
         # logits, indices and the mask's columns of each call: 2 gates, 2 forwards
-        assert _free_slots(mon) == 3 * 2 * 2
+        assert arena.copies_made - made == 3 * 2 * 2
+        assert arena.in_use() == in_use, "every copy's slot is given back"
         for name in expected:
             np.testing.assert_array_equal(got[name], 2 * expected[name])
     finally:

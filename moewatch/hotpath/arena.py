@@ -13,6 +13,16 @@ forward's thread copies such calls into slots of memory mapped by this arena (an
 allocated per call but Python objects (which live apart from malloc's heap); the reader makes
 the numpy views and gives the slots back after the reduction.
 
+One arena serves the whole process (``shared``): the staged banks of every monitor take their
+slots from it. So the memory it maps is bounded once for the process, however many monitors it
+attaches (an arena per monitor bounded each), and a monitor attached after another (an
+evaluation that attaches around each run, a test suite) reuses the slots, and the pages, that
+the last one faulted in, where an arena of its own was mapped afresh at every attach (measured
+on the Mixtral-shaped model of ``benchmarks/overhead.py``, prefill 4 x 128, the second forward
+after an attach: 24 minor page faults for the new slots of its 4 gates; none with the shared
+arena). The price: the slots a process has carved stay mapped after its last monitor detaches
+(as many as its largest burst of staged prefill calls needed, at most the arena's limit).
+
 A slot's size is a power of two bytes (``MIN_SLOT_BYTES`` at least); freed slots wait on a
 stack per size and are reused hottest first. Taking and giving a slot is a ``deque`` pop and
 append (atomic: no lock on the forward's path); only carving a new slot from the mapped memory
@@ -55,6 +65,8 @@ class StagingArena:
         self._chunk_used = 0
         self._carve = threading.Lock()  # only around carving a new slot (warm-up)
         self._views: Dict[int, tuple] = {}  # slot address -> (shape, dtype, view): its last view
+        self.copies_made = 0  # since the arena was made (``+=`` from several threads under the GIL)
+        self._carved = 0  # slots carved so far
 
     def copy(self, tensor: torch.Tensor) -> Optional[tuple]:
         """A copy of a CPU tensor in a slot (see the module docstring), or None where it cannot
@@ -71,6 +83,7 @@ class StagingArena:
             slot = self._new_slot(size)
         if slot is None:
             return None
+        self.copies_made += 1
         if tensor.is_contiguous():
             _memmove(slot[1], tensor.data_ptr(), nbytes)
         else:  # strided (a view of the padding mask): through numpy, whose views here are transient
@@ -116,9 +129,35 @@ class StagingArena:
                 self.mapped += length
             start = self._chunk_used
             self._chunk_used += size
+            self._carved += 1
             array = np.frombuffer(chunk, dtype=np.uint8, count=size, offset=start)
             return (array, array.ctypes.data)
 
     def slots(self) -> Tuple[int, int]:
         """(free slots, bytes mapped): for tests and diagnostics."""
         return sum(len(free) for free in self._free.values()), self.mapped
+
+    def in_use(self) -> int:
+        """Slots holding a copy now (carved and not given back): for tests and diagnostics."""
+        return self._carved - self.slots()[0]
+
+
+_SHARED: Optional[StagingArena] = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared(max_bytes: int) -> StagingArena:
+    """The process's arena (see the module docstring), made with ``max_bytes`` at first use."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = StagingArena(max_bytes)
+        return _SHARED
+
+
+def after_fork_in_child() -> None:
+    """New locks for the shared arena in a forked child (the parent's may have been held)."""
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()
+    if _SHARED is not None:
+        _SHARED._carve = threading.Lock()

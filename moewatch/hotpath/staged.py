@@ -4,7 +4,7 @@ On a CPU every tensor op costs microseconds of dispatch, so computing the statis
 call where it happens (dozens of small ops) would cost the forward hundreds of microseconds.
 Here the forward's thread only *records* the call: a reference to its tensors (eager mode,
 where the version counter proves later that they were not modified in place), a copy in the
-bank's arena (eager calls of prefill size: ``arena`` says why they are not held), or a copy
+process's arena (eager calls of prefill size: ``arena`` says why they are not held), or a copy
 (compiled code and inference tensors, whose buffers may be reused). The reader thread later
 takes every recorded call of a window and computes the reference's statistics over all of them
 together (``numpy_backend``: one pass for all the gates of a kind), so the per-op overhead is
@@ -31,7 +31,7 @@ import torch
 from ..adapters.base import flat_tokens, width_error
 from .layout import ASSIGNED, COUNT_ROWS, DROPPED, NUM_SCALARS, RANK_TOKENS, TOKENS
 from . import numba_backend, numpy_backend
-from .arena import StagingArena
+from . import arena as arena_module
 from .gathered import Locate, own_decisions
 from .numpy_backend import as_array, as_tensor, concat, concat_experts
 from .reference import GateSums, mask_tail, mask_weights
@@ -55,7 +55,7 @@ HOLD_CALLS = 1024
 # LOOK_SECONDS later (windows that age out, at window_seconds, are taken when they do).
 LOOK_SECONDS = 5.0
 LOOK_FORWARDS = 256
-# Eager calls of at least this many tokens (prefill sizes) are copied into the bank's arena and
+# Eager calls of at least this many tokens (prefill sizes) are copied into the staging arena and
 # their outputs let go, rather than held until the reader reduces them (see ``arena``: held
 # outputs cost a prefill forward thousands of page faults under glibc's malloc). A copy costs
 # the forward's thread a few microseconds, which decode-sized calls are spared.
@@ -171,7 +171,7 @@ class StagedBank:
         self._widths = [g.num_experts for g in self.gates]
         self._mask_keys = [g.mask_key for g in self.gates]
         self._held: List[Call] = []  # calls of whole forwards taken but not reduced (take(hold=True))
-        self._arena = StagingArena(MAX_STAGED_BYTES // 2)  # copies of prefill-sized eager calls
+        self._arena = arena_module.shared(MAX_STAGED_BYTES // 2)  # copies of prefill-sized calls: the process's
         self.arena_min_tokens = ARENA_MIN_TOKENS  # calls of fewer tokens are not copied into it
         self._window_tokens = 0.0  # tokens of the window being filled (max over gates)
         # the reader's compiled kernel is compiled (or loaded from numba's cache) here, at attach,
