@@ -21,6 +21,7 @@ from .discovery import resolve_gates
 from .taps import add_observer
 from .dynamo_cache import forget_compiled_code, guard_hooks, release_hooks_guard
 from .engines import engine_for
+from .engines.env import check_cpu_kernel
 from .errors import ErrorLog
 from .health import Health
 from .hooks import CompanionHook, GateHook
@@ -516,6 +517,7 @@ def attach(model: nn.Module, baseline=None, **options) -> Monitor:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moewatch.attach needs a torch.nn.Module, got {type(model).__name__}")
+    check_cpu_kernel()  # the process's MOEWATCH_CPU_KERNEL, misspelt: refused, not ignored
     model = _uncompiled(model)
     with _ATTACH_LOCK:
         existing = _ATTACHED.get(model)

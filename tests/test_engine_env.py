@@ -150,3 +150,16 @@ def test_a_cpu_kernel_that_is_neither_numba_nor_numpy_is_refused_at_start_up():
         options_from_env({"MOEWATCH_CPU_KERNEL": "nmupy"})
     for value in ("numpy", " NumPy ", "numba"):
         assert options_from_env({"MOEWATCH_CPU_KERNEL": value}) == {}
+
+
+def test_a_plain_attach_refuses_a_misspelt_cpu_kernel_and_leaves_no_hook(monkeypatch):
+    from tests.conftest import tiny_mixtral
+
+    model = tiny_mixtral()
+    monkeypatch.setenv("MOEWATCH_CPU_KERNEL", "nmupy")
+    with pytest.raises(EnvOptionError, match="MOEWATCH_CPU_KERNEL='nmupy'"):
+        moewatch.attach(model)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(not module._forward_hooks for module in model.modules())
+    monkeypatch.setenv("MOEWATCH_CPU_KERNEL", "numpy")
+    moewatch.attach(model, background=False).detach()  # a valid value: attached

@@ -33,6 +33,15 @@ class EnvOptionError(ValueError):
     """A ``MOEWATCH_*`` variable whose value moewatch cannot use; the message names it."""
 
 
+def check_cpu_kernel(environ: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse a ``MOEWATCH_CPU_KERNEL`` that is neither ``numba`` nor ``numpy`` (the process's
+    switch, read when moewatch is imported: misspelt, it would leave the kernel on without a
+    word). Raises :class:`EnvOptionError`; ``attach`` and the engines' start-up call it."""
+    kernel = (os.environ if environ is None else environ).get(PREFIX + "CPU_KERNEL")
+    if kernel is not None and kernel.strip().lower() not in KERNEL_CHOICES:
+        raise EnvOptionError(f"{PREFIX}CPU_KERNEL={kernel!r} must be one of {', '.join(KERNEL_CHOICES)}")
+
+
 def variable(option: str) -> str:
     """The environment variable of an ``attach`` option: ``window_tokens`` -> ``MOEWATCH_WINDOW_TOKENS``."""
     return PREFIX + option.upper()
@@ -100,9 +109,7 @@ def options_from_env(environ: Optional[Mapping[str, str]] = None) -> Dict[str, A
         except (TypeError, ValueError) as error:
             raise EnvOptionError(f"{variable(field.name)}={raw!r}: {error}") from None
         kwargs[field.name] = value
-    kernel = environ.get(PREFIX + "CPU_KERNEL")
-    if kernel is not None and kernel.strip().lower() not in KERNEL_CHOICES:  # else read at import
-        raise EnvOptionError(f"{PREFIX}CPU_KERNEL={kernel!r} must be one of {', '.join(KERNEL_CHOICES)}")
+    check_cpu_kernel(environ)
     baseline = environ.get(PREFIX + "BASELINE")
     if baseline is not None:
         if not baseline.strip():
