@@ -157,7 +157,9 @@ def shared(max_bytes: int) -> StagingArena:
 
 def after_fork_in_child() -> None:
     """New locks for the shared arena in a forked child (the parent's may have been held)."""
+    from ..forksafety import renew_locks  # every lock the arena holds, as a monitor's are renewed
+
     global _SHARED_LOCK
     _SHARED_LOCK = threading.Lock()
     if _SHARED is not None:
-        _SHARED._carve = threading.Lock()
+        renew_locks([_SHARED])
