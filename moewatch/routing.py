@@ -18,7 +18,8 @@ class Routing:
     """One gate call, normalised.
 
     logits:  [T, E] raw router logits (any float dtype; non-finite values allowed).
-    indices: [T, k] int64 expert ids the router selected, or None to take the top-k of the scores.
+    indices: [T, k] expert ids the router selected (any integer dtype: int64, an engine's int32),
+             or None to take the top-k of the scores.
     dropped: [T, k] bool, True where the selected expert refused the token (capacity), or None.
     probs:   [T, E] routing distribution when the family's gate already computed it
              (rows sum to 1), or None to derive it from the logits with ``scoring``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -38,15 +39,19 @@ def _output(out) -> torch.Tensor:
 
 
 class GraphRecorder:
-    """A Dynamo backend that records each graph's moewatch ops, then runs ``inner``."""
+    """A Dynamo backend that records each graph's moewatch ops and all its op nodes (by target),
+    then runs ``inner``."""
 
     def __init__(self, inner: str):
         self.inner = inner
         self.graphs = []
+        self.nodes = []  # per graph: Counter of its op nodes' targets
 
     def __call__(self, gm, example_inputs):
         self.graphs.append([str(n.target) for n in gm.graph.nodes
                             if n.op == "call_function" and "moewatch" in str(n.target)])
+        self.nodes.append(Counter(str(n.target) for n in gm.graph.nodes
+                                  if n.op in ("call_function", "call_method", "call_module")))
         if self.inner == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
@@ -75,6 +80,7 @@ def test_the_cpu_op_declares_no_mutation_so_inductor_fuses_the_model_as_without_
 # (Dynamo backend, moewatch's hot path): the staged CPU path on both; the device path (the CUDA
 # path's ops, with the torch reference in place of the kernel) on Dynamo's eager backend
 CASES = [("eager", "staged"), ("inductor", "staged"), ("eager", "device")]
+VIEWS = {"reshape", "view", "flatten"}  # graph nodes that run no kernel on contiguous logits
 
 
 @pytest.mark.parametrize("backend,hot_path", CASES)
@@ -83,7 +89,7 @@ def test_fullgraph_compile_counts_exactly_and_leaves_outputs_unchanged(family, b
     model, batch, options = _build(family)
     options = dict(options, backend=hot_path)
     torch._dynamo.reset()
-    plain, _ = _compiled(model, backend)
+    plain, plain_recorder = _compiled(model, backend)
     with torch.no_grad():
         expected = _output(plain(**batch))
     breaks_alone = torch._dynamo.explain(model)(**batch).graph_break_count
@@ -107,6 +113,12 @@ def test_fullgraph_compile_counts_exactly_and_leaves_outputs_unchanged(family, b
         gates = len(mon.gates)
         op = "moewatch.stage" if hot_path == "staged" else "moewatch.observe"
         assert recorder.graphs == [[op] * gates]
+        # and nothing else: no node of the model's own graph gone, none added but the ops and
+        # the views that flatten a custom gate's [B, S, E] logits to [T, E] (no kernel, no copy)
+        assert len(plain_recorder.nodes) == 1
+        added = recorder.nodes[0] - plain_recorder.nodes[0]
+        assert Counter({target: n for target, n in added.items() if target not in VIEWS}) == Counter({op: gates})
+        assert plain_recorder.nodes[0] - recorder.nodes[0] == Counter()
         assert torch.equal(first, expected) and torch.equal(second, expected)
         assert mon.error_counts() == {}
         for name, counts in eager.items():

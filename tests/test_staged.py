@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -268,3 +269,32 @@ def test_one_batched_reduction_of_mixed_calls_equals_reducing_them_one_by_one():
     np.testing.assert_array_equal(counts, expected_counts)
     np.testing.assert_allclose(sums, expected_sums, rtol=1e-9, atol=1e-9)
     assert counts[:, 0].sum() == 2 * sum(int(v.sum()) if v is not None else l.shape[0] for _, l, _, v in calls)
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "numpy"])
+@pytest.mark.parametrize("path", ["copied", "held", "arena", "reduced-at-once"])
+def test_an_engines_int32_expert_ids_count_as_int64_ones(path, kernel, monkeypatch):
+    """vLLM's routers hand over int32 ids, staged as they are (no cast in the model's graph):
+    every way a CPU call is staged and reduced counts them as the same ids in int64."""
+    from moewatch.hotpath import numba_backend
+
+    monkeypatch.setattr(numba_backend, "enabled", kernel == "compiled")
+    if path == "reduced-at-once":
+        monkeypatch.setattr(staged, "MAX_STAGED_BYTES", 64)  # every call over the budget
+    tokens = 300 if path == "arena" else 5  # the arena takes prefill-sized calls
+    torch.manual_seed(1)
+    calls = [(n % 2, torch.randn(tokens, 8), torch.stack([torch.randperm(8)[:2] for _ in range(tokens)]))
+             for n in range(6)]  # the router's own choice, not the logits' top-2
+    results = []
+    for dtype in (torch.int64, torch.int32):
+        bank = _bank()
+        for row, logits, indices in calls:
+            bank.begin()
+            bank.stage(row, logits, indices.to(dtype), None, None, None, None, 0, path != "held")
+            bank.end()
+        results.append(_reduced(bank))
+        assert bank.errors.counts() == {}
+    (sums64, counts64), (sums32, counts32) = results
+    np.testing.assert_array_equal(counts32, counts64)
+    np.testing.assert_array_equal(sums32, sums64)
+    assert counts64[:, 0].sum() == 2 * tokens * len(calls)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections import Counter
 
 import pytest
 
@@ -222,6 +223,24 @@ def test_compiled_graphs_are_those_without_moewatch(engine_runs, model):
     off, on = _off_and_on(engine_runs, model)
     assert on["workers"][0]["graph_breaks"] == off["workers"][0]["graph_breaks"]  # no break added
     assert on["workers"][0]["unique_graphs"] == off["workers"][0]["unique_graphs"]
+
+
+@pytest.mark.parametrize("pair", ["mixtral", "deepseek_v3", "deepseek_v3-dynamo"])
+def test_moewatch_adds_one_op_per_router_call_to_the_compiled_graph_and_nothing_else(engine_runs, pair):
+    """Each graph Dynamo traced, with moewatch against without it: the op nodes moewatch added
+    are one ``moewatch::stage`` per router call (as many as the test's own recording op) and
+    nothing else, no cast or copy of the router's ids or logits; none of the model's ops gone."""
+    if pair.endswith("-dynamo"):
+        off, on = engine_runs["deepseek_v3-dynamo-off"], engine_runs["deepseek_v3-dynamo-on"]
+    else:
+        off, on = _off_and_on(engine_runs, pair)
+    graphs_off, graphs_on = off["workers"][0]["graph_ops"], on["workers"][0]["graph_ops"]
+    assert graphs_on and len(graphs_on) == len(graphs_off)
+    for with_moewatch, without in zip(graphs_on, graphs_off):
+        assert Counter(without) - Counter(with_moewatch) == Counter()
+        router_calls = with_moewatch.get("moewatch_test.record", 0)
+        assert Counter(with_moewatch) - Counter(without) == Counter({"moewatch.stage": router_calls})
+    assert sum(graph.get("moewatch.stage", 0) for graph in graphs_on) >= 2  # both MoE layers
 
 
 def test_compiled_mixtral_outputs_are_those_without_moewatch(engine_runs):

@@ -18,6 +18,7 @@ import torch
 RECORDED: Dict[int, List[torch.Tensor]] = {}
 GATHERED: Dict[int, List[torch.Tensor]] = {}  # data parallel: every DP rank's rows the router saw
 SCHEDULED: List[Dict[str, int]] = []  # per step with a forward: request id -> its tokens there
+GRAPH_OPS: List[Dict[str, int]] = []  # per graph Dynamo traced: its op nodes, by target
 STATE = {"armed": False, "rows": 0}
 
 _LIB = torch.library.Library("moewatch_test", "DEF")
@@ -74,11 +75,42 @@ def _wrap_router(router, layer: int) -> None:
     router._compute_routing = compute_routing
 
 
+def _op_name(target) -> str:
+    if isinstance(target, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target)  # a method's name; "moewatch.stage"
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
+
+
+def _op_counts(graph) -> Dict[str, int]:
+    """How many nodes of a traced graph call each function, method or module (by target)."""
+    counts: Dict[str, int] = {}
+    for node in graph.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            name = _op_name(node.target)
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _record_graphs() -> None:
+    """Keep the op counts of every graph Dynamo traces, as it hands it to the compiler (vLLM's
+    backend, or on the CPU inductor or Dynamo's eager backend directly)."""
+    from torch._dynamo.output_graph import OutputGraph
+
+    compile_graph = OutputGraph.call_user_compiler
+
+    def call_user_compiler(self, gm, *args, **kwargs):
+        GRAPH_OPS.append(_op_counts(gm))
+        return compile_graph(self, gm, *args, **kwargs)
+
+    OutputGraph.call_user_compiler = call_user_compiler
+
+
 def install() -> None:
-    """Wrap every router of a model a worker loads (once per process)."""
+    """Wrap every router of a model a worker loads; record every graph Dynamo traces (once per process)."""
     if STATE.get("installed"):
         return
     STATE["installed"] = True
+    _record_graphs()
     from vllm.v1.worker.gpu_worker import Worker
 
     load = Worker.load_model
@@ -160,7 +192,8 @@ def worker_report(worker) -> dict:
               # per layer: the experts this worker holds (E / ranks under expert parallelism)
               "local_experts": [int(layer.moe_config.num_local_experts) for _, layer in layers],
               "expert_map_calls": _expert_map_calls(),
-              "unique_graphs": int(counters["stats"]["unique_graphs"])}
+              "unique_graphs": int(counters["stats"]["unique_graphs"]),
+              "graph_ops": GRAPH_OPS}
     mons = monitors()
     if mons:
         mon = mons[0]

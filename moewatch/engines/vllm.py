@@ -203,7 +203,9 @@ def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
         if logits is None:
             raise AdapterError(f"the gate {gate_name!r} did not run before the router of {name!r} "
                                "(fused gate weights?): no logits to go with its decision")
-        return Routing(logits=logits, indices=topk_ids.to(torch.int64))  # [T, E], [T, k]
+        # the ids as the engine made them (int32 from its top-k kernels): every backend reads
+        # any integer dtype, and a cast here would be one more kernel in the graph per call
+        return Routing(logits=logits, indices=topk_ids)  # [T, E], [T, k]
 
     def install(hook: Callable[..., None]) -> _CaptureHandle:
         previous = router.capture_fn  # another capturer (vLLM's routed-experts replay) keeps working
