@@ -51,7 +51,13 @@ class MaskTracker:
         pos = self._positions.get(key)
         if mask is None and pos is not None and pos < len(args):
             mask = args[pos]
-        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if isinstance(mask, dict):
+            mask = _one_of(mask)
+        if not isinstance(mask, torch.Tensor):
+            return None
+        if mask.dim() == 2:
+            return mask
+        return real_queries(mask) if mask.dim() in (3, 4) else None
 
     def _rows(self, mask, args, kwargs) -> Optional[Tuple[int, int, bool]]:
         """(B, L, continued): the call's batch rows, their (padded) length, and whether they
@@ -106,6 +112,45 @@ class MaskTracker:
         return None
 
 
+def _one_of(masks: dict) -> Optional[torch.Tensor]:
+    """The mask to read of a mask per attention kind (``generate()`` hands hybrid models one per
+    kind of layer; each masks the same padding): a [B, L] padding mask where one is among them
+    (linear attention's, a convolution's), else the full attention's, else any."""
+    tensors = [m for m in masks.values() if isinstance(m, torch.Tensor)]
+    for mask in tensors:
+        if mask.dim() == 2:
+            return mask
+    full = masks.get("full_attention")
+    return full if isinstance(full, torch.Tensor) else (tensors[0] if tensors else None)
+
+
+def real_queries(mask: torch.Tensor) -> torch.Tensor:
+    """[B, Q] bool: which query tokens of an attention mask [B, Q, KV] or [B, H, Q, KV] are real.
+
+    ``generate()`` with a static cache, and callers with masks of their own, hand the model such
+    a mask instead of the [B, L] padding mask: bool or int (nonzero: attend) or additive float
+    (0 or a bias: attend; very negative or -inf: masked). Padding is masked along the key axis,
+    so a query token is real exactly where it may attend to its own position. A square mask
+    (no cache) has that position on its diagonal. A wider one (cached tokens before the
+    queries, or a static cache's free slots after them) has the queries' positions consecutive
+    and ending at the rightmost key any query attends to: the last query of the longest row,
+    real in a padded batch. Tensor ops only, no branch on a value: traceable, and no host sync.
+    """
+    if mask.dim() == 4:
+        mask = mask[:, 0]  # [B, Q, KV]: padding masks every head alike
+    if mask.is_floating_point():
+        allowed = mask > torch.finfo(mask.dtype).min / 2  # additive: -inf or the dtype's minimum masks
+    else:
+        allowed = mask != 0
+    queries, keys = allowed.shape[1], allowed.shape[2]
+    if queries == keys:
+        return allowed.diagonal(dim1=1, dim2=2)  # [B, Q]
+    columns = torch.arange(1, keys + 1, device=allowed.device)  # [KV]: 1-based, 0 where never attended
+    last = (allowed.any(dim=1).any(dim=0) * columns).max() - 1  # [] the last query's position
+    own = (last - (queries - 1) + torch.arange(queries, device=allowed.device)).clamp(0, keys - 1)  # [Q]
+    return allowed.gather(2, own.view(1, queries, 1).expand(allowed.shape[0], queries, 1)).squeeze(2)  # [B, Q]
+
+
 def skip_top_level_frames(*functions) -> None:
     """Never compile these functions, nor anything they call, as frames of their own (they still
     trace when inlined).
@@ -126,4 +171,5 @@ def skip_top_level_frames(*functions) -> None:
         # older still: they compile as small graphs of their own, still correct
 
 
-skip_top_level_frames(MaskTracker.pre_hook, MaskTracker.post_hook, MaskTracker._mask, MaskTracker._rows)
+skip_top_level_frames(MaskTracker.pre_hook, MaskTracker.post_hook, MaskTracker._mask, MaskTracker._rows, _one_of,
+                      real_queries)
