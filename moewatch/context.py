@@ -19,6 +19,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .hooks import recomputing
+
 
 MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 # Where a transformers model takes its token rows when it has no mask: [B, L] ids or [B, L, H] embeddings.
@@ -81,8 +83,8 @@ class MaskTracker:
 
     def pre_hook(self, module, args, kwargs):
         banks = self.banks
-        if banks is None:
-            return None
+        if banks is None or (not torch.compiler.is_compiling() and recomputing() != -1):
+            return None  # (run again by activation checkpointing in a backward pass: counted once)
         if self._real_tokens is not None:
             mask, decoder_mask = self._real_tokens(args, kwargs), None
         else:
@@ -103,7 +105,7 @@ class MaskTracker:
 
     def post_hook(self, module, args, kwargs, output):
         banks = self.banks
-        if banks is None:
+        if banks is None or (not torch.compiler.is_compiling() and recomputing() != -1):
             return None
         if torch.compiler.is_compiling():
             torch.ops.moewatch.forward_end(banks.ticks, banks.bank_id)

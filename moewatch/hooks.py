@@ -18,6 +18,9 @@ from .hotpath.device import DeviceBank
 
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled  # with grad, the output carries the graph: detach it now
+# Which backward pass runs on this thread (-1: none). A gate called inside one is activation
+# checkpointing running again a forward whose routing was counted when it first ran.
+recomputing = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 class GateHook:
@@ -53,6 +56,8 @@ class GateHook:
                 # eager inference on the CPU: the output is kept, the reader reads it (or, where
                 # it cannot be kept as it is, stage_output reads it now)
                 self.stage_output(self.row, output)
+                return None
+            if not _is_compiling() and recomputing() != -1:  # (compiled: the op's implementation asks)
                 return None
             routing = self.extract(module, args, kwargs, output)
             logits = routing.logits  # [T, E]
