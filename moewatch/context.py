@@ -30,6 +30,9 @@ INPUT_KEYS = ("input_ids", "inputs_embeds")
 class MaskTracker:
     """Root-module hooks: the padding masks of the call and the forward boundary, to the hot path."""
 
+    def __reduce__(self):  # a copy of the model (deepcopy, pickling) gets hooks that do nothing
+        return (_unwatched_tracker, ())
+
     def __init__(self, root: nn.Module, real_tokens: Optional[Callable[[tuple, dict], Optional[torch.Tensor]]] = None,
                  requests: Optional[Callable[[], object]] = None):
         self.banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
@@ -112,6 +115,13 @@ class MaskTracker:
         else:
             banks.end()
         return None
+
+
+def _unwatched_tracker() -> MaskTracker:
+    """A tracker with no hot path, whose hooks return at once (see ``hooks.Unwatched``)."""
+    tracker = MaskTracker.__new__(MaskTracker)
+    tracker.banks = None
+    return tracker
 
 
 def _one_of(masks: dict) -> Optional[torch.Tensor]:

@@ -23,7 +23,27 @@ _grad_enabled = torch.is_grad_enabled  # with grad, the output carries the graph
 recomputing = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
+class Unwatched:
+    """What a copy of a monitored model holds where the original holds moewatch's hooks: a hook
+    that does nothing. ``copy.deepcopy(model)`` (a reference model, an EMA copy) and pickling
+    the whole model (``torch.save(model)``) copy its hooks with it; moewatch's hooks hold the
+    monitor (its locks, threads, accumulators), which neither copies nor pickles, and a copy's
+    traffic is not the original's. Attach to a copy to watch it."""
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<moewatch hook of a copied model: not watched>"
+
+
+def _unwatched(hook) -> tuple:  # a hook's __reduce__
+    return (Unwatched, ())
+
+
 class GateHook:
+    __reduce__ = _unwatched  # a copy of the model does not share the monitor (see Unwatched)
+
     def __init__(self, spec: GateSpec, bank, row: int, errors: ErrorLog):
         self.extract = spec.extract
         self.name = spec.info.name
@@ -93,6 +113,8 @@ class GateHook:
 
 class CompanionHook:
     """An adapter's helper hook (see ``adapters.base.Companion``), guarded like the gate hook."""
+
+    __reduce__ = _unwatched
 
     def __init__(self, hook, gate: GateHook):
         self.hook = hook

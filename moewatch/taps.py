@@ -53,6 +53,11 @@ class Tap:
             observe(self.module, args, kwargs, output)
         return output
 
+    def __reduce__(self):
+        # A copy of the model (deepcopy, pickling) gets the module's own forward, without the
+        # observers and fault transforms: they belong to the original's monitor and drills.
+        return (getattr, (self.module, self.inner.__name__))
+
     def __repr__(self) -> str:
         return (f"<moewatch tap on {type(self.module).__name__}.forward: {len(self.transforms)} transform(s), "
                 f"{len(self.observers)} observer(s)>")
@@ -84,14 +89,21 @@ def tapped(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("forward"), Tap)
 
 
+def _is_own_forward(module: nn.Module, forward) -> bool:
+    """Whether an instance's ``forward`` is its class's, bound to it: what a copy of a tapped
+    module holds (``Tap.__reduce__``), as good as no patch at all."""
+    return (getattr(forward, "__self__", None) is module
+            and getattr(forward, "__func__", None) is getattr(type(module), "forward", None))
+
+
 def tap_of(module: nn.Module) -> Optional[Tap]:
     """The module's tap, installed now if it has none; None where a forward hook must be used
     instead: the module has forward hooks already, or its forward is someone else's."""
     own = module.__dict__.get("forward")
     if isinstance(own, Tap):
         return own
-    if own is not None:  # patched by another library, or compiled in place: leave it be
-        return None
+    if own is not None and not _is_own_forward(module, own):  # patched by another library, or
+        return None  # compiled in place: leave it be
     if module._forward_hooks or _global_forward_hooks:  # they may rewrite what the model receives
         return None
     tap = Tap(module, module.forward)
