@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .hooks import recomputing
+from .hooks import is_exporting, recomputing
 
 
 MASK_KEYS = ("attention_mask", "decoder_attention_mask")
@@ -93,6 +93,8 @@ class MaskTracker:
         else:
             mask, decoder_mask = self._mask(MASK_KEYS[0], args, kwargs), self._mask(MASK_KEYS[1], args, kwargs)
         if torch.compiler.is_compiling():  # inlined into a bigger compiled graph: one opaque op
+            if is_exporting():
+                return None
             rows = None if self._real_tokens is not None else self._rows(mask, args, kwargs)
             rows = None if rows is None else [rows[0], rows[1], int(rows[2])]
             torch.ops.moewatch.forward_begin(mask, decoder_mask, banks.ticks, banks.bank_id, rows)
@@ -111,6 +113,8 @@ class MaskTracker:
         if banks is None or (not torch.compiler.is_compiling() and recomputing() != -1):
             return None
         if torch.compiler.is_compiling():
+            if is_exporting():
+                return None
             torch.ops.moewatch.forward_end(banks.ticks, banks.bank_id)
         else:
             banks.end()

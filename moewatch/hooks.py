@@ -17,6 +17,9 @@ from .hotpath.device import DeviceBank
 
 
 _is_compiling = torch.compiler.is_compiling
+# torch.export makes a program to run elsewhere: moewatch's ops there would call into whatever
+# monitor holds the same bank number in that process. Exported, the hooks add nothing.
+is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _grad_enabled = torch.is_grad_enabled  # with grad, the output carries the graph: detach it now
 # Which backward pass runs on this thread (-1: none). A gate called inside one is activation
 # checkpointing running again a forward whose routing was counted when it first ran.
@@ -77,7 +80,10 @@ class GateHook:
                 # it cannot be kept as it is, stage_output reads it now)
                 self.stage_output(self.row, output)
                 return None
-            if not _is_compiling() and recomputing() != -1:  # (compiled: the op's implementation asks)
+            if _is_compiling():
+                if is_exporting():
+                    return None
+            elif recomputing() != -1:  # (compiled code does not run the op again in the backward pass)
                 return None
             routing = self.extract(module, args, kwargs, output)
             logits = routing.logits  # [T, E]
