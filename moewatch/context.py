@@ -143,28 +143,29 @@ def _one_of(masks: dict) -> Optional[torch.Tensor]:
 def real_queries(mask: torch.Tensor) -> torch.Tensor:
     """[B, Q] bool: which query tokens of an attention mask [B, Q, KV] or [B, H, Q, KV] are real.
 
-    ``generate()`` with a static cache, and callers with masks of their own, hand the model such
-    a mask instead of the [B, L] padding mask: bool or int (nonzero: attend) or additive float
-    (0 or a bias: attend; very negative or -inf: masked). Padding is masked along the key axis,
-    so a query token is real exactly where it may attend to its own position. A square mask
-    (no cache) has that position on its diagonal. A wider one (cached tokens before the
-    queries, or a static cache's free slots after them) has the queries' positions consecutive
-    and ending at the rightmost key any query attends to: the last query of the longest row,
-    real in a padded batch. Tensor ops only, no branch on a value: traceable, and no host sync.
+    ``generate()`` with a static cache, transformers' continuous batching, and callers with
+    masks of their own hand the model such a mask instead of the [B, L] padding mask: bool or
+    int (nonzero: attend) or additive float (0 or a bias: attend; very negative or -inf:
+    masked). Padding is masked along the key axis. A square mask (keys = the queries, no cache)
+    says it exactly: a real query may attend to its own position, on the diagonal, and padding
+    may not. On a wider key axis (cached tokens, a static cache's free slots, the keys of packed
+    sequences) a query's own position is not known from the mask; a query that may attend to
+    no key at all is padding (left padding, a padded slot of a packed batch), and any other is
+    counted as real: a real token never goes uncounted. Tensor ops only, no branch on a value:
+    traceable, and no host sync.
     """
     if mask.dim() == 4:
         mask = mask[:, 0]  # [B, Q, KV]: padding masks every head alike
-    if mask.is_floating_point():
-        allowed = mask > torch.finfo(mask.dtype).min / 2  # additive: -inf or the dtype's minimum masks
+    # reduced before it is compared: a long context's mask is large, and no copy of it is made
+    if mask.shape[1] == mask.shape[2]:
+        picked = mask.diagonal(dim1=1, dim2=2)  # [B, Q] a view
+    elif mask.dtype == torch.bool:
+        return mask.any(dim=2)  # [B, Q]
     else:
-        allowed = mask != 0
-    queries, keys = allowed.shape[1], allowed.shape[2]
-    if queries == keys:
-        return allowed.diagonal(dim1=1, dim2=2)  # [B, Q]
-    columns = torch.arange(1, keys + 1, device=allowed.device)  # [KV]: 1-based, 0 where never attended
-    last = (allowed.any(dim=1).any(dim=0) * columns).max() - 1  # [] the last query's position
-    own = (last - (queries - 1) + torch.arange(queries, device=allowed.device)).clamp(0, keys - 1)  # [Q]
-    return allowed.gather(2, own.view(1, queries, 1).expand(allowed.shape[0], queries, 1)).squeeze(2)  # [B, Q]
+        picked = mask.amax(dim=2)  # [B, Q] the most a query may attend
+    if picked.is_floating_point():
+        return picked > torch.finfo(picked.dtype).min / 2  # additive: -inf or the dtype's minimum masks
+    return picked != 0
 
 
 def skip_top_level_frames(*functions) -> None:

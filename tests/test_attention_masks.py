@@ -51,11 +51,14 @@ def _causal(padding: torch.Tensor, past: int = 0, keys: int = 0, window: int = 0
     return (allowed.unsqueeze(0) & present.unsqueeze(1)).unsqueeze(1)  # [B, 1, Q, KV]
 
 
-def _padding(past: int = 0, queries: int = 6) -> torch.Tensor:
-    """[3, past + Q]: a full row, a left-padded and a right-padded one."""
+def _padding(past: int = 0, queries: int = 6, right: bool = True) -> torch.Tensor:
+    """[3, past + Q]: a full row, a left-padded one and (``right``) a right-padded one."""
     padding = torch.ones(3, past + queries, dtype=torch.long)
     padding[1, :2] = 0
-    padding[2, -2:] = 0
+    if right:
+        padding[2, -2:] = 0
+    else:
+        padding[2, :1] = 0
     return padding
 
 
@@ -63,42 +66,101 @@ def _additive(mask: torch.Tensor, masked: float) -> torch.Tensor:
     return torch.zeros(mask.shape).masked_fill(~mask, masked)
 
 
-@pytest.mark.parametrize("form", ["square", "static slots", "after cached tokens", "sliding window",
-                                  "additive -inf", "additive minimum", "additive with biases", "three dims",
-                                  "bidirectional", "int"])
-def test_the_real_queries_of_an_attention_mask_are_its_unpadded_tokens(form):
-    past = 4 if form == "after cached tokens" else 0
-    padding = _padding(past)
-    mask = _causal(padding, past=past, keys=13 if form == "static slots" else 0,
-                   window=3 if form == "sliding window" else 0)
+def _packed(lengths, queries: int, past: int = 0, keys: int = 0) -> torch.Tensor:
+    """[1, 1, Q, KV] bool of sequences packed in one row, as continuous batching builds it: each
+    sequence's ``past`` cached keys, then its new tokens, causal within the sequence; query slots
+    past the sequences' tokens are padding and attend to nothing (nor does anything attend to
+    the key slots past theirs, up to ``keys``)."""
+    keys = max(keys, sum(lengths) + past * len(lengths))
+    mask = torch.zeros(1, 1, queries, keys, dtype=torch.bool)
+    query = key = 0
+    for length in lengths:
+        for i in range(length):
+            mask[0, 0, query + i, key: key + past + i + 1] = True
+        query, key = query + length, key + past + length
+    return mask
+
+
+def _shaped(mask: torch.Tensor, form: str) -> torch.Tensor:
     if form == "additive -inf":
-        mask = _additive(mask, float("-inf"))
-    elif form == "additive minimum":
-        mask = _additive(mask, torch.finfo(torch.float16).min).to(torch.float16)
-    elif form == "additive with biases":  # an ALiBi-like bias on the attended keys
-        mask = _additive(mask, float("-inf")) - torch.rand(mask.shape)
-    elif form == "three dims":
-        mask = mask[:, 0]
-    elif form == "bidirectional":  # an encoder's: every query attends to every unpadded key
-        mask = (padding != 0).view(3, 1, 1, -1).expand(3, 1, padding.shape[1], padding.shape[1])
-    elif form == "int":
-        mask = mask.to(torch.int64)
-    expected = padding[:, past:] != 0  # [B, Q]
+        return _additive(mask, float("-inf"))
+    if form == "additive minimum":
+        return _additive(mask, torch.finfo(torch.float16).min).to(torch.float16)
+    if form == "additive with biases":  # an ALiBi-like bias on the attended keys
+        return _additive(mask, float("-inf")) - torch.rand(mask.shape)
+    if form == "three dims":
+        return mask[:, 0]
+    if form == "int":
+        return mask.to(torch.int64)
+    return mask
+
+
+DTYPE_FORMS = ["bool", "additive -inf", "additive minimum", "additive with biases", "three dims", "int"]
+
+
+@pytest.mark.parametrize("form", DTYPE_FORMS)
+@pytest.mark.parametrize("layout", ["causal", "sliding window", "bidirectional", "packed"])
+def test_a_square_masks_real_queries_are_its_unpadded_tokens_left_or_right(layout, form):
+    """Keys = queries (no cache): read exactly, left and right padding alike."""
+    padding = _padding()
+    if layout == "packed":  # 3 sequences and 3 padded slots in one row
+        mask, expected = _packed([2, 3, 1], queries=9, keys=9), torch.arange(9).view(1, 9) < 6
+    elif layout == "bidirectional":  # an encoder's: every query attends to every unpadded key
+        mask, expected = (padding != 0).view(3, 1, 1, -1).expand(3, 1, 6, 6), padding != 0
+    else:
+        mask, expected = _causal(padding, window=3 if layout == "sliding window" else 0), padding != 0
     assert not expected.all()
-    assert torch.equal(real_queries(mask), expected)
+    assert torch.equal(real_queries(_shaped(mask, form)), expected)
 
 
-def test_a_decode_step_on_a_static_cache_is_real_in_every_row():
-    padding = torch.ones(3, 8, dtype=torch.long)
-    padding[0, :3] = 0  # left padding of the prompt, long cached
-    mask = _causal(padding, past=7, keys=12)  # [3, 1, 1, 12]
-    assert torch.equal(real_queries(mask), torch.ones(3, 1, dtype=torch.bool))
+@pytest.mark.parametrize("form", DTYPE_FORMS)
+@pytest.mark.parametrize("layout", ["static slots", "after cached tokens", "decode on a static cache",
+                                    "packed decode", "packed prefill after cached tokens"])
+def test_a_wider_masks_padded_queries_attend_to_nothing_and_are_not_counted(layout, form):
+    """Keys beyond the queries (a cache, free slots, packed sequences): a query attending to no key
+    is padding; left padding, decode steps and padded slots of a packed batch are read exactly."""
+    if layout == "packed decode":  # one new token for each of 3 sequences with 4 cached, 2 padded slots
+        mask, expected = _packed([1, 1, 1], queries=5, past=4), torch.tensor([[True] * 3 + [False] * 2])
+    elif layout == "packed prefill after cached tokens":
+        mask, expected = _packed([2, 3], queries=8, past=2), torch.arange(8).view(1, 8) < 5
+    elif layout == "decode on a static cache":
+        padding = torch.ones(3, 8, dtype=torch.long)
+        padding[0, :3] = 0  # left padding of the prompt, long cached
+        mask, expected = _causal(padding, past=7, keys=12), torch.ones(3, 1, dtype=torch.bool)
+    else:
+        past = 4 if layout == "after cached tokens" else 0
+        padding = _padding(past, right=False)
+        mask = _causal(padding, past=past, keys=13 if layout == "static slots" else 0)
+        expected = padding[:, past:] != 0
+    assert torch.equal(real_queries(_shaped(mask, form)), expected)
+
+
+def test_a_wider_masks_right_padding_is_counted_as_the_docs_say():
+    """The limit docs/hotpath.md names: on a wider key axis a right-padded query still attends to
+    the real tokens before it, so it counts (generate() pads on the left)."""
+    padding = _padding(past=4)  # the third row's last two queries are padding
+    assert torch.equal(real_queries(_causal(padding, past=4)), torch.ones(3, 6, dtype=torch.bool))
 
 
 def _form(mask) -> str:
     if isinstance(mask, dict):
         return "{" + ", ".join(f"{key}: {_form(value)}" for key, value in mask.items()) + "}"
     return f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+
+
+def _watched(model, run, *handles):
+    """(counts, windows) of ``run()`` on the monitored model; removes ``handles`` after."""
+    mon = moewatch.attach(model, background=False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tiny configs' token ids outside the tiny vocabulary
+            run()
+        mon.flush()
+        return mon.counts(), mon.windows()
+    finally:
+        mon.detach()
+        for handle in handles:
+            handle.remove()
 
 
 def _expected_counts(calls, prompt_mask: torch.Tensor) -> np.ndarray:
@@ -119,18 +181,9 @@ def test_generate_with_a_static_cache_counts_only_the_real_tokens(family):
     seen = model.register_forward_pre_hook(
         lambda module, args, kwargs: forms.append(_form(kwargs.get("attention_mask"))), with_kwargs=True)
     recorder = RouterRecorder(model)
-    mon = moewatch.attach(model, background=False)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tiny configs' token ids outside the tiny vocabulary
-            model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False, cache_implementation="static", pad_token_id=0)
-        mon.flush()
-        counts, frame = mon.counts(), mon.windows()
-    finally:
-        mon.detach()
-        recorder.remove()
-        seen.remove()
+    counts, frame = _watched(model, lambda: model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+        cache_implementation="static", pad_token_id=0), recorder, seen)
     real = int(mask.sum()) + mask.shape[0] * (NEW_TOKENS - 1)  # the last new token is not fed back
     for name, calls in recorder.calls.items():
         assert len(calls) == NEW_TOKENS, name
@@ -165,3 +218,33 @@ def test_an_attention_mask_passed_in_counts_what_its_padding_mask_counts(backend
     for name in plain:
         np.testing.assert_array_equal(eager[name], plain[name], err_msg=name)
         np.testing.assert_array_equal(traced[name], plain[name], err_msg=name)
+
+
+def test_continuous_batching_counts_the_scheduled_tokens_not_the_padded_slots():
+    """transformers' continuous batching (``generate_batch``), compiled as it pads: the queries of
+    every step are padded to a multiple of 16 slots, which attend to nothing in its mask."""
+    from transformers import CompileConfig, GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = tiny_mixtral()
+    model.config._attn_implementation = "sdpa"
+    scheduled = []  # per forward: the real tokens, as the batch's cumulative lengths say
+    seen = model.register_forward_pre_hook(
+        lambda module, args, kwargs: scheduled.append(int(kwargs["cu_seq_lens_q"].max())), with_kwargs=True)
+    recorder = RouterRecorder(model)
+    compiled = CompileConfig(backend="eager", fullgraph=False)  # compiled: the inputs are padded
+    batching = ContinuousBatchingConfig(q_padding_interval_size=16, kv_padding_interval_size=32,
+                                        varlen_compile_config=compiled, decode_compile_config=compiled)
+    generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch._dynamo.reset()
+    counts, frame = _watched(model, lambda: model.generate_batch(
+        [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]], generation_config=generation,
+        continuous_batching_config=batching, progress_bar=False, warmup=False), recorder, seen)
+    torch._dynamo.reset()
+    for name, calls in recorder.calls.items():
+        assert [indices.shape[0] for _, indices in calls] == [16] * len(scheduled), "the steps were not padded"
+        expected = np.zeros(calls[0][0].shape[-1], dtype=np.int64)
+        for (_, indices), real in zip(calls, scheduled):  # the real tokens lead, the padded slots follow
+            np.add.at(expected, indices[:real].numpy().ravel(), 1)
+        np.testing.assert_array_equal(counts[name], expected, err_msg=name)
+        assert frame[frame["gate"] == name]["tokens"].sum() == sum(scheduled) == 10 + 3 * 3
