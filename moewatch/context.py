@@ -25,6 +25,8 @@ from .hooks import is_exporting, recomputing
 MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 # Where a transformers model takes its token rows when it has no mask: [B, L] ids or [B, L, H] embeddings.
 INPUT_KEYS = ("input_ids", "inputs_embeds")
+# The cumulative query lengths of the sequences packed in a batch's one row (flash attention's varlen form).
+PACKED_KEY = "cu_seq_lens_q"
 
 
 class MaskTracker:
@@ -69,7 +71,11 @@ class MaskTracker:
         continue the rows of this thread's previous forward (a decode step on a cache). A batch
         row of a transformers model is one request, and tokens of one request route alike: the
         detector weighs a window's evidence by its requests (moewatch.detector.pooling). From
-        shapes only, so no tensor is read."""
+        shapes only, so no tensor is read. None (not known) for a packed batch: one row holding
+        many requests, whose bounds only its varlen attention's arguments carry (transformers'
+        continuous batching, padding-free training)."""
+        if kwargs.get(PACKED_KEY) is not None:
+            return None
         for key in INPUT_KEYS:
             rows = kwargs.get(key)
             pos = self._positions.get(key)
