@@ -102,8 +102,8 @@ def tap_of(module: nn.Module) -> Optional[Tap]:
     own = module.__dict__.get("forward")
     if isinstance(own, Tap):
         return own
-    if own is not None and not _is_own_forward(module, own):  # patched by another library, or
-        return None  # compiled in place: leave it be
+    if own is not None and not _is_own_forward(module, own):
+        return None  # patched by another library, or compiled in place: leave it be
     if module._forward_hooks or _global_forward_hooks:  # they may rewrite what the model receives
         return None
     tap = Tap(module, module.forward)
