@@ -6,7 +6,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,10 +43,41 @@ _ATTACH_LOCK = threading.Lock()
 Listener = Callable[[Window, Health], None]
 
 
-def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
+def _execution_device(module: nn.Module) -> Optional[torch.device]:
+    """Where accelerate runs a module whose weights it offloads or moves at each call (its hook's
+    ``execution_device``; the weights wait on the meta device, the CPU or disk), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return None
+
+
+def _device_of(module: nn.Module, fallback: torch.device, ancestors: Sequence[nn.Module] = ()) -> torch.device:
+    """The device a module computes on: its accelerate hook's execution device, else its
+    parameters' (or buffers'), else the nearest ancestor's hook's, else ``fallback``. Weights on
+    the meta device (offloaded) say nothing: the module computes where its hook brings them."""
+    device = _execution_device(module)
+    if device is not None:
+        return device
     for tensor in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)):
-        return tensor.device
+        if tensor.device.type != "meta":
+            return tensor.device
+    for ancestor in ancestors:  # nearest first
+        device = _execution_device(ancestor)
+        if device is not None:
+            return device
     return fallback
+
+
+def _ancestors(model: nn.Module) -> Dict[int, List[nn.Module]]:
+    """id(module) -> its ancestors in ``model``, nearest first."""
+    chains: Dict[int, List[nn.Module]] = {id(model): []}
+    for module in model.modules():  # parents before their children
+        for child in module.children():
+            chains.setdefault(id(child), [module] + chains.get(id(module), []))
+    return chains
 
 
 def _parallel_ranks(engine, errors: ErrorLog) -> Dict[str, int]:
@@ -160,9 +191,10 @@ class Monitor:
     # -- set-up ---------------------------------------------------------------------------
     @staticmethod
     def _devices(model: nn.Module, specs) -> List[torch.device]:
-        """The device of each gate (its parameters', else the model's)."""
+        """The device each gate computes on (``_device_of``), else the model's."""
         default = _device_of(model, torch.device("cpu"))
-        return [_device_of(spec.module, default) for spec in specs]
+        chains = _ancestors(model)
+        return [_device_of(spec.module, default, chains.get(id(spec.module), ())) for spec in specs]
 
     def _install(self, model: nn.Module, specs) -> list:
         handles = [
