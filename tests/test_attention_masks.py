@@ -233,8 +233,10 @@ def test_continuous_batching_counts_the_scheduled_tokens_not_the_padded_slots():
         lambda module, args, kwargs: scheduled.append(int(kwargs["cu_seq_lens_q"].max())), with_kwargs=True)
     recorder = RouterRecorder(model)
     compiled = CompileConfig(backend="eager", fullgraph=False)  # compiled: the inputs are padded
-    batching = ContinuousBatchingConfig(q_padding_interval_size=16, kv_padding_interval_size=32,
-                                        varlen_compile_config=compiled, decode_compile_config=compiled)
+    # a small cache: sized by default from the free memory (15 GB of this machine's 24)
+    batching = ContinuousBatchingConfig(q_padding_interval_size=16, kv_padding_interval_size=32, num_blocks=4,
+                                        page_size=32, max_batch_tokens=64, varlen_compile_config=compiled,
+                                        decode_compile_config=compiled)
     generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     torch._dynamo.reset()
     counts, frame = _watched(model, lambda: model.generate_batch(
