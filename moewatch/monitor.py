@@ -89,6 +89,17 @@ def _parallel_ranks(engine, errors: ErrorLog) -> Dict[str, int]:
         return {}
 
 
+def _separate_encoder(model: nn.Module) -> Optional[nn.Module]:
+    """The encoder of a transformers encoder-decoder model (which ``generate()`` calls on its own), or None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    try:
+        encoder = model.get_encoder()
+    except Exception:  # a model without one: nothing to add
+        return None
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
+
+
 def _model_name(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     for attr in ("name_or_path", "_name_or_path", "model_type"):
@@ -118,6 +129,10 @@ class Monitor:
         self._gates: List[GateInfo] = [s.info for s in specs]
         self._masks = MaskTracker(model, real_tokens=engine.real_tokens if engine is not None else None,
                                   requests=engine.requests if engine is not None else None)
+        encoder = _separate_encoder(model) if engine is None else None
+        # generate() runs an encoder-decoder model's encoder on its own, before the decoding
+        # steps: its calls are forwards too, with the encoder's padding mask
+        self._encoder_masks = MaskTracker(encoder) if encoder is not None else None
         self._lock = threading.RLock()  # snapshot + window close
         self._listeners: List[Listener] = []
         self._ring: deque = deque(maxlen=self.options.ring_windows)
@@ -144,6 +159,8 @@ class Monitor:
                             self._decisions.sampler if self._decisions else (lambda name: None),
                             self.options.backend)
         self._masks.banks = self._banks
+        if self._encoder_masks is not None:
+            self._encoder_masks.banks = self._banks
         if engine is not None:  # an engine that gathers data-parallel ranks' tokens places ours
             self._banks.set_locate_rows(engine.row_locator())
         self._place_experts()
@@ -201,6 +218,11 @@ class Monitor:
             model.register_forward_pre_hook(self._masks.pre_hook, with_kwargs=True),
             model.register_forward_hook(self._masks.post_hook, with_kwargs=True, always_call=True),
         ]
+        if self._encoder_masks is not None:  # inside the model's forward, a nested one: the outer mask holds
+            encoder = self._encoder_masks.root
+            handles += [encoder.register_forward_pre_hook(self._encoder_masks.pre_hook, with_kwargs=True),
+                        encoder.register_forward_hook(self._encoder_masks.post_hook, with_kwargs=True,
+                                                      always_call=True)]
         for spec, (bank, row) in zip(specs, self._banks.rows):
             hook = GateHook(spec, self._banks.banks[bank], row, self.errors)
             for companion in spec.companions:  # before the gate observer: they feed its extract

@@ -1,0 +1,36 @@
+"""Encoder-decoder MoE models under ``generate()``: the encoder runs on its own, before the
+decoding steps, outside the model's forward; its padding is still not traffic."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import moewatch
+from hf_zoo_special import tiny_model
+
+NEW_TOKENS = 4
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb_moe"])
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_counts_the_encoders_real_tokens_and_every_decoder_token(family, cache):
+    model = tiny_model(family)
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, -2:] = 0  # right padding
+    with moewatch.attach(model, background=False) as mon, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                       do_sample=False, cache_implementation=cache, pad_token_id=0, decoder_start_token_id=0)
+        mon.flush()
+        tokens = mon.windows().groupby("gate")["tokens"].sum()
+        assert mon.errors.total() == 0
+    encoder = [name for name in tokens.index if "encoder" in name]
+    decoder = [name for name in tokens.index if "decoder" in name]
+    assert encoder and decoder
+    assert tokens[encoder].tolist() == [int(mask.sum())] * len(encoder)  # 19 of 24
+    # a decoding step per new token (fed the start token, then each new token but the last), 3 rows each
+    assert tokens[decoder].tolist() == [3 * NEW_TOKENS] * len(decoder)
