@@ -38,7 +38,6 @@ class MaskTracker:
     def __init__(self, root: nn.Module, real_tokens: Optional[Callable[[tuple, dict], Optional[torch.Tensor]]] = None,
                  requests: Optional[Callable[[], object]] = None):
         self.banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
-        self.root = root
         # A serving engine's model has no attention_mask: the engine says which of the call's
         # token rows are real (moewatch.engines), as a [1, T] mask read at run time, or None;
         # and which requests the call's tokens belong to (RequestTokens), where it knows.

@@ -218,8 +218,8 @@ class Monitor:
             model.register_forward_pre_hook(self._masks.pre_hook, with_kwargs=True),
             model.register_forward_hook(self._masks.post_hook, with_kwargs=True, always_call=True),
         ]
-        if self._encoder_masks is not None:  # inside the model's forward, a nested one: the outer mask holds
-            encoder = self._encoder_masks.root
+        encoder = _separate_encoder(model) if self._encoder_masks is not None else None
+        if encoder is not None:  # inside the model's forward, a nested one: the outer mask holds
             handles += [encoder.register_forward_pre_hook(self._encoder_masks.pre_hook, with_kwargs=True),
                         encoder.register_forward_hook(self._encoder_masks.post_hook, with_kwargs=True,
                                                       always_call=True)]
