@@ -23,8 +23,9 @@ from .hooks import is_exporting, recomputing
 
 
 MASK_KEYS = ("attention_mask", "decoder_attention_mask")
-# Where a transformers model takes its token rows when it has no mask: [B, L] ids or [B, L, H] embeddings.
-INPUT_KEYS = ("input_ids", "inputs_embeds")
+# Where a transformers model takes its token rows when it has no mask: [B, L] ids or [B, L, H] embeddings;
+# an encoder-decoder model's decoding steps (generate() hands the encoder's output over) take the decoder's.
+INPUT_KEYS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
 # The cumulative query lengths of the sequences packed in a batch's one row (flash attention's varlen form).
 PACKED_KEY = "cu_seq_lens_q"
 
@@ -81,12 +82,14 @@ class MaskTracker:
             pos = self._positions.get(key)
             if rows is None and pos is not None and pos < len(args):
                 rows = args[pos]
-            if isinstance(rows, torch.Tensor) and rows.dim() == (2 if key == "input_ids" else 3):
+            if isinstance(rows, torch.Tensor) and rows.dim() == (2 if key.endswith("input_ids") else 3):
                 batch, length = rows.shape[0], rows.shape[1]  # ints; symbolic when traced: no int()
                 # a decode step: a mask longer than the input (it spans the cached tokens), or one
-                # new token per row on a cache (generate() passes no all-ones mask)
+                # new token per row on a cache (generate() passes no all-ones mask), or decoder
+                # rows given the encoder's output: they go on with the rows the encoder just ran
                 continued = ((mask is not None and mask.shape[0] == batch and mask.shape[1] > length)
-                             or (length == 1 and kwargs.get("past_key_values") is not None))
+                             or (length == 1 and kwargs.get("past_key_values") is not None)
+                             or (key.startswith("decoder_") and kwargs.get("encoder_outputs") is not None))
                 return batch, length, continued
         return (mask.shape[0], mask.shape[1], False) if mask is not None else None
 

@@ -1,5 +1,6 @@
 """Encoder-decoder MoE models under ``generate()``: the encoder runs on its own, before the
-decoding steps, outside the model's forward; its padding is still not traffic."""
+decoding steps, outside the model's forward; its padding is still not traffic, and its rows
+and the decoding steps' are the same requests."""
 from __future__ import annotations
 
 import warnings
@@ -26,11 +27,32 @@ def test_generate_counts_the_encoders_real_tokens_and_every_decoder_token(family
         model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                        do_sample=False, cache_implementation=cache, pad_token_id=0, decoder_start_token_id=0)
         mon.flush()
-        tokens = mon.windows().groupby("gate")["tokens"].sum()
+        windows = mon.windows()
+        tokens = windows.groupby("gate")["tokens"].sum()
         assert mon.errors.total() == 0
+    # three requests: each decoding step goes on with the rows the encoder ran (not 3 new ones a step)
+    assert len(windows) == windows["gate"].nunique()  # one window: requests are counted within it
+    assert windows["requests"].tolist() == [3.0] * len(windows)
     encoder = [name for name in tokens.index if "encoder" in name]
     decoder = [name for name in tokens.index if "decoder" in name]
     assert encoder and decoder
     assert tokens[encoder].tolist() == [int(mask.sum())] * len(encoder)  # 19 of 24
     # a decoding step per new token (fed the start token, then each new token but the last), 3 rows each
     assert tokens[decoder].tolist() == [3 * NEW_TOKENS] * len(decoder)
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb_moe"])
+def test_forwards_given_both_inputs_count_their_rows_as_new_requests(family):
+    """A training or evaluation forward (encoder and decoder inputs together) is its batch's
+    rows: two forwards of 3 rows are 6 requests, the second does not go on with the first."""
+    model = tiny_model(family)
+    generator = torch.Generator().manual_seed(2)
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        for _ in range(2):
+            model(input_ids=torch.randint(3, 100, (3, 8), generator=generator),
+                  decoder_input_ids=torch.randint(3, 100, (3, 5), generator=generator))
+        mon.flush()
+        windows = mon.windows()
+        assert mon.errors.total() == 0
+    assert len(windows) == windows["gate"].nunique()
+    assert windows["requests"].tolist() == [6.0] * len(windows)
