@@ -270,7 +270,12 @@ class Monitor:
                 return
             self._taking = True
             try:
-                self._banks.take(force, self._on_cut, idle, hold)
+                try:
+                    self._banks.take(force, self._on_cut, idle, hold)
+                except Exception as error:  # a fault of moewatch's own: counted, never raised into
+                    # the caller (flush(), counts() and the exporters read through here)
+                    self.errors.record("reader", error, where="take")
+                    return
                 try:
                     self._coselection.collect(self._banks.coselection)
                 except Exception as error:  # the windows go on without the co-selection

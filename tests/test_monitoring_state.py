@@ -115,3 +115,34 @@ def test_opentelemetry_exports_the_state_too():
         mon.flush()
         time.sleep(0.6)  # one read of the monitor serves a collection cycle (0.5 s)
         assert states(reader) == {"ok": 1, "no_data": 0, "failing": 0}
+
+
+def test_a_fault_in_the_reduction_reaches_the_verdict_not_the_caller():
+    """A bug of moewatch's own inside a take (here: counting a forward's rows) is counted as a
+    reader error; flush() returns a verdict that says so instead of raising into the caller."""
+    model = tiny_mixtral()
+    mon = moewatch.attach(model, background=False)
+    bank = mon._banks.banks[0]
+    count_rows, failures = bank._count_rows, []
+
+    def fails_once(*args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a fault in the reduction")
+        return count_rows(*args)
+
+    bank._count_rows = fails_once
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        model(ids)
+    verdict = mon.flush()  # raised before
+    assert failures and mon.errors.total() == 1
+    assert verdict.monitoring == "failing" and "reader error" in verdict.note
+    # the fault closed no window: the next one to close carries it, the one after is clean again
+    for expected in ("failing", "ok"):
+        with torch.no_grad():
+            model(ids)
+        assert mon.flush().monitoring == expected
+    assert mon.errors.total() == 1
+    assert len(mon.windows()) == 2 * len(mon.gates)
+    mon.detach()
