@@ -309,3 +309,18 @@ def test_the_common_case_runs_the_compiled_kernel_across_blocks(experts, k, repe
         _check(reference.GateSums(*[None if v is None else torch.from_numpy(np.asarray(v)) for v in segment]),
                want, part)
 
+
+
+@pytest.mark.skipif(not numba_backend.available(), reason="numba is not installed")
+def test_every_loaded_modules_objects_can_be_scanned_once_the_kernel_is_compiled():
+    """A scan of every loaded module's objects and their ``__dict__`` (what vLLM runs at each
+    engine's start-up) gets a dict from each, llvmlite's library object included."""
+    import sys
+
+    from llvmlite.binding import ffi
+
+    assert isinstance(vars(ffi.lib), dict)
+    for module in list(sys.modules.values()):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            if hasattr(value, "__dict__"):
+                vars(value).get("kernel")  # raised AttributeError on llvmlite's before

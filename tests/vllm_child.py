@@ -123,14 +123,17 @@ def main() -> None:
         # which takes bf16/fp16/int8 weights only: the same float32 model would fail to load there
         # and run elsewhere. The reference CPU MLA kernel runs on every x86 CPU.
         extra["attention_backend"] = "CPU_MLA"
-    llm = LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"],
-              dtype=config.get("dtype", "float32"),
-              max_model_len=config.get("max_model_len", 256), max_num_seqs=8, max_num_batched_tokens=256, seed=0,
-              kv_cache_memory_bytes=config.get("kv_cache_bytes", 64 * 2**20),
-              enable_prefix_caching=bool(config.get("prefix_caching")), block_size=config.get("block_size"),
-              tensor_parallel_size=config.get("tensor_parallel", 1),
-              pipeline_parallel_size=config.get("pipeline_parallel", 1),
-              enable_expert_parallel=bool(config.get("expert_parallel")), **extra)
+    def engine():
+        return LLM(model=config["model"], skip_tokenizer_init=True, enforce_eager=config["eager"],
+                   dtype=config.get("dtype", "float32"),
+                   max_model_len=config.get("max_model_len", 256), max_num_seqs=8, max_num_batched_tokens=256, seed=0,
+                   kv_cache_memory_bytes=config.get("kv_cache_bytes", 64 * 2**20),
+                   enable_prefix_caching=bool(config.get("prefix_caching")), block_size=config.get("block_size"),
+                   tensor_parallel_size=config.get("tensor_parallel", 1),
+                   pipeline_parallel_size=config.get("pipeline_parallel", 1),
+                   enable_expert_parallel=bool(config.get("expert_parallel")), **extra)
+
+    llm = engine()
     startup = time.time() - started
     llm.collective_rpc(arm)
     # ignore_eos: every prompt generates max_tokens (a random model may emit its end token early)
@@ -172,9 +175,33 @@ def main() -> None:
                                       for o in llm.generate(prompts, params, use_tqdm=False)]
     if config.get("quiet"):
         result["quiet"] = quiet_traffic(llm)
+    if config.get("again"):  # in-process: the engine closed, then another made in this process
+        del llm  # the script's only reference: the engine is collected
+        result["again"] = engine_again(engine, prompts, params, config)
     print("RESULT " + json.dumps(result), flush=True)
     if config["moewatch"] and config.get("serve_until_stdin_closes"):
         sys.stdin.read()
+
+
+def engine_again(engine, prompts, params, config) -> dict:
+    """Close an in-process engine as a script does when it is done with it (the last reference
+    dropped), then make another in the same process (an evaluation going through checkpoints):
+    whether the first one's /metrics port was freed, and the second engine's outputs and report."""
+    import gc
+    import socket
+
+    gc.collect()
+    with socket.socket() as probe:  # the port the first engine's monitor served on
+        try:
+            probe.bind(("127.0.0.1", int(config["port"])))
+            port_freed = True
+        except OSError:
+            port_freed = False
+    vllm_recorder.reset()  # the recorder counts the second engine's routing alone
+    again = engine()
+    again.collective_rpc(arm)
+    outputs = [list(o.outputs[0].token_ids) for o in again.generate(prompts, params, use_tqdm=False)]
+    return {"port_freed": port_freed, "outputs": outputs, "workers": again.collective_rpc(worker_report)}
 
 
 if __name__ == "__main__":

@@ -149,6 +149,13 @@ def arm(worker) -> bool:
     return True
 
 
+def reset() -> None:
+    """Forget what was recorded (in-process engines: the engine closed, another one follows)."""
+    STATE["armed"] = False
+    for kept in (RECORDED, GATHERED, SCHEDULED):
+        kept.clear()
+
+
 def _expert_map_calls() -> int:
     """Experts-kernel calls that came with an expert map (``tests/vllm_ep_experts.py``; 0 where it
     was not installed)."""

@@ -12,7 +12,9 @@ process it starts. Without ``MOEWATCH_PORT`` it does nothing. With it, in each w
 2. vLLM's own profiling and warm-up forwards count no token; once ``compile_or_warm_up_model``
    returns, the monitor counts (``VllmEngine.armed``);
 3. each step (``execute_model``) hands the scheduler's output to the engine, so that windows
-   count the requests behind their tokens (``VllmEngine.schedule``).
+   count the requests behind their tokens (``VllmEngine.schedule``);
+4. when the worker shuts down (``shutdown``: the engine is closed or collected), its monitor
+   detaches: the last window is closed and the port freed for the next engine of the process.
 
 A bad value is an :class:`~moewatch.engines.env.EnvOptionError` naming the variable, raised
 when the worker loads the model, so the engine does not start half-watched. vLLM's compile
@@ -53,7 +55,7 @@ def register() -> None:
                        "for each moewatch.attach option, see docs/vllm.md)", name)
     os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
     _patch_workers((("load_model", _wrap_load), ("compile_or_warm_up_model", _wrap_warm_up),
-                    ("execute_model", _wrap_execute)))
+                    ("execute_model", _wrap_execute), ("shutdown", _wrap_shutdown)))
 
 
 def patch_steps() -> None:
@@ -127,6 +129,31 @@ def _wrap_execute(original):
     return execute_model
 
 
+def _wrap_shutdown(original):
+    def shutdown(self, *args, **kwargs):
+        # the engine is going away: its monitor closes its last window (and the shutdown dump)
+        # and frees its port, where the next engine made in this process serves its /metrics
+        detach_worker(self)
+        return original(self, *args, **kwargs)
+
+    return shutdown
+
+
+def detach_worker(worker) -> None:
+    """Detach the monitor the plugin attached to a worker's model (the worker shuts down).
+    Never raises: a monitoring failure must not stop the engine's shutdown."""
+    monitor = getattr(worker, "_moewatch_monitor", None)
+    if monitor is None:
+        return
+    worker._moewatch_monitor = None
+    try:
+        monitor.detach()
+    except Exception as error:  # noqa: BLE001
+        logger.warning("moewatch: detaching at the worker's shutdown failed (%s: %s)", type(error).__name__, error)
+    if monitor in _MONITORS:
+        _MONITORS.remove(monitor)
+
+
 def _served_name(worker) -> Optional[str]:
     config = getattr(getattr(worker, "vllm_config", None), "model_config", None)
     for attr in ("served_model_name", "model"):
@@ -195,4 +222,4 @@ def port_offset(worker) -> int:
     return int(replica or 0) * per_replica + local_rank
 
 
-__all__ = ["attach_worker", "monitors", "patch_steps", "port_offset", "register"]
+__all__ = ["attach_worker", "detach_worker", "monitors", "patch_steps", "port_offset", "register"]

@@ -94,6 +94,7 @@ def _compile():
         import numba
     except Exception:
         return False
+    _answer_scans_of_llvmlite()
     global _exp_parts, _logs
     if not hasattr(_exp_parts, "py_func"):  # the kernel calls them: compiled first, inlined into it
         _exp_parts = numba.njit(inline="always", fastmath=_FAST_MATH)(_exp_parts)
@@ -109,6 +110,23 @@ def _compile():
         except Exception:
             continue
     return False
+
+
+def _answer_scans_of_llvmlite() -> None:
+    """numba loads llvmlite, whose library object (``llvmlite.binding.ffi.lib``) answers every
+    attribute it lacks, ``__dict__`` included, with a wrapped C function. Code that scans the
+    objects of every loaded module and reads their ``__dict__`` then fails on it: vLLM does at
+    each engine's start-up (its kernel overrides), so once moewatch had compiled its kernel in a
+    process, the next vLLM engine made there failed to start. The object's ``__dict__`` is made
+    an empty dict, what such a scan expects (llvmlite calls no C function by that name)."""
+    try:
+        from llvmlite.binding import ffi
+
+        table = ffi.lib._fntab  # name -> wrapped C function, read before any lookup of the library
+        if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
+            table["__dict__"] = {}
+    except Exception:  # another llvmlite: nothing to answer, or nothing known about it
+        pass
 
 
 # Reassociation lets sums over a block's tokens vectorise; no 'nnan'/'ninf': the kernel tests
