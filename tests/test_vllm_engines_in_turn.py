@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import ENGINES, engine_result, require_venv, shared_models
+from vllm_helpers import engine_result, one_engine_run, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -26,15 +26,8 @@ def _in_turn_run(core: int) -> dict:
     return engine_result(config, core)
 
 
-def engine_runs_to_queue() -> dict:
-    """This module's engine run, queued for the session from collection on (``conftest.py``)."""
-    return {("in-turn",): _in_turn_run}
-
-
-@pytest.fixture(scope="module")
-def in_turn():
-    require_venv()
-    return ENGINES.results(engine_runs_to_queue())["in-turn",]
+# the run, queued for the session from collection on, and the fixture giving its result
+engine_runs_to_queue, in_turn = one_engine_run("in-turn", _in_turn_run, "in_turn")
 
 
 def test_closing_an_engine_frees_its_metrics_port(in_turn):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from export_helpers import free_ports
-from vllm_helpers import ENGINES, engine_result, require_venv, shared_models
+from vllm_helpers import engine_result, one_engine_run, shared_models
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -29,15 +29,8 @@ def _reload_run(core: int) -> dict:
     return engine_result(config, core)
 
 
-def engine_runs_to_queue() -> dict:
-    """This module's engine run, queued for the session from collection on (``conftest.py``)."""
-    return {("reload",): _reload_run}
-
-
-@pytest.fixture(scope="module")
-def reloaded():
-    require_venv()
-    return ENGINES.results(engine_runs_to_queue())["reload",]
+# the run, queued for the session from collection on, and the fixture giving its result
+engine_runs_to_queue, reloaded = one_engine_run("reload", _reload_run, "reloaded")
 
 
 def test_counts_after_an_in_place_reload_are_the_new_weights_routing(reloaded):

@@ -118,6 +118,8 @@ def main() -> None:
     extra = {"compilation_config": {"backend": config["compile_backend"]}} if config.get("compile_backend") else {}
     if config.get("speculative"):  # e.g. {"method": "ngram", "num_speculative_tokens": 3, ...}
         extra["speculative_config"] = config["speculative"]
+    if config.get("lora"):  # LoRA serving: vLLM wraps each MoE layer (its base_layer)
+        extra.update(enable_lora=True, max_lora_rank=8)
     if uses_mla(config["model"]):
         # vLLM picks its AMX MLA kernel where the CPU has AMX tiles (Sapphire Rapids and later),
         # which takes bf16/fp16/int8 weights only: the same float32 model would fail to load there
@@ -135,6 +137,9 @@ def main() -> None:
 
     llm = engine()
     startup = time.time() - started
+    if config.get("start_only"):  # the engine started: what its workers watch
+        print("RESULT " + json.dumps({"startup_s": startup, "workers": llm.collective_rpc(worker_report)}), flush=True)
+        return
     llm.collective_rpc(arm)
     # ignore_eos: every prompt generates max_tokens (a random model may emit its end token early)
     # n > 1: parallel sampling, seeded (the same samples with and without moewatch)

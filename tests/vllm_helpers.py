@@ -317,6 +317,22 @@ def with_and_without_moewatch(runs: Dict[Hashable, Callable[[int], dict]]) -> di
     return {key[-1]: result for key, result in ENGINES.results(runs).items()}
 
 
+def one_engine_run(key: str, run: Callable[[int], Any], fixture_name: str):
+    """A test module's single engine run: its ``engine_runs_to_queue`` (``conftest.py`` queues it
+    from collection on) and a module fixture named ``fixture_name`` giving its result. A module
+    binds both: ``engine_runs_to_queue, name = one_engine_run("key", run, "name")``."""
+    import pytest
+
+    def engine_runs_to_queue() -> dict:
+        return {(key,): run}
+
+    def result():
+        require_venv()
+        return ENGINES.results(engine_runs_to_queue())[key,]
+
+    return engine_runs_to_queue, pytest.fixture(scope="module", name=fixture_name)(result)
+
+
 def require_venv() -> None:
     """:func:`ensure_venv` for a test fixture: a venv that cannot be built fails the test."""
     import pytest

@@ -198,6 +198,9 @@ def worker_report(worker) -> dict:
               "graph_breaks": sum(counters["graph_break"].values()),
               # per layer: the experts this worker holds (E / ranks under expert parallelism)
               "local_experts": [int(layer.moe_config.num_local_experts) for _, layer in layers],
+              "layers": [name for name, _ in layers],
+              # layers whose router calls moewatch's capture (the plugin's seam, installed at attach)
+              "captured": sum(layer.router.capture_fn is not None for _, layer in layers),
               "expert_map_calls": _expert_map_calls(),
               "unique_graphs": int(counters["stats"]["unique_graphs"]),
               "graph_ops": GRAPH_OPS}

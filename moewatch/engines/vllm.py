@@ -78,6 +78,9 @@ def _logits_width(module: nn.Module) -> Optional[int]:
 def find_gate(model: nn.Module, name: str, layer: nn.Module, num_experts: int) -> Tuple[str, nn.Module]:
     """The module computing ``layer``'s router logits: the layer's own ``gate``, else the
     sibling module named ``gate`` (or the only sibling ``num_experts`` wide)."""
+    while name.endswith(".base_layer"):  # wrapped (LoRA serving): the gate sits beside the wrapper
+        name = name[: -len(".base_layer")]
+        layer = model.get_submodule(name)
     gate = getattr(layer, "gate", None)
     if isinstance(gate, nn.Module):  # held by the layer, often registered under its MoE block too
         return _name_in(model, gate, f"{name}.gate"), gate
