@@ -82,7 +82,19 @@ def deepseek_v3(out_dir: str, seed: int = 0) -> str:
     return _finish(model, out_dir)
 
 
-MODELS = {"mixtral": mixtral, "deepseek_v3": deepseek_v3}
+def dense(out_dir: str, seed: int = 0) -> str:
+    """A dense model (Llama, no MoE layer): what a fleet serves beside its MoE models."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    return _finish(LlamaForCausalLM(config).float(), out_dir)
+
+
+MODELS = {"mixtral": mixtral, "deepseek_v3": deepseek_v3}  # "all"
+OTHER_MODELS = {"dense": dense}
 
 # More of vLLM's MoE families (tests/test_vllm_families.py), each at the scale of the Mixtral
 # above: transformers' config class, the family's MoE fields (8 experts), and the architecture
@@ -156,11 +168,11 @@ def family(name: str, out_dir: str, seed: int = 0) -> str:
 
 
 if __name__ == "__main__":
-    # python vllm_models.py all|mixtral|deepseek_v3|families DIR [SEED]: one subfolder per model
+    # python vllm_models.py all|mixtral|deepseek_v3|dense|families DIR [SEED]: one subfolder per model
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     if sys.argv[1] == "families":
         for key in FAMILIES:
             print(family(key, os.path.join(sys.argv[2], key), seed))
     else:
         for key in (MODELS if sys.argv[1] == "all" else [sys.argv[1]]):
-            print(MODELS[key](os.path.join(sys.argv[2], key), seed))
+            print({**MODELS, **OTHER_MODELS}[key](os.path.join(sys.argv[2], key), seed))

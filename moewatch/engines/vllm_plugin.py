@@ -16,6 +16,8 @@ process it starts. Without ``MOEWATCH_PORT`` it does nothing. With it, in each w
 4. when the worker shuts down (``shutdown``: the engine is closed or collected), its monitor
    detaches: the last window is closed and the port freed for the next engine of the process.
 
+A model without a MoE layer (a dense model, where ``MOEWATCH_PORT`` is set for every model
+served) is served unwatched, with a warning, unless ``MOEWATCH_GATES`` names its gates.
 A bad value is an :class:`~moewatch.engines.env.EnvOptionError` naming the variable, raised
 when the worker loads the model, so the engine does not start half-watched. vLLM's compile
 cache is switched off while the plugin is on (``VLLM_DISABLE_COMPILE_CACHE=1`` unless set): a
@@ -170,7 +172,7 @@ def attach_worker(worker) -> Any:
     port = port_from_env()  # raises EnvOptionError: the engine does not start
     if port is None:
         return None
-    from .vllm import attach, engine_of
+    from .vllm import attach, engine_of, moe_layers
 
     options = options_from_env()
     baseline = options.pop("baseline", None)
@@ -178,6 +180,13 @@ def attach_worker(worker) -> Any:
     if previous is not None:  # the model was loaded again (weights reloaded): watch the new one
         previous.detach()
     model = worker.model_runner.get_model()
+    if not moe_layers(model) and options.get("gates") is None:
+        # a dense model, served where MOEWATCH_PORT is set for every model: it serves, unwatched
+        logger.warning("moewatch: %s has no MoE layer: nothing to watch, and no /metrics is served "
+                       "on MOEWATCH_PORT for it (name gates with MOEWATCH_GATES where its routers "
+                       "are of a kind moewatch does not find by itself)", _served_name(worker) or
+                       type(model).__name__)
+        return None
     engine = engine_of(model)
     engine.armed = False  # vLLM's profiling and warm-up runs are not traffic
     engine.served_name = _served_name(worker)
