@@ -14,7 +14,8 @@ the code below is traceable (no thread-local, no lock, no branch on a tensor's v
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Optional, Tuple
+import sys
+from typing import Callable, Collection, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -128,6 +129,24 @@ class MaskTracker:
         else:
             banks.end()
         return None
+
+
+# The frames of a module's call (nn.Module.__call__ and what it calls): their ``self`` is the module.
+_CALL_CODES = frozenset(getattr(nn.Module, name).__code__ for name in ("_wrapped_call_impl", "_call_impl")
+                        if hasattr(getattr(nn.Module, name, None), "__code__"))
+
+
+def call_running(modules: Collection[nn.Module]) -> bool:
+    """Whether one of ``modules`` is being called on this thread (a frame of its call is on the
+    stack). A gate called outside a monitored root forward while its root is running belongs
+    to a forward that began before the monitor was attached: its root's pre-hook did not run.
+    Walks the stack: for such calls only, never for a gate inside a monitored forward."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _CALL_CODES and any(frame.f_locals.get("self") is m for m in modules):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _unwatched_tracker() -> MaskTracker:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .accumulators import Snapshot
-from .context import MaskTracker
+from .context import MaskTracker, call_running
 from .baseline import as_baseline
 from .decisions import DecisionRecorder
 from .discovery import resolve_gates
@@ -100,6 +100,15 @@ def _separate_encoder(model: nn.Module) -> Optional[nn.Module]:
     return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
 
 
+def _root_running_of(monitor_ref) -> Callable[[], bool]:
+    """``Monitor._root_running`` without a strong reference to the monitor (its banks keep this)."""
+    def root_running() -> bool:
+        monitor = monitor_ref()
+        return monitor is not None and monitor._root_running()
+
+    return root_running
+
+
 def _model_name(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     for attr in ("name_or_path", "_name_or_path", "model_type"):
@@ -159,6 +168,9 @@ class Monitor:
                             self._decisions.sampler if self._decisions else (lambda name: None),
                             self.options.backend)
         self._masks.banks = self._banks
+        for bank in self._banks.banks:  # gate calls of a forward already under way at attach
+            if hasattr(bank, "root_running"):
+                bank.root_running = _root_running_of(weakref.ref(self))
         if self._encoder_masks is not None:
             self._encoder_masks.banks = self._banks
         if engine is not None:  # an engine that gathers data-parallel ranks' tokens places ours
@@ -212,6 +224,15 @@ class Monitor:
         default = _device_of(model, torch.device("cpu"))
         chains = _ancestors(model)
         return [_device_of(spec.module, default, chains.get(id(spec.module), ())) for spec in specs]
+
+    def _root_running(self) -> bool:
+        """Whether the model (or its encoder, which ``generate()`` calls on its own) is being
+        called on this thread: asked of a gate call made outside a monitored forward."""
+        model = self._model()
+        if model is None:
+            return False
+        encoder = _separate_encoder(model) if self._encoder_masks is not None else None
+        return call_running((model,) if encoder is None else (model, encoder))
 
     def _install(self, model: nn.Module, specs) -> list:
         handles = [

@@ -2,6 +2,7 @@
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 import moewatch
@@ -50,3 +51,38 @@ def test_eight_threads_count_exactly():
         np.testing.assert_array_equal(got[name], expected[name])
     total_tokens = repeats * sum(int(m.sum()) for _, m in batches)
     assert frame.groupby("gate")["tokens"].sum().tolist() == [total_tokens, total_tokens]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_forward_under_way_at_attach_is_counted_at_none_of_its_gates(grad):
+    """A model serving on one thread, attached from another while a forward is half-way (held
+    before its third layer, so its first two gates ran unwatched): that forward counts at no
+    gate, the ones after it at every gate. Its later gates had counted it before."""
+    model = tiny_mixtral(layers=4)
+    in_flight, attached = threading.Event(), threading.Event()
+
+    def hold_first_forward(module, args):
+        if not attached.is_set():
+            in_flight.set()
+            attached.wait(30)
+
+    model.model.layers[2].register_forward_pre_hook(hold_first_forward)
+    ids = torch.randint(0, 128, (2, 16))
+
+    def serve():
+        with torch.set_grad_enabled(grad):
+            for _ in range(3):
+                model(ids)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    assert in_flight.wait(30)
+    mon = moewatch.attach(model, background=False)
+    attached.set()
+    server.join(30)
+    mon.flush()
+    assert mon.error_counts() == {}
+    assert [int(c.sum()) for c in mon.counts().values()] == [2 * 32 * 2] * 4  # 2 forwards x 32 tokens x top-2
+    windows = mon.windows()
+    assert windows.groupby("window")["tokens"].nunique().eq(1).all()
+    mon.detach()

@@ -137,6 +137,10 @@ class ThreadState(threading.local):
         self.masks: Mapping[str, torch.Tensor] = NO_MASKS  # the padding masks of the root forward, by key
         # the root forward's token rows: (B, L, continued), or the RequestTokens an engine named
         self.rows: Optional[Tuple[int, int, bool]] = None
+        # no root forward of this thread began before the monitor was attached (see
+        # StagedBank._started_before_attach): set at the first root hook, or the first gate
+        # call outside a forward found not to be inside one
+        self.settled = False
 
 
 class StagedBank:
@@ -188,6 +192,10 @@ class StagedBank:
         self._next_look = time.time()  # from when a poll looks at the committed forwards (0.0: a device's)
         # called (on the forward's thread) when a poll is due before _next_look: the reader's wake-up
         self.on_due: Optional[Callable[[], None]] = None
+        # () -> whether a monitored root module is running on this thread (set by the monitor):
+        # a gate called outside a monitored forward while one is belongs to a forward that began
+        # before the monitor was attached, and is not counted (its earlier gates were not)
+        self.root_running: Optional[Callable[[], bool]] = None
         # where an engine gathers data-parallel ranks' tokens before routing, it places this
         # rank's rows among them (``gathered``); None: decisions and logits have the same rows
         self.locate_rows: Optional[Locate] = None
@@ -208,6 +216,7 @@ class StagedBank:
         """A root forward begins on this thread; ``masks``: its padding masks by key ([B, L] each);
         ``rows``: its token rows (B, L, continued), its engine's ``RequestTokens``, or None."""
         state = self._thread
+        state.settled = True
         depth = state.depth = state.depth + 1
         if depth == 1:  # a nested forward keeps the outer one's masks
             state.masks = masks or NO_MASKS
@@ -215,6 +224,7 @@ class StagedBank:
 
     def end(self, ticks=None) -> None:
         state = self._thread
+        state.settled = True  # a root forward under way at attach has ended here
         if state.depth > 1:
             state.depth -= 1
         else:
@@ -275,6 +285,8 @@ class StagedBank:
             record = (row, output, versions, mask, nbytes)
         if state.depth:
             state.pending.append(record)
+        elif self._started_before_attach(nbytes, record if len(record) == 7 else None):
+            return
         else:  # a gate called outside a monitored root forward is a forward of its own, without a mask
             self._committed.append((time.time(), [record], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
@@ -406,9 +418,29 @@ class StagedBank:
             self._staged_bytes += nbytes
         if state.depth:
             state.pending.append(call)
+        elif self._started_before_attach(call[4], call):
+            return
         else:  # a gate called outside a monitored root forward is a forward of its own
             self._committed.append((time.time(), [call], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
+
+    def _started_before_attach(self, nbytes: int, call: Optional[tuple] = None) -> bool:
+        """For a gate call outside a monitored root forward: whether it belongs to a root
+        forward that began before the monitor was attached (see ``root_running``). Such a call
+        is dropped here (its bytes released, its arena copies given back): counting it would
+        count that forward at some of its gates and not at the others."""
+        state = self._thread
+        if state.settled:  # asked once a thread, and while such a forward goes on
+            return False
+        running = self.root_running
+        if running is None or not running():
+            state.settled = True  # not inside a root call now: any later one began after attach
+            return False
+        self._staged_bytes -= nbytes
+        if call is not None and call[6]:  # copies in the arena: (logits, indices, ..., mask, ...)
+            for copy in (call[2][0], call[2][1], call[2][5]):
+                self._arena.give(copy)
+        return True
 
     def _record_call(self, fields: tuple) -> Call:
         """The Call of a staged call's own fields (6, or 7 with arena copies: their numpy views
