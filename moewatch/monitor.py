@@ -100,6 +100,13 @@ def _separate_encoder(model: nn.Module) -> Optional[nn.Module]:
     return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
 
 
+def _release(banks, stop: threading.Event, wake: threading.Event) -> None:
+    """What a monitor holds beyond itself: its reader (stopped) and its banks (unregistered)."""
+    stop.set()
+    wake.set()
+    banks.close()
+
+
 def _root_running_of(monitor_ref) -> Callable[[], bool]:
     """``Monitor._root_running`` without a strong reference to the monitor (its banks keep this)."""
     def root_running() -> bool:
@@ -182,6 +189,10 @@ class Monitor:
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by a forward (a poll is due early) or by detach
+        # the ops' registry holds the banks (accumulators, co-selection, staged calls) until they
+        # are closed: by detach(), else when this monitor is collected (its model dropped
+        # undetached), when its reader is stopped too
+        self._close_banks = weakref.finalize(self, _release, self._banks, self._stop, self._wake)
         self._reader = None
         if self.options.background:
             self._start_reader()
@@ -502,7 +513,7 @@ class Monitor:
             self.flush()
         except Exception as error:  # the last window is lost, but detach must finish
             self.errors.record("detach", error)
-        self._banks.close()
+        self._close_banks()
         self._postmortem.close()  # the shutdown dump, with dump_dir=
         for exporter in self._exporters:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,3 +194,26 @@ def test_attach_with_a_bad_baseline_fails_clearly_and_leaves_the_model_as_it_was
     assert moewatch_threads() <= threads_before  # ... not even an exporter thread
     assert_bit_identical(forward(model, x), expected)
     moewatch.attach(model, background=False).detach()  # and the model can be attached normally
+
+
+def test_a_model_dropped_without_detach_leaves_nothing_registered():
+    """Monitors whose models are dropped undetached (an evaluation that attaches per checkpoint
+    and forgets detach) release their banks: accumulators and co-selection held per monitor."""
+    import gc
+
+    from moewatch.hotpath import ops
+
+    gc.collect()
+    before = len(ops._BANKS)
+    for _ in range(3):
+        model = tiny_mixtral()
+        mon = moewatch.attach(model)
+        forward(model, batch(1))
+        del model, mon
+    gc.collect()
+    assert len(ops._BANKS) == before  # each monitor had registered its banks (2 a monitor before)
+    for _ in range(100):  # their readers were told to stop: they end at once
+        if not moewatch_threads():
+            break
+        time.sleep(0.05)
+    assert moewatch_threads() == set()

@@ -236,9 +236,9 @@ def test_exception_in_a_window_statistic_or_the_detector_is_counted_and_detach_s
         monkeypatch.setattr(moewatch.monitor, "close_window", broken_close)
         assert_bit_identical(forward(model, ids()), expected)
     finally:
-        mon.detach()  # its last flush fails: counted, and the rest of detach still runs
+        mon.detach()  # its last flush fails: counted (a fault while reducing), and the rest of detach still runs
     assert not mon.attached and no_hooks(model)
-    assert mon.error_counts().get("detach") == 1 and "no room for a window" in mon.errors.last()["detach"]
+    assert mon.error_counts().get("reader") == 1 and "no room for a window" in mon.errors.last()["reader"]
     assert exported(mon, "moewatch_up") == 0
     assert_bit_identical(forward(model, ids()), expected)
     moewatch.attach(model, background=False).detach()  # the model is free again
