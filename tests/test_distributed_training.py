@@ -5,13 +5,14 @@ the same training without moewatch."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import warnings
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from export_helpers import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -87,17 +88,11 @@ def _train(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def trained():
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_ports(1)
     processes = [context.Process(target=_train, args=(rank, port, results)) for rank in range(WORLD)]
     for process in processes:
         process.start()

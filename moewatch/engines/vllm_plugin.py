@@ -176,9 +176,7 @@ def attach_worker(worker) -> Any:
 
     options = options_from_env()
     baseline = options.pop("baseline", None)
-    previous = getattr(worker, "_moewatch_monitor", None)
-    if previous is not None:  # the model was loaded again (weights reloaded): watch the new one
-        previous.detach()
+    detach_worker(worker)  # a monitor already here: the model was loaded again, watch the new one
     model = worker.model_runner.get_model()
     if not moe_layers(model) and options.get("gates") is None:
         # a dense model, served where MOEWATCH_PORT is set for every model: it serves, unwatched

@@ -275,8 +275,10 @@ class StagedBank:
         if nbytes + self._staged_bytes > MAX_STAGED_BYTES:
             self._stage_extracted(row, output)  # reduced now (see stage)
             return
-        self._staged_bytes += nbytes
         state = self._thread
+        if not state.depth and self._started_before_attach(state):
+            return
+        self._staged_bytes += nbytes
         mask = state.masks.get(self._mask_keys[row]) if state.depth else None  # [B, L] or None
         record = None
         if first.shape[0] >= self.arena_min_tokens and type(output) is tuple and self._picks[row] is not None:
@@ -285,8 +287,6 @@ class StagedBank:
             record = (row, output, versions, mask, nbytes)
         if state.depth:
             state.pending.append(record)
-        elif self._started_before_attach(nbytes, record if len(record) == 7 else None):
-            return
         else:  # a gate called outside a monitored root forward is a forward of its own, without a mask
             self._committed.append((time.time(), [record], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
@@ -386,6 +386,8 @@ class StagedBank:
         dispatched here (the padding mask is kept whole; the reduction reads the columns it needs).
         """
         state = self._thread
+        if not state.depth and self._started_before_attach(state):
+            return
         if self.locate_rows is not None:  # an engine that may gather ranks' tokens: [T_all, k] -> [T, k]
             indices = own_decisions(logits, indices, self.locate_rows)
         mask = None if valid is not None else state.masks.get(self._mask_keys[row])  # [B, L] or None
@@ -418,28 +420,21 @@ class StagedBank:
             self._staged_bytes += nbytes
         if state.depth:
             state.pending.append(call)
-        elif self._started_before_attach(call[4], call):
-            return
         else:  # a gate called outside a monitored root forward is a forward of its own
             self._committed.append((time.time(), [call], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
 
-    def _started_before_attach(self, nbytes: int, call: Optional[tuple] = None) -> bool:
-        """For a gate call outside a monitored root forward: whether it belongs to a root
-        forward that began before the monitor was attached (see ``root_running``). Such a call
-        is dropped here (its bytes released, its arena copies given back): counting it would
-        count that forward at some of its gates and not at the others."""
-        state = self._thread
+    def _started_before_attach(self, state: ThreadState) -> bool:
+        """For a gate call outside a monitored root forward (``state``: its thread's): whether it
+        belongs to a root forward that began before the monitor was attached (see
+        ``root_running``). Such a call is not staged: counting it would count that forward at
+        some of its gates and not at the others."""
         if state.settled:  # asked once a thread, and while such a forward goes on
             return False
         running = self.root_running
         if running is None or not running():
             state.settled = True  # not inside a root call now: any later one began after attach
             return False
-        self._staged_bytes -= nbytes
-        if call is not None and call[6]:  # copies in the arena: (logits, indices, ..., mask, ...)
-            for copy in (call[2][0], call[2][1], call[2][5]):
-                self._arena.give(copy)
         return True
 
     def _record_call(self, fields: tuple) -> Call:
