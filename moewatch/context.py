@@ -88,9 +88,11 @@ class MaskTracker:
                 # a decode step: a mask longer than the input (it spans the cached tokens), or one
                 # new token per row on a cache (generate() passes no all-ones mask), or decoder
                 # rows given the encoder's output: they go on with the rows the encoder just ran
+                cache = kwargs.get("past_key_values")
                 continued = ((mask is not None and mask.shape[0] == batch and mask.shape[1] > length)
-                             or (length == 1 and kwargs.get("past_key_values") is not None)
-                             or (key.startswith("decoder_") and kwargs.get("encoder_outputs") is not None))
+                             or (length == 1 and cache is not None)
+                             or (key.startswith("decoder_") and kwargs.get("encoder_outputs") is not None)
+                             or (cache is not None and _cache_holds_tokens(cache)))
                 return batch, length, continued
         return (mask.shape[0], mask.shape[1], False) if mask is not None else None
 
@@ -147,6 +149,24 @@ def call_running(modules: Collection[nn.Module]) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _cache_holds_tokens(cache) -> bool:
+    """Whether a forward's KV cache already holds tokens: its new rows then go on with the
+    requests cached (several new tokens a row: assisted generation's candidates, prompt lookup,
+    a prompt prefilled in chunks, a conversation's next turn). Eager calls only: transformers'
+    caches keep their length as host integers (a shape, a counter), so asking reads no tensor;
+    traced, the answer would be a guard on the cache's length (a recompile per length)."""
+    if torch.compiler.is_compiling():
+        return False
+    seq_length = getattr(cache, "get_seq_length", None)
+    if seq_length is None:
+        return False
+    try:
+        length = seq_length()
+    except Exception:  # a cache of another library's making: not known, as before
+        return False
+    return isinstance(length, int) and length > 0
 
 
 def _unwatched_tracker() -> MaskTracker:

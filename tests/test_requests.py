@@ -78,6 +78,45 @@ def test_decode_steps_grow_the_requests_of_their_prompt(backend):
     np.testing.assert_allclose(third.rows, [3.0, 3.0])
 
 
+@pytest.mark.parametrize("backend", ["staged", "device"])
+@pytest.mark.parametrize("how", ["assisted", "prompt_lookup", "chunked_prefill", "next_turn"])
+def test_several_new_tokens_on_a_cache_go_on_with_its_request(backend, how):
+    """A forward of several new tokens a row on a cache that holds tokens continues the cached
+    requests: assisted generation's and prompt lookup's candidates, a prompt prefilled in chunks,
+    a conversation's next turn on the same cache. generate() passes no mask there, so only the
+    cache says so; each such forward counted as new requests before (3.1 to 5.6 requests for 2)."""
+    from transformers import DynamicCache
+
+    model = tiny_mixtral()
+    model.generation_config.pad_token_id = 0
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])  # repeats: prompt lookup finds candidates
+    options = {"assisted": {"assistant_model": tiny_mixtral(seed=1, layers=1)},
+               "prompt_lookup": {"prompt_lookup_num_tokens": 3},
+               "chunked_prefill": {"prefill_chunk_size": 4}}
+    multi_token_forwards = []
+    probe = model.register_forward_pre_hook(
+        lambda module, args, kwargs: multi_token_forwards.append(kwargs["input_ids"].shape[1] > 1
+                                                                 and kwargs["past_key_values"].get_seq_length() > 0),
+        with_kwargs=True)
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad():
+        for _ in range(2):  # two requests, one after the other
+            if how == "next_turn":
+                cache = DynamicCache(config=model.config)
+                model(input_ids=prompt, past_key_values=cache)
+                model(input_ids=torch.tensor([[9, 10, 11]]), past_key_values=cache)
+            else:
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
+                               do_sample=False, **options[how])
+        mon.flush()
+        window = mon._ring[-1]
+    probe.remove()
+    assert any(multi_token_forwards)  # the case is exercised: several new tokens on a filled cache
+    tokens = window.tokens[0]
+    # two requests of equal length, whatever the candidates rejected added to each
+    np.testing.assert_allclose(window.rows, [tokens, 2 * (tokens / 2) ** 2])
+    assert window.requests == pytest.approx(2.0)
+
+
 def test_compiled_fullgraph_forwards_count_their_rows():
     model = tiny_mixtral()
     with moewatch.attach(model, background=False) as mon, torch.no_grad():
