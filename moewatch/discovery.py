@@ -1,8 +1,9 @@
 """Turn a model and the ``gates=`` option into the list of gates to hook."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -10,6 +11,7 @@ from .adapters.base import AdapterError, GateSpec
 from .adapters.hf_discovery import config_for, configs_by_prefix, find_router_modules
 from .adapters.pattern import pattern_gate
 from .adapters.registry import builder_for, supported_families, wants_model
+from .wrappers import own_name, own_names
 
 GatesOption = Union[None, str, Sequence[str]]
 
@@ -60,12 +62,10 @@ def resolve_gates(
                 "candidates:\n  " + "\n  ".join(candidate_modules(model) or ["(none)"])
             )
         _check_top_k(specs, top_k)
-        return specs
+        return _named_as_the_bare_model(model, specs)
 
     patterns = [gates] if isinstance(gates, str) else list(gates)
-    for name, module in model.named_modules():
-        if not name or not _matches(name, patterns):
-            continue
+    for name, module in _matched_modules(model, patterns, routers):
         if name in routers:
             spec = _build_known(name, module, routers[name][1], configs, model)
             if spec is not None:
@@ -73,6 +73,7 @@ def resolve_gates(
         else:
             specs.append(pattern_gate(name, module, top_k, scoring, num_experts))
     _check_top_k(specs, top_k)
+    specs = _named_as_the_bare_model(model, specs)
     if not specs:
         raise AdapterError(
             f"gates={gates!r} matched no module of {type(model).__name__}. Patterns are matched "
@@ -80,6 +81,31 @@ def resolve_gates(
             "Modules that look like candidates:\n  " + "\n  ".join(candidate_modules(model) or ["(none)"])
         )
     return specs
+
+
+def _matched_modules(model: nn.Module, patterns: Sequence[str], routers) -> List[tuple]:
+    """(name, module) of the modules whose name, or own name under wrappers (``wrappers``), a
+    pattern matches: a pattern written for the bare model matches under DDP or a PEFT adapter.
+    Where a wrapper and what it wraps share an own name, one is hooked: a known router class,
+    else the outermost (a LoRA layer's output is the gate's, adapter included)."""
+    chosen: Dict[str, tuple] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        own = own_name(model, name)
+        if not (_matches(name, patterns) or _matches(own, patterns)):
+            continue
+        if own not in chosen or (name in routers and chosen[own][0] not in routers):
+            chosen[own] = (name, module)
+    return list(chosen.values())
+
+
+def _named_as_the_bare_model(model: nn.Module, specs: List[GateSpec]) -> List[GateSpec]:
+    """The specs with each gate named as the bare model names it (``wrappers.own_name``)."""
+    names = own_names(model, [spec.info.name for spec in specs])
+    return [spec if names[spec.info.name] == spec.info.name else
+            dataclasses.replace(spec, info=dataclasses.replace(spec.info, name=names[spec.info.name]))
+            for spec in specs]
 
 
 def _check_top_k(specs: List[GateSpec], top_k: Optional[int]) -> None:

@@ -77,6 +77,7 @@ def _train(rank: int, port: int, results) -> None:
                     monitor.flush()
                     row["tokens"] = monitor.windows().groupby("gate")["tokens"].sum().tolist()
                     row["errors"] = monitor.error_counts()
+                    row["gates"] = sorted(monitor.counts())
                     monitor.detach()
                 out[f"{set_up}/{attach}"] = row
         out["real"] = STEPS * int(mask.sum())
@@ -111,4 +112,6 @@ def test_each_rank_counts_its_own_real_tokens_and_trains_as_without_moewatch(tra
         assert watched["errors"] == {}
         assert watched["tokens"] and set(watched["tokens"]) == {trained[rank]["real"]}  # every gate
         assert watched["losses"] == plain["losses"]  # the same training, bit for bit
+        # named as the bare model names them, DDP's wrapper or not (its names gain "module.")
+        assert watched["gates"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert trained[0]["real"] != trained[1]["real"]  # so each rank's count is its own
