@@ -86,3 +86,43 @@ def test_a_forward_under_way_at_attach_is_counted_at_none_of_its_gates(grad):
     windows = mon.windows()
     assert windows.groupby("window")["tokens"].nunique().eq(1).all()
     mon.detach()
+
+
+def test_a_forward_under_way_at_detach_is_counted_at_none_of_its_gates():
+    """The mirror of the above: a model serving on one thread, detached from another while a
+    forward is half-way (its first two gates ran watched, its last two will run unwatched). The
+    monitor's last window holds the whole forwards before it, at every gate, and that forward
+    at none (CPU backend; docs/hotpath.md says what the device backend does)."""
+    model = tiny_mixtral(layers=4)
+    in_flight, detached = threading.Event(), threading.Event()
+    forwards = []
+
+    def hold_second_forward(module, args):
+        forwards.append(1)
+        if len(forwards) == 2:
+            in_flight.set()
+            detached.wait(30)
+
+    model.model.layers[2].register_forward_pre_hook(hold_second_forward)
+    ids = torch.randint(0, 128, (2, 16))
+    errors = []
+
+    def serve():
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    model(ids)
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    mon = moewatch.attach(model, background=False)
+    server = threading.Thread(target=serve)
+    server.start()
+    assert in_flight.wait(30)
+    mon.detach()
+    detached.set()
+    server.join(30)
+    assert errors == [] and len(forwards) == 3  # the model served on, unwatched
+    assert mon.error_counts() == {}
+    assert [int(c.sum()) for c in mon.counts().values()] == [32 * 2] * 4  # the first forward, at every gate
+    assert mon.windows().groupby("gate")["tokens"].sum().tolist() == [32] * 4
