@@ -77,7 +77,8 @@ def resolve_gates(
     if not specs:
         raise AdapterError(
             f"gates={gates!r} matched no module of {type(model).__name__}. Patterns are matched "
-            "against names from model.named_modules() (fnmatch, e.g. 'model.layers.*.mlp.gate'). "
+            "against names from model.named_modules(), and the bare model's names under wrappers "
+            "such as DDP or PEFT (fnmatch, e.g. 'model.layers.*.mlp.gate'). "
             "Modules that look like candidates:\n  " + "\n  ".join(candidate_modules(model) or ["(none)"])
         )
     return specs
