@@ -9,6 +9,7 @@ from torch import nn
 
 from .adapters.base import AdapterError, GateSpec
 from .adapters.hf_discovery import config_for, configs_by_prefix, find_router_modules
+from .adapters.hf_legacy import older_transformers, older_transformers_message
 from .adapters.pattern import pattern_gate
 from .adapters.registry import builder_for, supported_families, wants_model
 from .wrappers import own_name, own_names
@@ -48,6 +49,11 @@ def resolve_gates(
     configs = configs_by_prefix(model)
     routers = {name: (module, family) for name, module, family in find_router_modules(model)}
     specs: List[GateSpec] = []
+    legacy = older_transformers(model)
+    if legacy is not None:  # its router classes are not 5's: gates= modules only, read by pattern
+        if gates is None:
+            raise AdapterError(older_transformers_message(model, legacy))
+        routers = {}
 
     if gates is None:
         for name, (module, family) in routers.items():
