@@ -127,6 +127,67 @@ def test_outputs_untouched_and_detach_clean(family):
     assert hooks_before == [] and moewatch_hooks(model) == []
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_moe_block_attached_on_its_own_is_found_by_its_router_class(family):
+    """A family's MoE block without its PreTrainedModel around it (attached on its own, or a
+    block of transformers inside a model of the user's own): the router is found by class, as
+    the family's models declare it, and counts exactly what it decided. It was refused before
+    ("declares no router classes"), in every family. The block is the root here: no padding
+    mask reaches it, so every token counts."""
+    model = tiny_model(family)
+    router_name, router = next(iter(router_modules(model).items()))
+    block_name, _, gate_name = router_name.rpartition(".")
+    block = model.get_submodule(block_name)
+    decided = []
+    probe = router.register_forward_hook(lambda module, args, output: decided.append(output[2].detach()))
+    try:
+        with moewatch.attach(block, background=False) as mon:
+            forward(model, padded_batch(0))
+            mon.flush()
+            counts, gates = mon.counts(), mon.gates
+    finally:
+        probe.remove()
+    assert [gate.name for gate in gates] == [gate_name] and gates[0].family == family
+    expected = np.bincount(torch.cat([d.reshape(-1) for d in decided]).numpy(), minlength=gates[0].num_experts)
+    np.testing.assert_array_equal(counts[gate_name], expected)
+
+
+def test_a_model_of_the_users_own_built_from_transformers_blocks_is_watched():
+    """Research code stacks transformers' MoE blocks in a model of its own (no PreTrainedModel):
+    every block's router is found and counted."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(64, 32)
+            self.blocks = nn.ModuleList(MixtralSparseMoeBlock(config) for _ in range(3))
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for block in self.blocks:
+                x = x + block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    with torch.no_grad():  # (the blocks leave their weights to PreTrainedModel to initialise)
+        for param in model.parameters():
+            param.normal_(std=0.3)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        plain = model(ids)
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        watched = model(ids)
+        mon.flush()
+        assert [gate.name for gate in mon.gates] == [f"blocks.{i}.gate" for i in range(3)]
+        assert [int(c.sum()) for c in mon.counts().values()] == [2 * 7 * 2] * 3
+    assert torch.equal(watched, plain)
+
+
 def would_be_drops(calls, batches, top_k: int, capacity_factor: float) -> int:
     """Per forward: capacity = ceil(valid * k / E * cf); assignments over it are dropped."""
     total = 0

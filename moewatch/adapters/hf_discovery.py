@@ -35,11 +35,26 @@ def family_of(cls: type) -> str:
     return cls.__module__
 
 
+def _declaring_classes(model: nn.Module) -> List[type]:
+    """The classes whose ``_can_record_outputs`` may name the routers of ``model``: those of its
+    modules, and the models of each transformers modeling module one of its modules comes from
+    (a MoE block of transformers inside a model of the user's own, or attached on its own,
+    has no PreTrainedModel around it to declare its router)."""
+    classes = {type(module): None for module in model.modules()}
+    modeling_modules = {cls.__module__ for cls in classes if cls.__module__.startswith("transformers.models.")}
+    for name in sorted(modeling_modules):
+        for value in vars(sys.modules.get(name, object)).values():
+            if isinstance(value, type) and isinstance(vars(value).get("_can_record_outputs"), dict):
+                classes.setdefault(value, None)
+    return list(classes)
+
+
 def router_classes(model: nn.Module) -> Dict[Type[nn.Module], str]:
-    """Router classes declared by any PreTrainedModel inside ``model`` -> family name."""
+    """Router classes declared by any PreTrainedModel inside ``model``, or by the transformers
+    models whose blocks it holds -> family name."""
     found: Dict[Type[nn.Module], str] = {}
-    for module in model.modules():
-        record = getattr(type(module), "_can_record_outputs", None)
+    for declaring in _declaring_classes(model):
+        record = getattr(declaring, "_can_record_outputs", None)
         if not isinstance(record, dict) or "router_logits" not in record:
             continue
         for cls in _recorder_classes(record["router_logits"]):
