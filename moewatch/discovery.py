@@ -133,6 +133,14 @@ def _build_known(name: str, module: nn.Module, family: str, configs, model: nn.M
             "which moewatch has no adapter for yet; name the gate's logits module with gates= "
             "and pass top_k= and scoring=, or open an issue"
         )
-    if wants_model(family):
-        return builder(name, module, config_for(name, configs), model=model)
-    return builder(name, module, config_for(name, configs))
+    try:
+        if wants_model(family):
+            return builder(name, module, config_for(name, configs), model=model)
+        return builder(name, module, config_for(name, configs))
+    except AdapterError:
+        raise
+    except Exception as error:  # an adapter meeting a layout it was not written for: said, not a traceback
+        raise AdapterError(
+            f"could not read gate {name!r} ({type(module).__name__}, transformers family {family!r}): "
+            f"{type(error).__name__}: {error}; name the module that returns its logits with gates= and "
+            "pass top_k= and scoring=, or open an issue") from error

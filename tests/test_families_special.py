@@ -380,3 +380,23 @@ def test_no_host_sync_in_special_extractors(family):
             model(**batch)
         assert mon.error_counts() == {}
     assert calls == [], calls
+
+
+def test_a_router_attached_without_what_it_reads_is_refused_with_a_clear_error(monkeypatch):
+    """Ernie 4.5 VL's text and vision routers read the token types their MoE block receives:
+    attached to a router's own sub-block, the block is not there to read (an IndexError came out
+    of attach before). And any adapter that fails on a layout it was not written for is said as
+    an AdapterError naming the gate, not a traceback."""
+    from moewatch import discovery
+    from moewatch.adapters.base import AdapterError
+
+    model = tiny_model("ernie4_5_vl_moe")
+    with pytest.raises(AdapterError, match="token types its MoE block"):
+        moewatch.attach(model.get_submodule("layers.0.mlp.text_moe"), background=False)
+
+    def broken_builder(name, module, config, **kwargs):
+        raise KeyError("n_routed_experts")
+
+    monkeypatch.setattr(discovery, "builder_for", lambda family: broken_builder)
+    with pytest.raises(AdapterError, match=r"could not read gate 'layers.0.mlp'.*KeyError"):
+        moewatch.attach(model, background=False)

@@ -247,6 +247,9 @@ def build_ernie_vl(name: str, module: nn.Module, config: object, model: nn.Modul
         return None  # the recorded block; its text_moe.gate and vision_moe.gate are hooked instead
     num_experts = _need(_int_attr(module, "num_experts"), "the number of experts", name, module)
     top_k = _need(_int_attr(module, "top_k"), "top-k", name, module)
+    if name.count(".") < 2:  # the block above text_moe / vision_moe is not in the attached module
+        raise AdapterError(f"gate {name!r} ({type(module).__name__}) tells text from vision tokens by the "
+                           "token types its MoE block (layers.N.mlp) receives: attach to that block or to the model")
     vision = name.split(".")[-2] == "vision_moe"
     block = model.get_submodule(name.rsplit(".", 2)[0])  # layers.N.mlp: receives the token types
     stash = Stash()
