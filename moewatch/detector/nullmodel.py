@@ -41,6 +41,7 @@ SCALARS = {CONCENTRATION: ("effective", "low"), LOGIT_STD: ("logit_std", "both")
 _SIDE_LOW = np.array([sides == "low" for _, sides in SCALARS.values()])
 _SIDE_HIGH = np.array([sides == "high" for _, sides in SCALARS.values()])
 _PER_ASSIGNMENT = ("effective", "drop_rate")  # per assignment; the other scalars per token
+_LOAD_CHECKS = [LOAD, OVERLOAD, UNDERLOAD, CONCENTRATION]  # what the experts' shares say
 
 Params = Dict[str, np.ndarray]
 MIN_EXPECTED = 5.0  # expected assignments below which an expert's share is not tested
@@ -115,6 +116,10 @@ def fit(f: Features, evidence: bool = True) -> Params:
         var = sampling
     params: Params = {"p": p, "alive": alive, "var": var, "n0": np.float64(n0), "t0": np.float64(t0),
                       "phi": np.float64(1.0),
+                      # every token chose every expert in every window (top-k = E): the load is set
+                      # by the gate's shape, not by its routing, and says nothing of it (its baseline
+                      # spread is 0, so any window size alarmed on it)
+                      "load_fixed": np.float64(counts.size > 0 and bool(np.all(counts == f.tokens[:, None]))),
                       # the evidence rule (pooling.py): a small baseline window's assignments, and how
                       # clustered the baseline's traffic is (with the relative standard error of that)
                       "n_floor": np.float64(np.quantile(f.assignments, EVIDENCE_QUANTILE)),
@@ -216,5 +221,7 @@ def scores(params: Params, f: Features, raw_load: bool = False, kappa=1.0) -> np
     sk = _tail_score(np.where(_SIDE_LOW, lo, np.where(_SIDE_HIGH, hi, 2 * np.minimum(hi, lo))))
     sk[..., cols.index(CONCENTRATION)] = np.where(thin, np.nan, sk[..., cols.index(CONCENTRATION)])
     out[..., cols] = np.where(np.isnan(y), np.nan, sk)
+    fixed = np.asarray(params.get("load_fixed", 0.0)) > 0  # [] or [G]: see fit
+    out[..., _LOAD_CHECKS] = np.where(fixed[..., None], np.nan, out[..., _LOAD_CHECKS])
     # A statistic that could not be computed (no tokens, all logits non-finite) never alarms here.
     return np.where(np.isfinite(out) | (out > 0), out, -np.inf)
