@@ -35,7 +35,8 @@ def calibrated_scores(f: Features, params: Params) -> np.ndarray:
         rest = np.setdiff1d(np.arange(w), held)
         out[held] = scores(fit(_take(f, rest), evidence=False), _take(f, held), raw_load=True)
     raw = out[:, LOAD]
-    params["phi"] = np.float64(max(float(np.mean(raw[np.isfinite(raw)])), 0.5))
+    finite = raw[np.isfinite(raw)]  # none where the load is fixed (nullmodel.fit): phi unused, 1
+    params["phi"] = np.float64(max(float(np.mean(finite)), 0.5) if finite.size else 1.0)
     df = np.maximum(tested(params, f).sum(-1) - 1, 1)
     c = 2.0 / (9.0 * df)
     out[:, LOAD] = (np.cbrt(raw / params["phi"]) - (1 - c)) / np.sqrt(c)
