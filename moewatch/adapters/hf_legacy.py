@@ -15,6 +15,8 @@ from typing import List, Optional
 
 from torch import nn
 
+from .hf_families import config_int
+
 _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k")
 
@@ -34,21 +36,13 @@ def older_transformers(model: nn.Module) -> Optional[str]:
     return version
 
 
-def _config_int(config, fields) -> Optional[int]:
-    for field in fields:
-        value = getattr(config, field, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def suggested_gates(model: nn.Module) -> Optional[str]:
     """The ``gates=``/``top_k=`` arguments that watch an older transformers model whose routers
     are ``nn.Linear`` modules named gate or router, as wide as its config's experts; None where
     none is found."""
     config = getattr(model, "config", None)
-    experts, top_k = _config_int(config, _EXPERT_FIELDS), _config_int(config, _TOP_K_FIELDS)
-    if experts is None or top_k is None:
+    experts, top_k = config_int(config, *_EXPERT_FIELDS), config_int(config, *_TOP_K_FIELDS)
+    if experts is None or top_k is None or experts <= 0 or top_k <= 0:
         return None
     patterns: List[str] = []
     for name, module in model.named_modules():
