@@ -45,6 +45,10 @@ class MaskTracker:
         # and which requests the call's tokens belong to (RequestTokens), where it knows.
         self._real_tokens = real_tokens
         self._requests = requests
+        # bool [1, 1] on the model's device, once a serving loop's warm-up paused the monitor
+        # (moewatch.warmups): every root forward's padding mask is multiplied by it, 0 while paused
+        self._armed: Optional[torch.Tensor] = None
+        self._pauses = 0  # pauses not resumed yet (warm-ups under way)
         forward = getattr(root, "forward", None)
         self._positions: Dict[str, int] = {}
         try:
@@ -68,6 +72,42 @@ class MaskTracker:
             return mask
         return real_queries(mask) if mask.dim() in (3, 4) else None
 
+    def pause(self, device: torch.device) -> None:
+        """Count none of the root forwards' tokens from now until as many ``resume`` calls (a
+        serving loop's warm-up: ``moewatch.warmups``), in the forwards run now and in the CUDA
+        graphs captured now (whose replays read the flag). Called outside any graph capture."""
+        self._pauses += 1
+        if self._armed is None:
+            self._armed = torch.zeros((1, 1), dtype=torch.bool, device=device)
+        else:
+            self._armed.fill_(False)
+
+    def resume(self) -> None:
+        self._pauses = max(self._pauses - 1, 0)
+        if self._armed is not None and self._pauses == 0:
+            self._armed.fill_(True)
+
+    def _armed_mask(self, mask: Optional[torch.Tensor], args, kwargs) -> Optional[torch.Tensor]:
+        """The padding mask times the pause flag; where the call has no mask, the flag over its
+        token rows ([B, L], a copy: a view of the flag would change when it is set again)."""
+        armed = self._armed
+        if mask is not None:
+            return mask * armed.to(mask.device)  # [B, L]
+        _, rows = self._input_rows(args, kwargs)
+        return None if rows is None else armed.to(rows.device).repeat(rows.shape[0], rows.shape[1])  # [B, L]
+
+    def _input_rows(self, args, kwargs) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+        """(key, tensor) of the call's token rows: [B, L] ids or [B, L, H] embeddings (the first
+        of ``INPUT_KEYS`` given); (None, None) where it has none."""
+        for key in INPUT_KEYS:
+            rows = kwargs.get(key)
+            pos = self._positions.get(key)
+            if rows is None and pos is not None and pos < len(args):
+                rows = args[pos]
+            if isinstance(rows, torch.Tensor) and rows.dim() == (2 if key.endswith("input_ids") else 3):
+                return key, rows
+        return None, None
+
     def _rows(self, mask, args, kwargs) -> Optional[Tuple[int, int, bool]]:
         """(B, L, continued): the call's batch rows, their (padded) length, and whether they
         continue the rows of this thread's previous forward (a decode step on a cache). A batch
@@ -78,22 +118,18 @@ class MaskTracker:
         continuous batching, padding-free training)."""
         if kwargs.get(PACKED_KEY) is not None:
             return None
-        for key in INPUT_KEYS:
-            rows = kwargs.get(key)
-            pos = self._positions.get(key)
-            if rows is None and pos is not None and pos < len(args):
-                rows = args[pos]
-            if isinstance(rows, torch.Tensor) and rows.dim() == (2 if key.endswith("input_ids") else 3):
-                batch, length = rows.shape[0], rows.shape[1]  # ints; symbolic when traced: no int()
-                # a decode step: a mask longer than the input (it spans the cached tokens), or one
-                # new token per row on a cache (generate() passes no all-ones mask), or decoder
-                # rows given the encoder's output: they go on with the rows the encoder just ran
-                cache = kwargs.get("past_key_values")
-                continued = ((mask is not None and mask.shape[0] == batch and mask.shape[1] > length)
-                             or (length == 1 and cache is not None)
-                             or (key.startswith("decoder_") and kwargs.get("encoder_outputs") is not None)
-                             or (cache is not None and _cache_holds_tokens(cache)))
-                return batch, length, continued
+        key, rows = self._input_rows(args, kwargs)
+        if rows is not None:
+            batch, length = rows.shape[0], rows.shape[1]  # ints; symbolic when traced: no int()
+            # a decode step: a mask longer than the input (it spans the cached tokens), or one
+            # new token per row on a cache (generate() passes no all-ones mask), or decoder
+            # rows given the encoder's output: they go on with the rows the encoder just ran
+            cache = kwargs.get("past_key_values")
+            continued = ((mask is not None and mask.shape[0] == batch and mask.shape[1] > length)
+                         or (length == 1 and cache is not None)
+                         or (key.startswith("decoder_") and kwargs.get("encoder_outputs") is not None)
+                         or (cache is not None and _cache_holds_tokens(cache)))
+            return batch, length, continued
         return (mask.shape[0], mask.shape[1], False) if mask is not None else None
 
     def pre_hook(self, module, args, kwargs):
@@ -104,6 +140,8 @@ class MaskTracker:
             mask, decoder_mask = self._real_tokens(args, kwargs), None
         else:
             mask, decoder_mask = self._mask(MASK_KEYS[0], args, kwargs), self._mask(MASK_KEYS[1], args, kwargs)
+        if self._armed is not None:
+            mask = self._armed_mask(mask, args, kwargs)
         if torch.compiler.is_compiling():  # inlined into a bigger compiled graph: one opaque op
             if is_exporting():
                 return None

@@ -33,6 +33,7 @@ from .liveness import MonitoringStatus
 from .options import Options
 from .postmortem import Postmortem
 from .routing import GateInfo
+from .warmups import watch_warmups
 from .windows import Window, close_window, windows_frame
 
 # model -> its monitor; weak, so a monitor never keeps a model alive.
@@ -525,6 +526,15 @@ class Monitor:
             if model is not None and _ATTACHED.get(model) is self:
                 del _ATTACHED[model]
 
+    def _pause(self) -> None:
+        """Count nothing until ``_resume`` (a serving loop's warm-up: ``moewatch.warmups``)."""
+        model = self._model()
+        if model is not None:
+            self._masks.pause(_device_of(model, torch.device("cpu")))
+
+    def _resume(self) -> None:
+        self._masks.resume()
+
     @property
     def attached(self) -> bool:
         return bool(self._hooks)
@@ -619,4 +629,14 @@ def attach(model: nn.Module, baseline=None, **options) -> Monitor:
             )
         monitor = Monitor(model, baseline, **options)
         _ATTACHED[model] = monitor
+    watch_warmups(_monitors_of)
     return monitor
+
+
+def _monitors_of(model: nn.Module) -> List[Monitor]:
+    """The attached monitors whose model is ``model`` or a module of it (a serving loop warms
+    ``model`` up: ``moewatch.warmups``)."""
+    with _ATTACH_LOCK:
+        attached = [(root, monitor) for root, monitor in _ATTACHED.items() if monitor.attached]
+    inside = {id(module) for module in model.modules()} if attached else set()
+    return [monitor for root, monitor in attached if id(root) in inside]

@@ -8,6 +8,7 @@ towards whatever the pad token routes to.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -252,3 +253,101 @@ def test_continuous_batching_counts_the_scheduled_tokens_not_the_padded_slots():
         assert frame[frame["gate"] == name]["tokens"].sum() == sum(scheduled) == 10 + 3 * 3
     # a packed row holds several requests, which its shape does not tell: not known, not one a row
     assert frame["requests"].isna().all()
+
+
+def _in_warmup() -> bool:
+    """Whether this call runs under transformers' continuous-batching warm-up."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "run_one_warmup":
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "paged|eager"])
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_continuous_batchings_warm_up_is_not_counted(backend, attention):
+    """``generate_batch(warmup=True)`` (the default), compiled: transformers first runs dummy
+    batches of the largest sizes through the model (to compile it, or capture CUDA graphs).
+    They are not traffic: all of one token id, they route alike, and counted they made the first
+    window look collapsed. Only the requests' own scheduled tokens count."""
+    from transformers import CompileConfig, GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = tiny_mixtral()
+    model.config._attn_implementation = attention
+    scheduled = []  # per forward: (under the warm-up, the real tokens as the cumulative lengths say)
+    seen = model.register_forward_pre_hook(
+        lambda module, args, kwargs: scheduled.append((_in_warmup(), int(kwargs["cu_seq_lens_q"].max()))),
+        with_kwargs=True)
+    recorder = RouterRecorder(model)
+    compiled = CompileConfig(backend="eager", fullgraph=False)
+    batching = ContinuousBatchingConfig(q_padding_interval_size=16, kv_padding_interval_size=32, num_blocks=4,
+                                        page_size=32, max_batch_tokens=64, varlen_compile_config=compiled,
+                                        decode_compile_config=compiled)
+    generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch._dynamo.reset()
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.generate_batch([[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]], generation_config=generation,
+                             continuous_batching_config=batching, progress_bar=False, warmup=True)
+        mon.flush()
+        counts, frame = mon.counts(), mon.windows()
+    seen.remove()
+    recorder.remove()
+    torch._dynamo.reset()
+    warm = [warming for warming, _ in scheduled]
+    assert any(warm) and not all(warm), "no warm-up ran, or nothing else did"
+    for name, calls in recorder.calls.items():
+        assert len(calls) == len(scheduled), name
+        expected = np.zeros(calls[0][0].shape[-1], dtype=np.int64)
+        for (_, indices), (warming, real) in zip(calls, scheduled):
+            if not warming:  # the real tokens lead, the padded slots follow
+                np.add.at(expected, indices[:real].numpy().ravel(), 1)
+        np.testing.assert_array_equal(counts[name], expected, err_msg=name)
+    real = sum(tokens for warming, tokens in scheduled if not warming)
+    assert real == 10 + 3 * 3
+    assert frame["tokens"].sum() == real * len(recorder.calls)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("backend", ["staged", "device"])
+def test_a_paused_monitor_counts_nothing_and_what_was_compiled_paused_counts_after(backend, compiled):
+    """While paused (a serving loop's warm-up), forwards count nothing, with a padding mask or
+    without one; code compiled while paused (as a CUDA graph is captured in a warm-up) reads the
+    flag when it runs: after ``resume`` it counts, without a recompile."""
+    model = tiny_mixtral()
+    ids, mask = _left_padded()
+    frames = []
+    step = model
+    if compiled:
+        def counting_backend(graph, inputs):
+            frames.append(graph)
+            return graph.forward
+        # the model inside a compiled function, as continuous batching compiles its step: the
+        # root hooks are traced into the graph, the flag is one of its inputs
+        step = torch.compile(lambda **inputs: model(**inputs).logits, fullgraph=True, backend=counting_backend)
+    torch._dynamo.reset()
+    with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad():
+        mon._pause()
+        step(input_ids=ids, attention_mask=mask)
+        step(input_ids=ids)
+        mon.flush()
+        assert all(int(c.sum()) == 0 for c in mon.counts().values())
+        compiled_paused = len(frames)
+        mon._resume()
+        step(input_ids=ids, attention_mask=mask)
+        step(input_ids=ids)
+        mon.flush()
+        counts = mon.counts()
+    torch._dynamo.reset()
+    assert len(frames) == compiled_paused, "resuming recompiled the model"
+    with moewatch.attach(model, background=False, backend=backend) as plain, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids)
+        plain.flush()
+        for name, expected in plain.counts().items():
+            assert expected.sum() == (int(mask.sum()) + ids.numel()) * 2  # top-2
+            np.testing.assert_array_equal(counts[name], expected, err_msg=name)
