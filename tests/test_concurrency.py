@@ -53,8 +53,9 @@ def test_eight_threads_count_exactly():
     assert frame.groupby("gate")["tokens"].sum().tolist() == [total_tokens, total_tokens]
 
 
+@pytest.mark.parametrize("backend", ["staged", "device"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_a_forward_under_way_at_attach_is_counted_at_none_of_its_gates(grad):
+def test_a_forward_under_way_at_attach_is_counted_at_none_of_its_gates(grad, backend):
     """A model serving on one thread, attached from another while a forward is half-way (held
     before its third layer, so its first two gates ran unwatched): that forward counts at no
     gate, the ones after it at every gate. Its later gates had counted it before."""
@@ -77,7 +78,7 @@ def test_a_forward_under_way_at_attach_is_counted_at_none_of_its_gates(grad):
     server = threading.Thread(target=serve)
     server.start()
     assert in_flight.wait(30)
-    mon = moewatch.attach(model, background=False)
+    mon = moewatch.attach(model, background=False, backend=backend)
     attached.set()
     server.join(30)
     mon.flush()

@@ -107,7 +107,13 @@ class DeviceBank:
             for t in (self.sums, self.counts, self.cut_sums, self.cut_counts, self.cut_absmax, self.cut_rows,
                       self._request_runs.runs):
                 assert t.is_contiguous(), "the forward-end kernel reads the accumulators as flat buffers"
-        self._thread = threading.local()  # .rows: this thread's forward's token rows, added at its end
+        # per thread: .rows, its forward's token rows, added at its end; .depth, its root forwards
+        # under way; .settled, no root forward of it began before the monitor was attached
+        self._thread = threading.local()
+        # () -> whether a monitored root module is running on this thread (set by the monitor):
+        # a gate called outside a monitored forward while one is belongs to a forward that began
+        # before the monitor was attached, and is not counted (its earlier gates were not)
+        self.root_running: Optional[Callable[[], bool]] = None
         if self._fused is not None:  # scratch of the would-be-drops phase, before any graph capture
             from . import triton_backend
 
@@ -135,6 +141,8 @@ class DeviceBank:
         previous forward, their squares by B ((n + L)**2 - n**2). Host integers only here: the
         forward's ``end`` adds them on the device (``take_rows``); an engine's requests are
         added now, with a few small ops and no host sync."""
+        state = self._thread
+        state.depth, state.settled = getattr(state, "depth", 0) + 1, True
         if rows is None:  # a nested forward's rows are the outer one's, pending till an end takes them
             return
         try:
@@ -155,12 +163,25 @@ class DeviceBank:
                 sums, counts, absmax) -> None:
         """Add one gate call into ``sums``/``counts``/``absmax`` (device ops only)."""
         gate = self.gates[row]
+        state = self._thread
+        if not getattr(state, "depth", 0) and not getattr(state, "settled", False) and self._started_before_attach():
+            return
         if self.locate_rows is not None:  # an engine that may gather ranks' tokens: [T_all, k] -> [T, k]
             indices = own_decisions(logits, indices, self.locate_rows)
         mask = None if valid is not None else self.mask_of(gate.mask_key)  # [B, L] or None
         with torch.no_grad():  # the hook runs outside any grad context of its own
             self._observe(gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
                           sums, counts, absmax)
+
+    def _started_before_attach(self) -> bool:
+        """For a gate call outside a monitored root forward, on a thread not yet settled: whether
+        it belongs to a root forward that began before the monitor was attached (its earlier
+        gates were not counted; its adds would land at its later gates only)."""
+        running = self.root_running
+        if running is None or not running():
+            self._thread.settled = True  # not inside a root call now: any later one began after attach
+            return False
+        return True
 
     def _observe(self, gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
                  sums, counts, absmax) -> None:
@@ -184,6 +205,8 @@ class DeviceBank:
     def end(self, ticks=None) -> None:
         """At a forward end: add the forward's token rows, and cut a window into the ring if it
         is due (device ops only: one launch on CUDA, ``triton_forward_end``)."""
+        state = self._thread
+        state.depth, state.settled = max(getattr(state, "depth", 0) - 1, 0), True
         pending = self.take_rows()
         if self._fused_end is not None:
             try:
