@@ -56,3 +56,30 @@ def test_forwards_given_both_inputs_count_their_rows_as_new_requests(family):
         assert mon.errors.total() == 0
     assert len(windows) == windows["gate"].nunique()
     assert windows["requests"].tolist() == [6.0] * len(windows)
+
+
+@pytest.mark.parametrize("backend", ["staged", "device"])
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb_moe"])
+def test_windows_never_end_between_the_encoder_and_the_decoder_of_a_forward(family, backend):
+    """A forward given both inputs runs the encoder inside the model's call (a nested forward):
+    windows filling at every forward are cut at the model's forward ends only, so every window
+    holds whole forwards at every gate. On the device backend the encoder's end cut a window
+    before the decoder ran: the decoder's gates had 0 tokens there (every expert looked dead),
+    and the forward's decoder tokens went into the next window."""
+    model = tiny_model(family)
+    generator = torch.Generator().manual_seed(2)
+    forwards = 5
+    with moewatch.attach(model, background=False, backend=backend, window_tokens=20) as mon, torch.no_grad():
+        for _ in range(forwards):
+            model(input_ids=torch.randint(3, 100, (3, 8), generator=generator),
+                  decoder_input_ids=torch.randint(3, 100, (3, 5), generator=generator))
+        mon.flush()
+        windows = mon.windows()
+        assert mon.errors.total() == 0
+    tokens = windows.pivot(index="window", columns="gate", values="tokens")
+    encoder = [name for name in tokens.columns if "encoder" in name]
+    decoder = [name for name in tokens.columns if "decoder" in name]
+    assert encoder and decoder
+    assert len(tokens) == forwards  # a window a forward: each one fills it (24 encoder tokens >= 20)
+    assert (tokens[encoder] == 3 * 8).all().all()
+    assert (tokens[decoder] == 3 * 5).all().all()

@@ -203,10 +203,15 @@ class DeviceBank:
                            mask_weights(mask, logits.shape[0], positions, grid), positions)
 
     def end(self, ticks=None) -> None:
-        """At a forward end: add the forward's token rows, and cut a window into the ring if it
-        is due (device ops only: one launch on CUDA, ``triton_forward_end``)."""
+        """At a root forward's end: add the forward's token rows, and cut a window into the ring
+        if it is due (device ops only: one launch on CUDA, ``triton_forward_end``). A nested
+        forward's end does nothing: a window never ends between its gates and the rest of its
+        root forward's."""
         state = self._thread
-        state.depth, state.settled = max(getattr(state, "depth", 0) - 1, 0), True
+        depth = getattr(state, "depth", 0)
+        state.depth, state.settled = max(depth - 1, 0), True
+        if depth > 1:  # a nested forward (an encoder inside the model's call): the outer one ends it
+            return
         pending = self.take_rows()
         if self._fused_end is not None:
             try:
