@@ -253,6 +253,10 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self) -> None:
+        # On a device, the real tokens of a forward go into a buffer of fixed address (see
+        # _graph_safe_real), and whether the engine is armed into a device flag beside it
+        self._real_buffer: Optional[torch.Tensor] = None  # bool [max tokens]
+        self._armed_flag: Optional[torch.Tensor] = None  # bool [1]
         self.armed = True  # False: forwards count no token (the plugin, until warm-up is over)
         self.served_name: Optional[str] = None
         try:  # read at every root forward: imported once, not per call
@@ -282,6 +286,17 @@ class VllmEngine(Engine):
                 logger.warning("moewatch: cannot read vLLM's scheduled requests (%s: %s); windows will "
                                "not count their requests", type(error).__name__, error)
 
+    @property
+    def armed(self) -> bool:
+        """Whether forwards count (False while vLLM profiles and warms the model up)."""
+        return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        self._armed = bool(value)
+        if self._armed_flag is not None:  # set outside any graph capture: the plugin's, between steps
+            self._armed_flag.fill_(self._armed)
+
     def requests(self) -> Optional[RequestTokens]:
         """The requests of the step whose root forward is starting (once: a second forward of the
         same step, or one outside a step, is not known); None before the engine is armed."""
@@ -306,6 +321,8 @@ class VllmEngine(Engine):
         padding = None
         if self._has_context is not None and self._has_context():
             padding = self._get_context().is_padding  # [T] bool, True = padding, or None
+        if padding is not None and padding.device.type != "cpu":
+            return self._graph_safe_real(padding)
         if not self.armed:
             rows = padding.shape[0] if padding is not None else _token_rows(args, kwargs)
             device = padding.device if padding is not None else None
@@ -322,6 +339,28 @@ class VllmEngine(Engine):
             # token is real, and calls without a mask are counted from their shape alone
             return None
         return torch.logical_not(padding).view(1, -1)  # [1, T]
+
+    def _graph_safe_real(self, padding: torch.Tensor) -> torch.Tensor:
+        """[1, T] bool, True = a real token of an armed engine: one kernel into a buffer whose
+        address never changes, computed from vLLM's ``is_padding`` (a view of the runner's
+        persistent buffer, filled before each step) and the armed flag (on the device).
+
+        vLLM captures CUDA graphs by default (``FULL_AND_PIECEWISE``): the gate kernels replay
+        with the mask's address of the capture, and in a full graph this hook's work replays as
+        captured, without its Python. So no branch here depends on the step, and the mask is
+        never a tensor made for one step: a replay reads this step's real tokens. On the CPU
+        there are no graphs, and ``real_tokens`` spares steps without padding any op."""
+        rows = padding.shape[0]
+        buffer = self._real_buffer
+        if buffer is None or buffer.device != padding.device or buffer.shape[0] < rows:
+            # sized once, at the first forward (vLLM's profiling run, before any capture), to
+            # the whole buffer that ``is_padding`` is a view of
+            size = max(rows, padding.untyped_storage().nbytes() // padding.element_size())
+            buffer = self._real_buffer = torch.empty(size, dtype=torch.bool, device=padding.device)
+            self._armed_flag = torch.full((1,), self._armed, dtype=torch.bool, device=padding.device)
+        real = buffer[:rows]  # [T]
+        torch.gt(self._armed_flag, padding, out=real)  # armed and not padding: True > False only
+        return real.view(1, -1)
 
     def _whole_steps(self) -> bool:
         """Whether a root forward's rows are its step's scheduled tokens and padding (not where
