@@ -17,7 +17,8 @@
    graph, with no hook error;
 6. torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs through inductor) counts
    exactly (a from-scratch MoE); a transformers Mixtral is tried alone and watched, and watched
-   may fail only as it fails alone;
+   may fail only as it fails alone; and with a padding mask that changes between replays, each
+   call counts its own real tokens;
 7. one kernel per gate call: the profiler sees exactly one launch of the fused kernel per gate
    call of a forward;
 8. every kernel moewatch adds to a forward, alone against watched: the gate calls plus one
@@ -228,6 +229,41 @@ def check_reduce_overhead(device) -> str:
                else f"Mixtral alone: {failed_alone or 'runs'}; watched: {failed_watched or 'runs, counts exact'}")
     assert not failed_watched or failed_alone, mixtral
     return f"torch.compile(mode='reduce-overhead', fullgraph=True): from-scratch MoE 5 calls = 5 x eager counts; {mixtral}"
+
+
+def check_reduce_overhead_with_padding(device) -> str:
+    """mode='reduce-overhead' with a padding mask that changes from call to call (same shapes,
+    so the recorded CUDA graph replays): each call counts its own real tokens, as eager forwards
+    of the same inputs do. The mask reaches the gate ops through the root hook, which runs
+    outside the compiled graph: a replay must not read the mask of the recording call."""
+    torch.manual_seed(7)
+    model = TinyMoELM().to(device).eval()
+    ids = torch.randint(0, 64, (4, 16), device=device)
+    masks = []
+    for call in range(6):
+        mask = torch.ones_like(ids)
+        mask[call % 4, : 2 + 2 * call] = 0  # another row and width of left padding each call
+        masks.append(mask)
+    options = dict(gates="*.router", top_k=2, background=False)
+    with torch.no_grad():
+        with moewatch.attach(model, **options) as mon:
+            for mask in masks:
+                model(ids, attention_mask=mask)
+            eager = mon.counts()
+        mon = moewatch.attach(model, **options)
+        try:
+            compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            for mask in masks:
+                compiled(ids, attention_mask=mask)
+            torch.cuda.synchronize()
+            got, errors = mon.counts(), mon.error_counts()
+        finally:
+            mon.detach()
+            torch._dynamo.reset()
+    assert errors == {}, errors
+    for name in eager:
+        np.testing.assert_array_equal(got[name], eager[name], err_msg=name)
+    return "torch.compile(mode='reduce-overhead'), a padding mask changing between replays: counts equal eager"
 
 
 def check_one_kernel_per_gate_call(device) -> str:
@@ -490,7 +526,8 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     failed = 0
     for check in (check_kernel_matches_reference, check_forward_end_kernel, check_sync_free, check_cuda_graph,
-                  check_windows_under_graphs, check_compile, check_reduce_overhead, check_one_kernel_per_gate_call, check_kernels_added,
+                  check_windows_under_graphs, check_compile, check_reduce_overhead,
+                  check_reduce_overhead_with_padding, check_one_kernel_per_gate_call, check_kernels_added,
                   check_placement_statistics):
         start = time.perf_counter()
         try:
