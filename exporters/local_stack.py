@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -109,20 +110,33 @@ def free_ports(count: int) -> int:
     Taken below the kernel's ephemeral range: a server started later (a vLLM worker starts
     tens of seconds after its port is chosen) binds a port that no outgoing connection of
     another process (Prometheus's scrapes, a vLLM engine's own sockets) can have taken as its
-    source port meanwhile; a random pick keeps tests that run side by side apart."""
+    source port meanwhile; a random pick keeps tests that run side by side apart. The pick is
+    the operating system's randomness, not the ``random`` module's (which a seeded training run
+    in another thread resets: two picks then gave the same port), and no port is handed out
+    twice by one process (a port handed out is free until its server starts)."""
     ephemeral = _ephemeral_ports()
     low = 10000 if ephemeral.start - count >= 10000 else 1024
     outside = range(low, ephemeral.start - count + 1)  # bases whose ports all lie below the range
     for _ in range(200):
-        base = random.choice(outside) if outside else _kernel_port()
-        try:
-            for offset in range(count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", base + offset))
+        base = _PICK.choice(outside) if outside else _kernel_port()
+        ports = set(range(base, base + count))
+        with _HANDED_OUT_LOCK:
+            if ports & _HANDED_OUT:
+                continue
+            try:
+                for port in ports:
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _HANDED_OUT.update(ports)
             return base
-        except OSError:
-            continue
     raise RuntimeError(f"no {count} consecutive free ports")
+
+
+_PICK = random.SystemRandom()
+_HANDED_OUT: set = set()  # ports free_ports has returned in this process
+_HANDED_OUT_LOCK = threading.Lock()
 
 
 def _kernel_port() -> int:

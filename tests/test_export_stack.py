@@ -112,3 +112,20 @@ def test_local_stack_stops_its_servers(request):
     stack.stop()
     assert all(p.poll() is not None for p in processes)
     assert not os.path.exists(stack.workdir)
+
+
+def test_free_ports_are_never_handed_out_twice_even_when_another_thread_seeds_random():
+    """A seeded training run (``transformers.set_seed``) resets the ``random`` module; two
+    engines whose ports were picked right after such a reset got the same one, and the second
+    failed to start ("Address already in use")."""
+    import random
+
+    picked, state = [], random.getstate()
+    try:
+        for _ in range(20):
+            random.seed(0)
+            picked.append(free_ports(2))
+    finally:
+        random.setstate(state)
+    ports = [base + offset for base in picked for offset in range(2)]
+    assert len(set(ports)) == len(ports)
