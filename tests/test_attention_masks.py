@@ -221,24 +221,30 @@ def test_an_attention_mask_passed_in_counts_what_its_padding_mask_counts(backend
         np.testing.assert_array_equal(traced[name], plain[name], err_msg=name)
 
 
-def test_continuous_batching_counts_the_scheduled_tokens_not_the_padded_slots():
-    """transformers' continuous batching (``generate_batch``), compiled as it pads: the queries of
-    every step are padded to a multiple of 16 slots, which attend to nothing in its mask."""
+def _continuous_batching():
+    """(batching config, generation config) of a compiled continuous batch (compiled: its steps
+    are padded to multiples of 16 query slots) with a small cache (sized by default from the
+    free memory: 15 GB of this machine's 24), 4 new tokens a request."""
     from transformers import CompileConfig, GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    compiled = CompileConfig(backend="eager", fullgraph=False)
+    batching = ContinuousBatchingConfig(q_padding_interval_size=16, kv_padding_interval_size=32, num_blocks=4,
+                                        page_size=32, max_batch_tokens=64, varlen_compile_config=compiled,
+                                        decode_compile_config=compiled)
+    return batching, GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def test_continuous_batching_counts_the_scheduled_tokens_not_the_padded_slots():
+    """transformers' continuous batching (``generate_batch``), compiled as it pads: the queries of
+    every step are padded to a multiple of 16 slots, which attend to nothing in its mask."""
     model = tiny_mixtral()
     model.config._attn_implementation = "sdpa"
     scheduled = []  # per forward: the real tokens, as the batch's cumulative lengths say
     seen = model.register_forward_pre_hook(
         lambda module, args, kwargs: scheduled.append(int(kwargs["cu_seq_lens_q"].max())), with_kwargs=True)
     recorder = RouterRecorder(model)
-    compiled = CompileConfig(backend="eager", fullgraph=False)  # compiled: the inputs are padded
-    # a small cache: sized by default from the free memory (15 GB of this machine's 24)
-    batching = ContinuousBatchingConfig(q_padding_interval_size=16, kv_padding_interval_size=32, num_blocks=4,
-                                        page_size=32, max_batch_tokens=64, varlen_compile_config=compiled,
-                                        decode_compile_config=compiled)
-    generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    batching, generation = _continuous_batching()
     torch._dynamo.reset()
     counts, frame = _watched(model, lambda: model.generate_batch(
         [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]], generation_config=generation,
@@ -272,9 +278,6 @@ def test_continuous_batchings_warm_up_is_not_counted(backend, attention):
     batches of the largest sizes through the model (to compile it, or capture CUDA graphs).
     They are not traffic: all of one token id, they route alike, and counted they made the first
     window look collapsed. Only the requests' own scheduled tokens count."""
-    from transformers import CompileConfig, GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
     model = tiny_mixtral()
     model.config._attn_implementation = attention
     scheduled = []  # per forward: (under the warm-up, the real tokens as the cumulative lengths say)
@@ -282,11 +285,7 @@ def test_continuous_batchings_warm_up_is_not_counted(backend, attention):
         lambda module, args, kwargs: scheduled.append((_in_warmup(), int(kwargs["cu_seq_lens_q"].max()))),
         with_kwargs=True)
     recorder = RouterRecorder(model)
-    compiled = CompileConfig(backend="eager", fullgraph=False)
-    batching = ContinuousBatchingConfig(q_padding_interval_size=16, kv_padding_interval_size=32, num_blocks=4,
-                                        page_size=32, max_batch_tokens=64, varlen_compile_config=compiled,
-                                        decode_compile_config=compiled)
-    generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    batching, generation = _continuous_batching()
     torch._dynamo.reset()
     with moewatch.attach(model, background=False, backend=backend) as mon, torch.no_grad(), \
             warnings.catch_warnings():

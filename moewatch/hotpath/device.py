@@ -23,6 +23,7 @@ from .gathered import Locate, own_decisions
 from .layout import COUNT_ROWS, FUSED_MAX_EXPERTS, NUM_SCALARS, TOKENS
 from .reference import accumulate, gate_sums, mask_weights
 from .requests import DeviceRequestRuns, RequestTokens
+from .staged import started_before_attach
 
 CUT_SLOTS = 64  # cuts the reader may fall behind by before one is lost (counted)
 
@@ -57,6 +58,15 @@ def _static_shapes(*tensors: torch.Tensor) -> None:
     if mark is not None:
         for tensor in tensors:
             mark(tensor)
+
+
+class _ForwardThread(threading.local):
+    """A thread's forwards on a device bank."""
+
+    def __init__(self) -> None:
+        self.rows = None  # the token rows of its root forward, added at its end (see begin)
+        self.depth = 0  # its root forwards under way (a nested one: an encoder inside the model)
+        self.settled = False  # no root forward of it began before attach (staged.started_before_attach)
 
 
 class DeviceBank:
@@ -107,9 +117,7 @@ class DeviceBank:
             for t in (self.sums, self.counts, self.cut_sums, self.cut_counts, self.cut_absmax, self.cut_rows,
                       self._request_runs.runs):
                 assert t.is_contiguous(), "the forward-end kernel reads the accumulators as flat buffers"
-        # per thread: .rows, its forward's token rows, added at its end; .depth, its root forwards
-        # under way; .settled, no root forward of it began before the monitor was attached
-        self._thread = threading.local()
+        self._thread = _ForwardThread()
         # () -> whether a monitored root module is running on this thread (set by the monitor):
         # a gate called outside a monitored forward while one is belongs to a forward that began
         # before the monitor was attached, and is not counted (its earlier gates were not)
@@ -142,7 +150,7 @@ class DeviceBank:
         forward's ``end`` adds them on the device (``take_rows``); an engine's requests are
         added now, with a few small ops and no host sync."""
         state = self._thread
-        state.depth, state.settled = getattr(state, "depth", 0) + 1, True
+        state.depth, state.settled = state.depth + 1, True
         if rows is None:  # a nested forward's rows are the outer one's, pending till an end takes them
             return
         try:
@@ -163,8 +171,7 @@ class DeviceBank:
                 sums, counts, absmax) -> None:
         """Add one gate call into ``sums``/``counts``/``absmax`` (device ops only)."""
         gate = self.gates[row]
-        state = self._thread
-        if not getattr(state, "depth", 0) and not getattr(state, "settled", False) and self._started_before_attach():
+        if not self._thread.depth and started_before_attach(self._thread, self.root_running):
             return
         if self.locate_rows is not None:  # an engine that may gather ranks' tokens: [T_all, k] -> [T, k]
             indices = own_decisions(logits, indices, self.locate_rows)
@@ -172,16 +179,6 @@ class DeviceBank:
         with torch.no_grad():  # the hook runs outside any grad context of its own
             self._observe(gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
                           sums, counts, absmax)
-
-    def _started_before_attach(self) -> bool:
-        """For a gate call outside a monitored root forward, on a thread not yet settled: whether
-        it belongs to a root forward that began before the monitor was attached (its earlier
-        gates were not counted; its adds would land at its later gates only)."""
-        running = self.root_running
-        if running is None or not running():
-            self._thread.settled = True  # not inside a root call now: any later one began after attach
-            return False
-        return True
 
     def _observe(self, gate, row, logits, indices, probs, dropped, valid, mask, positions, grid,
                  sums, counts, absmax) -> None:
@@ -208,7 +205,7 @@ class DeviceBank:
         forward's end does nothing: a window never ends between its gates and the rest of its
         root forward's."""
         state = self._thread
-        depth = getattr(state, "depth", 0)
+        depth = state.depth
         state.depth, state.settled = max(depth - 1, 0), True
         if depth > 1:  # a nested forward (an encoder inside the model's call): the outer one ends it
             return
@@ -224,7 +221,7 @@ class DeviceBank:
 
     def take_rows(self):
         """This thread's pending token rows (``begin``'s, for its forward's end), or None; cleared."""
-        pending, self._thread.rows = getattr(self._thread, "rows", None), None
+        pending, self._thread.rows = self._thread.rows, None
         return pending
 
     def end_with_torch(self, pending=None) -> None:

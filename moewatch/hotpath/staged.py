@@ -138,9 +138,23 @@ class ThreadState(threading.local):
         # the root forward's token rows: (B, L, continued), or the RequestTokens an engine named
         self.rows: Optional[Tuple[int, int, bool]] = None
         # no root forward of this thread began before the monitor was attached (see
-        # StagedBank._started_before_attach): set at the first root hook, or the first gate
-        # call outside a forward found not to be inside one
+        # started_before_attach): set at the first root hook, or the first gate call outside a
+        # forward found not to be inside one
         self.settled = False
+
+
+def started_before_attach(state, root_running: Optional[Callable[[], bool]]) -> bool:
+    """For a gate call outside a monitored root forward (``state``: its thread's, with
+    ``settled``): whether it belongs to a root forward that began before the monitor was attached
+    (``root_running()``: a monitored root module is running on this thread). Such a call is not
+    counted: counting it would count that forward at some of its gates and not at the others.
+    Both banks ask it."""
+    if state.settled:  # asked once a thread, and while such a forward goes on
+        return False
+    if root_running is None or not root_running():
+        state.settled = True  # not inside a root call now: any later one began after attach
+        return False
+    return True
 
 
 class StagedBank:
@@ -276,7 +290,7 @@ class StagedBank:
             self._stage_extracted(row, output)  # reduced now (see stage)
             return
         state = self._thread
-        if not state.depth and self._started_before_attach(state):
+        if not state.depth and started_before_attach(state, self.root_running):
             return
         self._staged_bytes += nbytes
         mask = state.masks.get(self._mask_keys[row]) if state.depth else None  # [B, L] or None
@@ -386,7 +400,7 @@ class StagedBank:
         dispatched here (the padding mask is kept whole; the reduction reads the columns it needs).
         """
         state = self._thread
-        if not state.depth and self._started_before_attach(state):
+        if not state.depth and started_before_attach(state, self.root_running):
             return
         if self.locate_rows is not None:  # an engine that may gather ranks' tokens: [T_all, k] -> [T, k]
             indices = own_decisions(logits, indices, self.locate_rows)
@@ -423,19 +437,6 @@ class StagedBank:
         else:  # a gate called outside a monitored root forward is a forward of its own
             self._committed.append((time.time(), [call], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
-
-    def _started_before_attach(self, state: ThreadState) -> bool:
-        """For a gate call outside a monitored root forward (``state``: its thread's): whether it
-        belongs to a root forward that began before the monitor was attached (see
-        ``root_running``). Such a call is not staged: counting it would count that forward at
-        some of its gates and not at the others."""
-        if state.settled:  # asked once a thread, and while such a forward goes on
-            return False
-        running = self.root_running
-        if running is None or not running():
-            state.settled = True  # not inside a root call now: any later one began after attach
-            return False
-        return True
 
     def _record_call(self, fields: tuple) -> Call:
         """The Call of a staged call's own fields (6, or 7 with arena copies: their numpy views
