@@ -116,10 +116,11 @@ class _Switch:
         """``stage``: each gate's op stages its call (else it goes into Python and returns, counted);
         ``hooks``: the root forward's hooks do their work (else they return at once)."""
         for bank in self.staged:  # the compiled op looks the bank's stage up at every call
-            if stage:
-                bank.__dict__.pop("stage", None)
-            else:
-                bank.stage = self._count
+            for method in ("stage", "stage_copy"):
+                if stage:
+                    bank.__dict__.pop(method, None)
+                else:
+                    setattr(bank, method, self._count)
         for monitor, banks in zip(self.monitors, self.banks):
             monitor._masks.banks = banks if hooks else None
 
@@ -140,10 +141,10 @@ class _Switch:
         bank, row = banks.banks[0], 0
         logits = torch.randn(4, bank.gates[row].num_experts)  # [T, E]
         indices = torch.zeros(4, bank.gates[row].top_k, dtype=torch.int64)  # [T, k]
-        op = torch.ops.moewatch.stage.default
+        op = torch.ops.moewatch.stage.routing  # what a vLLM router's call compiles to
         started = time.perf_counter()
         for _ in range(calls):
-            op(logits, indices, None, None, None, None, banks.ticks, bank.bank_id, row, 0)
+            op(logits, indices, banks.ticks, bank.bank_id, row)
         per_op = (time.perf_counter() - started) / calls
         model = monitor._model()
         engine, masks = engine_of(model), monitor._masks

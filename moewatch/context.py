@@ -45,6 +45,9 @@ class MaskTracker:
         # and which requests the call's tokens belong to (RequestTokens), where it knows.
         self._real_tokens = real_tokens
         self._requests = requests
+        # the engine, where its steps mark the forwards themselves (Engine.drive_steps): while
+        # its ``stepping`` is True these hooks do nothing
+        self.steps = None
         # bool [1, 1] on the model's device, once a serving loop's warm-up paused the monitor
         # (moewatch.warmups): every root forward's padding mask is multiplied by it, 0 while paused
         self._armed: Optional[torch.Tensor] = None
@@ -133,6 +136,9 @@ class MaskTracker:
         return (mask.shape[0], mask.shape[1], False) if mask is not None else None
 
     def pre_hook(self, module, args, kwargs):
+        steps = self.steps
+        if steps is not None and steps.stepping:  # the engine's step marks this forward
+            return None
         banks = self.banks
         if banks is None or (not torch.compiler.is_compiling() and recomputing() != -1):
             return None  # (run again by activation checkpointing in a backward pass: counted once)
@@ -159,6 +165,9 @@ class MaskTracker:
         return None
 
     def post_hook(self, module, args, kwargs, output):
+        steps = self.steps
+        if steps is not None and steps.stepping:
+            return None
         banks = self.banks
         if banks is None or (not torch.compiler.is_compiling() and recomputing() != -1):
             return None

@@ -102,6 +102,10 @@ class GateHook:
                     torch.ops.moewatch.observe(logits, routing.indices, probs, routing.dropped, routing.valid,
                                                routing.positions, bank.sums, bank.counts, bank.absmax,
                                                self.bank_id, self.row, grid)
+                elif (probs is None and routing.dropped is None and routing.valid is None
+                      and routing.positions is None and grid == 0 and routing.indices is not None):
+                    # the commonest call: the op's overload of five arguments (stage.routing)
+                    torch.ops.moewatch.stage(logits, routing.indices, bank.token, self.bank_id, self.row)
                 else:
                     torch.ops.moewatch.stage(logits, routing.indices, probs, routing.dropped, routing.valid,
                                              routing.positions, bank.token, self.bank_id, self.row, grid)

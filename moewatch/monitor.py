@@ -185,6 +185,11 @@ class Monitor:
             self._banks.set_locate_rows(engine.row_locator())
         self._place_experts()
         self._hooks = self._install(model, specs)
+        if engine is not None:  # an engine that marks its steps' forwards itself spares the root hooks
+            drive = engine.drive_steps(self._banks)
+            if drive is not None:
+                self._hooks.append(drive)
+                self._masks.steps = engine
         guard_hooks()  # code compiled from now on is not shared with unhooked instances
         forget_compiled_code(model)  # code compiled without the hooks re-traces with them
         self._postmortem = Postmortem(self, self._decisions)  # timeline, automatic dumps

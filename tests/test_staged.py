@@ -225,11 +225,11 @@ def test_the_reader_reduces_on_its_own_thread_alone_and_the_model_keeps_its_thre
     assert fresh == [threads_before]  # a thread the user starts later still gets the model's count
 
 
-def _bank(num_gates=2):
+def _bank(num_gates=2, capacity_factor=0.0):
     from moewatch.errors import ErrorLog
     from moewatch.hotpath.layout import SOFTMAX
 
-    gates = [staged.GateParams(f"g{i}", num_experts=8, top_k=2, scoring=SOFTMAX, capacity_factor=0.0)
+    gates = [staged.GateParams(f"g{i}", num_experts=8, top_k=2, scoring=SOFTMAX, capacity_factor=capacity_factor)
              for i in range(num_gates)]
     return staged.StagedBank(gates, ErrorLog())
 
@@ -272,7 +272,7 @@ def test_one_batched_reduction_of_mixed_calls_equals_reducing_them_one_by_one():
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "numpy"])
-@pytest.mark.parametrize("path", ["copied", "held", "arena", "reduced-at-once"])
+@pytest.mark.parametrize("path", ["copied", "held", "arena", "reduced-at-once", "plain"])
 def test_an_engines_int32_expert_ids_count_as_int64_ones(path, kernel, monkeypatch):
     """vLLM's routers hand over int32 ids, staged as they are (no cast in the model's graph):
     every way a CPU call is staged and reduced counts them as the same ids in int64."""
@@ -290,7 +290,10 @@ def test_an_engines_int32_expert_ids_count_as_int64_ones(path, kernel, monkeypat
         bank = _bank()
         for row, logits, indices in calls:
             bank.begin()
-            bank.stage(row, logits, indices.to(dtype), None, None, None, None, 0, path != "held")
+            if path == "plain":  # the compiled op's commonest call (stage.routing)
+                bank.stage_copy(row, logits, indices.to(dtype))
+            else:
+                bank.stage(row, logits, indices.to(dtype), None, None, None, None, 0, path != "held")
             bank.end()
         results.append(_reduced(bank))
         assert bank.errors.counts() == {}
@@ -298,3 +301,73 @@ def test_an_engines_int32_expert_ids_count_as_int64_ones(path, kernel, monkeypat
     np.testing.assert_array_equal(counts32, counts64)
     np.testing.assert_array_equal(sums32, sums64)
     assert counts64[:, 0].sum() == 2 * tokens * len(calls)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["no-drops", "drops-per-call"])
+def test_plain_records_reduce_as_each_call_reduced_alone(capacity_factor):
+    """The compiled op's commonest call is staged as a plain record (``stage_copy``), and the
+    reader makes one Call of a gate's plain records (``_plain_calls``): the sums and counts are
+    exactly those of every call staged in full and reduced alone, the would-be drops of a
+    capacity factor (counted per call) included. A record of the wrong width is counted as an
+    error, and the others still count."""
+    torch.manual_seed(2)
+    calls = [(n % 2, torch.randn(1 + n % 4, 8), None) for n in range(40)]
+    calls = [(row, logits, torch.stack([torch.randperm(8)[:2] for _ in range(logits.shape[0])]).to(torch.int32))
+             for row, logits, _ in calls]  # the router's own ids, int32 as vLLM's
+    plain = _bank(capacity_factor=capacity_factor)
+    for row, logits, indices in calls:
+        plain.begin()
+        plain.stage_copy(row, logits, indices)
+        plain.end()
+    assert all(type(record) is tuple and len(record) == 3
+               for _, staged_calls, _, _ in plain._committed for record in staged_calls)
+    sums, counts = _reduced(plain)
+    alone = _bank(capacity_factor=capacity_factor)
+    for row, logits, indices in calls:
+        alone.begin()
+        alone.stage(row, logits, indices, None, None, None, None, 0, True)
+        alone.end()
+        _reduced(alone)
+    expected_sums, expected_counts = alone.live()
+    assert plain.errors.counts() == {} and alone.errors.counts() == {}
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_allclose(sums, expected_sums, rtol=1e-9, atol=1e-9)
+    if capacity_factor:
+        assert counts[:, 1].sum() > 0  # some calls would drop tokens
+    # a record of the wrong width among the plain ones: counted as an error, the others count
+    mixed = _bank(capacity_factor=capacity_factor)
+    for n, (row, logits, indices) in enumerate(calls):
+        mixed.begin()
+        mixed.stage_copy(row, torch.randn(logits.shape[0], 6) if n == 7 else logits, indices)
+        mixed.end()
+    _, mixed_counts = _reduced(mixed)
+    assert sum(mixed.errors.counts().values()) == 1
+    assert mixed_counts[:, 0].sum() == counts[:, 0].sum() - 2 * calls[7][1].shape[0]
+
+
+def test_the_compiled_ops_five_argument_overload_stages_the_same_call():
+    """``moewatch::stage.routing`` (logits and the router's ids alone: what a vLLM router's call
+    compiles to) stages what the full ``stage`` does for the same call."""
+    from moewatch.hotpath import ops
+
+    torch.manual_seed(3)
+    logits, indices = torch.randn(3, 8), torch.stack([torch.randperm(8)[:2] for _ in range(3)])
+    results = []
+    for overload in ("routing", "default"):
+        bank = _bank()
+        bank_id = ops.register(bank)
+        try:
+            bank.begin()
+            if overload == "routing":
+                torch.ops.moewatch.stage(logits, indices, bank.token, bank_id, 1)  # resolves to stage.routing
+            else:
+                torch.ops.moewatch.stage(logits, indices, None, None, None, None, bank.token, bank_id, 1, 0)
+            bank.end()
+            results.append(_reduced(bank))
+        finally:
+            ops.unregister(bank_id)
+        assert bank.errors.counts() == {}
+    (sums, counts), (expected_sums, expected_counts) = results
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_array_equal(sums, expected_sums)
+    assert counts[1, 0].sum() == 6 and counts[0].sum() == 0

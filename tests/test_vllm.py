@@ -218,6 +218,21 @@ def _off_and_on(engine_runs, model: str):
     return engine_runs["deepseek_v3-compile-mp-off"], engine_runs["deepseek_v3-compile-mp-on"]
 
 
+def test_on_the_cpu_each_step_begins_and_ends_its_forward_and_the_root_hooks_mark_none(engine_runs):
+    """vLLM's CPU steps have no padding row: the worker's step marks the forward, sparing the
+    model's root hooks (docs/vllm.md, "Cost"); where ranks' tokens are gathered before routing
+    (expert parallelism), the hooks mark every forward, as they read what the step cannot."""
+    for name, config in RUNS.items():
+        if not config["moewatch"]:
+            continue
+        for worker in engine_runs[name]["workers"]:
+            assert worker["steps"] > 0, name
+            if config.get("expert_parallel"):
+                assert worker["step_forwards"] == 0 and worker["hook_forwards"] >= worker["steps"], (name, worker)
+            else:
+                assert worker["hook_forwards"] == 0 and worker["step_forwards"] >= worker["steps"], (name, worker)
+
+
 @pytest.mark.parametrize("model", ["mixtral", "deepseek_v3"])
 def test_compiled_graphs_are_those_without_moewatch(engine_runs, model):
     off, on = _off_and_on(engine_runs, model)

@@ -141,6 +141,23 @@ def install() -> None:
         return execute(self, scheduler_output, *args, **kwargs)
 
     Worker.execute_model = execute_model
+    _count_forward_marks()
+
+
+def _count_forward_marks() -> None:
+    """Count, once armed, the forwards begun by the model's root hooks and by the worker's steps
+    (``VllmEngine.drive_steps``)."""
+    from moewatch.hotpath.banks import Banks
+
+    for method, key in (("begin", "hook_forwards"), ("begin_step", "step_forwards")):
+        original = getattr(Banks, method)
+
+        def counted(self, *args, _original=original, _key=key, **kwargs):
+            if STATE["armed"]:
+                STATE[_key] = STATE.get(_key, 0) + 1
+            return _original(self, *args, **kwargs)
+
+        setattr(Banks, method, counted)
 
 
 def arm(worker) -> bool:
@@ -195,6 +212,9 @@ def worker_report(worker) -> dict:
               "scheduled_by_request": _tokens_by_request(),
               "preempted": STATE.get("preempted", 0), "prefix_cached": STATE.get("cached", 0),
               "draft_tokens": STATE.get("drafts", 0),
+              "steps": len(SCHEDULED),  # steps with a forward, once armed
+              # forwards begun once armed: by the root module's hooks, by the worker's steps
+              "hook_forwards": STATE.get("hook_forwards", 0), "step_forwards": STATE.get("step_forwards", 0),
               "graph_breaks": sum(counters["graph_break"].values()),
               # per layer: the experts this worker holds (E / ranks under expert parallelism)
               "local_experts": [int(layer.moe_config.num_local_experts) for _, layer in layers],

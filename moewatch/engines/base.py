@@ -35,6 +35,19 @@ class Engine:
         Runs at run time, outside compiled code."""
         return None
 
+    # True while a step that the engine marks itself runs (see drive_steps): the root module's
+    # hooks then do nothing
+    stepping = False
+
+    def drive_steps(self, banks) -> Optional[object]:
+        """Where the engine can mark each of its steps' forwards itself, around the whole step,
+        with no padding row in them: take ``banks`` (a monitor's hot path,
+        ``moewatch.hotpath.banks.Banks``), begin and end a forward on them at every armed step
+        (``Banks.begin_step`` / ``end_step``) with ``stepping`` True meanwhile, and return a
+        handle whose ``remove()`` gives them back. None (the default): the root module's hooks
+        mark every forward."""
+        return None
+
     def row_locator(self) -> Optional[Callable[[int, int], Optional[int]]]:
         """Where the engine routes the tokens of every data-parallel rank together (a gate
         call's decisions cover ``gathered`` rows, its logits this rank's ``local`` rows): a

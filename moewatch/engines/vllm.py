@@ -268,6 +268,8 @@ class VllmEngine(Engine):
         # whether a forward's rows are its whole step (see _whole_steps; read once)
         self._whole_steps_here: Optional[bool] = None
         self._gather_groups: Optional[List[Tuple[int, int]]] = None  # see local_rows (read once)
+        self._driven: List[object] = []  # the monitors' Banks whose forwards each step marks (drive_steps)
+        self.stepping = False
 
     def schedule(self, scheduler_output) -> None:
         """The worker is about to run a step (``Worker.execute_model``): keep which requests its
@@ -285,6 +287,59 @@ class VllmEngine(Engine):
                 self._schedule_warned = True
                 logger.warning("moewatch: cannot read vLLM's scheduled requests (%s: %s); windows will "
                                "not count their requests", type(error).__name__, error)
+
+    def drive_steps(self, banks) -> Optional["_StepDrive"]:
+        """On vLLM's CPU platform, where a step's forward has no padding row (one data-parallel
+        rank, the step's tokens whole on this rank) and the gates are on the CPU: the worker's
+        step (``Worker.execute_model``, wrapped by the plugin) begins and ends the forward on
+        ``banks``, so the root module's hooks do nothing at a step. A decode step of a small
+        model is a millisecond or two, and those hooks (the forward context read for padding,
+        the forward begun and ended from inside the model's call) cost it about 2%. Elsewhere
+        (a GPU's graphs need the hooks' mask, padding may be added): None."""
+        if not banks.steppable() or self.row_locator() is not None or not self._whole_steps():
+            return None
+        try:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                return None
+        except Exception:  # noqa: BLE001 (another vLLM: the hooks mark the forwards, as they can)
+            return None
+        self._driven.append(banks)
+        return _StepDrive(self, banks)
+
+    def begin_step(self, scheduler_output) -> bool:
+        """The worker is about to run a step: keep its requests (``schedule``) and, once armed,
+        begin a forward on every driven monitor's banks (``drive_steps``). True: the step's
+        forward was begun, and ``end_step`` must follow. Never raises."""
+        self.schedule(scheduler_output)
+        driven = self._driven
+        if not driven or not self._armed:
+            return False
+        try:
+            requests = self.requests()
+            for banks in driven:
+                banks.begin_step(requests)
+        except Exception as error:  # noqa: BLE001 (said once; the root hooks go on marking forwards)
+            self._step_failed(error)
+            return False
+        self.stepping = True
+        return True
+
+    def end_step(self) -> None:
+        """The step begun by ``begin_step`` has run (or raised): end its forward. Never raises."""
+        self.stepping = False
+        try:
+            for banks in self._driven:
+                banks.end_step()
+        except Exception as error:  # noqa: BLE001
+            self._step_failed(error)
+
+    def _step_failed(self, error: Exception) -> None:
+        """A driven step's begin or end failed: the root hooks mark the forwards from now on."""
+        self._driven = []
+        logger.warning("moewatch: marking vLLM's steps failed (%s: %s); the model's forwards are "
+                       "marked by its hooks from now on", type(error).__name__, error)
 
     @property
     def armed(self) -> bool:
@@ -434,6 +489,19 @@ class VllmEngine(Engine):
         config = getattr(model, "config", None)
         value = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
         return value if isinstance(value, str) and value else None
+
+
+class _StepDrive:
+    """A monitor's banks driven by an engine's steps (``VllmEngine.drive_steps``)."""
+
+    def __init__(self, engine: VllmEngine, banks) -> None:
+        self._engine, self._banks = engine, banks
+
+    def remove(self) -> None:
+        engine, banks = self._engine, self._banks
+        if engine is not None:
+            self._engine = None
+            engine._driven = [driven for driven in engine._driven if driven is not banks]
 
 
 def _token_rows(args: tuple, kwargs: dict) -> Optional[int]:

@@ -12,7 +12,9 @@ process it starts. Without ``MOEWATCH_PORT`` it does nothing. With it, in each w
 2. vLLM's own profiling and warm-up forwards count no token; once ``compile_or_warm_up_model``
    returns, the monitor counts (``VllmEngine.armed``);
 3. each step (``execute_model``) hands the scheduler's output to the engine, so that windows
-   count the requests behind their tokens (``VllmEngine.schedule``);
+   count the requests behind their tokens (``VllmEngine.schedule``); on the CPU it also
+   begins and ends the step's forward, where the model's root hooks would
+   (``VllmEngine.drive_steps``);
 4. when the worker shuts down (``shutdown``: the engine is closed or collected), its monitor
    detaches: the last window is closed and the port freed for the next engine of the process.
 
@@ -124,9 +126,12 @@ def _wrap_execute(original):
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         engine = watched_engine(self)
-        if engine is not None:
-            engine.schedule(scheduler_output)
-        return original(self, scheduler_output, *args, **kwargs)
+        if engine is None or not engine.begin_step(scheduler_output):
+            return original(self, scheduler_output, *args, **kwargs)
+        try:  # the step's forward, begun and ended here (VllmEngine.drive_steps)
+            return original(self, scheduler_output, *args, **kwargs)
+        finally:
+            engine.end_step()
 
     return execute_model
 

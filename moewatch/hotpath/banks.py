@@ -93,6 +93,23 @@ class Banks:
         for bank in self.banks:
             bank.end()
 
+    # -- forward boundaries marked by an engine's steps (Engine.drive_steps) --------------------
+    def steppable(self) -> bool:
+        """Whether an engine's steps may mark the forwards: every bank is a host bank, whose
+        gate calls read no mask from this thread's state (a device bank's do)."""
+        return all(isinstance(bank, StagedBank) for bank in self.banks)
+
+    def begin_step(self, requests=None) -> None:
+        """An engine's step begins a forward without padding on this thread; ``requests``: the
+        ``RequestTokens`` of the step, or None."""
+        for bank in self.banks:
+            bank.begin(NO_MASKS, requests)
+
+    def end_step(self) -> None:
+        """The step's forward has ended (``begin_step``)."""
+        for bank in self.banks:
+            bank.end()
+
     def mask(self, key: str):
         """The padding mask of the root forward running on this thread (None: none)."""
         return self._thread.masks.get(key)

@@ -353,6 +353,9 @@ class StagedBank:
         """The Call of a staged record: a Call's own fields, or an output record (row, output,
         versions, mask, nbytes) extracted here, on the reader's thread. None: it cannot be
         counted (with ``count``, the error is recorded and its bytes released)."""
+        if len(fields) == 3:  # a plain record (stage_copy)
+            row, logits, indices = fields
+            return Call(row, 0, (logits, indices, None, None, None, None, None), None, logits.nbytes)
         if len(fields) != 5:
             return self._record_call(fields)
         row, output, versions, mask, nbytes = fields
@@ -438,6 +441,21 @@ class StagedBank:
             self._committed.append((time.time(), [call], None, None))
             self._waiting_bound = None  # its tokens are not bounded by a forward's rows
 
+    def stage_copy(self, row: int, logits: torch.Tensor, indices: Optional[torch.Tensor]) -> None:
+        """``stage(row, logits, indices, None, None, None, None, 0, copy=True)`` in fewer steps for
+        the compiled op's commonest call: a decode-sized call (logits [T, E], the router's ids
+        [T, k]) inside a root forward without padding (an engine's step); any other call goes
+        to ``stage``. Its record is a plain one, ``(row, logits, indices)``, which the reader
+        reduces many at a time without a Call each (``_plain_calls``)."""
+        state = self._thread
+        nbytes = logits.nbytes
+        if (state.masks is not NO_MASKS or not state.depth or indices is None or self.locate_rows is not None
+                or logits.shape[0] >= self.arena_min_tokens or nbytes + self._staged_bytes > MAX_STAGED_BYTES):
+            self.stage(row, logits, indices, None, None, None, None, 0, True)
+            return
+        state.pending.append((row, logits.clone(), indices.clone()))  # a plain record (see _plain_calls)
+        self._staged_bytes += nbytes
+
     def _record_call(self, fields: tuple) -> Call:
         """The Call of a staged call's own fields (6, or 7 with arena copies: their numpy views
         are made here, on the reader's thread)."""
@@ -456,7 +474,8 @@ class StagedBank:
         """The calls of whole forwards staged and not reduced yet, oldest first (a look only:
         they stay staged)."""
         calls = [self._call(fields, count=False) for _, staged, _, _ in list(self._committed) for fields in staged]
-        return list(self._held) + [call for call in calls if call is not None]
+        held = [self._call(call, count=False) if type(call) is tuple else call for call in self._held]
+        return held + [call for call in calls if call is not None]
 
     # -- the reader ----------------------------------------------------------------------------
     def due(self, now: float) -> bool:
@@ -494,8 +513,9 @@ class StagedBank:
             last_time = None
             while self._committed:
                 commit_time, staged, rows, thread = self._committed.popleft()
+                # a plain record (3) stays as it is until its segment is reduced (_plain_calls);
                 # a staged call's own fields (6, 7) make a Call at once; an output record (5) is extracted
-                calls = [self._call(fields) for fields in staged]
+                calls = [fields if len(fields) == 3 else self._call(fields) for fields in staged]
                 if None in calls:  # records that cannot be counted (their errors are recorded)
                     calls = [call for call in calls if call is not None]
                 if rows is not None and calls:
@@ -546,6 +566,9 @@ class StagedBank:
         per_gate = self._window_gate_tokens
         masks: Dict[tuple, object] = {}
         for call in calls:
+            if type(call) is tuple:  # a plain record (row, logits, indices): no padding
+                per_gate[call[0]] += call[1].shape[0]
+                continue
             if call.mask is None and call.valid is None and call.reduced is None:  # no padding: T
                 per_gate[call.row] += call.logits.shape[0]
                 continue
@@ -580,6 +603,7 @@ class StagedBank:
     def _reduce(self, calls: List[Call]) -> None:
         """Add the calls into the accumulators: one batched reduction per kind of gate (all the
         gates of most models: one pass for all of them), else per gate, else per call."""
+        calls = self._plain_calls(calls)
         try:
             self._reduce_by_kind(calls)
         finally:
@@ -607,6 +631,41 @@ class StagedBank:
                                            self._weights(call), call.positions)
                         except Exception as error:
                             self.errors.record("hook", error, where=self.gates[row].name)
+
+    def _plain_calls(self, calls: list) -> List[Call]:
+        """The calls with the plain records among them (``stage_copy``'s ``(row, logits,
+        indices)``) made Calls: a gate's plain records one Call of them all, their tensors
+        concatenated in one op each (a decode step's records are a few tokens each: a Call and
+        a concatenation per record cost the reader more than their reduction). Where the
+        gate's drops are counted per call (a capacity factor), or they do not concatenate (the
+        bad one is then found and counted by the reduction), a Call each."""
+        plain: Dict[int, list] = {}
+        made = []
+        for call in calls:
+            if type(call) is tuple:
+                group = plain.get(call[0])
+                if group is None:
+                    group = plain[call[0]] = []
+                group.append(call)
+            else:
+                made.append(call)
+        if not plain:
+            return calls
+        for row, group in plain.items():
+            merged = None
+            if len(group) > 1 and not self.gates[row].capacity_factor > 0:
+                try:
+                    logits = torch.cat([record[1] for record in group])  # [sum T, E]
+                    indices = torch.cat([record[2] for record in group])  # [sum T, k]
+                    merged = Call(row, 0, (logits, indices, None, None, None, None, None), None,
+                                  sum([record[1].nbytes for record in group]))
+                except (RuntimeError, TypeError, ValueError):  # widths or dtypes that differ
+                    merged = None
+            if merged is not None:
+                made.append(merged)
+            else:
+                made.extend([self._call(record) for record in group])
+        return made
 
     def _give_back(self, calls: List[Call]) -> None:
         """Give the arena slots of reduced (or dropped) calls back for reuse."""
