@@ -82,6 +82,11 @@ class _Switch:
         if not self.monitors:
             raise RuntimeError("the engine has no monitor (is MOEWATCH_PORT set?)")
         self.banks = [monitor._masks.banks for monitor in self.monitors]
+        from moewatch.engines.vllm import engine_of
+
+        # the engines whose steps begin and end the forwards (VllmEngine.drive_steps), and what they drive
+        self.engines = [(engine, list(engine._driven)) for engine in
+                        {id(e): e for e in (engine_of(m._model()) for m in self.monitors)}.values()]
         self.staged = [bank for banks in self.banks for bank in banks.banks if isinstance(bank, StagedBank)]
         self.calls = 0  # gate calls while off (each one's op dispatched into Python, nothing staged)
         self.clocks = [time.pthread_getcpuclockid(monitor._reader.ident) for monitor in self.monitors
@@ -114,7 +119,8 @@ class _Switch:
 
     def set_parts(self, stage: bool, hooks: bool) -> None:
         """``stage``: each gate's op stages its call (else it goes into Python and returns, counted);
-        ``hooks``: the root forward's hooks do their work (else they return at once)."""
+        ``hooks``: the root forward's hooks, or the engine's steps, mark the forwards (else the
+        hooks return at once and the steps keep their requests alone)."""
         for bank in self.staged:  # the compiled op looks the bank's stage up at every call
             for method in ("stage", "stage_copy"):
                 if stage:
@@ -123,6 +129,8 @@ class _Switch:
                     setattr(bank, method, self._count)
         for monitor, banks in zip(self.monitors, self.banks):
             monitor._masks.banks = banks if hooks else None
+        for engine, driven in self.engines:  # the steps' begin and end of the forward go with the hooks
+            engine._driven = list(driven) if hooks else []
 
     def left_on_seconds(self, calls: int = 20000) -> dict:
         """What the off state still runs, each part timed in a loop (caches warm, so a lower
@@ -152,7 +160,7 @@ class _Switch:
         armed, engine.armed = engine.armed, False  # no request of this loop is counted
         started = time.perf_counter()
         for _ in range(calls):
-            engine.schedule(step)
+            engine.begin_step(step)  # (off: the requests kept, nothing begun)
         per_step = (time.perf_counter() - started) / calls
         engine.armed = armed
         engine.requests()  # the loop's last step is not the next forward's

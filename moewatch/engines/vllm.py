@@ -242,6 +242,16 @@ def _gather_groups() -> List[Tuple[int, int]]:
     return found
 
 
+def _data_parallel_ranks() -> int:
+    """The ranks of vLLM's data-parallel group (1 where there is none)."""
+    try:
+        from vllm.distributed import parallel_state
+    except ImportError:
+        return 1
+    world = getattr(getattr(parallel_state, "_DP", None), "world_size", None)
+    return world if isinstance(world, int) and world > 0 else 1
+
+
 def _matches(names: Tuple[str, ...], patterns) -> bool:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     return any(n == p or fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
@@ -290,13 +300,14 @@ class VllmEngine(Engine):
 
     def drive_steps(self, banks) -> Optional["_StepDrive"]:
         """On vLLM's CPU platform, where a step's forward has no padding row (one data-parallel
-        rank, the step's tokens whole on this rank) and the gates are on the CPU: the worker's
+        rank: vLLM pads the ranks' batches to one size; the step's tokens whole on this rank)
+        and the gates are on the CPU: the worker's
         step (``Worker.execute_model``, wrapped by the plugin) begins and ends the forward on
         ``banks``, so the root module's hooks do nothing at a step. A decode step of a small
         model is a millisecond or two, and those hooks (the forward context read for padding,
         the forward begun and ended from inside the model's call) cost it about 2%. Elsewhere
         (a GPU's graphs need the hooks' mask, padding may be added): None."""
-        if not banks.steppable() or self.row_locator() is not None or not self._whole_steps():
+        if not banks.steppable() or _data_parallel_ranks() != 1 or not self._whole_steps():
             return None
         try:
             from vllm.platforms import current_platform
