@@ -371,3 +371,35 @@ def test_the_compiled_ops_five_argument_overload_stages_the_same_call():
     np.testing.assert_array_equal(counts, expected_counts)
     np.testing.assert_array_equal(sums, expected_sums)
     assert counts[1, 0].sum() == 6 and counts[0].sum() == 0
+
+
+def test_a_sampled_gates_plain_records_reach_its_sampler_call_by_call():
+    """Where a gate's decisions are sampled (``sample_decisions``), a dump's rows name their
+    call and its token in it: its plain records are not merged, each reaches the sampler as the
+    call it was, while an unsampled gate's are reduced as one."""
+    from moewatch.errors import ErrorLog
+    from moewatch.hotpath.layout import SOFTMAX
+
+    class Recording:  # the sampler seam: what DecisionRecorder.record is handed, call by call
+        def __init__(self):
+            self.calls = []
+
+        def record(self, logits, indices, probs, valid, positions=None):
+            self.calls.append((tuple(logits.shape), indices.clone()))
+
+    sampled = Recording()
+    gates = [staged.GateParams(f"g{i}", num_experts=8, top_k=2, scoring=SOFTMAX, capacity_factor=0.0)
+             for i in range(2)]
+    bank = staged.StagedBank(gates, ErrorLog(), sampler_of=lambda row: sampled if row == 0 else None)
+    torch.manual_seed(4)
+    calls = [(torch.randn(1 + n % 3, 8), torch.stack([torch.randperm(8)[:2] for _ in range(1 + n % 3)]))
+             for n in range(10)]
+    for logits, indices in calls:
+        bank.begin()
+        bank.stage_copy(0, logits, indices)
+        bank.stage_copy(1, logits, indices)
+        bank.end()
+    _, counts = _reduced(bank)
+    assert [shape for shape, _ in sampled.calls] == [tuple(logits.shape) for logits, _ in calls]
+    assert all(torch.equal(got, indices) for (_, got), (_, indices) in zip(sampled.calls, calls))
+    np.testing.assert_array_equal(counts[0], counts[1])  # the merged gate counts the same

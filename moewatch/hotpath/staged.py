@@ -637,8 +637,9 @@ class StagedBank:
         indices)``) made Calls: a gate's plain records one Call of them all, their tensors
         concatenated in one op each (a decode step's records are a few tokens each: a Call and
         a concatenation per record cost the reader more than their reduction). Where the
-        gate's drops are counted per call (a capacity factor), or they do not concatenate (the
-        bad one is then found and counted by the reduction), a Call each."""
+        gate's drops are counted per call (a capacity factor), its decisions are sampled per
+        call (``sample_decisions``: a dump's rows name their call), or they do not concatenate
+        (the bad one is then found and counted by the reduction), a Call each."""
         plain: Dict[int, list] = {}
         made = []
         for call in calls:
@@ -653,7 +654,7 @@ class StagedBank:
             return calls
         for row, group in plain.items():
             merged = None
-            if len(group) > 1 and not self.gates[row].capacity_factor > 0:
+            if len(group) > 1 and not self.gates[row].capacity_factor > 0 and self.sampler_of(row) is None:
                 try:
                     logits = torch.cat([record[1] for record in group])  # [sum T, E]
                     indices = torch.cat([record[2] for record in group])  # [sum T, k]
