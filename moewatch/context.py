@@ -220,6 +220,7 @@ def _unwatched_tracker() -> MaskTracker:
     """A tracker with no hot path, whose hooks return at once (see ``hooks.Unwatched``)."""
     tracker = MaskTracker.__new__(MaskTracker)
     tracker.banks = None
+    tracker.steps = None
     return tracker
 
 
