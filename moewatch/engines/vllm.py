@@ -227,29 +227,30 @@ def layer_spec(model: nn.Module, name: str, layer: nn.Module) -> GateSpec:
                     install=install)
 
 
-def _gather_groups() -> List[Tuple[int, int]]:
-    """(rank, world size) in vLLM's data and expert parallel groups, those of more than one rank."""
+def _parallel_group(name: str) -> Optional[Tuple[int, int]]:
+    """(rank, world size) in vLLM's parallel group ``name`` (``_TP``, ``_PP``, ``_DP``, ``_EP``);
+    None where vLLM is absent or has not set that group up."""
     try:
         from vllm.distributed import parallel_state
     except ImportError:
-        return []
-    found = []
-    for name in ("_DP", "_EP"):
-        group = getattr(parallel_state, name, None)
-        rank, world = getattr(group, "rank_in_group", None), getattr(group, "world_size", None)
-        if isinstance(rank, int) and isinstance(world, int) and world > 1:
-            found.append((rank, world))
-    return found
+        return None
+    group = getattr(parallel_state, name, None)
+    rank, world = getattr(group, "rank_in_group", None), getattr(group, "world_size", None)
+    if isinstance(rank, int) and not isinstance(rank, bool) and isinstance(world, int) and world > 0:
+        return rank, world
+    return None
+
+
+def _gather_groups() -> List[Tuple[int, int]]:
+    """(rank, world size) in vLLM's data and expert parallel groups, those of more than one rank."""
+    groups = (_parallel_group(name) for name in ("_DP", "_EP"))
+    return [group for group in groups if group is not None and group[1] > 1]
 
 
 def _data_parallel_ranks() -> int:
     """The ranks of vLLM's data-parallel group (1 where there is none)."""
-    try:
-        from vllm.distributed import parallel_state
-    except ImportError:
-        return 1
-    world = getattr(getattr(parallel_state, "_DP", None), "world_size", None)
-    return world if isinstance(world, int) and world > 0 else 1
+    group = _parallel_group("_DP")
+    return group[1] if group is not None else 1
 
 
 def _matches(names: Tuple[str, ...], patterns) -> bool:
@@ -328,7 +329,7 @@ class VllmEngine(Engine):
         if not driven or not self._armed:
             return False
         try:
-            requests = self.requests()
+            requests, self._scheduled = self._scheduled, None  # as requests(), armed checked above
             for banks in driven:
                 banks.begin_step(requests)
         except Exception as error:  # noqa: BLE001 (said once; the root hooks go on marking forwards)
@@ -458,15 +459,11 @@ class VllmEngine(Engine):
     def parallel_ranks(self) -> Dict[str, int]:
         """The worker's rank in vLLM's tensor, pipeline, data and expert parallel groups (those
         vLLM has set up: its parallel state is ready before the model loads)."""
-        try:
-            from vllm.distributed import parallel_state
-        except ImportError:
-            return {}
         ranks = {}
         for label, group_name in (("tp", "_TP"), ("pp", "_PP"), ("dp", "_DP"), ("ep", "_EP")):
-            rank = getattr(getattr(parallel_state, group_name, None), "rank_in_group", None)
-            if isinstance(rank, int) and not isinstance(rank, bool):
-                ranks[label] = rank
+            group = _parallel_group(group_name)
+            if group is not None:
+                ranks[label] = group[0]
         return ranks
 
     def row_locator(self):
