@@ -34,20 +34,23 @@ PACKED_KEY = "cu_seq_lens_q"
 class MaskTracker:
     """Root-module hooks: the padding masks of the call and the forward boundary, to the hot path."""
 
+    # Class-level defaults, so that a tracker built without __init__ (_unwatched_tracker, for a
+    # copy of the model) has them too.
+    banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
+    # the engine, where its steps mark the forwards themselves (Engine.drive_steps): while its
+    # ``stepping`` is True these hooks do nothing
+    steps = None
+
     def __reduce__(self):  # a copy of the model (deepcopy, pickling) gets hooks that do nothing
         return (_unwatched_tracker, ())
 
     def __init__(self, root: nn.Module, real_tokens: Optional[Callable[[tuple, dict], Optional[torch.Tensor]]] = None,
                  requests: Optional[Callable[[], object]] = None):
-        self.banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
         # A serving engine's model has no attention_mask: the engine says which of the call's
         # token rows are real (moewatch.engines), as a [1, T] mask read at run time, or None;
         # and which requests the call's tokens belong to (RequestTokens), where it knows.
         self._real_tokens = real_tokens
         self._requests = requests
-        # the engine, where its steps mark the forwards themselves (Engine.drive_steps): while
-        # its ``stepping`` is True these hooks do nothing
-        self.steps = None
         # bool [1, 1] on the model's device, once a serving loop's warm-up paused the monitor
         # (moewatch.warmups): every root forward's padding mask is multiplied by it, 0 while paused
         self._armed: Optional[torch.Tensor] = None
@@ -218,10 +221,7 @@ def _cache_holds_tokens(cache) -> bool:
 
 def _unwatched_tracker() -> MaskTracker:
     """A tracker with no hot path, whose hooks return at once (see ``hooks.Unwatched``)."""
-    tracker = MaskTracker.__new__(MaskTracker)
-    tracker.banks = None
-    tracker.steps = None
-    return tracker
+    return MaskTracker.__new__(MaskTracker)
 
 
 def _one_of(masks: dict) -> Optional[torch.Tensor]:
