@@ -644,10 +644,7 @@ class StagedBank:
         made = []
         for call in calls:
             if type(call) is tuple:
-                group = plain.get(call[0])
-                if group is None:
-                    group = plain[call[0]] = []
-                group.append(call)
+                plain.setdefault(call[0], []).append(call)
             else:
                 made.append(call)
         if not plain:
