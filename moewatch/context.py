@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from threading import get_ident
 from typing import Callable, Collection, Dict, Optional, Tuple
 
 import torch
@@ -37,8 +38,8 @@ class MaskTracker:
     # Class-level defaults, so that a tracker built without __init__ (_unwatched_tracker, for a
     # copy of the model) has them too.
     banks = None  # set by the monitor: its hot path (moewatch.hotpath.banks.Banks)
-    # the engine, where its steps mark the forwards themselves (Engine.drive_steps): while its
-    # ``stepping`` is True these hooks do nothing
+    # the engine, where its steps mark the forwards themselves (Engine.drive_steps): on the
+    # thread of a step under way (its ``stepping_thread``) these hooks do nothing
     steps = None
 
     def __reduce__(self):  # a copy of the model (deepcopy, pickling) gets hooks that do nothing
@@ -140,7 +141,7 @@ class MaskTracker:
 
     def pre_hook(self, module, args, kwargs):
         steps = self.steps
-        if steps is not None and steps.stepping:  # the engine's step marks this forward
+        if steps is not None and steps.stepping_thread == get_ident():  # the engine's step marks this forward
             return None
         banks = self.banks
         if banks is None or (not torch.compiler.is_compiling() and recomputing() != -1):
@@ -169,7 +170,7 @@ class MaskTracker:
 
     def post_hook(self, module, args, kwargs, output):
         steps = self.steps
-        if steps is not None and steps.stepping:
+        if steps is not None and steps.stepping_thread == get_ident():
             return None
         banks = self.banks
         if banks is None or (not torch.compiler.is_compiling() and recomputing() != -1):

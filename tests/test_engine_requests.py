@@ -9,6 +9,8 @@ bookkeepers of request runs agree with a plain recount on random schedules.
 from __future__ import annotations
 
 import random
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -92,6 +94,48 @@ def test_without_the_engines_word_a_flat_batch_counts_no_requests(engine_model):
         model(torch.randint(0, 128, (1, 40)))
         mon.flush()
         assert np.isnan(mon.windows()["requests"]).all()
+
+
+class SteppingEngine(ScriptedEngine):
+    """An engine whose steps mark their forwards themselves (``Engine.drive_steps``), as vLLM's
+    worker does on the CPU: the root module's hooks do nothing on the step's thread."""
+
+    def drive_steps(self, banks):
+        self.banks = banks
+        return types.SimpleNamespace(remove=lambda: None)
+
+    def step(self, forward) -> None:
+        self.banks.begin_step(None)
+        self.stepping_thread = threading.get_ident()
+        try:
+            forward()
+        finally:
+            self.stepping_thread = None
+            self.banks.end_step()
+
+
+def test_a_forward_on_another_thread_during_a_step_is_marked_by_the_hooks(monkeypatch):
+    """Only the step's own thread skips the root hooks: a forward that another thread runs
+    meanwhile is a whole forward of its own, counted at every gate (an engine-wide flag had its
+    hooks do nothing, and its gate calls, inside a root call no hook began, counted nothing)."""
+    model, engine = tiny_mixtral(), SteppingEngine()
+    monkeypatch.setattr(engines, "_CLAIMS", [lambda m: engine if m is model else None])
+    ids = {"step": torch.randint(0, 128, (1, 5)), "other": torch.randint(0, 128, (1, 3))}
+    with moewatch.attach(model, background=False) as mon, torch.no_grad():
+        assert mon._masks.steps is engine
+
+        def inside_the_step():
+            other = threading.Thread(target=model, args=(ids["other"],))
+            other.start()
+            other.join()
+            model(ids["step"])
+
+        engine.step(inside_the_step)
+        mon.flush()
+        tokens = mon.windows().groupby("gate")["tokens"].sum()
+        assert len(tokens) == len(mon.gates)
+        assert (tokens == 5 + 3).all(), tokens
+        assert mon.error_counts() == {}
 
 
 def _random_schedule(seed: int, steps: int = 400):

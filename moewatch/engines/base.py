@@ -35,15 +35,16 @@ class Engine:
         Runs at run time, outside compiled code."""
         return None
 
-    # True while a step that the engine marks itself runs (see drive_steps): the root module's
-    # hooks then do nothing
-    stepping = False
+    # While a step that the engine marks itself runs (see drive_steps): the thread running it
+    # (``threading.get_ident()``), on which the root module's hooks then do nothing; None between
+    # steps. Another thread's forward meanwhile is marked by the hooks, as any forward.
+    stepping_thread: Optional[int] = None
 
     def drive_steps(self, banks) -> Optional[object]:
         """Where the engine can mark each of its steps' forwards itself, around the whole step,
         with no padding row in them: take ``banks`` (a monitor's hot path,
         ``moewatch.hotpath.banks.Banks``), begin and end a forward on them at every armed step
-        (``Banks.begin_step`` / ``end_step``) with ``stepping`` True meanwhile, and return a
+        (``Banks.begin_step`` / ``end_step``) with ``stepping_thread`` set meanwhile, and return a
         handle whose ``remove()`` gives them back. None (the default): the root module's hooks
         mark every forward."""
         return None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -280,7 +281,7 @@ class VllmEngine(Engine):
         self._whole_steps_here: Optional[bool] = None
         self._gather_groups: Optional[List[Tuple[int, int]]] = None  # see local_rows (read once)
         self._driven: List[object] = []  # the monitors' Banks whose forwards each step marks (drive_steps)
-        self.stepping = False
+        self.stepping_thread: Optional[int] = None  # see Engine.stepping_thread
 
     def schedule(self, scheduler_output) -> None:
         """The worker is about to run a step (``Worker.execute_model``): keep which requests its
@@ -335,12 +336,12 @@ class VllmEngine(Engine):
         except Exception as error:  # noqa: BLE001 (said once; the root hooks go on marking forwards)
             self._step_failed(error)
             return False
-        self.stepping = True
+        self.stepping_thread = threading.get_ident()
         return True
 
     def end_step(self) -> None:
         """The step begun by ``begin_step`` has run (or raised): end its forward. Never raises."""
-        self.stepping = False
+        self.stepping_thread = None
         try:
             for banks in self._driven:
                 banks.end_step()
