@@ -210,7 +210,7 @@ class EngineRun:
                     found.update(json.loads(line[len("RESULT "):]))
                     return
 
-        reader = threading.Thread(target=read, daemon=True)
+        reader = threading.Thread(target=read, daemon=True, name="engine-run-output")
         reader.start()
         reader.join(timeout)
         if not found:

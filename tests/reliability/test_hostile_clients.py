@@ -83,11 +83,27 @@ def scrape(port: int, timeout: float = 3.0) -> str:
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """The process's open sockets (what the endpoint's connections hold). Pipes are left out:
+    the suite's vLLM engine runs start in the background during these tests (conftest), each
+    child with pipes to this process."""
+    sockets = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sockets += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # closed meanwhile
+            pass
+    return sockets
 
 
 def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+    """The process's threads less those of the suite's background vLLM engine runs (the pool's
+    ``engine-run`` threads and each child's output reader, which come and go meanwhile)."""
+    def engine_runs() -> int:
+        return sum(1 for thread in threading.enumerate() if thread.name.startswith("engine-run"))
+
+    before = engine_runs()
+    tasks = len(os.listdir("/proc/self/task"))
+    return tasks - max(before, engine_runs())  # one starting meanwhile is counted as one of them
 
 
 def toy_monitor(**options):
