@@ -334,7 +334,7 @@ class VllmEngine(Engine):
             for banks in driven:
                 banks.begin_step(requests)
         except Exception as error:  # noqa: BLE001 (said once; the root hooks go on marking forwards)
-            self._step_failed(error)
+            self.step_failed(error)
             return False
         self.stepping_thread = threading.get_ident()
         return True
@@ -346,11 +346,22 @@ class VllmEngine(Engine):
             for banks in self._driven:
                 banks.end_step()
         except Exception as error:  # noqa: BLE001
-            self._step_failed(error)
+            self.step_failed(error)
 
-    def _step_failed(self, error: Exception) -> None:
-        """A driven step's begin or end failed: the root hooks mark the forwards from now on."""
-        self._driven = []
+    def step_failed(self, error: Exception) -> None:
+        """A driven step's begin or end failed (here, or around them in the plugin's wrapper):
+        the forward begun on any driven monitor's banks is ended (what its gates staged is
+        counted; a bank not begun ends nothing), the failure is counted in each monitor's
+        errors (``hook``, in "vLLM step"), and the root hooks mark the forwards from now on.
+        Never raises."""
+        driven, self._driven = self._driven, []
+        self.stepping_thread = None
+        for banks in driven:
+            try:
+                banks.errors.record("hook", error, where="vLLM step")
+                banks.end_step()
+            except Exception:  # noqa: BLE001 (a bank that cannot end: its next forward starts anew)
+                pass
         logger.warning("moewatch: marking vLLM's steps failed (%s: %s); the model's forwards are "
                        "marked by its hooks from now on", type(error).__name__, error)
 

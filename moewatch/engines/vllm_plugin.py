@@ -126,12 +126,21 @@ def _wrap_execute(original):
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         engine = watched_engine(self)
-        if engine is None or not engine.begin_step(scheduler_output):
+        begun = False
+        if engine is not None:
+            try:  # never raises; guarded all the same: a fault of moewatch's must not fail the step
+                begun = engine.begin_step(scheduler_output)
+            except Exception as error:  # noqa: BLE001 (counted in the monitors' errors, said once)
+                engine.step_failed(error)
+        if not begun:
             return original(self, scheduler_output, *args, **kwargs)
         try:  # the step's forward, begun and ended here (VllmEngine.drive_steps)
             return original(self, scheduler_output, *args, **kwargs)
         finally:
-            engine.end_step()
+            try:
+                engine.end_step()
+            except Exception as error:  # noqa: BLE001 (as above)
+                engine.step_failed(error)
 
     return execute_model
 
