@@ -63,8 +63,8 @@ def test_a_driven_step_counts_its_forward_once(driven):
 
 @pytest.mark.parametrize("where", ["bank", "engine"])
 def test_a_failing_begin_leaves_the_step_to_the_hooks_and_is_counted(driven, monkeypatch, where):
-    """A bank that raises as the step begins (caught in ``begin_step``), or a fault that escapes
-    ``begin_step`` itself (caught by the wrapper): the step runs and returns its output, the
+    """A bank that raises as the step begins, or a fault of ``begin_step`` itself (both caught
+    by the wrapper): the step runs and returns its output, the
     fault is counted once in the monitor's errors, and from then on the hooks mark every
     forward, each counted once at every gate."""
     mon, engine, execute_model, worker = driven

@@ -324,36 +324,30 @@ class VllmEngine(Engine):
     def begin_step(self, scheduler_output) -> bool:
         """The worker is about to run a step: keep its requests (``schedule``) and, once armed,
         begin a forward on every driven monitor's banks (``drive_steps``). True: the step's
-        forward was begun, and ``end_step`` must follow. Never raises."""
+        forward was begun, and ``end_step`` must follow. What a bank raises reaches the caller,
+        the plugin's wrapper, which hands it to ``step_failed``."""
         self.schedule(scheduler_output)
         driven = self._driven
         if not driven or not self._armed:
             return False
-        try:
-            requests, self._scheduled = self._scheduled, None  # as requests(), armed checked above
-            for banks in driven:
-                banks.begin_step(requests)
-        except Exception as error:  # noqa: BLE001 (said once; the root hooks go on marking forwards)
-            self.step_failed(error)
-            return False
+        requests = self.requests()
+        for banks in driven:
+            banks.begin_step(requests)
         self.stepping_thread = threading.get_ident()
         return True
 
     def end_step(self) -> None:
-        """The step begun by ``begin_step`` has run (or raised): end its forward. Never raises."""
+        """The step begun by ``begin_step`` has run (or raised): end its forward (faults as
+        ``begin_step``'s)."""
         self.stepping_thread = None
-        try:
-            for banks in self._driven:
-                banks.end_step()
-        except Exception as error:  # noqa: BLE001
-            self.step_failed(error)
+        for banks in self._driven:
+            banks.end_step()
 
     def step_failed(self, error: Exception) -> None:
-        """A driven step's begin or end failed (here, or around them in the plugin's wrapper):
-        the forward begun on any driven monitor's banks is ended (what its gates staged is
-        counted; a bank not begun ends nothing), the failure is counted in each monitor's
-        errors (``hook``, in "vLLM step"), and the root hooks mark the forwards from now on.
-        Never raises."""
+        """A driven step's begin or end failed (the plugin's wrapper calls this): the forward
+        begun on any driven monitor's banks is ended (what its gates staged is counted; a bank
+        not begun ends nothing), the failure is counted in each monitor's errors (``hook``, in
+        "vLLM step"), and the root hooks mark the forwards from now on. Never raises."""
         driven, self._driven = self._driven, []
         self.stepping_thread = None
         for banks in driven:

@@ -128,7 +128,7 @@ def _wrap_execute(original):
         engine = watched_engine(self)
         begun = False
         if engine is not None:
-            try:  # never raises; guarded all the same: a fault of moewatch's must not fail the step
+            try:  # a fault of moewatch's must not fail the step: the hooks take over
                 begun = engine.begin_step(scheduler_output)
             except Exception as error:  # noqa: BLE001 (counted in the monitors' errors, said once)
                 engine.step_failed(error)
