@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from export_helpers import free_ports
-from vllm_helpers import PYTHON, ROOT, require_venv, scratch_dir, shared_models
+from vllm_helpers import PYTHON, ROOT, engine_cache_root, require_venv, shared_models
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -66,7 +66,7 @@ def served():
     api_port = free_ports(2)  # and moewatch's, the next one: two separate picks could coincide
     metrics_port = api_port + 1
     env = dict(os.environ, MOEWATCH_PORT=str(metrics_port), MOEWATCH_WINDOW_SECONDS="1", OMP_NUM_THREADS="1",
-               VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CACHE_ROOT=scratch_dir("cache-"))
+               VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CACHE_ROOT=engine_cache_root())
     env.pop("PYTHONPATH", None)
     log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen(

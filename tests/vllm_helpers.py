@@ -122,6 +122,23 @@ def scratch_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[0])
 
 
+_MODEL_INFOS: List[str] = []  # the session's one directory of vLLM's model-class facts, once made
+
+
+def engine_cache_root() -> str:
+    """A fresh ``VLLM_CACHE_ROOT`` for one engine (its compiled graphs are its own), whose
+    ``modelinfos`` is the session's one directory. vLLM inspects a model's class in a process
+    of its own unless that directory holds the class's facts (keyed by its source file's hash;
+    written atomically, read back or made again): about 10 s of CPU an engine, per process of
+    it, for the same answer every time."""
+    root = scratch_dir("cache-")
+    with _SCRATCH_LOCK:
+        if not _MODEL_INFOS:
+            _MODEL_INFOS.append(tempfile.mkdtemp(prefix="modelinfos-", dir=_SCRATCH[0]))
+    os.symlink(_MODEL_INFOS[0], os.path.join(root, "modelinfos"))
+    return root
+
+
 def build_in_background() -> Optional[subprocess.Popen]:
     """Start :func:`ensure_venv` in a process of its own (its output discarded), unless the venv
     is built already; returns the process, or None."""
@@ -174,7 +191,8 @@ class EngineRun:
         self.config = config
         child_env = dict(os.environ, **(env or {}))
         child_env.pop("PYTHONPATH", None)
-        child_env.setdefault("VLLM_CACHE_ROOT", scratch_dir("cache-"))
+        if "VLLM_CACHE_ROOT" not in child_env:
+            child_env["VLLM_CACHE_ROOT"] = engine_cache_root()
         child_env["OMP_NUM_THREADS"] = "1"
         # vLLM's compile cache (its artifacts and an inductor cache of its own, under the fresh
         # VLLM_CACHE_ROOT above) costs an engine ~13 s of start-up to fill, and no run reads it
