@@ -86,6 +86,9 @@ def build_cpp_op():
     return torch.ops.moewatch_bench_cpp.stage_routing
 
 
+_KEEP: list = []  # the libraries registered here: an op's registrations last as long as its library
+
+
 def python_ops(records: list):
     """The Python-implemented op (two copies and a record) and the empty one."""
     lib = torch.library.Library("moewatch_bench_py", "DEF")
@@ -100,10 +103,8 @@ def python_ops(records: list):
 
     lib.impl("stage_routing", stage_routing, "CompositeExplicitAutograd")
     lib.impl("empty", lambda *args: None, "CompositeExplicitAutograd")
-    return lib, torch.ops.moewatch_bench_py.stage_routing, torch.ops.moewatch_bench_py.empty
-
-
-_KEEP: list = []  # the fragments registered below: an op's registrations last as long as its library
+    _KEEP.append(lib)
+    return torch.ops.moewatch_bench_py.stage_routing, torch.ops.moewatch_bench_py.empty
 
 
 def declare_opaque(op, lib_name: str, op_name: str) -> None:
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     if cpp_op is None:
         return 2
     records: list = []
-    lib, py_op, empty_op = python_ops(records)
+    py_op, empty_op = python_ops(records)
     declare_opaque(cpp_op, "moewatch_bench_cpp", "stage_routing")
     declare_opaque(py_op, "moewatch_bench_py", "stage_routing")
     declare_opaque(empty_op, "moewatch_bench_py", "empty")
@@ -194,7 +195,6 @@ def main(argv=None) -> int:
                 mid, low, high = median_ci([a - b for a, b in zip(values, base)])
                 line += f"   {mid:+.2f} [{low:+.2f}, {high:+.2f}]"
             print(line)
-    del lib
     return 0
 
 
